@@ -1,0 +1,316 @@
+"""Reading a GGUF file: header, metadata and tensor index, validated, from a memory map.
+
+Why not `gguf.GGUFReader`: it parses every metadata array into numpy objects up front, which
+costs ~13 s on a 262k-token vocabulary. Here large arrays stay as (offset, count) until asked
+for, and every length, count and offset is checked against the file before it is used, so a
+truncated or hostile file raises `GGUFError` naming the field instead of crashing or
+allocating without bound. Tensor data is never copied: `tensor_data` returns a read-only
+numpy view of the mapped bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import GGUFError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+EAGER_ARRAY_LIMIT = 4096  # arrays longer than this stay lazy (vocabularies, merges)
+
+# GGUF value types: (struct format, byte size) for the fixed-size ones.
+_SCALARS: dict[int, tuple[str, int]] = {
+    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+}
+_NUMPY_OF_SCALAR = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor index. `shape` is in GGUF order: ne0 (contiguous) first."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """Row-major shape: a [in, out] GGUF matrix is an [out, in] torch tensor."""
+        return tuple(reversed(self.shape))
+
+
+@dataclass(frozen=True)
+class LazyArray:
+    """A metadata array left in the file: decoded on demand by `GGUFFile.array`."""
+
+    item_type: int
+    count: int
+    offset: int  # absolute offset of the first item
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _Cursor:
+    """Bounds-checked little-endian reader over the mapped header."""
+
+    def __init__(self, buf: memoryview, path: str) -> None:
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(self.path, what, f"needs {n} bytes at offset {self.pos}, "
+                            f"but the file ends at {self.size} (truncated or corrupt)")
+
+    def scalar(self, vtype: int, what: str) -> Any:
+        fmt, size = _SCALARS[vtype]
+        self.need(size, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def u32(self, what: str) -> int:
+        return self.scalar(4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(10, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"{what} (string length)")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFError(self.path, what, "string is not valid UTF-8") from None
+
+    def skip_string(self, what: str) -> None:
+        n = self.u64(f"{what} (string length)")
+        self.need(n, what)
+        self.pos += n
+
+
+class GGUFFile:
+    """A parsed, validated GGUF file. Metadata in `metadata`, tensor index in `tensors`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        p = str(self.path)
+        try:
+            fd = open(self.path, "rb")
+        except OSError as e:
+            raise GGUFError(p, "file", f"cannot open: {e.strerror}") from None
+        with fd:
+            size = os.fstat(fd.fileno()).st_size
+            if size < 24:
+                raise GGUFError(p, "header", f"file has {size} bytes, too short for a GGUF header")
+            self._mmap = mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_READ)
+        self.file_size = size
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- parsing -------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        p = str(self.path)
+        cur = _Cursor(memoryview(self._mmap), p)
+        magic = bytes(cur.buf[0:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(p, "magic", f"expected b'GGUF', found {magic!r} (not a GGUF file)")
+        cur.pos = 4
+        self.version = cur.u32("version")
+        if self.version not in SUPPORTED_VERSIONS:
+            hint = " (big-endian file?)" if self.version > 0xFFFF else ""
+            raise GGUFError(p, "version", f"expected one of {SUPPORTED_VERSIONS}, found "
+                            f"{self.version}{hint}")
+        n_tensors = cur.u64("tensor_count")
+        n_kv = cur.u64("kv_count")
+        # Every KV takes >= 13 bytes, every tensor entry >= 24: bound the counts by the file.
+        if n_kv * 13 > self.file_size:
+            raise GGUFError(p, "kv_count", f"{n_kv} entries cannot fit in {self.file_size} bytes")
+        if n_tensors * 24 > self.file_size:
+            raise GGUFError(p, "tensor_count",
+                            f"{n_tensors} tensors cannot fit in {self.file_size} bytes")
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise GGUFError(p, key, "metadata key appears twice")
+            vtype = cur.u32(f"{key} (value type)")
+            self.metadata[key] = self._read_value(cur, vtype, key)
+
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 \
+                or align & (align - 1):
+            raise GGUFError(p, "general.alignment", f"expected a power of two, found {align!r}")
+        self.alignment = align
+
+        infos = []
+        for i in range(n_tensors):
+            name = cur.string(f"tensor #{i} name")
+            n_dims = cur.u32(f"tensor {name!r} n_dims")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(p, f"tensor {name!r}", f"n_dims {n_dims} not in 1..{MAX_DIMS}")
+            shape = tuple(cur.u64(f"tensor {name!r} dim {d}") for d in range(n_dims))
+            ttype = cur.u32(f"tensor {name!r} type")
+            offset = cur.u64(f"tensor {name!r} offset")
+            infos.append((name, shape, ttype, offset))
+        data_start = -(-cur.pos // align) * align
+        self.data_start = data_start
+
+        for name, shape, ttype, offset in infos:
+            self._add_tensor(name, shape, ttype, offset)
+
+    def _read_value(self, cur: _Cursor, vtype: int, key: str) -> Any:
+        if vtype in _SCALARS:
+            return cur.scalar(vtype, key)
+        if vtype == _STRING:
+            return cur.string(key)
+        if vtype != _ARRAY:
+            raise GGUFError(cur.path, key, f"unknown value type {vtype}")
+        item_type = cur.u32(f"{key} (array item type)")
+        count = cur.u64(f"{key} (array length)")
+        start = cur.pos
+        if item_type in _SCALARS:
+            size = _SCALARS[item_type][1]
+            cur.need(count * size, f"{key} ({count} items)")
+            cur.pos += count * size
+            arr = LazyArray(item_type, count, start)
+        elif item_type == _STRING:
+            cur.need(count * 8, f"{key} ({count} strings)")
+            for j in range(count):
+                cur.skip_string(f"{key}[{j}]")
+            arr = LazyArray(item_type, count, start)
+        else:
+            raise GGUFError(cur.path, key, f"array item type {item_type} is not supported")
+        return self._decode_array(arr, key) if count <= EAGER_ARRAY_LIMIT else arr
+
+    def _add_tensor(self, name: str, shape: tuple[int, ...], ttype: int, offset: int) -> None:
+        p = str(self.path)
+        what = f"tensor {name!r}"
+        if name in self.tensors:
+            raise GGUFError(p, what, "tensor name appears twice")
+        try:
+            qtype = GGMLQuantizationType(ttype)
+        except ValueError:
+            raise GGUFError(p, what, f"unknown tensor type {ttype}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise GGUFError(p, what, f"tensor type {qtype.name} has no known block size")
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n = 1
+        for s in shape:
+            if s <= 0:
+                raise GGUFError(p, what, f"dimension {s} in shape {list(shape)} is not positive")
+            n *= s
+            if n >= 1 << 62:
+                raise GGUFError(p, what, f"shape {list(shape)} overflows")
+        if shape[0] % block:
+            raise GGUFError(p, what, f"first dimension {shape[0]} is not a multiple of the "
+                            f"{qtype.name} block size {block}")
+        n_bytes = n // block * type_size
+        if offset % self.alignment:
+            raise GGUFError(p, what, f"offset {offset} is not aligned to {self.alignment}")
+        start = self.data_start + offset
+        if start + n_bytes > self.file_size:
+            raise GGUFError(p, what, f"data [{start}, {start + n_bytes}) lies beyond the end of "
+                            f"the file ({self.file_size} bytes) for {qtype.name} {list(shape)}")
+        self.tensors[name] = TensorInfo(name, shape, qtype, start, n_bytes)
+
+    def _decode_array(self, arr: LazyArray, key: str) -> list[Any]:
+        if arr.item_type == _STRING:
+            cur = _Cursor(memoryview(self._mmap), str(self.path))
+            cur.pos = arr.offset
+            return [cur.string(f"{key}[{j}]") for j in range(arr.count)]
+        dtype = np.dtype(_NUMPY_OF_SCALAR[arr.item_type]).newbyteorder("<")
+        return np.frombuffer(self._mmap, dtype=dtype, count=arr.count, offset=arr.offset).tolist()
+
+    # -- access --------------------------------------------------------------------------
+
+    def array(self, key: str) -> list[Any]:
+        """The full metadata array `key` (decoding it now if it was left lazy)."""
+        v = self.require(key)
+        if isinstance(v, LazyArray):
+            return self._decode_array(v, key)
+        if not isinstance(v, list):
+            raise GGUFError(self.path, key, f"expected an array, found {type(v).__name__}")
+        return v
+
+    def numeric_array(self, key: str) -> np.ndarray:
+        """A numeric metadata array as a numpy array (no per-item Python objects)."""
+        v = self.require(key)
+        if isinstance(v, LazyArray) and v.item_type in _NUMPY_OF_SCALAR:
+            dtype = np.dtype(_NUMPY_OF_SCALAR[v.item_type]).newbyteorder("<")
+            return np.frombuffer(self._mmap, dtype=dtype, count=v.count, offset=v.offset)
+        return np.asarray(self.array(key))
+
+    def require(self, key: str, kind: type | tuple[type, ...] | None = None) -> Any:
+        """Metadata value `key`; a GGUFError naming the key if it is missing or of the wrong kind."""
+        if key not in self.metadata:
+            raise GGUFError(self.path, key, "required metadata key is missing")
+        v = self.metadata[key]
+        if kind is not None and not (isinstance(v, kind) and not isinstance(v, bool)
+                                     or (kind is bool and isinstance(v, bool))):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise GGUFError(self.path, key, f"expected {names}, found {v!r}")
+        return v
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def tensor(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise GGUFError(self.path, f"tensor {name!r}", "required tensor is missing")
+        return self.tensors[name]
+
+    def tensor_data(self, name: str) -> np.ndarray:
+        """The raw bytes of tensor `name` as a read-only uint8 view of the mapped file."""
+        info = self.tensor(name)
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+
+    @property
+    def architecture(self) -> str:
+        return self.require("general.architecture", str)
+
+    def close(self) -> None:
+        mm = getattr(self, "_mmap", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # numpy views still alive: the map closes when they are collected
+            self._mmap = None
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
