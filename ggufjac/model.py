@@ -1,0 +1,148 @@
+"""A minimal transformer shared by every family; family differences are data (`Family`).
+
+The math runs in the dtype of the weights it is given (no hidden casts), and every
+input-dependent coefficient goes through `linearize`, so the same code is the plain model
+(`PLAIN`) and the detached, exactly linear one (`DETACHED`). Layers are functions of
+(layer weights, input): a caller may hold all weights, or load one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .families import ModelConfig
+from .linearize import Linearization, attention_probs, gated_product, rms_norm
+from .weights import GGUFWeights
+
+
+def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles [n_pos, rope_dims / 2] for `layer`.
+
+    Angles are computed in float64 and rounded once to `dtype` (they are constants of the
+    linear map, not part of it).
+    """
+    base, scale = cfg.rope_for_layer(layer)
+    half = cfg.rope_dims // 2
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / cfg.rope_dims)
+    pos = torch.arange(n_pos, dtype=torch.float64, device=device) * scale
+    theta = pos[:, None] * inv_freq[None, :]
+    return theta.cos().to(dtype), theta.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate the first rope_dims channels of x [N, heads, head_dim] by position."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if neox:  # pairs (i, i + r/2)
+        a, b = rot[..., : r // 2], rot[..., r // 2:]
+        rot = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    else:  # pairs (2i, 2i + 1)
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.device) -> torch.Tensor:
+    """[N, N] boolean: query i may attend to key j (causal, and within the sliding window)."""
+    i = torch.arange(n_pos, device=device)[:, None]
+    j = torch.arange(n_pos, device=device)[None, :]
+    allowed = j <= i
+    if cfg.swa_layers[layer] and cfg.sliding_window:
+        allowed &= (i - j) < cfg.sliding_window
+    return allowed
+
+
+@dataclass
+class BlockOutput:
+    """A layer's output and its two additive parts: out = x + attn + mlp."""
+
+    out: torch.Tensor
+    attn: torch.Tensor
+    mlp: torch.Tensor
+
+
+def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
+              lin: Linearization) -> torch.Tensor:
+    n = h.shape[0]
+    eps, fam = cfg.norm_eps, cfg.family
+    q, k, v = h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T
+    if fam.qk_norm == "full":
+        q, k = rms_norm(q, w["attn_q_norm"], eps, lin), rms_norm(k, w["attn_k_norm"], eps, lin)
+    q = q.view(n, cfg.n_head, cfg.head_dim)
+    k = k.view(n, cfg.n_kv_head, cfg.head_dim)
+    v = v.view(n, cfg.n_kv_head, cfg.head_dim_v)
+    if fam.qk_norm == "head":
+        q, k = rms_norm(q, w["attn_q_norm"], eps, lin), rms_norm(k, w["attn_k_norm"], eps, lin)
+    cos, sin = rope_tables(cfg, layer, n, h.dtype, h.device)
+    q = apply_rope(q, cos, sin, fam.rope_neox) * cfg.attn_scale
+    k = apply_rope(k, cos, sin, fam.rope_neox)
+    group = cfg.n_head // cfg.n_kv_head  # grouped-query attention: heads share K/V
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k)
+    p = attention_probs(scores, attention_mask(cfg, layer, n, h.device), lin)
+    o = torch.einsum("hqk,khd->qhd", p, v).reshape(n, cfg.n_head * cfg.head_dim_v)
+    return o @ w["attn_output"].T
+
+
+def mlp(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
+        lin: Linearization) -> torch.Tensor:
+    g, u = h @ w["ffn_gate"].T, h @ w["ffn_up"].T
+    return gated_product(g, u, cfg.family.activation, lin) @ w["ffn_down"].T
+
+
+def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
+          lin: Linearization) -> BlockOutput:
+    """One transformer layer on the residual stream x [N, d]."""
+    eps, layout = cfg.norm_eps, cfg.family.norm_layout
+    h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin)
+    a = attention(cfg, layer, w, h, lin)
+    if layout != "pre":
+        a = rms_norm(a, w["post_attention_norm"], eps, lin)
+    mid = x + a
+    h = mid if layout == "post" else rms_norm(mid, w["ffn_norm"], eps, lin)
+    m = mlp(cfg, w, h, lin)
+    if layout != "pre":
+        m = rms_norm(m, w["post_ffw_norm"], eps, lin)
+    return BlockOutput(out=mid + m, attn=a, mlp=m)
+
+
+class Transformer:
+    """The model of one GGUF file. Holds all layer weights (`keep_weights`) or reloads them."""
+
+    def __init__(self, weights: GGUFWeights, keep_weights: bool = True) -> None:
+        self.weights, self.cfg = weights, weights.cfg
+        self.dtype, self.device = weights.dtype, weights.device
+        self._layers = [weights.layer(i) for i in range(self.cfg.n_layer)] if keep_weights else None
+        self.output_norm = weights.output_norm()
+
+    def layer_weights(self, i: int) -> dict[str, torch.Tensor]:
+        return self._layers[i] if self._layers is not None else self.weights.layer(i)
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """The input embeddings x_1..x_N fed into layer 0 (the family's scale included)."""
+        x = self.weights.embedding_rows(token_ids)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def forward(self, x: torch.Tensor, lin: Linearization,
+                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Input embeddings [N, d] -> final-norm hidden states [N, d] (all positions).
+
+        If `hidden` is a list, every layer's output residual stream is appended to it.
+        """
+        for i in range(self.cfg.n_layer):
+            x = block(self.cfg, i, self.layer_weights(i), x, lin).out
+            if hidden is not None:
+                hidden.append(x)
+        return rms_norm(x, self.output_norm, self.cfg.norm_eps, lin)
+
+    @torch.no_grad()
+    def logits(self, y: torch.Tensor, rows_per_chunk: int = 16384) -> torch.Tensor:
+        """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks."""
+        parts = [y @ w.T for _, w in self.weights.unembedding_chunks(rows_per_chunk)]
+        z = torch.cat(parts, dim=-1)
+        cap = self.cfg.final_logit_softcap
+        return z if cap is None else torch.tanh(z / cap) * cap

@@ -1,0 +1,119 @@
+"""Weights from a GGUF file, dequantized on demand into torch, one layer (or row chunk) at a time.
+
+The file stays memory-mapped; nothing is dequantized until asked for. The token embedding
+table (the largest tensor) is never materialized whole: input rows are gathered, and the
+unembedding is walked in row chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES
+
+from .errors import GGUFError
+from .families import ModelConfig
+from .gguf_file import GGUFFile, TensorInfo
+from .quants import dequantize, raw_to_torch
+
+
+def layer_tensor_names(cfg: ModelConfig) -> list[str]:
+    """The per-layer tensors the block needs (without the 'blk.N.' prefix and '.weight')."""
+    fam = cfg.family
+    names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    if fam.norm_layout in ("pre", "sandwich"):
+        names += ["attn_norm", "ffn_norm"]
+    if fam.norm_layout in ("sandwich", "post"):
+        names += ["post_attention_norm", "post_ffw_norm"]
+    if fam.qk_norm != "none":
+        names += ["attn_q_norm", "attn_k_norm"]
+    return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Row-major (torch) shape of each per-layer tensor."""
+    d, q, kv, v = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, \
+        cfg.n_kv_head * cfg.head_dim_v
+    qk_norm = (cfg.head_dim,) if cfg.family.qk_norm == "head" else None
+    shapes = {
+        "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (v, d),
+        "attn_output": (d, cfg.n_head * cfg.head_dim_v),
+        "ffn_gate": (cfg.d_ff, d), "ffn_up": (cfg.d_ff, d), "ffn_down": (d, cfg.d_ff),
+        "attn_norm": (d,), "ffn_norm": (d,), "post_attention_norm": (d,), "post_ffw_norm": (d,),
+        "attn_q_norm": qk_norm or (q,), "attn_k_norm": qk_norm or (kv,),
+    }
+    return {n: shapes[n] for n in layer_tensor_names(cfg)}
+
+
+class GGUFWeights:
+    """Dequantizes the tensors of one GGUF model into `dtype` on `device`, on demand."""
+
+    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        self.gguf, self.cfg, self.dtype, self.device = gguf, cfg, dtype, torch.device(device)
+        self._check_index()
+        self.unembedding_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+
+    def _check_index(self) -> None:
+        """Every tensor the model needs exists with the shape the config implies."""
+        cfg, g = self.cfg, self.gguf
+        want = {f"blk.{i}.{n}.weight": s for i in range(cfg.n_layer)
+                for n, s in expected_shapes(cfg).items()}
+        want["token_embd.weight"] = (cfg.vocab_size, cfg.d_model)
+        want["output_norm.weight"] = (cfg.d_model,)
+        if not cfg.tied_embeddings:
+            want["output.weight"] = (cfg.vocab_size, cfg.d_model)
+        for name, shape in want.items():
+            info = g.tensor(name)
+            if info.torch_shape != shape:
+                raise GGUFError(g.path, f"tensor {name!r}",
+                                f"expected shape {list(shape)}, found {list(info.torch_shape)}")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.gguf.tensor(name)
+        raw = raw_to_torch(self.gguf.tensor_data(name), self.device)
+        return dequantize(raw, info.type, info.torch_shape).to(self.dtype)
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        """All tensors of layer `i`, keyed by their short name ('attn_q', 'ffn_down', ...)."""
+        return {n: self.tensor(f"blk.{i}.{n}.weight") for n in layer_tensor_names(self.cfg)}
+
+    def output_norm(self) -> torch.Tensor:
+        return self.tensor("output_norm.weight")
+
+    def _rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        block, type_size = GGML_QUANT_SIZES[info.type]
+        row_bytes = info.shape[0] // block * type_size
+        raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
+        t = dequantize(raw_to_torch(raw, self.device), info.type, (stop - start, info.shape[0]))
+        return t.to(self.dtype)
+
+    def embedding_rows(self, token_ids: list[int]) -> torch.Tensor:
+        """Rows of the token embedding table for `token_ids` (not yet scaled), [N, d]."""
+        info = self.gguf.tensor("token_embd.weight")
+        return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
+
+    def unembedding_chunks(self, rows_per_chunk: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) chunks of the unembedding matrix [vocab, d], in order."""
+        info = self.gguf.tensor(self.unembedding_name)
+        vocab = info.shape[1]
+        for start in range(0, vocab, rows_per_chunk):
+            yield start, self._rows(info, start, min(vocab, start + rows_per_chunk))
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of tensors whose dequantized values include NaN or Inf."""
+        bad = []
+        for name, info in self.gguf.tensors.items():
+            chunk = 1 << 22
+            flat = self.gguf.tensor_data(name)
+            block, type_size = GGML_QUANT_SIZES[info.type]
+            step = max(1, chunk // block) * type_size
+            for off in range(0, info.n_bytes, step):
+                raw = raw_to_torch(np.ascontiguousarray(flat[off:off + step]), self.device)
+                n = raw.numel() // type_size * block
+                if not torch.isfinite(dequantize(raw, info.type, (n,))).all():
+                    bad.append(name)
+                    break
+        return bad
