@@ -1,0 +1,65 @@
+"""What users read off a Jacobian: its spectrum, ranks, and singular vectors as tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import Transformer
+
+EFFECTIVE_RANK_DEFINITION = (
+    "entropy effective rank (Roy & Vetterli 2007): exp(-sum p_k log p_k) with "
+    "p_k = s_k / sum(s), over the singular values s of J as a d x (N*d) matrix")
+STABLE_RANK_DEFINITION = "stable rank: ||J||_F^2 / s_1^2"
+
+
+@dataclass
+class Spectrum:
+    singular_values: torch.Tensor  # descending
+    left: torch.Tensor  # [d_out, k] left singular vectors, signs fixed (see `orient`)
+    right: torch.Tensor  # [k, d_in_total] right singular vectors, same signs
+
+    @property
+    def stable_rank(self) -> float:
+        s = self.singular_values
+        return float((s.pow(2).sum() / s[0].pow(2))) if s[0] > 0 else 0.0
+
+    @property
+    def effective_rank(self) -> float:
+        s = self.singular_values
+        p = s / s.sum()
+        p = p[p > 0]
+        return float(torch.exp(-(p * p.log()).sum()))
+
+
+def spectrum(matrix: torch.Tensor, output: torch.Tensor | None = None) -> Spectrum:
+    """SVD of a 2-D map; with `output`, each left vector u is signed so that u·output > 0
+    (its right vector flips with it, so u s vᵀ is unchanged)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if output is not None:
+        sign = torch.sign(output @ u)
+        sign[sign == 0] = 1
+        u, vh = u * sign, vh * sign[:, None]
+    return Spectrum(s, u, vh)
+
+
+@torch.no_grad()
+def top_tokens_by_unembedding(model: Transformer, directions: torch.Tensor,
+                              k: int = 5) -> list[list[tuple[int, float]]]:
+    """For each column u of `directions` [d, m]: the k tokens t with the largest (W_U u)_t.
+
+    The unembedding is walked in row chunks, so it is never held whole.
+    """
+    m = directions.shape[1]
+    best_val = torch.full((k, m), float("-inf"), dtype=directions.dtype, device=directions.device)
+    best_idx = torch.zeros((k, m), dtype=torch.long, device=directions.device)
+    for start, w in model.weights.unembedding_chunks():
+        scores = w @ directions  # [rows, m]
+        kk = min(k, scores.shape[0])
+        v, i = torch.topk(scores, kk, dim=0)
+        vals = torch.cat((best_val, v), dim=0)
+        idx = torch.cat((best_idx, i + start), dim=0)
+        order = torch.topk(vals, k, dim=0).indices
+        best_val, best_idx = vals.gather(0, order), idx.gather(0, order)
+    return [[(int(best_idx[r, c]), float(best_val[r, c])) for r in range(k)] for c in range(m)]

@@ -1,0 +1,190 @@
+"""The Python API: open a GGUF model, compare it with llama.cpp, compute its detached Jacobian.
+
+    from ggufjac.api import open_model
+    m = open_model("gemma3-270m", dtype="float64")
+    tokens = m.tokenize("The bridge out of Marin is the")
+    result = m.jacobian(tokens)          # J [d, N, d], inputs [N, d], output [d]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import llamacpp
+from .analysis import EFFECTIVE_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
+    top_tokens_by_unembedding
+from .errors import GgufjacError, PromptError
+from .families import ModelConfig, config_from_gguf
+from .gguf_file import GGUFFile
+from .jacobian import JacobianResult, detached_jacobian
+from .linearize import Linearization
+from .model import Transformer
+from .resolve import resolve_model
+from .vocab import Vocabulary
+from .weights import GGUFWeights
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise GgufjacError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def nmse(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Normalized mean squared error Σ(ours − ref)² / Σ ref², in float64."""
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max()
+    return z - m - math.log(np.exp(z - m).sum())
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    gguf: GGUFFile
+    cfg: ModelConfig
+    weights: GGUFWeights
+    vocab: Vocabulary
+    _model: Transformer | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Transformer:
+        if self._model is None:
+            self._model = Transformer(self.weights)
+        return self._model
+
+    def tokenize(self, prompt: str, max_tokens: int | None = None) -> list[int]:
+        """llama.cpp's tokens for `prompt` (BOS added as the file asks)."""
+        if not prompt or not prompt.strip():
+            raise PromptError("the prompt is empty (or only whitespace)")
+        tokens = llamacpp.tokenize(self.path, prompt)
+        limit = min(self.cfg.context_length, max_tokens or self.cfg.context_length)
+        if len(tokens) > limit:
+            which = "--max-tokens" if max_tokens and max_tokens < self.cfg.context_length \
+                else "the model's context length"
+            raise PromptError(f"the prompt is {len(tokens)} tokens, more than {which} ({limit})")
+        return tokens
+
+    def token_text(self, token_id: int) -> str:
+        return self.vocab.text(token_id)
+
+    @torch.no_grad()
+    def logits(self, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Our logits at every position [N, vocab] (plain forward pass)."""
+        from .linearize import PLAIN
+
+        y = self.model.forward(self.model.embed(tokens), PLAIN, hidden)
+        return self.model.logits(y)
+
+    def jacobian(self, tokens: list[int], lin: Linearization | None = None,
+                 progress: bool = False, chunk: int = 128) -> JacobianResult:
+        model = self.model
+        return detached_jacobian(model, model.embed(tokens), lin or Linearization(),
+                                 chunk=chunk, progress=progress)
+
+    # -- reports -------------------------------------------------------------------------
+
+    def check(self, prompt: str, layers: bool = False, top: int = 5,
+              noise_floor: bool = True, max_tokens: int | None = None) -> dict:
+        """Our forward pass vs llama.cpp's on the same tokens (last position)."""
+        tokens = self.tokenize(prompt, max_tokens)
+        capture = [f"l_out-{i}" for i in range(self.cfg.n_layer)] if layers else []
+        ref = llamacpp.evaluate(self.path, tokens, flash_attn=False, capture=capture)
+        hidden: list[torch.Tensor] = []
+        ours_all = self.logits(tokens, hidden).to(torch.float64).cpu().numpy()
+        ours, theirs = ours_all[-1], ref.logits[-1].astype(np.float64)
+        lp_ours, lp_ref = _log_softmax(ours), _log_softmax(theirs)
+        order_ours, order_ref = np.argsort(-ours)[:top], np.argsort(-theirs)[:top]
+        report = {
+            "prompt": prompt,
+            "tokens": [self.token_text(t) for t in tokens],
+            "dtype": str(self.weights.dtype).removeprefix("torch."),
+            "ours_top": [{"token": self.token_text(int(i)), "id": int(i),
+                          "logit": float(ours[i]), "prob": float(np.exp(lp_ours[i]))}
+                         for i in order_ours],
+            "llama_cpp_top": [{"token": self.token_text(int(i)), "id": int(i),
+                               "logit": float(theirs[i]), "prob": float(np.exp(lp_ref[i]))}
+                              for i in order_ref],
+            "ours_top1": self.token_text(int(order_ours[0])),
+            "llama_cpp_top1": self.token_text(int(order_ref[0])),
+            "top1_agree": bool(order_ours[0] == order_ref[0]),
+            "llama_cpp_margin": float(theirs[order_ref[0]] - theirs[order_ref[1]]),
+            "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+            "kl": float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum()),
+            "nmse": nmse(ours, theirs),
+            "llama_cpp_flash_attn": False,
+        }
+        if noise_floor:
+            fa = llamacpp.evaluate(self.path, tokens, flash_attn=True)
+            report["noise_floor_nmse"] = nmse(fa.logits[-1], theirs)
+        if layers:
+            report["layer_nmse"] = [nmse(h.to(torch.float64).cpu().numpy(), their_h)
+                                    for h, their_h in zip(hidden, ref.layer_outputs(self.cfg.n_layer))]
+        flip_fails = not report["top1_agree"] and report["llama_cpp_margin"] > 0.1
+        report["passed"] = bool(report["nmse"] <= 1e-2 and not flip_fails)
+        return report
+
+    def jacobian_report(self, tokens: list[int], result: JacobianResult, lin: Linearization,
+                        n_vectors: int = 10, n_tokens: int = 5) -> dict:
+        """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian."""
+        d, n = result.jacobian.shape[0], result.jacobian.shape[1]
+        spec = spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
+        k = min(n_vectors, spec.left.shape[1])
+        decoded = top_tokens_by_unembedding(self.model, spec.left[:, :k], n_tokens)
+        with torch.no_grad():
+            logits = self.model.logits(result.output)
+        predicted = int(torch.argmax(logits))
+        return {
+            "model": str(self.path),
+            "architecture": self.cfg.arch,
+            "dtype": str(result.jacobian.dtype).removeprefix("torch."),
+            "detach": lin.detach,
+            "gate_path": lin.gate_path,
+            "tokens": [self.token_text(t) for t in tokens],
+            "token_ids": tokens,
+            "predicted_token": self.token_text(predicted),
+            "predicted_token_id": predicted,
+            "reconstruction_rel_error": result.reconstruction_rel_error(),
+            "singular_values": spec.singular_values.tolist(),
+            "effective_rank": spec.effective_rank,
+            "effective_rank_definition": EFFECTIVE_RANK_DEFINITION,
+            "stable_rank": spec.stable_rank,
+            "stable_rank_definition": STABLE_RANK_DEFINITION,
+            "sign_convention": "each left singular vector u is negated if needed so that "
+                               "u . output > 0 (its right vector with it)",
+            "top_singular_tokens": [
+                {"index": j, "singular_value": float(spec.singular_values[j]),
+                 "cos_with_output": float(spec.left[:, j] @ result.output
+                                          / torch.linalg.vector_norm(result.output)),
+                 "tokens": [self.token_text(t) for t, _ in decoded[j]],
+                 "scores": [s for _, s in decoded[j]]}
+                for j in range(k)],
+        }
+
+
+def open_model(name: str | Path, dtype: str | torch.dtype = "float32",
+               device: str = "cpu") -> LoadedModel:
+    """Open a GGUF file (or demo model name) and read its config; no weights are loaded yet."""
+    path = resolve_model(str(name))
+    gguf = GGUFFile(path)
+    try:
+        cfg = config_from_gguf(gguf)
+        weights = GGUFWeights(gguf, cfg, parse_dtype(dtype), device)
+    except BaseException:
+        gguf.close()
+        raise
+    return LoadedModel(path, gguf, cfg, weights, Vocabulary(gguf))

@@ -1,0 +1,215 @@
+"""Command line: `ggufjac info | check | jacobian`. Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import GgufjacError
+
+MODEL_HELP = "GGUF file path, or a demo model name (gemma3-270m)."
+
+
+def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GgufjacError as e:
+            click.echo(f"ggufjac: error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise GgufjacError("give exactly one of --prompt and --prompt-file")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GgufjacError(f"{prompt_file}: prompt file is not valid UTF-8 "
+                               f"(byte {e.start})") from None
+        except OSError as e:
+            raise GgufjacError(f"{prompt_file}: cannot read prompt file: {e.strerror}") from None
+    return prompt  # type: ignore[return-value]
+
+
+def _prompt_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--max-tokens", type=int, default=None,
+                      help="Refuse prompts longer than this many tokens.")(fn)
+    fn = click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
+                      help="Read the prompt from a UTF-8 file.")(fn)
+    fn = click.option("--prompt", "-p", default=None, help="The prompt text.")(fn)
+    return fn
+
+
+@click.group()
+@click.version_option(package_name="ggufjac")
+def main() -> None:
+    """Exact linear maps (detached Jacobians) of GGUF language models."""
+
+
+@main.command()
+@click.argument("model")
+@_errors_to_exit
+def info(model: str) -> None:
+    """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
+    from .families import FAMILIES, config_from_gguf
+    from .gguf_file import GGUFFile
+    from .resolve import resolve_model
+
+    path = resolve_model(model)
+    t0 = time.perf_counter()
+    with GGUFFile(path) as g:
+        arch = g.get("general.architecture", "<missing>")
+        click.echo(f"file           {path} ({g.file_size / 2**20:.1f} MiB, GGUF v{g.version})")
+        click.echo(f"name           {g.get('general.name', '?')}")
+        click.echo(f"architecture   {arch}")
+        types = Counter(t.type.name for t in g.tensors.values())
+        click.echo("tensor types   " + ", ".join(f"{k} x{v}" for k, v in types.most_common()))
+        if arch not in FAMILIES:
+            click.echo(f"supported      no: architecture {arch!r} is not one of "
+                       f"{', '.join(sorted(FAMILIES))}")
+            return
+        cfg = config_from_gguf(g)
+        click.echo(f"layers         {cfg.n_layer}, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
+                   f"heads {cfg.n_head} (kv {cfg.n_kv_head}) x {cfg.head_dim}, "
+                   f"vocab {cfg.vocab_size}, context {cfg.context_length}")
+        w = cfg.weights_per_layer()
+        click.echo(f"one layer      {w['all'] / 1e6:.1f} M weights: {w['all'] * 4 / 2**20:.0f} MiB "
+                   f"float32, {w['all'] * 8 / 2**20:.0f} MiB float64 dequantized")
+        n = 8
+        jac = cfg.d_model * n * cfg.d_model
+        click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
+                   f"~{2 * cfg.d_model * n * w['linear_path'] * cfg.n_layer / 1e12:.2f} TFLOP")
+        click.echo("supported      yes")
+    click.echo(f"(read in {time.perf_counter() - t0:.2f} s)")
+
+
+def _print_check(report: dict) -> None:
+    click.echo(f"prompt: {report['prompt']!r}  ({len(report['tokens'])} tokens, "
+               f"ours in {report['dtype']})")
+    click.echo(f"{'rank':<5}{'ours':<22}{'p':>8}   {'llama.cpp':<22}{'p':>8}")
+    for r, (a, b) in enumerate(zip(report["ours_top"], report["llama_cpp_top"]), 1):
+        click.echo(f"{r:<5}{a['token']!r:<22}{a['prob']:>8.4f}   {b['token']!r:<22}{b['prob']:>8.4f}")
+    agree = "yes" if report["top1_agree"] else \
+        f"no (llama.cpp margin {report['llama_cpp_margin']:.3f})"
+    click.echo(f"top-1 agree        {agree}")
+    click.echo(f"max |dlogit|       {report['max_abs_logit_diff']:.4f}")
+    click.echo(f"KL(llama.cpp||us)  {report['kl']:.3e}")
+    click.echo(f"nmse               {report['nmse']:.3e}")
+    if "noise_floor_nmse" in report:
+        click.echo(f"noise floor nmse   {report['noise_floor_nmse']:.3e}  "
+                   "(llama.cpp flash attention on vs off)")
+    if "layer_nmse" in report:
+        click.echo("per-layer nmse of the residual stream (all positions):")
+        for i, v in enumerate(report["layer_nmse"]):
+            click.echo(f"  layer {i:>3}  {v:.3e}")
+    click.echo("PASS" if report["passed"] else
+               "FAIL (nmse > 1e-2, or top-1 differs where llama.cpp's margin is > 0.1)")
+
+
+@main.command()
+@click.argument("model")
+@_prompt_options
+@click.option("--layers", is_flag=True, help="Also compare every layer's hidden states.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the figures to this JSON file.")
+@click.option("--no-noise-floor", is_flag=True, help="Skip the flash-attention on/off run.")
+@_errors_to_exit
+def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
+          layers: bool, dtype: str, json_path: Path | None, no_noise_floor: bool) -> None:
+    """Compare our forward pass with llama.cpp's on the same tokens."""
+    from .api import open_model
+    from .outputs import write_json
+
+    text = _read_prompt(prompt, prompt_file)
+    m = open_model(model, dtype=dtype)
+    report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens)
+    _print_check(report)
+    if json_path is not None:
+        write_json(json_path, report)
+    sys.exit(0 if report["passed"] else 1)
+
+
+def _plot_spectrum(path: Path, singular_values: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(range(1, len(singular_values) + 1), singular_values, marker=".", lw=1)
+    ax.set_xlabel("index k")
+    ax.set_ylabel("singular value $\\sigma_k$")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+@main.command()
+@click.argument("model")
+@_prompt_options
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output directory (must not exist or be empty, unless --overwrite).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@click.option("--gate-path", type=click.Choice(["up", "gate"]), default="up",
+              help="Which MLP branch stays linear (see README).")
+@click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_errors_to_exit
+def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
+             out_dir: Path, dtype: str, gate_path: str, overwrite: bool) -> None:
+    """Detached Jacobian of the output embedding w.r.t. every input embedding."""
+    from safetensors.torch import save_file
+
+    from .api import open_model
+    from .linearize import Linearization
+    from .outputs import atomic_write, prepare_output_dir, write_json
+
+    text = _read_prompt(prompt, prompt_file)
+    m = open_model(model, dtype=dtype)
+    tokens = m.tokenize(text, max_tokens)
+    prepare_output_dir(out_dir, overwrite)
+    lin = Linearization(detach=True, gate_path=gate_path)
+    t0 = time.perf_counter()
+    result = m.jacobian(tokens, lin, progress=True)
+    seconds = time.perf_counter() - t0
+    report = m.jacobian_report(tokens, result, lin)
+    report["jacobian_seconds"] = seconds
+    tensors = {"jacobian": result.jacobian.contiguous(), "inputs": result.inputs.contiguous(),
+               "output": result.output.contiguous()}
+    atomic_write(out_dir / "jacobian.safetensors",
+                 lambda p: save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)}))
+    atomic_write(out_dir / "singular_values.png", lambda p: _plot_spectrum(
+        p, report["singular_values"],
+        f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
+        f"{report['predicted_token']!r}"))
+    write_json(out_dir / "report.json", report)
+    click.echo(f"tokens                   {report['tokens']}")
+    click.echo(f"predicted token          {report['predicted_token']!r}")
+    click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
+               f"in {seconds:.1f} s")
+    click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
+    click.echo(f"effective rank           {report['effective_rank']:.2f} (entropy); "
+               f"stable rank {report['stable_rank']:.2f}")
+    click.echo("top singular vectors, decoded through the unembedding:")
+    for v in report["top_singular_tokens"]:
+        click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  cos(u,y) "
+                   f"{v['cos_with_output']:+.3f}  {v['tokens']}")
+    click.echo(f"wrote {out_dir}/jacobian.safetensors, report.json, singular_values.png")
+
+
+if __name__ == "__main__":
+    main()

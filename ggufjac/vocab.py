@@ -1,0 +1,60 @@
+"""Token id -> readable text, from the GGUF vocabulary (no llama.cpp needed).
+
+SentencePiece vocabularies ('llama') mark spaces with U+2581 and bytes as <0xNN>;
+byte-level BPE vocabularies ('gpt2') map bytes to printable code points. Both are turned
+back into the text the token stands for. The vocabulary array is decoded on first use only.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from .gguf_file import GGUFFile
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[chr(b)] = b
+        else:
+            mapping[chr(256 + extra)] = b
+            extra += 1
+    return mapping
+
+
+class Vocabulary:
+    def __init__(self, gguf: GGUFFile) -> None:
+        self.gguf = gguf
+        self.kind = gguf.get("tokenizer.ggml.model", "llama")
+        self._pieces: list[str] | None = None
+
+    @property
+    def pieces(self) -> list[str]:
+        if self._pieces is None:
+            self._pieces = self.gguf.array("tokenizer.ggml.tokens")
+        return self._pieces
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def text(self, token_id: int) -> str:
+        """The text token `token_id` stands for (bytes that are not UTF-8 shown as \\xNN)."""
+        if not 0 <= token_id < len(self.pieces):
+            return f"<id {token_id}>"
+        piece = self.pieces[token_id]
+        if self.kind == "gpt2":
+            table = _gpt2_unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece).decode("utf-8", "backslashreplace")
+            return piece
+        m = _BYTE_TOKEN.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)]).decode("utf-8", "backslashreplace")
+        return piece.replace("\u2581", " ")
