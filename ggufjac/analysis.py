@@ -8,10 +8,11 @@ import torch
 
 from .model import Transformer
 
-EFFECTIVE_RANK_DEFINITION = (
+ENTROPY_RANK_DEFINITION = (
     "entropy effective rank (Roy & Vetterli 2007): exp(-sum p_k log p_k) with "
     "p_k = s_k / sum(s), over the singular values s of J as a d x (N*d) matrix")
-STABLE_RANK_DEFINITION = "stable rank: ||J||_F^2 / s_1^2"
+STABLE_RANK_DEFINITION = ("stable rank ||J||_F^2 / s_1^2 = sum_k s_k^2 / s_1^2, over the "
+                          "singular values s of J as a d x (N*d) matrix")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Spectrum:
         return float((s.pow(2).sum() / s[0].pow(2))) if s[0] > 0 else 0.0
 
     @property
-    def effective_rank(self) -> float:
+    def entropy_rank(self) -> float:
         s = self.singular_values
         p = s / s.sum()
         p = p[p > 0]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import llamacpp
-from .analysis import EFFECTIVE_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
+from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
     top_tokens_by_unembedding
 from .errors import GgufjacError, PromptError
 from .families import ModelConfig, config_from_gguf
@@ -160,10 +160,10 @@ class LoadedModel:
             "predicted_token_id": predicted,
             "reconstruction_rel_error": result.reconstruction_rel_error(),
             "singular_values": spec.singular_values.tolist(),
-            "effective_rank": spec.effective_rank,
-            "effective_rank_definition": EFFECTIVE_RANK_DEFINITION,
-            "stable_rank": spec.stable_rank,
-            "stable_rank_definition": STABLE_RANK_DEFINITION,
+            "effective_rank": spec.stable_rank,
+            "effective_rank_definition": STABLE_RANK_DEFINITION,
+            "entropy_effective_rank": spec.entropy_rank,
+            "entropy_effective_rank_definition": ENTROPY_RANK_DEFINITION,
             "sign_convention": "each left singular vector u is negated if needed so that "
                                "u . output > 0 (its right vector with it)",
             "top_singular_tokens": [

@@ -202,8 +202,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
                f"in {seconds:.1f} s")
     click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
-    click.echo(f"effective rank           {report['effective_rank']:.2f} (entropy); "
-               f"stable rank {report['stable_rank']:.2f}")
+    click.echo(f"effective rank           {report['effective_rank']:.2f} (stable rank "
+               f"||J||_F^2/s1^2; entropy rank {report['entropy_effective_rank']:.1f})")
     click.echo("top singular vectors, decoded through the unembedding:")
     for v in report["top_singular_tokens"]:
         click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  cos(u,y) "

@@ -1,0 +1,103 @@
+"""Torch dequantizers vs gguf-py's reference (`gguf.quants.dequantize`), element for element."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from ggufjac.quants import DEQUANTIZERS, dequantize, raw_to_torch
+
+# Byte offsets of the float16 scale fields in each block layout (see ggml-common.h).
+F16_FIELDS = {
+    Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2],
+    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+    Q.IQ4_NL: [0], Q.IQ4_XS: [0],
+}
+
+
+def _random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes in the block layout of `qtype`, with finite float16 scales."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        vals = rng.standard_normal(n_blocks * block).astype(np.float32)
+        if qtype == Q.F32:
+            return vals.view(np.uint8)
+        if qtype == Q.F16:
+            return vals.astype(np.float16).view(np.uint8)
+        return gguf_quants.quantize(vals, Q.BF16).view(np.uint8).reshape(-1)
+    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        raw[:, off:off + 2] = rng.uniform(-2, 2, n_blocks).astype(np.float16).view(np.uint8) \
+            .reshape(n_blocks, 2)
+    return raw.reshape(-1)
+
+
+def _assert_bitwise_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
+    ours_np = ours.numpy().astype(np.float32)
+    ref = np.asarray(ref, dtype=np.float32)
+    assert ours_np.shape == ref.shape
+    mismatch = np.flatnonzero(ours_np.view(np.uint32) != ref.view(np.uint32))
+    assert mismatch.size == 0, f"{mismatch.size} elements differ, first at {mismatch[:5]}: " \
+        f"{ours_np.reshape(-1)[mismatch[:5]]} vs {ref.reshape(-1)[mismatch[:5]]}"
+
+
+@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
+def test_random_blocks_match_gguf_py(qtype: Q) -> None:
+    rng = np.random.default_rng(1234 + qtype.value)
+    block, _ = GGML_QUANT_SIZES[qtype]
+    n_blocks = 300
+    raw = _random_blocks(qtype, n_blocks, rng)
+    ref = gguf_quants.dequantize(raw, qtype).reshape(-1)
+    ours = dequantize(raw_to_torch(raw), qtype, (n_blocks * block,))
+    _assert_bitwise_equal(ours, ref)
+
+
+def test_real_tensors_match_gguf_py(gemma32) -> None:
+    """Every tensor type of the real file, on real tensors (the embedding: its first rows)."""
+    g = gemma32.gguf
+    seen: dict[Q, int] = {}
+    for name, info in g.tensors.items():
+        if name == "token_embd.weight":
+            continue
+        if seen.get(info.type, 0) >= 2:
+            continue
+        seen[info.type] = seen.get(info.type, 0) + 1
+        raw = g.tensor_data(name)
+        ref = gguf_quants.dequantize(raw, info.type).reshape(info.torch_shape)
+        _assert_bitwise_equal(dequantize(raw_to_torch(raw), info.type, info.torch_shape), ref)
+    assert {Q.F32, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K} <= set(seen)
+    emb = g.tensor("token_embd.weight")
+    rows = 2048
+    block, type_size = GGML_QUANT_SIZES[emb.type]
+    raw = g.tensor_data(emb.name)[: rows * emb.shape[0] // block * type_size]
+    ref = gguf_quants.dequantize(raw, emb.type).reshape(rows, emb.shape[0])
+    _assert_bitwise_equal(dequantize(raw_to_torch(raw), emb.type, (rows, emb.shape[0])), ref)
+
+
+def test_embedding_rows_match_full_table_rows(gemma32) -> None:
+    """Gathering rows straight from the quantized bytes equals slicing the dequantized table."""
+    ids = [2, 506, 262143, 1000]
+    rows = gemma32.weights.embedding_rows(ids)
+    g = gemma32.gguf
+    emb = g.tensor("token_embd.weight")
+    block, type_size = GGML_QUANT_SIZES[emb.type]
+    row_bytes = emb.shape[0] // block * type_size
+    for k, t in enumerate(ids):
+        raw = g.tensor_data(emb.name)[t * row_bytes:(t + 1) * row_bytes]
+        ref = gguf_quants.dequantize(raw, emb.type).reshape(-1)
+        _assert_bitwise_equal(rows[k], ref)
+
+
+def test_unsupported_type_falls_back_to_gguf_py(capsys) -> None:
+    qtype = Q.TQ2_0
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, size=(4, type_size), dtype=np.uint8)
+    raw[:, -2:] = np.float16(0.5).reshape(1).view(np.uint8)  # finite scale (last field)
+    raw = raw.reshape(-1)
+    out = dequantize(raw_to_torch(raw), qtype, (4 * block,))
+    _assert_bitwise_equal(out, gguf_quants.dequantize(raw, qtype).reshape(-1))
+    assert "TQ2_0" in capsys.readouterr().err
