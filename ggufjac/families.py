@@ -26,11 +26,24 @@ class Family:
     swa_pattern: int = 0  # every swa_pattern-th layer is global, the others sliding-window
     rope_base_local: float | None = None  # rope base of sliding-window layers
     attn_scale_head_dim: bool = True  # queries scaled by 1/sqrt(head_dim)
+    fused_qkv: bool = False  # one attn_qkv tensor holds q, k, v (rows in that order)
+    fused_gate_up: bool = False  # ffn_up holds gate rows, then up rows (Phi 3)
+    rope_factors: tuple[str, ...] = ()  # tensors of per-frequency divisors, first found wins
 
 
 # llama.cpp's own defaults (src/llama-model.cpp) where the GGUF metadata is silent:
 # Gemma 3 marks every 6th layer global (set_swa_pattern(6)) and gives local layers base 10000.
+# Llama 3.1-style rope scaling is stored as the `rope_freqs` tensor; Phi 3 LongRoPE as
+# rope_factors_short/long, of which llama.cpp uses the short one unless the context exceeds
+# the original training context (ggufjac runs short prompts, so: short).
 FAMILIES: dict[str, Family] = {
+    "llama": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=False,
+                    rope_factors=("rope_freqs.weight",)),
+    "qwen3": Family(norm_layout="pre", qk_norm="head", activation="silu", rope_neox=True),
+    "phi3": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=True,
+                   fused_qkv=True, fused_gate_up=True,
+                   rope_factors=("rope_factors_short.weight",)),
+    "olmo2": Family(norm_layout="post", qk_norm="full", activation="silu", rope_neox=True),
     "gemma3": Family(norm_layout="sandwich", qk_norm="head", activation="gelu_tanh",
                      rope_neox=True, embed_scale_sqrt_d=True, swa_pattern=6,
                      rope_base_local=10000.0),

@@ -65,6 +65,12 @@ def tokenize(model: str | Path, prompt: str, timeout: float = 300) -> list[int]:
     return out["tokens"].tolist()
 
 
+def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float = 600) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`): source GGUF -> target GGUF."""
+    _call({"action": "quantize", "model": str(source), "out": str(target), "ftype": ftype},
+          timeout)
+
+
 def evaluate(model: str | Path, tokens: list[int], *, flash_attn: bool = False,
              capture: list[str] | None = None, timeout: float = 600) -> LlamaCppRun:
     """Run llama.cpp (CPU) on `tokens`: logits at every position and the named graph tensors."""

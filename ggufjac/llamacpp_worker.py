@@ -50,6 +50,17 @@ def _tokenize(llama_cpp: object, vocab: object, text: str) -> list[int]:
     return list(buf[:n])
 
 
+def quantize(llama_cpp: object, req: dict) -> dict[str, np.ndarray]:
+    params = llama_cpp.llama_model_quantize_default_params()  # type: ignore[attr-defined]
+    params.ftype = int(req["ftype"])
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(req["model"].encode(), req["out"].encode(),  # type: ignore
+                                        ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+    return {}
+
+
 def run(req: dict) -> dict[str, np.ndarray]:
     import llama_cpp
 
@@ -57,6 +68,8 @@ def run(req: dict) -> dict[str, np.ndarray]:
     if not req.get("verbose"):
         llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
+    if req.get("action") == "quantize":
+        return quantize(llama_cpp, req)
     mparams = llama_cpp.llama_model_default_params()
     mparams.vocab_only = not req["evaluate"]
     mparams.n_gpu_layers = 0

@@ -18,15 +18,19 @@ from .weights import GGUFWeights
 
 
 def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, factors: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles [n_pos, rope_dims / 2] for `layer`.
 
-    Angles are computed in float64 and rounded once to `dtype` (they are constants of the
-    linear map, not part of it).
+    `factors` (Llama 3.1 rope_freqs, Phi 3 LongRoPE) divide each frequency. Angles are
+    computed in float64 and rounded once to `dtype`: they only shape the frozen attention
+    weights, never the linear path.
     """
     base, scale = cfg.rope_for_layer(layer)
     half = cfg.rope_dims // 2
     inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / cfg.rope_dims)
+    if factors is not None:
+        inv_freq = inv_freq / factors.to(torch.float64)
     pos = torch.arange(n_pos, dtype=torch.float64, device=device) * scale
     theta = pos[:, None] * inv_freq[None, :]
     return theta.cos().to(dtype), theta.sin().to(dtype)
@@ -77,7 +81,7 @@ def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch
     v = v.view(n, cfg.n_kv_head, cfg.head_dim_v)
     if fam.qk_norm == "head":
         q, k = rms_norm(q, w["attn_q_norm"], eps, lin), rms_norm(k, w["attn_k_norm"], eps, lin)
-    cos, sin = rope_tables(cfg, layer, n, h.dtype, h.device)
+    cos, sin = rope_tables(cfg, layer, n, h.dtype, h.device, w.get("rope_factors"))
     q = apply_rope(q, cos, sin, fam.rope_neox) * cfg.attn_scale
     k = apply_rope(k, cos, sin, fam.rope_neox)
     group = cfg.n_head // cfg.n_kv_head  # grouped-query attention: heads share K/V

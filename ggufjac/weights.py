@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES
 
-from .errors import GGUFError
+from .errors import GGUFError, UnsupportedModelError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
 from .quants import dequantize, raw_to_torch
 
 
 def layer_tensor_names(cfg: ModelConfig) -> list[str]:
-    """The per-layer tensors the block needs (without the 'blk.N.' prefix and '.weight')."""
+    """The per-layer tensors the block uses (without the 'blk.N.' prefix and '.weight')."""
     fam = cfg.family
     names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
     if fam.norm_layout in ("pre", "sandwich"):
@@ -47,6 +47,23 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {n: shapes[n] for n in layer_tensor_names(cfg)}
 
 
+def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes as stored in the file: fused families keep q|k|v and gate|up in one tensor."""
+    shapes = expected_shapes(cfg)
+    if cfg.family.fused_qkv:
+        q, k, v = (shapes.pop(n) for n in ("attn_q", "attn_k", "attn_v"))
+        shapes["attn_qkv"] = (q[0] + k[0] + v[0], cfg.d_model)
+    if cfg.family.fused_gate_up:
+        gate = shapes.pop("ffn_gate")
+        shapes["ffn_up"] = (2 * gate[0], cfg.d_model)
+    return shapes
+
+
+# Biases on these projections would add a constant to the linear path (q/k biases would be
+# harmless, but no supported family has them): refused until handled as an extra input.
+_BIAS_SUFFIXES = (".bias",)
+
+
 class GGUFWeights:
     """Dequantizes the tensors of one GGUF model into `dtype` on `device`, on demand."""
 
@@ -60,7 +77,7 @@ class GGUFWeights:
         """Every tensor the model needs exists with the shape the config implies."""
         cfg, g = self.cfg, self.gguf
         want = {f"blk.{i}.{n}.weight": s for i in range(cfg.n_layer)
-                for n, s in expected_shapes(cfg).items()}
+                for n, s in stored_shapes(cfg).items()}
         want["token_embd.weight"] = (cfg.vocab_size, cfg.d_model)
         want["output_norm.weight"] = (cfg.d_model,)
         if not cfg.tied_embeddings:
@@ -70,6 +87,18 @@ class GGUFWeights:
             if info.torch_shape != shape:
                 raise GGUFError(g.path, f"tensor {name!r}",
                                 f"expected shape {list(shape)}, found {list(info.torch_shape)}")
+        biases = [n for n in g.tensors if n.endswith(_BIAS_SUFFIXES)]
+        if biases:
+            raise UnsupportedModelError(
+                f"{g.path}: bias tensors ({', '.join(biases[:3])}{', ...' if len(biases) > 3 else ''})"
+                " are not supported: a bias on the linear path breaks y = sum_i J_i x_i")
+        self.rope_factors_name = next((n for n in cfg.family.rope_factors if n in g.tensors), None)
+        if self.rope_factors_name:
+            want_rf = (cfg.rope_dims // 2,)
+            got = g.tensors[self.rope_factors_name].torch_shape
+            if got != want_rf:
+                raise GGUFError(g.path, f"tensor {self.rope_factors_name!r}",
+                                f"expected shape {list(want_rf)}, found {list(got)}")
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.gguf.tensor(name)
@@ -77,8 +106,21 @@ class GGUFWeights:
         return dequantize(raw, info.type, info.torch_shape).to(self.dtype)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """All tensors of layer `i`, keyed by their short name ('attn_q', 'ffn_down', ...)."""
-        return {n: self.tensor(f"blk.{i}.{n}.weight") for n in layer_tensor_names(self.cfg)}
+        """All tensors of layer `i`, keyed by their short name ('attn_q', 'ffn_down', ...).
+
+        Fused tensors are split; a rope-factor tensor, if the file has one, is 'rope_factors'.
+        """
+        cfg = self.cfg
+        w = {n: self.tensor(f"blk.{i}.{n}.weight") for n in stored_shapes(cfg)}
+        if cfg.family.fused_qkv:
+            q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+            w["attn_q"], w["attn_k"], w["attn_v"] = w.pop("attn_qkv").split(
+                [q, kv, cfg.n_kv_head * cfg.head_dim_v])
+        if cfg.family.fused_gate_up:
+            w["ffn_gate"], w["ffn_up"] = w["ffn_up"].split(cfg.d_ff)
+        if self.rope_factors_name:
+            w["rope_factors"] = self.tensor(self.rope_factors_name)
+        return w
 
     def output_norm(self) -> torch.Tensor:
         return self.tensor("output_norm.weight")

@@ -1,0 +1,208 @@
+"""Write small random-weight GGUF models that llama.cpp loads, for any supported family.
+
+    python tools/synthetic.py llama out.gguf --layers 2 --quant Q4_K_M
+
+Tensors carry the real GGUF names, shapes and metadata of the family (tokenizer included: a
+SentencePiece vocabulary of <unk>, <s>, </s>, the 256 byte tokens and a few words), so
+llama.cpp and ggufjac both load them. Quantization: `quant` is a whole-file llama.cpp file
+type (F32, F16, Q8_0, Q4_0, Q4_K_M, Q6_K, ...), produced by llama.cpp's own quantizer from
+an F32 file; `tensor_types` instead sets a type per tensor (name substring -> type) for the
+types gguf-py can quantize (F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter
+from gguf import quants as gguf_quants
+from gguf.constants import GGMLQuantizationType as Q
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ggufjac import llamacpp  # noqa: E402
+
+WORDS = ["the", "a", "of", "is", "and", "bridge", "out", "Marin", "capital", "France",
+         "Paris", "city", "water", "fox", "dog", "quick", "brown", "over", "lazy", "jumps"]
+LLAMA_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+                "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_M": 17,
+                "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
+GGUF_PY_TYPES = {"F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0,
+                 "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0, "Q5_1": Q.Q5_1}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int = 2
+    d_model: int = 256
+    d_ff: int = 512
+    n_head: int = 4
+    n_kv_head: int = 2
+    head_dim: int = 64
+    rope_dims: int | None = None  # partial rotary (phi3); None: the whole head
+    context_length: int = 512
+
+
+# Which tensors and metadata each family has (data; the writer below is generic).
+FAMILY_LAYOUT = {
+    "llama": dict(norms=("attn_norm", "ffn_norm"), qk_norm=None, fused=False, tied=False),
+    "qwen3": dict(norms=("attn_norm", "ffn_norm"), qk_norm="head", fused=False, tied=True),
+    "gemma3": dict(norms=("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"),
+                   qk_norm="head", fused=False, tied=True),
+    "phi3": dict(norms=("attn_norm", "ffn_norm"), qk_norm=None, fused=True, tied=False),
+    "olmo2": dict(norms=("post_attention_norm", "post_ffw_norm"), qk_norm="full", fused=False,
+                  tied=False),
+}
+
+
+def _vocab() -> tuple[list[str], list[float], list[int]]:
+    # llama.cpp's Phi-3 vocabulary loader looks up "<|endoftext|>" and "<|end|>" by text.
+    tokens = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>"] + \
+        [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    pieces = ["\u2581" + w for w in WORDS] + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
+        + ["\u2581"]
+    for i, p in enumerate(pieces):
+        tokens.append(p)
+        types.append(1)
+        scores.append(-float(i))
+    return tokens, scores, types
+
+
+def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+
+def _norm_weight(rng: np.random.Generator, n: int) -> np.ndarray:
+    return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
+                  rope_freqs: bool = False) -> dict[str, np.ndarray]:
+    """Random float32 tensors with the family's names, as row-major [out, in] arrays."""
+    lay = FAMILY_LAYOUT[arch]
+    rng = np.random.default_rng(seed)
+    d, q, kv = shape.d_model, shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
+    t: dict[str, np.ndarray] = {
+        "token_embd.weight": rng.standard_normal((vocab_size, d)).astype(np.float32)
+        * (0.05 if arch == "gemma3" else 1.0),
+        "output_norm.weight": _norm_weight(rng, d),
+    }
+    if not lay["tied"]:
+        t["output.weight"] = _matrix(rng, vocab_size, d)
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        for n in lay["norms"]:
+            t[b + n + ".weight"] = _norm_weight(rng, d)
+        if lay["fused"]:
+            t[b + "attn_qkv.weight"] = _matrix(rng, q + 2 * kv, d)
+            t[b + "ffn_up.weight"] = _matrix(rng, 2 * shape.d_ff, d)
+        else:
+            t[b + "attn_q.weight"] = _matrix(rng, q, d)
+            t[b + "attn_k.weight"] = _matrix(rng, kv, d)
+            t[b + "attn_v.weight"] = _matrix(rng, kv, d)
+            t[b + "ffn_gate.weight"] = _matrix(rng, shape.d_ff, d)
+            t[b + "ffn_up.weight"] = _matrix(rng, shape.d_ff, d)
+        t[b + "attn_output.weight"] = _matrix(rng, d, q)
+        t[b + "ffn_down.weight"] = _matrix(rng, d, shape.d_ff)
+        if lay["qk_norm"] == "head":
+            t[b + "attn_q_norm.weight"] = _norm_weight(rng, shape.head_dim)
+            t[b + "attn_k_norm.weight"] = _norm_weight(rng, shape.head_dim)
+        elif lay["qk_norm"] == "full":
+            t[b + "attn_q_norm.weight"] = _norm_weight(rng, q)
+            t[b + "attn_k_norm.weight"] = _norm_weight(rng, kv)
+    if rope_freqs:  # Llama 3.1-style rope scaling, stored as per-frequency divisors
+        half = (shape.rope_dims or shape.head_dim) // 2
+        t["rope_freqs.weight"] = np.linspace(1.0, 8.0, half).astype(np.float32)
+    return t
+
+
+def _write_f32_or_typed(path: Path, arch: str, shape: Shape, tensors: dict[str, np.ndarray],
+                        tensor_types: dict[str, str] | None) -> None:
+    tokens, scores, types = _vocab()
+    w = GGUFWriter(str(path), arch)
+    a = arch + "."
+    w.add_name(f"synthetic {arch}")
+    w.add_uint32(a + "context_length", shape.context_length)
+    w.add_uint32(a + "embedding_length", shape.d_model)
+    w.add_uint32(a + "block_count", shape.n_layer)
+    w.add_uint32(a + "feed_forward_length", shape.d_ff)
+    w.add_uint32(a + "attention.head_count", shape.n_head)
+    w.add_uint32(a + "attention.head_count_kv", shape.n_kv_head)
+    w.add_uint32(a + "attention.key_length", shape.head_dim)
+    w.add_uint32(a + "attention.value_length", shape.head_dim)
+    w.add_float32(a + "attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(a + "rope.freq_base", 10000.0)
+    w.add_uint32(a + "rope.dimension_count", shape.rope_dims or shape.head_dim)
+    if arch == "gemma3":
+        w.add_uint32(a + "attention.sliding_window", 4)  # small, so tests cross it
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.scores", scores)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    for name, arr in tensors.items():
+        qname = next((v for k, v in (tensor_types or {}).items() if k in name), None)
+        if qname and arr.ndim == 2 and qname != "F32":
+            qtype = GGUF_PY_TYPES[qname]
+            w.add_tensor(name, gguf_quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape = Shape(),
+                         quant: str = "F32", tensor_types: dict[str, str] | None = None,
+                         seed: int = 0, rope_freqs: bool = False) -> Path:
+    """Write a random-weight `arch` model to `path`; returns the path."""
+    if arch not in FAMILY_LAYOUT:
+        raise ValueError(f"unknown family {arch!r}; known: {', '.join(FAMILY_LAYOUT)}")
+    path = Path(path)
+    tensors = model_tensors(arch, shape, len(_vocab()[0]), seed, rope_freqs)
+    if quant == "F32" or tensor_types:
+        _write_f32_or_typed(path, arch, shape, tensors, tensor_types)
+        return path
+    if quant not in LLAMA_FTYPES:
+        raise ValueError(f"unknown quant {quant!r}; known: {', '.join(LLAMA_FTYPES)}")
+    with tempfile.TemporaryDirectory(prefix="ggufjac-synth-") as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        _write_f32_or_typed(f32, arch, shape, tensors, None)
+        llamacpp.quantize(f32, path, LLAMA_FTYPES[quant])
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("arch", choices=sorted(FAMILY_LAYOUT))
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--d-ff", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--quant", default="F32", choices=sorted(LLAMA_FTYPES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rope-freqs", action="store_true")
+    args = ap.parse_args()
+    shape = Shape(n_layer=args.layers, d_model=args.d_model, d_ff=args.d_ff, n_head=args.heads,
+                  n_kv_head=args.kv_heads, head_dim=args.head_dim)
+    print(write_synthetic_gguf(args.out, args.arch, shape, args.quant, seed=args.seed,
+                               rope_freqs=args.rope_freqs))
+
+
+if __name__ == "__main__":
+    main()
