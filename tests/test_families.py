@@ -1,0 +1,136 @@
+"""Every supported family, on synthetic GGUFs of several quant types, against llama.cpp."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ggufjac import families, llamacpp
+from ggufjac.api import nmse, open_model
+from ggufjac.errors import UnsupportedModelError
+from ggufjac.linearize import DETACHED, PLAIN, Linearization
+from tools.synthetic import Shape, write_synthetic_gguf
+
+ARCHS = ["llama", "qwen3", "gemma3", "phi3", "olmo2"]
+QUANTS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K"]
+PROMPT = "the bridge out of Marin"  # 25 tokens with the synthetic vocabulary
+# Measured (tools/fidelity_table.py): with F32/F16 weights our float64 model matches
+# llama.cpp's last-position logits at nmse 3e-8 ... 4e-7 (llama.cpp keeps K/V in F16).
+EXACT_WEIGHTS_BOUND = 1e-5
+# With quantized weights llama.cpp also quantizes activations inside its matmuls: measured
+# 7e-5 ... 4.2e-4 on these models. The issue's bound is 1e-2.
+QUANTIZED_BOUND = 1e-2
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    made: dict[tuple[str, str], object] = {}
+
+    def get(arch: str, quant: str):
+        key = (arch, quant)
+        if key not in made:
+            path = tmp_path_factory.mktemp("synthetic") / f"{arch}-{quant}.gguf"
+            made[key] = write_synthetic_gguf(path, arch, Shape(), quant,
+                                             rope_freqs=arch == "llama")
+        return made[key]
+    return get
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_family_matches_llama_cpp_and_linearizes(synthetic, arch: str, quant: str) -> None:
+    path = synthetic(arch, quant)
+    m = open_model(path, dtype="float64")
+    if quant == "Q4_K_M":
+        assert "Q4_K" in {t.type.name for t in m.gguf.tensors.values()}
+    tokens = m.tokenize(PROMPT)
+    ref = llamacpp.evaluate(path, tokens)
+    ours = m.logits(tokens).numpy()
+    bound = EXACT_WEIGHTS_BOUND if quant in ("F32", "F16") else QUANTIZED_BOUND
+    assert nmse(ours[-1], ref.logits[-1]) < bound
+    assert ours[-1].argmax() == ref.logits[-1].argmax()
+
+    x = m.model.embed(tokens)
+    with torch.no_grad():
+        plain = m.model.forward(x, PLAIN)
+        for lin in (DETACHED, Linearization(gate_path="gate")):
+            assert torch.equal(m.model.forward(x, lin), plain)
+    assert m.jacobian(tokens).reconstruction_rel_error() <= 1e-12
+    m32 = open_model(path, dtype="float32")
+    assert m32.jacobian(tokens).reconstruction_rel_error() <= 1e-5
+
+
+def test_per_layer_hidden_states_match(synthetic) -> None:
+    for arch in ARCHS:
+        path = synthetic(arch, "F32")
+        m = open_model(path, dtype="float64")
+        tokens = m.tokenize(PROMPT)
+        ref = llamacpp.evaluate(path, tokens,
+                                capture=[f"l_out-{i}" for i in range(m.cfg.n_layer)])
+        hidden: list[torch.Tensor] = []
+        m.logits(tokens, hidden)
+        for h, theirs in zip(hidden, ref.layer_outputs(m.cfg.n_layer)):
+            assert nmse(h.numpy(), theirs) < EXACT_WEIGHTS_BOUND, arch
+
+
+@pytest.mark.parametrize("arch,change", [
+    ("llama", {"rope_factors": ()}),          # ignore Llama 3.1 rope_freqs
+    ("llama", {"rope_neox": True}),           # wrong rotary pairing
+    ("qwen3", {"qk_norm": "none"}),           # drop the QK-norm
+    ("olmo2", {"norm_layout": "sandwich"}),   # wrong norm placement (fails to load)
+    ("gemma3", {"swa_pattern": 0}),           # no sliding window (prompt crosses it)
+])
+def test_family_details_matter(synthetic, monkeypatch, arch: str, change: dict) -> None:
+    """Each family detail is checked by the comparison: changing it breaks the match."""
+    path = synthetic(arch, "F32")
+    monkeypatch.setitem(families.FAMILIES, arch,
+                        dataclasses.replace(families.FAMILIES[arch], **change))
+    try:
+        m = open_model(path, dtype="float64")
+    except Exception as e:  # a wrong layout may not even find its tensors
+        assert "missing" in str(e) or "shape" in str(e)
+        return
+    tokens = m.tokenize(PROMPT)
+    ref = llamacpp.evaluate(path, tokens)
+    assert nmse(m.logits(tokens).numpy()[-1], ref.logits[-1]) > 1e-3
+
+
+def test_unsupported_architecture_is_named(tmp_path) -> None:
+    from gguf import GGUFWriter
+    import numpy as np
+
+    path = tmp_path / "mamba.gguf"
+    w = GGUFWriter(str(path), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(UnsupportedModelError) as e:
+        open_model(path)
+    assert "mamba" in str(e.value) and "llama" in str(e.value) and "gemma3" in str(e.value)
+
+
+def test_bias_on_linear_path_is_refused(tmp_path) -> None:
+    from gguf import GGUFReader, GGUFWriter
+    import numpy as np
+
+    src = write_synthetic_gguf(tmp_path / "src.gguf", "llama", Shape(n_layer=1))
+    r = GGUFReader(str(src))
+    path = tmp_path / "bias.gguf"
+    w = GGUFWriter(str(path), "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        value = f.contents()
+        vtype = f.types[0]
+        if vtype.name == "ARRAY":
+            w.add_key_value(f.name, value, vtype, sub_type=f.types[-1])
+        else:
+            w.add_key_value(f.name, value, vtype)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))))
+    w.add_tensor("blk.0.attn_v.bias", np.ones(128, dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(UnsupportedModelError) as e:
+        open_model(path)
+    assert "blk.0.attn_v.bias" in str(e.value)
