@@ -1,0 +1,97 @@
+"""Dequantization speed: ggufjac's torch dequantizers vs gguf-py's numpy path, same tensors.
+
+    python tools/bench_dequant.py [--model gemma3-270m] [--device cpu|cuda] [--repeat 3]
+
+For each tensor type in the file (and synthetic random blocks of the types it lacks), prints
+GB/s of float32 output for both and the ratio, measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ggufjac.gguf_file import GGUFFile  # noqa: E402
+from ggufjac.quants import DEQUANTIZERS, dequantize, raw_to_torch  # noqa: E402
+from ggufjac.resolve import resolve_model  # noqa: E402
+
+TARGET_BYTES = 64 << 20  # ~64 MiB of float32 output per type
+
+
+def _best_of(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def samples(path: Path) -> dict[Q, np.ndarray]:
+    """Raw bytes per type: real tensors of the file where it has the type, else random."""
+    g = GGUFFile(path)
+    out: dict[Q, list[np.ndarray]] = {}
+    for name, info in g.tensors.items():
+        if info.type in DEQUANTIZERS and info.type != Q.F32:
+            out.setdefault(info.type, []).append(g.tensor_data(name))
+    res = {}
+    for qtype, parts in out.items():
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        need = TARGET_BYTES // 4 // block * type_size
+        raw = np.concatenate(parts)[:need]
+        res[qtype] = np.ascontiguousarray(raw[: len(raw) // type_size * type_size])
+    rng = np.random.default_rng(0)
+    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.IQ4_NL, Q.IQ4_XS):
+        if qtype in res:
+            continue
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n = TARGET_BYTES // 4 // block
+        if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_1):
+            raw = gguf_quants.quantize(rng.standard_normal((n, block)).astype(np.float32), qtype)
+        else:  # random bytes: the speed does not depend on the values
+            raw = rng.integers(0, 256, size=(n, type_size), dtype=np.uint8)
+        res[qtype] = np.ascontiguousarray(raw.reshape(-1))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"{'type':<8}{'MB out':>8}{'gguf-py GB/s':>14}{'torch GB/s':>12}{'ratio':>8}  source")
+    path = resolve_model(args.model)
+    real = {info.type for info in GGUFFile(path).tensors.values()}
+    for qtype, raw in sorted(samples(path).items(), key=lambda kv: kv[0].value):
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n_out = raw.size // type_size * block
+        gb = n_out * 4 / 1e9
+        with np.errstate(all="ignore"):
+            t_ref = _best_of(lambda: gguf_quants.dequantize(raw, qtype), args.repeat)
+        dev_raw = raw_to_torch(raw, device)
+
+        def ours() -> None:
+            dequantize(dev_raw, qtype, (n_out,))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        ours()  # warm-up
+        t_ours = _best_of(ours, args.repeat)
+        src = "file" if qtype in real else "random"
+        print(f"{qtype.name:<8}{n_out * 4 / 1e6:>8.0f}{gb / t_ref:>14.2f}{gb / t_ours:>12.2f}"
+              f"{t_ref / t_ours:>8.1f}  {src}")
+
+
+if __name__ == "__main__":
+    main()
