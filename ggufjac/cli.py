@@ -18,14 +18,38 @@ from .errors import GgufjacError
 MODEL_HELP = "GGUF file path, or a demo model name (gemma3-270m)."
 
 
+def _model_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """MODEL (path, demo name or ORG/NAME:FILE.gguf), or --hf-repo with --hf-file."""
+    fn = click.option("--hf-file", default=None, help="File in --hf-repo (FILE.gguf).")(fn)
+    fn = click.option("--hf-repo", default=None,
+                      help="Hugging Face repository ORG/NAME to download MODEL from.")(fn)
+    fn = click.argument("model", required=False)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, model: str | None, hf_repo: str | None, hf_file: str | None,
+                **kwargs: Any) -> Any:
+        if hf_repo or hf_file:
+            if model or not (hf_repo and hf_file):
+                _fail("give either MODEL, or both --hf-repo and --hf-file")
+            model = f"{hf_repo}:{hf_file}"
+        if not model:
+            _fail("no model given (MODEL, or --hf-repo ORG/NAME --hf-file FILE.gguf)")
+        return fn(*args, model=model, **kwargs)
+    return wrapper
+
+
+def _fail(message: str) -> None:
+    click.echo(f"ggufjac: error: {message}", err=True)
+    sys.exit(2)
+
+
 def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except GgufjacError as e:
-            click.echo(f"ggufjac: error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
     return wrapper
 
 
@@ -59,7 +83,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model")
+@_model_argument
 @_errors_to_exit
 def info(model: str) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
@@ -119,7 +143,7 @@ def _print_check(report: dict) -> None:
 
 
 @main.command()
-@click.argument("model")
+@_model_argument
 @_prompt_options
 @click.option("--layers", is_flag=True, help="Also compare every layer's hidden states.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
@@ -160,7 +184,7 @@ def _plot_spectrum(path: Path, singular_values: list[float], title: str) -> None
 
 
 @main.command()
-@click.argument("model")
+@_model_argument
 @_prompt_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output directory (must not exist or be empty, unless --overwrite).")

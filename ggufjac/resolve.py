@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import GgufjacError
@@ -25,8 +26,33 @@ def models_dir() -> Path:
     return Path.home() / ".cache" / "ggufjac" / "models"
 
 
+# A hub reference as one string, as llama.cpp users write it: ORG/NAME:FILE.gguf
+HUB_REFERENCE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[^:]+\.gguf)$")
+
+
+def hub_download(repo: str, filename: str) -> Path:
+    """Download (or reuse from the standard HF cache) one GGUF file of a hub repository.
+
+    Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE like every huggingface-hub client.
+    This is the only place ggufjac touches the network, and only when the user names a repo.
+    """
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise GgufjacError("hub references need the package huggingface-hub") from None
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except LocalEntryNotFoundError:
+        raise GgufjacError(f"{repo}:{filename}: not in the local hub cache and the hub cannot "
+                           "be reached (offline?)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise GgufjacError(f"{repo}:{filename}: download failed: {e}") from None
+
+
 def resolve_model(name: str) -> Path:
-    """A GGUF path for `name`: an existing file, or a demo name (assembled on first use)."""
+    """A GGUF path for `name`: an existing file, a demo name (assembled on first use), or a
+    hub reference ORG/NAME:FILE.gguf (downloaded into the HF cache on first use)."""
     if name in DEMO_MODELS:
         module_name, file_name = DEMO_MODELS[name]
         try:
@@ -45,5 +71,9 @@ def resolve_model(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    m = HUB_REFERENCE.match(name)
+    if m:
+        return hub_download(m.group("repo"), m.group("file"))
     known = ", ".join(DEMO_MODELS)
-    raise GgufjacError(f"{name}: no such file (and not a demo model name: {known})")
+    raise GgufjacError(f"{name}: no such file (and neither a demo model name ({known}) nor a "
+                       "hub reference ORG/NAME:FILE.gguf)")
