@@ -1,0 +1,66 @@
+"""Our GGUF reader against gguf-py's GGUFReader, and its refusal of broken headers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from ggufjac.errors import GGUFError
+from ggufjac.gguf_file import GGUFFile, LazyArray
+from tools.synthetic import Shape, write_synthetic_gguf
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "small.gguf"
+    return write_synthetic_gguf(path, "qwen3", Shape(n_layer=2), "Q4_K_M")
+
+
+def test_metadata_and_index_match_gguf_py(small_gguf) -> None:
+    ours, ref = GGUFFile(small_gguf), GGUFReader(str(small_gguf))
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        theirs = field.contents()
+        mine = ours.array(key) if isinstance(ours.metadata[key], (list, LazyArray)) \
+            else ours.metadata[key]
+        if isinstance(theirs, float):
+            assert mine == pytest.approx(theirs, rel=1e-7), key
+        else:
+            assert mine == theirs, key
+    assert set(ours.tensors) == {t.name for t in ref.tensors}
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.type == t.tensor_type and list(mine.shape) == t.shape.tolist()
+        assert mine.n_bytes == t.n_bytes and mine.offset == t.data_offset
+        assert np.array_equal(ours.tensor_data(t.name), np.asarray(t.data).view(np.uint8)
+                              .reshape(-1))
+
+
+def test_real_file_keeps_vocabulary_lazy(gemma32) -> None:
+    g = gemma32.gguf
+    assert isinstance(g.metadata["tokenizer.ggml.tokens"], LazyArray)
+    assert len(g.metadata["tokenizer.ggml.tokens"]) == 262144
+    assert g.architecture == "gemma3" and len(g.tensors) == 236
+
+
+@pytest.mark.parametrize("cut", [3, 10, 30, 1000, 5000])
+def test_truncated_header_names_what_is_missing(small_gguf, tmp_path, cut: int) -> None:
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(small_gguf.read_bytes()[:cut])
+    with pytest.raises(GGUFError) as e:
+        GGUFFile(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_bad_magic_and_version(small_gguf, tmp_path) -> None:
+    data = bytearray(small_gguf.read_bytes())
+    bad = tmp_path / "magic.gguf"
+    bad.write_bytes(b"GGML" + data[4:])
+    with pytest.raises(GGUFError, match="magic"):
+        GGUFFile(bad)
+    data[4:8] = (99).to_bytes(4, "little")
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="version"):
+        GGUFFile(bad)
