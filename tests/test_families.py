@@ -134,3 +134,22 @@ def test_bias_on_linear_path_is_refused(tmp_path) -> None:
     with pytest.raises(UnsupportedModelError) as e:
         open_model(path)
     assert "blk.0.attn_v.bias" in str(e.value)
+
+
+def test_info_reports_support_and_estimates(synthetic, tmp_path) -> None:
+    from click.testing import CliRunner
+    from gguf import GGUFWriter
+    import numpy as np
+
+    from ggufjac.cli import main
+
+    ok = CliRunner().invoke(main, ["info", str(synthetic("phi3", "Q4_K_M"))])
+    assert ok.exit_code == 0, ok.output
+    assert "architecture   phi3" in ok.output and "Q4_K x" in ok.output
+    assert "one layer" in ok.output and "jacobian" in ok.output and "supported      yes" in ok.output
+    path = tmp_path / "rwkv.gguf"
+    w = GGUFWriter(str(path), "rwkv6")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    no = CliRunner().invoke(main, ["info", str(path)])
+    assert no.exit_code == 0 and "supported      no" in no.output and "rwkv6" in no.output
