@@ -18,7 +18,7 @@ PROMPTS = [
     "1, 2, 3, 4, 5,",
     "Photosynthesis converts sunlight into",
 ]
-# Measured on this model (float32, see README "What check measures"): last-position logits
+# Measured on this model (float32, `python tools/fidelity_table.py --real`): last-position logits
 # nmse 2.6e-4 ... 2.9e-3 over ten prompts, while llama.cpp itself moves by 2.4e-4 ... 8e-3
 # between its flash-attention on and off runs. The gap comes from llama.cpp quantizing
 # activations to Q8 inside quantized matmuls and holding K/V in F16. 5e-3 leaves ~1.7x headroom

@@ -21,7 +21,10 @@ from ggufjac.api import nmse, open_model  # noqa: E402
 from tools.synthetic import FAMILY_LAYOUT, Shape, write_synthetic_gguf  # noqa: E402
 
 REAL_PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
-                "In 1492, Columbus sailed across the"]
+                "def fibonacci(n):\n    return", "Water boils at a temperature of",
+                "In 1492, Columbus sailed across the", "The quick brown fox jumps over the lazy",
+                "She opened the door and saw a", "1, 2, 3, 4, 5,",
+                "Photosynthesis converts sunlight into", "The opposite of hot is"]
 
 
 def row(path: Path, prompt: str) -> tuple[float, float, bool, float]:
@@ -49,7 +52,17 @@ def main() -> None:
                 print(f"| {arch} (synthetic) | {quant} | {a:.1e} | {b:.1e} | "
                       f"{'yes' if top1 else 'no'} | {recon:.1e} |", flush=True)
     if args.real:
+        m = open_model("gemma3-270m")
+        print("\n| Gemma 3 270M prompt | nmse (ours f32) | llama.cpp flash-attn on/off nmse | "
+              "max per-layer nmse | top-1 |")
+        print("|---|---|---|---|---|")
         for prompt in REAL_PROMPTS:
+            r = m.check(prompt, layers=True)
+            agree = "yes" if r["top1_agree"] else f"no (margin {r['llama_cpp_margin']:.3f})"
+            print(f"| {prompt!r} | {r['nmse']:.1e} | {r['noise_floor_nmse']:.1e} | "
+                  f"{max(r['layer_nmse']):.1e} | {agree} |", flush=True)
+        print()
+        for prompt in REAL_PROMPTS[:3]:
             a, b, top1, recon = row(Path("gemma3-270m"), prompt)
             print(f"| gemma3 270M: {prompt!r} | Q4_K_M | {a:.1e} | {b:.1e} | "
                   f"{'yes' if top1 else 'no (near-tie)'} | {recon:.1e} |", flush=True)
