@@ -22,7 +22,7 @@ from .errors import GgufjacError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .jacobian import JacobianResult, detached_jacobian
-from .linearize import Linearization
+from .linearize import PLAIN, Linearization
 from .model import Transformer
 from .resolve import resolve_model
 from .vocab import Vocabulary
@@ -85,8 +85,6 @@ class LoadedModel:
     @torch.no_grad()
     def logits(self, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Our logits at every position [N, vocab] (plain forward pass)."""
-        from .linearize import PLAIN
-
         y = self.model.forward(self.model.embed(tokens), PLAIN, hidden)
         return self.model.logits(y)
 
@@ -144,10 +142,11 @@ class LoadedModel:
         d, n = result.jacobian.shape[0], result.jacobian.shape[1]
         spec = spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
         k = min(n_vectors, spec.left.shape[1])
-        decoded = top_tokens_by_unembedding(self.model, spec.left[:, :k], n_tokens)
-        with torch.no_grad():
-            logits = self.model.logits(result.output)
-        predicted = int(torch.argmax(logits))
+        # One walk over the unembedding decodes the singular vectors and y itself (the
+        # predicted token: a final soft-cap is monotone, so it does not change the argmax).
+        directions = torch.cat((spec.left[:, :k], result.output[:, None]), dim=1)
+        decoded = top_tokens_by_unembedding(self.model, directions, n_tokens)
+        predicted = decoded[k][0][0]
         return {
             "model": str(self.path),
             "architecture": self.cfg.arch,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES
 
@@ -143,19 +142,3 @@ class GGUFWeights:
         vocab = info.shape[1]
         for start in range(0, vocab, rows_per_chunk):
             yield start, self._rows(info, start, min(vocab, start + rows_per_chunk))
-
-    def nonfinite_tensors(self) -> list[str]:
-        """Names of tensors whose dequantized values include NaN or Inf."""
-        bad = []
-        for name, info in self.gguf.tensors.items():
-            chunk = 1 << 22
-            flat = self.gguf.tensor_data(name)
-            block, type_size = GGML_QUANT_SIZES[info.type]
-            step = max(1, chunk // block) * type_size
-            for off in range(0, info.n_bytes, step):
-                raw = raw_to_torch(np.ascontiguousarray(flat[off:off + step]), self.device)
-                n = raw.numel() // type_size * block
-                if not torch.isfinite(dequantize(raw, info.type, (n,))).all():
-                    bad.append(name)
-                    break
-        return bad
