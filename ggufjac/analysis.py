@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Transformer
+from .weights import GGUFWeights
 
 ENTROPY_RANK_DEFINITION = (
     "entropy effective rank (Roy & Vetterli 2007): exp(-sum p_k log p_k) with "
@@ -46,7 +46,7 @@ def spectrum(matrix: torch.Tensor, output: torch.Tensor | None = None) -> Spectr
 
 
 @torch.no_grad()
-def top_tokens_by_unembedding(model: Transformer, directions: torch.Tensor,
+def top_tokens_by_unembedding(weights: GGUFWeights, directions: torch.Tensor,
                               k: int = 5) -> list[list[tuple[int, float]]]:
     """For each column u of `directions` [d, m]: the k tokens t with the largest (W_U u)_t.
 
@@ -55,7 +55,7 @@ def top_tokens_by_unembedding(model: Transformer, directions: torch.Tensor,
     m = directions.shape[1]
     best_val = torch.full((k, m), float("-inf"), dtype=directions.dtype, device=directions.device)
     best_idx = torch.zeros((k, m), dtype=torch.long, device=directions.device)
-    for start, w in model.weights.unembedding_chunks():
+    for start, w in weights.unembedding_chunks():
         scores = w @ directions  # [rows, m]
         kk = min(k, scores.shape[0])
         v, i = torch.topk(scores, kk, dim=0)

@@ -21,9 +21,10 @@ from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum,
 from .errors import GgufjacError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
-from .jacobian import JacobianResult, detached_jacobian
-from .linearize import PLAIN, Linearization
-from .model import Transformer
+from .engine import StreamingEngine
+from .jacobian import JacobianResult, detached_jacobian, streamed_jacobian
+from .linearize import Linearization
+from .model import Transformer, unembed
 from .resolve import resolve_model
 from .vocab import Vocabulary
 from .weights import GGUFWeights
@@ -82,17 +83,84 @@ class LoadedModel:
     def token_text(self, token_id: int) -> str:
         return self.vocab.text(token_id)
 
+    def engine(self, lin: Linearization | None = None, progress: bool = False,
+               max_memory: int | None = None, prefetch: bool | None = None) -> StreamingEngine:
+        """The streaming engine over this file (one layer's weights in memory at a time)."""
+        return StreamingEngine(self.weights, lin or Linearization(), progress, max_memory,
+                               prefetch)
+
     @torch.no_grad()
     def logits(self, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Our logits at every position [N, vocab] (plain forward pass)."""
-        y = self.model.forward(self.model.embed(tokens), PLAIN, hidden)
-        return self.model.logits(y)
+        """Our logits at every position [N, vocab], streaming through the layers. The detached
+        forward pass is bit-identical to the plain one. `hidden` gets each layer's output."""
+        engine = self.engine()
+        record = engine.forward(engine.embed(tokens))
+        if hidden is not None:
+            hidden.extend(record.residuals[1:])
+        return unembed(self.weights, record.output)
 
     def jacobian(self, tokens: list[int], lin: Linearization | None = None,
-                 progress: bool = False, chunk: int = 128) -> JacobianResult:
-        model = self.model
-        return detached_jacobian(model, model.embed(tokens), lin or Linearization(),
-                                 chunk=chunk, progress=progress)
+                 progress: bool = False, streaming: bool = True, max_memory: int | None = None,
+                 directions: torch.Tensor | None = None) -> JacobianResult:
+        """The detached Jacobian J [d, N, d] (or directions @ J [m, N, d]).
+
+        `streaming=False` is the in-memory reference path (all layers held, one autograd
+        graph); both give the same J to rounding.
+        """
+        lin = lin or Linearization()
+        if not streaming:
+            if directions is not None:
+                raise GgufjacError("output directions need the streaming path")
+            model = self.model
+            return detached_jacobian(model, model.embed(tokens), lin, chunk=128,
+                                     progress=progress)
+        engine = self.engine(lin, progress, max_memory)
+        return streamed_jacobian(engine, engine.embed(tokens), directions)
+
+    def token_for_text(self, text: str) -> int:
+        """The vocabulary entry that is exactly `text` (e.g. " Paris")."""
+        token = self.vocab.token_id(text)
+        if token is None:
+            raise PromptError(f"--token {text!r} is not a single token of this model's "
+                              "vocabulary (mind the leading space, e.g. ' Paris')")
+        return token
+
+    def attribute(self, tokens: list[int], targets: list[int] | None = None,
+                  lin: Linearization | None = None, progress: bool = False,
+                  max_memory: int | None = None) -> dict:
+        """Each input token's exact additive contribution (u_tᵀ J_i) · x_i to the logit of
+        each target token t (default: the predicted one), from one reverse sweep."""
+        lin = lin or Linearization()
+        engine = self.engine(lin, progress, max_memory)
+        x = engine.embed(tokens)
+        plan = engine.plan(len(targets) if targets else 1, len(tokens))
+        record = engine.forward(x)
+        y = record.output[-1]
+        if not targets:
+            targets = [top_tokens_by_unembedding(self.weights, y[:, None], 1)[0][0][0]]
+        u = self.weights.unembedding_rows(targets)
+        cot = engine.output_cotangents(record.residuals[-1], u)
+        jac = engine.pull_back(record, {self.cfg.n_layer: cot}, chunk=plan.chunk)
+        contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
+        logits = u @ y
+        cap = self.cfg.final_logit_softcap
+        rows = []
+        for j, t in enumerate(targets):
+            c = contributions[j]
+            total = float(c.sum())
+            row = {"token": self.token_text(t), "id": t, "logit": float(logits[j]),
+                   "sum_of_contributions": total,
+                   "rel_error": abs(total - float(logits[j])) / max(abs(float(logits[j])), 1e-300),
+                   "contributions": [float(v) for v in c]}
+            if cap is not None:
+                row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
+            rows.append(row)
+        return {"model": str(self.path), "architecture": self.cfg.arch,
+                "dtype": str(x.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
+                "tokens": [self.token_text(t) for t in tokens], "token_ids": tokens,
+                "logit_definition": "u_t . y, y the last position's final-norm output"
+                                    + (" (before the final soft-cap)" if cap is not None else ""),
+                "targets": rows}
 
     # -- reports -------------------------------------------------------------------------
 
@@ -145,7 +213,7 @@ class LoadedModel:
         # One walk over the unembedding decodes the singular vectors and y itself (the
         # predicted token: a final soft-cap is monotone, so it does not change the argmax).
         directions = torch.cat((spec.left[:, :k], result.output[:, None]), dim=1)
-        decoded = top_tokens_by_unembedding(self.model, directions, n_tokens)
+        decoded = top_tokens_by_unembedding(self.weights, directions, n_tokens)
         predicted = decoded[k][0][0]
         return {
             "model": str(self.path),
@@ -175,14 +243,31 @@ class LoadedModel:
         }
 
 
+def check_device(device: str) -> torch.device:
+    """A torch device that exists on this machine, or one clear error."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GgufjacError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GgufjacError(f"device {device!r}: torch sees no CUDA GPU here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GgufjacError(f"device {device!r}: torch has no MPS backend here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise GgufjacError(f"device {device!r}: use cpu, cuda or mps")
+    return dev
+
+
 def open_model(name: str | Path, dtype: str | torch.dtype = "float32",
                device: str = "cpu") -> LoadedModel:
     """Open a GGUF file (or demo model name) and read its config; no weights are loaded yet."""
+    dev = check_device(device)
     path = resolve_model(str(name))
     gguf = GGUFFile(path)
     try:
         cfg = config_from_gguf(gguf)
-        weights = GGUFWeights(gguf, cfg, parse_dtype(dtype), device)
+        weights = GGUFWeights(gguf, cfg, parse_dtype(dtype), dev)
     except BaseException:
         gguf.close()
         raise

@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | attribute`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -74,6 +74,27 @@ def _prompt_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Read the prompt from a UTF-8 file.")(fn)
     fn = click.option("--prompt", "-p", default=None, help="The prompt text.")(fn)
     return fn
+
+
+def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of every command that runs the streaming engine."""
+    fn = click.option("--max-memory", default=None, metavar="SIZE",
+                      help="Memory budget, e.g. 8GiB (default: 70% of what is available). "
+                           "Output directions are processed in chunks that fit; a budget that "
+                           "cannot be met is refused before any work.")(fn)
+    fn = click.option("--device", default="cpu", show_default=True,
+                      help="torch device: cpu, cuda, cuda:N or mps.")(fn)
+    fn = click.option("--gate-path", type=click.Choice(["up", "gate"]), default="up",
+                      show_default=True, help="Which MLP branch stays linear (see README).")(fn)
+    fn = click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+                      default="float32", show_default=True)(fn)
+    return fn
+
+
+def _max_memory(text: str | None) -> int | None:
+    from .engine import parse_size
+
+    return None if text is None else parse_size(text)
 
 
 @click.group()
@@ -188,14 +209,16 @@ def _plot_spectrum(path: Path, singular_values: list[float], title: str) -> None
 @_prompt_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output directory (must not exist or be empty, unless --overwrite).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
-@click.option("--gate-path", type=click.Choice(["up", "gate"]), default="up",
-              help="Which MLP branch stays linear (see README).")
+@_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-             out_dir: Path, dtype: str, gate_path: str, overwrite: bool) -> None:
-    """Detached Jacobian of the output embedding w.r.t. every input embedding."""
+             out_dir: Path, dtype: str, gate_path: str, device: str, max_memory: str | None,
+             overwrite: bool) -> None:
+    """Detached Jacobian of the output embedding w.r.t. every input embedding.
+
+    Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
+    """
     from safetensors.torch import save_file
 
     from .api import open_model
@@ -203,17 +226,20 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .outputs import atomic_write, prepare_output_dir, write_json
 
     text = _read_prompt(prompt, prompt_file)
-    m = open_model(model, dtype=dtype)
+    budget = _max_memory(max_memory)
+    m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens)
-    prepare_output_dir(out_dir, overwrite)
     lin = Linearization(detach=True, gate_path=gate_path)
+    m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens))  # refuse before writing
+    prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
-    result = m.jacobian(tokens, lin, progress=True)
+    result = m.jacobian(tokens, lin, progress=True, max_memory=budget)
     seconds = time.perf_counter() - t0
     report = m.jacobian_report(tokens, result, lin)
     report["jacobian_seconds"] = seconds
-    tensors = {"jacobian": result.jacobian.contiguous(), "inputs": result.inputs.contiguous(),
-               "output": result.output.contiguous()}
+    report["device"] = device
+    tensors = {"jacobian": result.jacobian.contiguous().cpu(),
+               "inputs": result.inputs.contiguous().cpu(), "output": result.output.contiguous().cpu()}
     atomic_write(out_dir / "jacobian.safetensors",
                  lambda p: save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)}))
     atomic_write(out_dir / "singular_values.png", lambda p: _plot_spectrum(
@@ -233,6 +259,55 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
         click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  cos(u,y) "
                    f"{v['cos_with_output']:+.3f}  {v['tokens']}")
     click.echo(f"wrote {out_dir}/jacobian.safetensors, report.json, singular_values.png")
+
+
+@main.command()
+@_model_argument
+@_prompt_options
+@click.option("--token", "token_texts", multiple=True, metavar="TEXT",
+              help="Target token by its text, e.g. ' Paris' (repeatable). Default: the "
+                   "predicted token.")
+@click.option("--token-id", "token_ids", type=int, multiple=True, metavar="ID",
+              help="Target token by id (repeatable).")
+@_engine_options
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the contributions to this JSON file.")
+@_errors_to_exit
+def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
+              token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
+              gate_path: str, device: str, max_memory: str | None, json_path: Path | None
+              ) -> None:
+    """Each input token's exact additive contribution to a token's logit.
+
+    One reverse sweep of the detached model along the token's unembedding row u_t gives
+    u_tᵀ J_i for every input position i; the contributions (u_tᵀ J_i) · x_i sum to the logit.
+    """
+    from .api import open_model
+    from .linearize import Linearization
+    from .outputs import write_json
+
+    text = _read_prompt(prompt, prompt_file)
+    budget = _max_memory(max_memory)
+    m = open_model(model, dtype=dtype, device=device)
+    tokens = m.tokenize(text, max_tokens)
+    targets = [m.token_for_text(t) for t in token_texts]
+    for t in token_ids:
+        if not 0 <= t < m.cfg.vocab_size:
+            raise GgufjacError(f"--token-id {t} is outside the vocabulary (0..{m.cfg.vocab_size - 1})")
+        targets.append(t)
+    report = m.attribute(tokens, targets or None, Linearization(gate_path=gate_path),
+                         progress=True, max_memory=budget)
+    for row in report["targets"]:
+        click.echo(f"logit of {row['token']!r} (id {row['id']}): {row['logit']:.6f}"
+                   + (f" (after soft-cap {row['logit_after_softcap']:.6f})"
+                      if "logit_after_softcap" in row else ""))
+        click.echo(f"  {'pos':>4}  {'token':<20}{'contribution':>14}")
+        for i, (tok, c) in enumerate(zip(report["tokens"], row["contributions"])):
+            click.echo(f"  {i:>4}  {tok!r:<20}{c:>14.6f}")
+        click.echo(f"  sum of contributions {row['sum_of_contributions']:.6f} "
+                   f"(relative error vs the logit {row['rel_error']:.1e})")
+    if json_path is not None:
+        write_json(json_path, report)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,19 @@ class GGUFFile:
         info = self.tensor(name)
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
 
+    def release(self, start: int, n_bytes: int) -> None:
+        """Drop the mapped pages of [start, start + n_bytes) from this process's memory.
+
+        The pages stay in the page cache (nothing is lost: a later read faults them back in),
+        but they stop counting against the process, so streaming through a file larger than
+        RAM keeps the resident set at one layer's worth.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        first = start // page * page
+        self._mmap.madvise(mmap.MADV_DONTNEED, first, start + n_bytes - first)
+
     @property
     def architecture(self) -> str:
         return self.require("general.architecture", str)

@@ -1,7 +1,8 @@
 """The detached Jacobian of the output embedding with respect to every input embedding.
 
-In-memory reference path: one forward pass through the whole model with gradients, then
-batched reverse mode (`autograd.grad(..., is_grads_batched=True)`, i.e. vmap over the
+Two paths: `streamed_jacobian` (the default: one layer in memory at a time, see engine.py),
+and the in-memory reference `detached_jacobian`: one forward pass through the whole model
+with gradients, then batched reverse mode (`autograd.grad(..., is_grads_batched=True)`, i.e. vmap over the
 backward pass) with the identity as cotangents, `chunk` output directions at a time.
 """
 
@@ -13,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .linearize import DETACHED, Linearization
+from .engine import StreamingEngine
 from .model import Transformer
 
 
@@ -23,9 +25,12 @@ class JacobianResult:
     jacobian: torch.Tensor
     inputs: torch.Tensor  # x [N, d], the rows fed into layer 0
     output: torch.Tensor  # y [d], last position after the final norm
+    # If set [m, d]: `jacobian` is [m, N, d], the Jacobian of directions @ y (projected).
+    directions: torch.Tensor | None = None
 
     def reconstruction_rel_error(self) -> float:
-        return reconstruction_rel_error(self.jacobian, self.inputs, self.output)
+        target = self.output if self.directions is None else self.directions @ self.output
+        return reconstruction_rel_error(self.jacobian, self.inputs, target)
 
 
 def reconstruction_rel_error(jacobian: torch.Tensor, inputs: torch.Tensor,
@@ -33,6 +38,24 @@ def reconstruction_rel_error(jacobian: torch.Tensor, inputs: torch.Tensor,
     """‖Σ_i J_i x_i − y‖ / ‖y‖: zero up to rounding when the map is exactly linear."""
     recon = torch.einsum("onk,nk->o", jacobian, inputs)
     return float(torch.linalg.vector_norm(recon - output) / torch.linalg.vector_norm(output))
+
+
+def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,
+                      directions: torch.Tensor | None = None) -> JacobianResult:
+    """The detached Jacobian by the streaming engine: one forward sweep, one reverse sweep.
+
+    `directions` [m, d] (default: all d unit vectors) are the output directions: the result is
+    directions @ J, e.g. one unembedding row for the Jacobian of a single logit. The memory
+    budget is checked before any layer is read.
+    """
+    d, n = engine.cfg.d_model, inputs.shape[0]
+    dirs = torch.eye(d, dtype=inputs.dtype, device=inputs.device) if directions is None \
+        else directions.to(inputs.dtype)
+    plan = engine.plan(dirs.shape[0], n)
+    record = engine.forward(inputs)
+    cot = engine.output_cotangents(record.residuals[-1], dirs)
+    jac = engine.pull_back(record, {engine.cfg.n_layer: cot}, chunk=plan.chunk)
+    return JacobianResult(jac, inputs.detach(), record.output[-1], directions)
 
 
 def detached_jacobian(model: Transformer, inputs: torch.Tensor,

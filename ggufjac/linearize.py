@@ -13,11 +13,18 @@ Rules (Golden, arXiv 2505.24293):
   linear. Both reconstruct the output exactly; their Jacobians differ.
 - attention: the softmax probabilities are frozen (so q, k, RoPE, QK-norm, masks never enter
   the linear path); the values P·(W_v x) stay linear.
+
+Each coefficient has a site name ("attn_norm", "attn_probs", "gate", ...). A `Linearization`
+may carry a `store`: when `replay` is False the computed coefficients are recorded in it, when
+True they are taken from it and never computed — the streaming engine's reverse sweep replays a
+layer this way without the weights that only shape coefficients (q, k, the gate).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,24 +36,40 @@ GATE_PATHS = ("up", "gate")
 class Linearization:
     detach: bool = True
     gate_path: str = "up"
+    store: dict[str, torch.Tensor] | None = dataclasses.field(default=None, compare=False)
+    replay: bool = False
 
     def __post_init__(self) -> None:
         if self.gate_path not in GATE_PATHS:
             raise ValueError(f"gate_path must be one of {GATE_PATHS}, not {self.gate_path!r}")
+        if self.replay and (self.store is None or not self.detach):
+            raise ValueError("replaying coefficients needs a store and detach=True")
+
+    def recording(self, store: dict[str, torch.Tensor]) -> Linearization:
+        return dataclasses.replace(self, store=store, replay=False)
+
+    def replaying(self, store: dict[str, torch.Tensor]) -> Linearization:
+        return dataclasses.replace(self, store=store, replay=True)
+
+    def coefficient(self, site: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The coefficient at `site`: computed (and recorded), or replayed; frozen if detached."""
+        if self.replay:
+            return self.store[site]  # type: ignore[index]
+        value = compute()
+        if self.store is not None:
+            self.store[site] = value.detach()
+        return value.detach() if self.detach else value
 
 
 PLAIN = Linearization(detach=False)
 DETACHED = Linearization(detach=True)
 
 
-def _freeze(t: torch.Tensor, lin: Linearization) -> torch.Tensor:
-    return t.detach() if lin.detach else t
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lin: Linearization) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lin: Linearization,
+             site: str) -> torch.Tensor:
     """x · (1/rms(x)) · weight over the last dimension; 1/rms(x) is the frozen coefficient."""
-    inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return x * _freeze(inv_rms, lin) * weight
+    inv_rms = lin.coefficient(site, lambda: torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps))
+    return x * inv_rms * weight
 
 
 def gate_factor(g: torch.Tensor, activation: str) -> torch.Tensor:
@@ -58,21 +81,26 @@ def gate_factor(g: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def gated_product(g: torch.Tensor, up: torch.Tensor, activation: str,
-                  lin: Linearization) -> torch.Tensor:
-    """act(g) ⊙ up with the coefficients frozen as `lin.gate_path` says.
+def gated_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tensor],
+                  activation: str, lin: Linearization) -> torch.Tensor:
+    """act(g) ⊙ u for g = gate(), u = up(), with the coefficients frozen as `lin.gate_path` says.
 
-    Always evaluated as (g · s(g)) · up, so every mode gives bit-identical values.
+    Always evaluated as (g · s(g)) · u, so every mode gives bit-identical values. The branch
+    that is frozen is only computed when its coefficient is not replayed.
     """
-    s = gate_factor(g, activation)
     if not lin.detach:
-        return (g * s) * up
+        g = gate()
+        return (g * gate_factor(g, activation)) * up()
     if lin.gate_path == "up":
-        return (g * s).detach() * up
-    return (g * s.detach()) * up.detach()
+        def activated() -> torch.Tensor:
+            g = gate()
+            return g * gate_factor(g, activation)
+        return lin.coefficient("gate", activated) * up()
+    g = gate()
+    s = lin.coefficient("gate_factor", lambda: gate_factor(g, activation))
+    return (g * s) * lin.coefficient("up", up)
 
 
-def attention_probs(scores: torch.Tensor, mask: torch.Tensor, lin: Linearization) -> torch.Tensor:
-    """softmax over keys of masked scores; the probabilities are the frozen coefficients."""
-    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return _freeze(p, lin)
+def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearization) -> torch.Tensor:
+    """softmax over keys of masked_scores() (-inf where masked): the frozen coefficients."""
+    return lin.coefficient("attn_probs", lambda: torch.softmax(masked_scores(), dim=-1))

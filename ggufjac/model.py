@@ -69,49 +69,66 @@ class BlockOutput:
     mlp: torch.Tensor
 
 
-def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
-              lin: Linearization) -> torch.Tensor:
+def attention_scores(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
+                     lin: Linearization) -> torch.Tensor:
+    """Scaled q·k scores [heads, N, N], -inf where masked. They only shape the frozen
+    attention weights, so a replaying reverse sweep never computes them (nor needs q, k)."""
     n = h.shape[0]
     eps, fam = cfg.norm_eps, cfg.family
-    q, k, v = h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T
+    q, k = h @ w["attn_q"].T, h @ w["attn_k"].T
     if fam.qk_norm == "full":
-        q, k = rms_norm(q, w["attn_q_norm"], eps, lin), rms_norm(k, w["attn_k_norm"], eps, lin)
+        q = rms_norm(q, w["attn_q_norm"], eps, lin, "attn_q_norm")
+        k = rms_norm(k, w["attn_k_norm"], eps, lin, "attn_k_norm")
     q = q.view(n, cfg.n_head, cfg.head_dim)
     k = k.view(n, cfg.n_kv_head, cfg.head_dim)
-    v = v.view(n, cfg.n_kv_head, cfg.head_dim_v)
     if fam.qk_norm == "head":
-        q, k = rms_norm(q, w["attn_q_norm"], eps, lin), rms_norm(k, w["attn_k_norm"], eps, lin)
+        q = rms_norm(q, w["attn_q_norm"], eps, lin, "attn_q_norm")
+        k = rms_norm(k, w["attn_k_norm"], eps, lin, "attn_k_norm")
     cos, sin = rope_tables(cfg, layer, n, h.dtype, h.device, w.get("rope_factors"))
     q = apply_rope(q, cos, sin, fam.rope_neox) * cfg.attn_scale
     k = apply_rope(k, cos, sin, fam.rope_neox)
-    group = cfg.n_head // cfg.n_kv_head  # grouped-query attention: heads share K/V
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)  # grouped-query attention
     scores = torch.einsum("qhd,khd->hqk", q, k)
-    p = attention_probs(scores, attention_mask(cfg, layer, n, h.device), lin)
+    return scores.masked_fill(~attention_mask(cfg, layer, n, h.device), float("-inf"))
+
+
+def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
+              lin: Linearization) -> torch.Tensor:
+    n = h.shape[0]
+    p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin), lin)
+    v = (h @ w["attn_v"].T).view(n, cfg.n_kv_head, cfg.head_dim_v)
+    v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
     o = torch.einsum("hqk,khd->qhd", p, v).reshape(n, cfg.n_head * cfg.head_dim_v)
     return o @ w["attn_output"].T
 
 
 def mlp(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
         lin: Linearization) -> torch.Tensor:
-    g, u = h @ w["ffn_gate"].T, h @ w["ffn_up"].T
-    return gated_product(g, u, cfg.family.activation, lin) @ w["ffn_down"].T
+    act = gated_product(lambda: h @ w["ffn_gate"].T, lambda: h @ w["ffn_up"].T,
+                        cfg.family.activation, lin)
+    return act @ w["ffn_down"].T
 
 
 def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
           lin: Linearization) -> BlockOutput:
     """One transformer layer on the residual stream x [N, d]."""
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
-    h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin)
+    h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin, "attn_norm")
     a = attention(cfg, layer, w, h, lin)
     if layout != "pre":
-        a = rms_norm(a, w["post_attention_norm"], eps, lin)
+        a = rms_norm(a, w["post_attention_norm"], eps, lin, "post_attention_norm")
     mid = x + a
-    h = mid if layout == "post" else rms_norm(mid, w["ffn_norm"], eps, lin)
+    h = mid if layout == "post" else rms_norm(mid, w["ffn_norm"], eps, lin, "ffn_norm")
     m = mlp(cfg, w, h, lin)
     if layout != "pre":
-        m = rms_norm(m, w["post_ffw_norm"], eps, lin)
+        m = rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
     return BlockOutput(out=mid + m, attn=a, mlp=m)
+
+
+def final_norm(cfg: ModelConfig, weight: torch.Tensor, x: torch.Tensor,
+               lin: Linearization) -> torch.Tensor:
+    """The output norm applied to the residual stream: y, the input of the unembedding."""
+    return rms_norm(x, weight, cfg.norm_eps, lin, "output_norm")
 
 
 class Transformer:
@@ -141,12 +158,16 @@ class Transformer:
             x = block(self.cfg, i, self.layer_weights(i), x, lin).out
             if hidden is not None:
                 hidden.append(x)
-        return rms_norm(x, self.output_norm, self.cfg.norm_eps, lin)
+        return final_norm(self.cfg, self.output_norm, x, lin)
 
-    @torch.no_grad()
-    def logits(self, y: torch.Tensor, rows_per_chunk: int = 16384) -> torch.Tensor:
-        """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks."""
-        parts = [y @ w.T for _, w in self.weights.unembedding_chunks(rows_per_chunk)]
-        z = torch.cat(parts, dim=-1)
-        cap = self.cfg.final_logit_softcap
-        return z if cap is None else torch.tanh(z / cap) * cap
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        return unembed(self.weights, y)
+
+
+@torch.no_grad()
+def unembed(weights: GGUFWeights, y: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks (the
+    table is never held whole), then the family's final soft-cap if it has one."""
+    z = torch.cat([y @ w.T for _, w in weights.unembedding_chunks(rows_per_chunk)], dim=-1)
+    cap = weights.cfg.final_logit_softcap
+    return z if cap is None else torch.tanh(z / cap) * cap

@@ -34,6 +34,7 @@ class Vocabulary:
         self.gguf = gguf
         self.kind = gguf.get("tokenizer.ggml.model", "llama")
         self._pieces: list[str] | None = None
+        self._ids: dict[str, int] | None = None
 
     @property
     def pieces(self) -> list[str]:
@@ -58,3 +59,12 @@ class Vocabulary:
         if m:
             return bytes([int(m.group(1), 16)]).decode("utf-8", "backslashreplace")
         return piece.replace("\u2581", " ")
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token standing for exactly `text` (the lowest id if several do)."""
+        if self._ids is None:
+            ids: dict[str, int] = {}
+            for i in range(len(self.pieces)):
+                ids.setdefault(self.text(i), i)
+            self._ids = ids
+        return self._ids.get(text)

@@ -7,7 +7,8 @@ unembedding is walked in row chunks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES
@@ -102,24 +103,45 @@ class GGUFWeights:
     def tensor(self, name: str) -> torch.Tensor:
         info = self.gguf.tensor(name)
         raw = raw_to_torch(self.gguf.tensor_data(name), self.device)
-        return dequantize(raw, info.type, info.torch_shape).to(self.dtype)
+        t = dequantize(raw, info.type, info.torch_shape).to(self.dtype)
+        self.gguf.release(info.offset, info.n_bytes)
+        return t
 
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """All tensors of layer `i`, keyed by their short name ('attn_q', 'ffn_down', ...).
+    def _stored_name(self, name: str) -> str:
+        fam = self.cfg.family
+        if fam.fused_qkv and name in ("attn_q", "attn_k", "attn_v"):
+            return "attn_qkv"
+        if fam.fused_gate_up and name == "ffn_gate":
+            return "ffn_up"
+        return name
 
-        Fused tensors are split; a rope-factor tensor, if the file has one, is 'rope_factors'.
+    def layer_names(self, names: Iterable[str] | None = None) -> list[str]:
+        """The stored tensors (short names) that loading `names` of a layer reads."""
+        wanted = layer_tensor_names(self.cfg) if names is None else names
+        return sorted({self._stored_name(n) for n in wanted})
+
+    def layer(self, i: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of layer `i` (all, or those in `names`), keyed by short name ('attn_q',
+        'ffn_down', ...). Fused tensors are split; a rope-factor tensor, if the file has one,
+        is 'rope_factors'.
         """
         cfg = self.cfg
-        w = {n: self.tensor(f"blk.{i}.{n}.weight") for n in stored_shapes(cfg)}
-        if cfg.family.fused_qkv:
+        w = {n: self.tensor(f"blk.{i}.{n}.weight") for n in self.layer_names(names)}
+        if "attn_qkv" in w:
             q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
             w["attn_q"], w["attn_k"], w["attn_v"] = w.pop("attn_qkv").split(
                 [q, kv, cfg.n_kv_head * cfg.head_dim_v])
-        if cfg.family.fused_gate_up:
+        if cfg.family.fused_gate_up and "ffn_up" in w:
             w["ffn_gate"], w["ffn_up"] = w["ffn_up"].split(cfg.d_ff)
-        if self.rope_factors_name:
+        if self.rope_factors_name and names is None:
             w["rope_factors"] = self.tensor(self.rope_factors_name)
         return w
+
+    def layer_bytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes of one layer's dequantized tensors (`names`, or all) in this dtype."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        shapes = stored_shapes(self.cfg)
+        return sum(math.prod(shapes[n]) for n in self.layer_names(names)) * item
 
     def output_norm(self) -> torch.Tensor:
         return self.tensor("output_norm.weight")
@@ -129,14 +151,21 @@ class GGUFWeights:
         row_bytes = info.shape[0] // block * type_size
         raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
         t = dequantize(raw_to_torch(raw, self.device), info.type, (stop - start, info.shape[0]))
-        return t.to(self.dtype)
+        t = t.to(self.dtype)
+        self.gguf.release(info.offset + start * row_bytes, (stop - start) * row_bytes)
+        return t
 
     def embedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows of the token embedding table for `token_ids` (not yet scaled), [N, d]."""
         info = self.gguf.tensor("token_embd.weight")
         return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
 
-    def unembedding_chunks(self, rows_per_chunk: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
+    def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
+        """Rows u_t of the unembedding matrix: logit_t = u_t · y (before any soft-cap), [m, d]."""
+        info = self.gguf.tensor(self.unembedding_name)
+        return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
+
+    def unembedding_chunks(self, rows_per_chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows) chunks of the unembedding matrix [vocab, d], in order."""
         info = self.gguf.tensor(self.unembedding_name)
         vocab = info.shape[1]

@@ -12,7 +12,7 @@ from ggufjac.linearize import DETACHED, PLAIN, Linearization, gated_product, rms
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_gated_product_modes_give_identical_values(activation: str) -> None:
     g, u = torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64)
-    values = [gated_product(g, u, activation, lin) for lin in
+    values = [gated_product(lambda: g, lambda: u, activation, lin) for lin in
               (PLAIN, Linearization(gate_path="up"), Linearization(gate_path="gate"))]
     assert all(torch.equal(values[0], v) for v in values[1:])
     reference = torch.nn.functional.silu(g) if activation == "silu" else \
@@ -24,10 +24,10 @@ def test_rms_norm_detached_is_linear_in_x() -> None:
     """With 1/rms frozen, the Jacobian of the norm is diag(w / rms): J x reproduces the output."""
     x = torch.randn(3, 16, dtype=torch.float64)
     w = torch.randn(16, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, DETACHED), x)
-    out = rms_norm(x, w, 1e-6, DETACHED)
+    jac = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, DETACHED, 'n'), x)
+    out = rms_norm(x, w, 1e-6, DETACHED, 'n')
     torch.testing.assert_close(torch.einsum("abcd,cd->ab", jac, x), out, rtol=1e-13, atol=1e-13)
-    plain = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, PLAIN), x)
+    plain = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, PLAIN, 'n'), x)
     assert not torch.allclose(torch.einsum("abcd,cd->ab", plain, x), out, atol=1e-3)
 
 
