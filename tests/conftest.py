@@ -29,3 +29,20 @@ def gemma64(gemma_path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def bridge_tokens(gemma32) -> list[int]:
     return gemma32.tokenize(BRIDGE)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """synthetic(arch, quant): a small random-weight GGUF of that family, made once."""
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    made: dict[tuple[str, str], object] = {}
+
+    def get(arch: str, quant: str):
+        key = (arch, quant)
+        if key not in made:
+            path = tmp_path_factory.mktemp("synthetic") / f"{arch}-{quant}.gguf"
+            made[key] = write_synthetic_gguf(path, arch, Shape(), quant,
+                                             rope_freqs=arch == "llama")
+        return made[key]
+    return get

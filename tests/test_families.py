@@ -24,20 +24,6 @@ EXACT_WEIGHTS_BOUND = 1e-5
 QUANTIZED_BOUND = 1e-2
 
 
-@pytest.fixture(scope="session")
-def synthetic(tmp_path_factory):
-    made: dict[tuple[str, str], object] = {}
-
-    def get(arch: str, quant: str):
-        key = (arch, quant)
-        if key not in made:
-            path = tmp_path_factory.mktemp("synthetic") / f"{arch}-{quant}.gguf"
-            made[key] = write_synthetic_gguf(path, arch, Shape(), quant,
-                                             rope_freqs=arch == "llama")
-        return made[key]
-    return get
-
-
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_family_matches_llama_cpp_and_linearizes(synthetic, arch: str, quant: str) -> None:

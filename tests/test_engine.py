@@ -1,0 +1,144 @@
+"""The streaming engine: same Jacobian as the in-memory path, chunking, memory, attribution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ggufjac.api import open_model
+from ggufjac.engine import parse_size
+from ggufjac.errors import GgufjacError
+from ggufjac.jacobian import detached_jacobian
+from ggufjac.linearize import PLAIN, Linearization
+from tools.synthetic import Shape, write_synthetic_gguf
+
+PROMPT = "the bridge out of Marin"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize("arch,gate_path", [("llama", "up"), ("phi3", "gate"), ("gemma3", "up")])
+def test_streaming_equals_in_memory_synthetic(synthetic, arch: str, gate_path: str) -> None:
+    m = open_model(synthetic(arch, "Q4_K_M"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    lin = Linearization(gate_path=gate_path)
+    streamed = m.jacobian(tokens, lin)
+    reference = m.jacobian(tokens, lin, streaming=False)
+    assert _rel(streamed.jacobian, reference.jacobian) <= 1e-12
+    assert torch.equal(streamed.output, reference.output)
+    assert streamed.reconstruction_rel_error() <= 1e-12
+
+
+def test_streaming_equals_in_memory_real(gemma64, bridge_tokens) -> None:
+    streamed = gemma64.jacobian(bridge_tokens)
+    reference = gemma64.jacobian(bridge_tokens, streaming=False)
+    assert _rel(streamed.jacobian, reference.jacobian) <= 1e-12
+    assert streamed.reconstruction_rel_error() <= 1e-12
+
+
+def test_chunked_cotangents_equal_unchunked(synthetic) -> None:
+    m = open_model(synthetic("qwen3", "Q8_0"), dtype="float64")
+    engine = m.engine()
+    x = engine.embed(m.tokenize(PROMPT))
+    record = engine.forward(x)
+    cot = engine.output_cotangents(record.residuals[-1], torch.eye(m.cfg.d_model, dtype=x.dtype))
+    whole = engine.pull_back(record, {m.cfg.n_layer: cot.clone()}, chunk=m.cfg.d_model)
+    for chunk in (1, 7, 100):
+        part = engine.pull_back(record, {m.cfg.n_layer: cot.clone()}, chunk=chunk)
+        assert _rel(part, whole) <= 1e-13
+
+
+def test_projected_directions_are_rows_of_the_full_jacobian(synthetic) -> None:
+    m = open_model(synthetic("olmo2", "F16"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    full = m.jacobian(tokens)
+    directions = torch.randn(3, m.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    projected = m.jacobian(tokens, directions=directions)
+    expect = torch.einsum("md,dnk->mnk", directions, full.jacobian)
+    assert _rel(projected.jacobian, expect) <= 1e-12
+    assert projected.reconstruction_rel_error() <= 1e-12
+
+
+def test_attribution_sums_to_the_logit(gemma64) -> None:
+    """Contributions (u_tᵀ J_i)·x_i sum to the logit of the plain forward pass (the in-memory
+    model without detaching), for the predicted token and a named one."""
+    tokens = gemma64.tokenize("The capital of France is")
+    paris = gemma64.token_for_text(" Paris")
+    report = gemma64.attribute(tokens, None)
+    report_paris = gemma64.attribute(tokens, [paris])
+    model = gemma64.model
+    with torch.no_grad():
+        logits = model.logits(model.forward(model.embed(tokens), PLAIN)[-1])
+    predicted = report["targets"][0]
+    assert predicted["id"] == int(logits.argmax())
+    for row in (predicted, report_paris["targets"][0]):
+        expect = float(logits[row["id"]])
+        assert abs(sum(row["contributions"]) - expect) <= 1e-12 * abs(expect)
+        assert len(row["contributions"]) == len(tokens)
+    # Against the full Jacobian of the in-memory path: u_tᵀ J_i x_i, position by position.
+    full = gemma64.jacobian(tokens, streaming=False)
+    u = gemma64.weights.unembedding_rows([paris])[0]
+    expect = torch.einsum("d,dnk,nk->n", u, full.jacobian, full.inputs)
+    got = torch.tensor(report_paris["targets"][0]["contributions"], dtype=torch.float64)
+    assert _rel(got, expect) <= 1e-12
+
+
+def test_unknown_target_token_is_named(gemma32) -> None:
+    with pytest.raises(GgufjacError, match="'Parisxyz' is not a single token"):
+        gemma32.token_for_text("Parisxyz")
+
+
+@pytest.mark.parametrize("text,expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20),
+                                           ("2GB", 2 * 10**9), ("1000", 1000), ("1.5 GiB", 3 * 2**29)])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "8 GiBs", "-1GB"])
+def test_parse_size_refuses_nonsense(text: str) -> None:
+    with pytest.raises(GgufjacError, match="--max-memory"):
+        parse_size(text)
+
+
+def _peak_rss_of(tmp_path, module: str, *args: str) -> tuple[int, int, str]:
+    """Run `python -m module args` in a child; its exit status, peak RSS (bytes), stderr."""
+    report = tmp_path / "peak.txt"
+    r = subprocess.run([sys.executable, "-m", "tools.peak_rss", str(report), module, *args],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return r.returncode, int(report.read_text()), r.stderr
+
+
+def test_jacobian_fits_a_budget_the_whole_model_would_not(tmp_path) -> None:
+    """A 40-layer model whose float32 weights (~600 MB) would not fit the budget if loaded
+    whole runs within it: one layer (~15 MB) is in memory at a time."""
+    shape = Shape(n_layer=40, d_model=512, d_ff=2048, n_head=8, n_kv_head=2, head_dim=64)
+    path = write_synthetic_gguf(tmp_path / "deep.gguf", "llama", shape, "Q8_0")
+    m = open_model(path)
+    whole_model = m.cfg.n_layer * m.weights.layer_bytes()
+    _, baseline, _ = _peak_rss_of(tmp_path, "ggufjac.api")  # imports torch
+    budget = baseline + 250 * 2**20
+    assert baseline + whole_model > budget + 300 * 2**20  # loaded whole it would not fit
+    rc, peak, err = _peak_rss_of(tmp_path, "ggufjac.cli", "jacobian", str(path),
+                                 "-p", "the bridge out", "--max-memory", str(budget),
+                                 "--out", str(tmp_path / "out"))
+    assert rc == 0, err
+    assert (tmp_path / "out" / "jacobian.safetensors").exists()
+    print(f"budget {budget / 2**20:.0f} MiB (process baseline {baseline / 2**20:.0f} MiB), "
+          f"whole model {whole_model / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+    assert peak <= budget
+
+
+def test_budget_that_cannot_be_met_is_refused_up_front(tmp_path, gemma_path) -> None:
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "jacobian", str(gemma_path),
+                        "-p", "The bridge", "--max-memory", "64MiB", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "--max-memory 64.0 MiB cannot be met" in r.stderr
+    assert "one layer's weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

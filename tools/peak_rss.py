@@ -1,0 +1,37 @@
+"""Run a Python module as __main__ and report this process's peak resident set size.
+
+    python -m tools.peak_rss REPORT_FILE ggufjac.cli jacobian MODEL ...
+
+At exit, VmHWM (the peak RSS of this process image, from /proc/self/status) is written to
+REPORT_FILE in bytes. Unlike a parent's wait4() figure, VmHWM is not inflated by the
+memory of the process that started us (Linux carries ru_maxrss across fork + exec).
+"""
+
+from __future__ import annotations
+
+import atexit
+import runpy
+import sys
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def main() -> None:
+    report, module, *args = sys.argv[1:]
+
+    def write() -> None:
+        with open(report, "w") as f:
+            f.write(str(peak_rss_bytes()))
+    atexit.register(write)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
