@@ -80,6 +80,10 @@ class LoadedModel:
             raise PromptError(f"the prompt is {len(tokens)} tokens, more than {which} ({limit})")
         return tokens
 
+    def nonfinite_weights(self) -> dict[str, int]:
+        """{tensor name: count} of weights that dequantize to NaN or Inf (empty if none)."""
+        return self.weights.nonfinite_counts()
+
     def token_text(self, token_id: int) -> str:
         return self.vocab.text(token_id)
 
@@ -200,8 +204,10 @@ class LoadedModel:
         if layers:
             report["layer_nmse"] = [nmse(h.to(torch.float64).cpu().numpy(), their_h)
                                     for h, their_h in zip(hidden, ref.layer_outputs(self.cfg.n_layer))]
+        report["nonfinite_weights"] = self.nonfinite_weights()
         flip_fails = not report["top1_agree"] and report["llama_cpp_margin"] > 0.1
-        report["passed"] = bool(report["nmse"] <= 1e-2 and not flip_fails)
+        report["passed"] = bool(report["nmse"] <= 1e-2 and not flip_fails
+                                and not report["nonfinite_weights"])
         return report
 
     def jacobian_report(self, tokens: list[int], result: JacobianResult, lin: Linearization,

@@ -50,6 +50,9 @@ def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except GgufjacError as e:
             _fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("ggufjac: interrupted; no result files were written", err=True)
+            sys.exit(130)
     return wrapper
 
 
@@ -105,14 +108,17 @@ def main() -> None:
 
 @main.command()
 @_model_argument
+@click.option("--no-scan", is_flag=True,
+              help="Skip dequantizing every weight to look for NaN/Inf values.")
 @_errors_to_exit
-def info(model: str) -> None:
+def info(model: str, no_scan: bool) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
     from .families import FAMILIES, config_from_gguf
     from .gguf_file import GGUFFile
     from .resolve import resolve_model
 
     path = resolve_model(model)
+    scan = not no_scan
     t0 = time.perf_counter()
     with GGUFFile(path) as g:
         arch = g.get("general.architecture", "<missing>")
@@ -137,6 +143,12 @@ def info(model: str) -> None:
         click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
                    f"~{2 * cfg.d_model * n * w['linear_path'] * cfg.n_layer / 1e12:.2f} TFLOP")
         click.echo("supported      yes")
+        if scan:
+            from .weights import GGUFWeights
+
+            bad = GGUFWeights(g, cfg).nonfinite_counts()
+            click.echo("non-finite     " + (", ".join(f"{n} ({c} values)" for n, c in bad.items())
+                                            if bad else "none (every weight is finite)"))
     click.echo(f"(read in {time.perf_counter() - t0:.2f} s)")
 
 
@@ -159,8 +171,12 @@ def _print_check(report: dict) -> None:
         click.echo("per-layer nmse of the residual stream (all positions):")
         for i, v in enumerate(report["layer_nmse"]):
             click.echo(f"  layer {i:>3}  {v:.3e}")
+    if report["nonfinite_weights"]:
+        click.echo("non-finite weights: " + ", ".join(
+            f"{n} ({c} values)" for n, c in report["nonfinite_weights"].items()))
     click.echo("PASS" if report["passed"] else
-               "FAIL (nmse > 1e-2, or top-1 differs where llama.cpp's margin is > 0.1)")
+               "FAIL (nmse > 1e-2, top-1 differs where llama.cpp's margin is > 0.1, "
+               "or non-finite weights)")
 
 
 @main.command()
@@ -223,7 +239,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 
     from .api import open_model
     from .linearize import Linearization
-    from .outputs import atomic_write, prepare_output_dir, write_json
+    from .outputs import json_to, prepare_output_dir, write_all
 
     text = _read_prompt(prompt, prompt_file)
     budget = _max_memory(max_memory)
@@ -240,13 +256,13 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     report["device"] = device
     tensors = {"jacobian": result.jacobian.contiguous().cpu(),
                "inputs": result.inputs.contiguous().cpu(), "output": result.output.contiguous().cpu()}
-    atomic_write(out_dir / "jacobian.safetensors",
-                 lambda p: save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)}))
-    atomic_write(out_dir / "singular_values.png", lambda p: _plot_spectrum(
-        p, report["singular_values"],
-        f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
-        f"{report['predicted_token']!r}"))
-    write_json(out_dir / "report.json", report)
+    title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
+             f"{report['predicted_token']!r}")
+    write_all(out_dir, {
+        "jacobian.safetensors": lambda p: save_file(tensors, str(p),
+                                                    metadata={"tokens": json.dumps(tokens)}),
+        "singular_values.png": lambda p: _plot_spectrum(p, report["singular_values"], title),
+        "report.json": lambda p: json_to(p, report)})
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "

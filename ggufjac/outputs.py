@@ -1,7 +1,8 @@
 """Writing results so that an interrupted run never leaves a partial or misleading file.
 
 Each file is written under a temporary name in the same directory and renamed into place
-when complete; rename is atomic on POSIX file systems.
+when complete; rename is atomic on POSIX file systems. A set of files that belong together
+(a Jacobian and its report) is renamed only once all of them are written.
 """
 
 from __future__ import annotations
@@ -39,5 +40,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def json_to(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def write_json(path: Path, data: Any) -> Path:
-    return atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    return atomic_write(path, lambda p: json_to(p, data))
+
+
+def write_all(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write a set of result files that belong together: all under temporary names first,
+    then renamed into place one after the other (microseconds), so an interruption while
+    writing leaves none of them; on failure every temporary file is removed."""
+    temps = {name: directory / f".{name}.partial" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(temps[name])
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()

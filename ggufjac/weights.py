@@ -12,56 +12,16 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as Q
 
-from .errors import GGUFError, UnsupportedModelError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
+from .layout import check_tensor_index, layer_tensor_names, stored_shapes
 from .quants import dequantize, raw_to_torch
 
 
-def layer_tensor_names(cfg: ModelConfig) -> list[str]:
-    """The per-layer tensors the block uses (without the 'blk.N.' prefix and '.weight')."""
-    fam = cfg.family
-    names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-    if fam.norm_layout in ("pre", "sandwich"):
-        names += ["attn_norm", "ffn_norm"]
-    if fam.norm_layout in ("sandwich", "post"):
-        names += ["post_attention_norm", "post_ffw_norm"]
-    if fam.qk_norm != "none":
-        names += ["attn_q_norm", "attn_k_norm"]
-    return names
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Row-major (torch) shape of each per-layer tensor."""
-    d, q, kv, v = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, \
-        cfg.n_kv_head * cfg.head_dim_v
-    qk_norm = (cfg.head_dim,) if cfg.family.qk_norm == "head" else None
-    shapes = {
-        "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (v, d),
-        "attn_output": (d, cfg.n_head * cfg.head_dim_v),
-        "ffn_gate": (cfg.d_ff, d), "ffn_up": (cfg.d_ff, d), "ffn_down": (d, cfg.d_ff),
-        "attn_norm": (d,), "ffn_norm": (d,), "post_attention_norm": (d,), "post_ffw_norm": (d,),
-        "attn_q_norm": qk_norm or (q,), "attn_k_norm": qk_norm or (kv,),
-    }
-    return {n: shapes[n] for n in layer_tensor_names(cfg)}
-
-
-def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes as stored in the file: fused families keep q|k|v and gate|up in one tensor."""
-    shapes = expected_shapes(cfg)
-    if cfg.family.fused_qkv:
-        q, k, v = (shapes.pop(n) for n in ("attn_q", "attn_k", "attn_v"))
-        shapes["attn_qkv"] = (q[0] + k[0] + v[0], cfg.d_model)
-    if cfg.family.fused_gate_up:
-        gate = shapes.pop("ffn_gate")
-        shapes["ffn_up"] = (2 * gate[0], cfg.d_model)
-    return shapes
-
-
-# Biases on these projections would add a constant to the linear path (q/k biases would be
-# harmless, but no supported family has them): refused until handled as an extra input.
-_BIAS_SUFFIXES = (".bias",)
+# Types dequantize() can read (ours, or gguf-py's fallback); others are never model weights.
+DEQUANTIZABLE = {q for q in Q if q not in (Q.I8, Q.I16, Q.I32, Q.I64, Q.F64)}
 
 
 class GGUFWeights:
@@ -70,35 +30,8 @@ class GGUFWeights:
     def __init__(self, gguf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         self.gguf, self.cfg, self.dtype, self.device = gguf, cfg, dtype, torch.device(device)
-        self._check_index()
+        self.rope_factors_name = check_tensor_index(gguf, cfg)
         self.unembedding_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-
-    def _check_index(self) -> None:
-        """Every tensor the model needs exists with the shape the config implies."""
-        cfg, g = self.cfg, self.gguf
-        want = {f"blk.{i}.{n}.weight": s for i in range(cfg.n_layer)
-                for n, s in stored_shapes(cfg).items()}
-        want["token_embd.weight"] = (cfg.vocab_size, cfg.d_model)
-        want["output_norm.weight"] = (cfg.d_model,)
-        if not cfg.tied_embeddings:
-            want["output.weight"] = (cfg.vocab_size, cfg.d_model)
-        for name, shape in want.items():
-            info = g.tensor(name)
-            if info.torch_shape != shape:
-                raise GGUFError(g.path, f"tensor {name!r}",
-                                f"expected shape {list(shape)}, found {list(info.torch_shape)}")
-        biases = [n for n in g.tensors if n.endswith(_BIAS_SUFFIXES)]
-        if biases:
-            raise UnsupportedModelError(
-                f"{g.path}: bias tensors ({', '.join(biases[:3])}{', ...' if len(biases) > 3 else ''})"
-                " are not supported: a bias on the linear path breaks y = sum_i J_i x_i")
-        self.rope_factors_name = next((n for n in cfg.family.rope_factors if n in g.tensors), None)
-        if self.rope_factors_name:
-            want_rf = (cfg.rope_dims // 2,)
-            got = g.tensors[self.rope_factors_name].torch_shape
-            if got != want_rf:
-                raise GGUFError(g.path, f"tensor {self.rope_factors_name!r}",
-                                f"expected shape {list(want_rf)}, found {list(got)}")
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.gguf.tensor(name)
@@ -146,12 +79,13 @@ class GGUFWeights:
     def output_norm(self) -> torch.Tensor:
         return self.tensor("output_norm.weight")
 
-    def _rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def _rows(self, info: TensorInfo, start: int, stop: int,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
         raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
         t = dequantize(raw_to_torch(raw, self.device), info.type, (stop - start, info.shape[0]))
-        t = t.to(self.dtype)
+        t = t.to(dtype or self.dtype)
         self.gguf.release(info.offset + start * row_bytes, (stop - start) * row_bytes)
         return t
 
@@ -159,6 +93,23 @@ class GGUFWeights:
         """Rows of the token embedding table for `token_ids` (not yet scaled), [N, d]."""
         info = self.gguf.tensor("token_embd.weight")
         return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
+
+    @torch.no_grad()
+    def nonfinite_counts(self, rows_per_chunk: int = 4096) -> dict[str, int]:
+        """{tensor name: number of NaN/Inf values} over every tensor of the file that
+        dequantizes to any, read in row chunks (memory stays one chunk)."""
+        found = {}
+        for name, info in self.gguf.tensors.items():
+            if info.type not in DEQUANTIZABLE:
+                continue
+            rows = math.prod(info.shape[1:])
+            bad = 0
+            for start in range(0, rows, rows_per_chunk):
+                chunk = self._rows(info, start, min(rows, start + rows_per_chunk), torch.float32)
+                bad += int((~torch.isfinite(chunk)).sum())
+            if bad:
+                found[name] = bad
+        return found
 
     def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows u_t of the unembedding matrix: logit_t = u_t · y (before any soft-cap), [m, d]."""

@@ -123,7 +123,51 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
     return t
 
 
-def _write_f32_or_typed(path: Path, arch: str, shape: Shape, tensors: dict[str, np.ndarray],
+def random_q4_k(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Random but valid Q4_K blocks for a [rows, cols] matrix, as the bytes GGUF stores.
+
+    Made directly (no float32 model, no quantizer), so benchmark models of 8B/70B layer
+    shapes are written in seconds. d and dmin are chosen so the values have mean ~0 and
+    standard deviation ~1/sqrt(cols); scales and 4-bit quants are uniform random bytes.
+    """
+    n_blocks, type_size = rows * cols // 256, 144
+    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    d = np.float16(1.0 / (np.sqrt(cols) * 190.0))
+    raw[:, 0:2] = np.full(n_blocks, d, dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
+    raw[:, 2:4] = np.full(n_blocks, np.float16(d * 7.5), dtype=np.float16).view(np.uint8) \
+        .reshape(n_blocks, 2)
+    return raw.reshape(rows, cols // 256 * type_size)
+
+
+def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape,
+                           seed: int = 0) -> Path:
+    """A benchmark model: every layer matrix random Q4_K (see `random_q4_k`), the small
+    embedding and norms float32. Not for comparing with llama.cpp (never quantized from
+    float weights), only for measuring the engine's time and memory."""
+    if shape.d_model % 256 or shape.d_ff % 256:
+        raise ValueError("Q4_K rows must be multiples of 256")
+    rng = np.random.default_rng(seed)
+    small = Shape(**{**shape.__dict__, "n_layer": 0})
+    tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]] = dict(
+        model_tensors(arch, small, len(_vocab()[0]), seed))
+    lay = FAMILY_LAYOUT[arch]
+    d, q, kv = shape.d_model, shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        for n in lay["norms"]:
+            tensors[b + n + ".weight"] = _norm_weight(rng, d)
+        matrices = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d),
+                    "attn_output": (d, q), "ffn_gate": (shape.d_ff, d),
+                    "ffn_up": (shape.d_ff, d), "ffn_down": (d, shape.d_ff)}
+        for n, (rows, cols) in matrices.items():
+            tensors[b + n + ".weight"] = (random_q4_k(rng, rows, cols), Q.Q4_K)
+    path = Path(path)
+    _write_f32_or_typed(path, arch, shape, tensors, None)
+    return path
+
+
+def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
+                        tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]],
                         tensor_types: dict[str, str] | None) -> None:
     tokens, scores, types = _vocab()
     w = GGUFWriter(str(path), arch)
@@ -152,6 +196,9 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape, tensors: dict[str, 
     w.add_bool("tokenizer.ggml.add_bos_token", True)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     for name, arr in tensors.items():
+        if isinstance(arr, tuple):  # already quantized bytes
+            w.add_tensor(name, arr[0], raw_dtype=arr[1])
+            continue
         qname = next((v for k, v in (tensor_types or {}).items() if k in name), None)
         if qname and arr.ndim == 2 and qname != "F32":
             qtype = GGUF_PY_TYPES[qname]

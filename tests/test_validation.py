@@ -1,0 +1,278 @@
+"""Hostile input: each kind of broken file, prompt or setting gets one error naming the culprit.
+
+The header mutations are written over real fields of a small synthetic file, located with
+the fuzzer's field finder; the fuzz run itself is over the real Gemma 3 270M header.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ggufjac.errors import GGUFError, GgufjacError, PromptError, UnsupportedModelError
+from ggufjac.gguf_file import GGUFFile
+from ggufjac.layout import validate_file
+from tools.fuzz_gguf import field_offsets
+from tools.synthetic import Shape, write_synthetic_gguf
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[Path, bytes, dict[str, list[int]], GGUFFile]:
+    path = write_synthetic_gguf(tmp_path_factory.mktemp("v") / "base.gguf", "llama",
+                                Shape(n_layer=2), "Q8_0")
+    data = path.read_bytes()
+    g = GGUFFile(path)
+    return path, data, field_offsets(data[:g.data_start], g), g
+
+
+def _mutated(tmp_path: Path, data: bytes, edits: list[tuple[str, int, int]]) -> Path:
+    b = bytearray(data)
+    for fmt, at, value in edits:
+        struct.pack_into(fmt, b, at, value)
+    out = tmp_path / "bad.gguf"
+    out.write_bytes(bytes(b))
+    return out
+
+
+def _tensor_entry(data: bytes, name: str) -> int:
+    """Offset of the n_dims field of tensor `name`'s index entry."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    return data.index(key) + len(key)
+
+
+def _kv_entry(data: bytes, key_name: str) -> int:
+    """Offset of the value-type field of metadata key `key_name`."""
+    key = struct.pack("<Q", len(key_name)) + key_name.encode()
+    return data.index(key) + len(key)
+
+
+def test_huge_tensor_count(base, tmp_path) -> None:
+    _, data, _, _ = base
+    bad = _mutated(tmp_path, data, [("<Q", 8, 2**62)])
+    with pytest.raises(GGUFError, match=r"bad\.gguf: tensor_count: .*cannot fit"):
+        validate_file(bad)
+
+
+def test_huge_string_length(base, tmp_path) -> None:
+    _, data, _, _ = base
+    at = data.index(struct.pack("<Q", len("general.architecture")) + b"general.architecture")
+    bad = _mutated(tmp_path, data, [("<Q", at, 2**40)])
+    with pytest.raises(GGUFError, match=r"bad\.gguf: .*needs 1099511627776 bytes"):
+        validate_file(bad)
+
+
+def test_huge_array_length(base, tmp_path) -> None:
+    _, data, _, _ = base
+    at = _kv_entry(data, "tokenizer.ggml.tokens") + 8  # after value type and item type
+    bad = _mutated(tmp_path, data, [("<Q", at, 2**50)])
+    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.tokens"):
+        validate_file(bad)
+
+
+def test_tensor_data_beyond_end_of_file(base, tmp_path) -> None:
+    _, data, _, _ = base
+    p = _tensor_entry(data, "blk.1.ffn_down.weight")
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    bad = _mutated(tmp_path, data, [("<Q", p + 8 + 8 * n_dims, 2**36)])
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.ffn_down\.weight'.*beyond the end"):
+        validate_file(bad)
+
+
+def test_type_inconsistent_with_shape_and_size(base, tmp_path) -> None:
+    """F32 instead of Q8_0: the same shape now needs ~4x the bytes, past the file's end."""
+    _, data, _, _ = base
+    p = _tensor_entry(data, "blk.1.ffn_down.weight")
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    bad = _mutated(tmp_path, data, [("<I", p + 4 + 8 * n_dims, 0)])
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.ffn_down\.weight'.*beyond the end"):
+        validate_file(bad)
+
+
+def test_misaligned_tensor_offset(base, tmp_path) -> None:
+    _, data, _, g = base
+    p = _tensor_entry(data, "blk.0.attn_q.weight")
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    at = p + 8 + 8 * n_dims
+    bad = _mutated(tmp_path, data, [("<Q", at, struct.unpack_from("<Q", data, at)[0] + 3)])
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.0\.attn_q\.weight'.*not aligned"):
+        validate_file(bad)
+
+
+def test_dimension_product_overflow(base, tmp_path) -> None:
+    _, data, _, _ = base
+    p = _tensor_entry(data, "blk.0.attn_q.weight")
+    bad = _mutated(tmp_path, data, [("<Q", p + 4, 2**40), ("<Q", p + 12, 2**40)])
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.0\.attn_q\.weight'.*overflows"):
+        validate_file(bad)
+
+
+def test_unknown_tensor_type(base, tmp_path) -> None:
+    _, data, _, _ = base
+    p = _tensor_entry(data, "blk.0.attn_k.weight")
+    n_dims = struct.unpack_from("<I", data, p)[0]
+    bad = _mutated(tmp_path, data, [("<I", p + 4 + 8 * n_dims, 99)])
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.0\.attn_k\.weight'.*unknown tensor type 99"):
+        validate_file(bad)
+
+
+def test_unknown_architecture(base, tmp_path) -> None:
+    _, data, _, _ = base
+    at = _kv_entry(data, "general.architecture") + 4 + 8  # the string's bytes
+    b = bytearray(data)
+    b[at:at + 5] = b"llamb"
+    (tmp_path / "bad.gguf").write_bytes(bytes(b))
+    with pytest.raises(UnsupportedModelError, match=r"'llamb'.*gemma3.*llama"):
+        validate_file(tmp_path / "bad.gguf")
+
+
+def test_missing_architecture_and_required_key(base, tmp_path) -> None:
+    _, data, _, _ = base
+    b = bytearray(data)
+    at = data.index(b"general.architecture")
+    b[at:at + 7] = b"generaX"
+    (tmp_path / "bad.gguf").write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match=r"general\.architecture: required metadata key is missing"):
+        validate_file(tmp_path / "bad.gguf")
+    b = bytearray(data)
+    at = data.index(b"llama.block_count")
+    b[at:at + 5] = b"llamX"
+    (tmp_path / "bad.gguf").write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match=r"llama\.block_count: required metadata key is missing"):
+        validate_file(tmp_path / "bad.gguf")
+
+
+def test_missing_tensor(base, tmp_path) -> None:
+    _, data, _, _ = base
+    b = bytearray(data)
+    at = data.index(b"blk.1.ffn_up.weight")
+    b[at:at + 5] = b"blk.7"
+    (tmp_path / "bad.gguf").write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.ffn_up\.weight': required tensor is missing"):
+        validate_file(tmp_path / "bad.gguf")
+
+
+def test_cli_prints_one_line_and_exits_2(base, tmp_path) -> None:
+    _, data, _, _ = base
+    bad = _mutated(tmp_path, data, [("<Q", 8, 2**62)])
+    r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "jacobian", str(bad), "-p", "x",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "tensor_count" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuzz_real_header(tmp_path) -> None:
+    """600 mutations of the real Gemma 3 270M header and tensor index (fixed seed), each
+    validated under a time bound and an address-space bound, in a child process."""
+    counts = tmp_path / "fuzz.json"
+    out = subprocess.run([sys.executable, "-m", "tools.fuzz_gguf", "gemma3-270m", "--cases",
+                          "600", "--seed", "0", "--json", str(counts)],
+                         capture_output=True, text=True, timeout=900)
+    print(out.stdout[-3000:])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(counts.read_text())
+    assert result["cases"] >= 500 and not result["failures"]
+    assert result["outcomes"].get("ok", 0) > 0 and result["outcomes"]["library error"] > 300
+
+
+# -- weights, prompts, settings, outputs -----------------------------------------------------
+
+def test_nonfinite_weights_are_named(tmp_path) -> None:
+    from ggufjac.api import open_model
+
+    path = write_synthetic_gguf(tmp_path / "nan.gguf", "qwen3", Shape(n_layer=2), "F32")
+    data = bytearray(path.read_bytes())
+    g = GGUFFile(path)
+    info = g.tensor("blk.1.ffn_down.weight")
+    struct.pack_into("<f", data, info.offset + 40, float("nan"))
+    info2 = g.tensor("blk.0.attn_v.weight")
+    struct.pack_into("<f", data, info2.offset, float("inf"))
+    g.close()
+    path.write_bytes(bytes(data))
+    m = open_model(path)
+    assert m.nonfinite_weights() == {"blk.0.attn_v.weight": 1, "blk.1.ffn_down.weight": 1}
+    r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "info", str(path)],
+                       capture_output=True, text=True)
+    assert "blk.1.ffn_down.weight" in r.stdout and "blk.0.attn_v.weight" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "check", str(path), "-p", "the bridge",
+                        "--no-noise-floor"], capture_output=True, text=True)
+    assert r.returncode == 1 and "non-finite" in r.stdout and "blk.1.ffn_down.weight" in r.stdout
+
+
+@pytest.mark.parametrize("prompt,message", [("", "empty"), ("   \n\t", "only whitespace")])
+def test_empty_prompts(gemma32, prompt: str, message: str) -> None:
+    with pytest.raises(PromptError, match=message):
+        gemma32.tokenize(prompt)
+
+
+def test_prompt_longer_than_max_tokens(gemma32) -> None:
+    with pytest.raises(PromptError, match=r"is 7 tokens, more than --max-tokens \(4\)"):
+        gemma32.tokenize("The bridge out of Marin is", max_tokens=4)
+
+
+def test_prompt_longer_than_context(tmp_path) -> None:
+    from ggufjac.api import open_model
+
+    path = write_synthetic_gguf(tmp_path / "short.gguf", "llama",
+                                Shape(n_layer=1, context_length=8), "F32")
+    with pytest.raises(PromptError, match=r"more than the model's context length \(8\)"):
+        open_model(path).tokenize("the bridge out of Marin")
+
+
+def test_invalid_utf8_prompt_file(tmp_path, gemma_path) -> None:
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"The bridge \xff\xfe out")
+    r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "check", str(gemma_path),
+                        "--prompt-file", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "prompt.txt: prompt file is not valid UTF-8 (byte 11)" in r.stderr
+
+
+def test_interrupted_jacobian_leaves_no_results(tmp_path, gemma_path) -> None:
+    """SIGINT in the middle of the reverse sweep: exit 130, one line, no result files."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ggufjac.cli", "jacobian", str(gemma_path),
+                             "-p", "The bridge out of Marin is the", "--dtype", "float64",
+                             "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"reverse" not in seen and time.monotonic() < deadline:
+        chunk = proc.stderr.read1(256)  # type: ignore[union-attr]
+        if not chunk:
+            break
+        seen += chunk
+    assert b"reverse" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_no_pickle_anywhere() -> None:
+    """Loading never executes code from a file: no pickle, no torch.load in the package."""
+    root = Path(__file__).resolve().parents[1] / "ggufjac"
+    for src in root.glob("*.py"):
+        text = src.read_text()
+        for unsafe in ("import pickle", "pickle.load", "allow_pickle=True", "torch.load(",
+                       "import dill", "import joblib"):
+            assert unsafe not in text, (src, unsafe)
+
+
+def test_unsupported_dtype_and_device_named() -> None:
+    from ggufjac.api import check_device, parse_dtype
+
+    with pytest.raises(GgufjacError, match="'int8' is not one of"):
+        parse_dtype("int8")
+    with pytest.raises(GgufjacError, match="'tpu'"):
+        check_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(GgufjacError, match="no CUDA GPU"):
+            check_device("cuda")

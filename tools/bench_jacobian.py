@@ -1,0 +1,102 @@
+"""Streaming Jacobian vs the naive whole-model reference, on the real Gemma 3 270M.
+
+    python -m tools.bench_jacobian [--dtype float32|float64] [--model gemma3-270m]
+
+Reference (what the paper's code does): every weight dequantized and held in memory, the
+token embedding table included (as a Hugging Face model holds it), and
+`torch.autograd.functional.jacobian(f, x, vectorize=True)` of the detached model.
+Ours: `LoadedModel.jacobian` (the streaming engine: one layer's weights at a time, input rows
+gathered, the unembedding walked in chunks). Both then decode y and the top 10 left singular
+vectors to tokens. Each side runs in a fresh process per prompt; the wall time covers
+loading the weights and the Jacobian (decoding is timed separately), and the peak is the
+process's VmHWM over everything (tools/peak_rss.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
+           "def fibonacci(n):\n    return"]
+
+
+def child(side: str, model: str, prompt: str, dtype: str) -> None:
+    import torch
+
+    from ggufjac.analysis import spectrum, top_tokens_by_unembedding
+    from ggufjac.api import open_model
+    from ggufjac.linearize import DETACHED
+    from ggufjac.model import Transformer
+
+    m = open_model(model, dtype=dtype)
+    tokens = m.tokenize(prompt)
+    t0 = time.perf_counter()
+    if side == "ours":
+        r = m.jacobian(tokens)
+        jac, y = r.jacobian, r.output
+    else:
+        model_all = Transformer(m.weights, keep_weights=True)
+        table = m.weights.tensor("token_embd.weight")  # resident, as in an HF model
+        x = table[tokens] * m.cfg.embed_scale
+        jac = torch.autograd.functional.jacobian(
+            lambda t: model_all.forward(t, DETACHED)[-1], x, vectorize=True)
+        with torch.no_grad():
+            y = model_all.forward(x, DETACHED)[-1]
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    d, n = jac.shape[0], jac.shape[1]
+    spec = spectrum(jac.reshape(d, n * d), y)
+    directions = torch.cat((spec.left[:, :10], y[:, None]), dim=1)
+    if side == "ours":
+        decoded = [[t for t, _ in row] for row in top_tokens_by_unembedding(m.weights, directions)]
+    else:
+        decoded = (table @ directions).topk(5, dim=0).indices.T.tolist()
+    print(json.dumps({"seconds": seconds, "decode_seconds": time.perf_counter() - t1,
+                      "predicted": decoded[-1][0], "top_vector": decoded[0],
+                      "jacobian_sum": float(jac.double().sum())}))
+
+
+def run(side: str, model: str, prompt: str, dtype: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".txt") as report:
+        out = subprocess.run([sys.executable, "-m", "tools.peak_rss", report.name,
+                              "tools.bench_jacobian", "--child", side, "--model", model,
+                              "--dtype", dtype, "--prompt", prompt],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["peak"] = int(Path(report.name).read_text())
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.model, args.prompt, args.dtype)
+        return
+    print(f"{args.model}, {args.dtype}, CPU; time = load weights + Jacobian; peak = whole process")
+    print(f"{'prompt':<34}{'reference s':>12}{'ours s':>8}{'speed-up':>10}"
+          f"{'ref peak':>10}{'our peak':>10}{'ratio':>7}  same prediction")
+    for prompt in PROMPTS:
+        ref, ours = run("reference", args.model, prompt, args.dtype), \
+            run("ours", args.model, prompt, args.dtype)
+        same = ref["predicted"] == ours["predicted"] and ref["top_vector"] == ours["top_vector"]
+        print(f"{prompt[:32]!r:<34}{ref['seconds']:>12.2f}{ours['seconds']:>8.2f}"
+              f"{ref['seconds'] / ours['seconds']:>9.2f}x"
+              f"{ref['peak'] / 2**30:>9.2f}G{ours['peak'] / 2**30:>9.2f}G"
+              f"{ours['peak'] / ref['peak']:>7.2f}  {same}")
+
+
+if __name__ == "__main__":
+    main()
