@@ -229,17 +229,23 @@ class StreamingEngine:
     # -- reverse -------------------------------------------------------------------------
 
     def output_cotangents(self, residual: torch.Tensor, directions: torch.Tensor,
-                          position: int = -1) -> torch.Tensor:
+                          position: int = -1, chunk: int = MAX_CHUNK) -> torch.Tensor:
         """Directions [m, d] on the final-norm output at `position` of a residual stream
-        [N, d] -> cotangents [m, N, d] on that stream (the norm's scale frozen at its value)."""
+        [N, d] -> cotangents [m, N, d] on that stream (the norm's scale frozen at its value).
+        Filled `chunk` directions at a time, so no second [m, N, d] temporary exists."""
         store: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             final_norm(self.cfg, self.output_norm, residual, self.lin.recording(store))
         x = residual.detach().requires_grad_(True)
+        m = directions.shape[0]
+        result = residual.new_empty((m, *residual.shape))
         with torch.enable_grad():
             y = final_norm(self.cfg, self.output_norm, x, self.lin.replaying(store))[position]
-            (g,) = torch.autograd.grad(y, x, directions, is_grads_batched=True)
-        return g
+            for s in range(0, m, chunk):
+                (g,) = torch.autograd.grad(y, x, directions[s:s + chunk], retain_graph=True,
+                                           is_grads_batched=True)
+                result[s:s + chunk] = g
+        return result
 
     def layer_vjp(self, layer: int, w: dict[str, torch.Tensor], record: ForwardRecord,
                   cotangents: torch.Tensor, part: str = "out", chunk: int | None = None
