@@ -18,7 +18,7 @@ import torch
 from . import llamacpp
 from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
     top_tokens_by_unembedding
-from .errors import GgufjacError, PromptError
+from .errors import GGUFError, GgufjacError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .engine import StreamingEngine
@@ -72,6 +72,10 @@ class LoadedModel:
         """llama.cpp's tokens for `prompt` (BOS added as the file asks)."""
         if not prompt or not prompt.strip():
             raise PromptError("the prompt is empty (or only whitespace)")
+        kind = self.gguf.get("tokenizer.ggml.model")
+        if kind in (None, "none"):  # llama.cpp aborts the process on tokenize() for these
+            raise GGUFError(self.path, "tokenizer.ggml.model",
+                            f"the file has no tokenizer ({kind!r}); prompts cannot be tokenized")
         tokens = llamacpp.tokenize(self.path, prompt)
         limit = min(self.cfg.context_length, max_tokens or self.cfg.context_length)
         if len(tokens) > limit:

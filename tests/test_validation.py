@@ -227,6 +227,22 @@ def test_prompt_longer_than_context(tmp_path) -> None:
         open_model(path).tokenize("the bridge out of Marin")
 
 
+def test_llama_cpp_abort_is_isolated_and_validated_first(tmp_path) -> None:
+    """tokenizer 'none': llama.cpp aborts its process on tokenize(). Called directly, the
+    abort stays in the child and becomes one LlamaCppError; through the API the file is
+    refused before llama.cpp is asked."""
+    from ggufjac import llamacpp
+    from ggufjac.api import open_model
+    from ggufjac.errors import LlamaCppError
+
+    path = write_synthetic_gguf(tmp_path / "notok.gguf", "llama", Shape(n_layer=1), "F32",
+                                tokenizer="none")
+    with pytest.raises(LlamaCppError, match=r"notok\.gguf"):
+        llamacpp.tokenize(path, "the bridge")
+    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.model: the file has no tokenizer"):
+        open_model(path).tokenize("the bridge")
+
+
 def test_invalid_utf8_prompt_file(tmp_path, gemma_path) -> None:
     bad = tmp_path / "prompt.txt"
     bad.write_bytes(b"The bridge \xff\xfe out")

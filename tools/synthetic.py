@@ -168,7 +168,7 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
 
 def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
                         tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]],
-                        tensor_types: dict[str, str] | None) -> None:
+                        tensor_types: dict[str, str] | None, tokenizer: str = "llama") -> None:
     tokens, scores, types = _vocab()
     w = GGUFWriter(str(path), arch)
     a = arch + "."
@@ -186,7 +186,7 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
     w.add_uint32(a + "rope.dimension_count", shape.rope_dims or shape.head_dim)
     if arch == "gemma3":
         w.add_uint32(a + "attention.sliding_window", 4)  # small, so tests cross it
-    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_string("tokenizer.ggml.model", tokenizer)
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.scores", scores)
     w.add_array("tokenizer.ggml.token_type", types)
@@ -213,14 +213,16 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
 
 def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape = Shape(),
                          quant: str = "F32", tensor_types: dict[str, str] | None = None,
-                         seed: int = 0, rope_freqs: bool = False) -> Path:
-    """Write a random-weight `arch` model to `path`; returns the path."""
+                         seed: int = 0, rope_freqs: bool = False, tokenizer: str = "llama"
+                         ) -> Path:
+    """Write a random-weight `arch` model to `path`; returns the path. `tokenizer` other
+    than 'llama' only for testing bad files ('none' makes llama.cpp abort on tokenize)."""
     if arch not in FAMILY_LAYOUT:
         raise ValueError(f"unknown family {arch!r}; known: {', '.join(FAMILY_LAYOUT)}")
     path = Path(path)
     tensors = model_tensors(arch, shape, len(_vocab()[0]), seed, rope_freqs)
     if quant == "F32" or tensor_types:
-        _write_f32_or_typed(path, arch, shape, tensors, tensor_types)
+        _write_f32_or_typed(path, arch, shape, tensors, tensor_types, tokenizer)
         return path
     if quant not in LLAMA_FTYPES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(LLAMA_FTYPES)}")
