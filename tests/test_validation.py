@@ -256,7 +256,9 @@ def test_interrupted_jacobian_leaves_no_results(tmp_path, gemma_path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ggufjac.cli", "jacobian", str(gemma_path),
                              "-p", "The bridge out of Marin is the", "--dtype", "float64",
-                             "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+                             "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            # a test run started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     deadline = time.monotonic() + 120
     while b"reverse" not in seen and time.monotonic() < deadline:
