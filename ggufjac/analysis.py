@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,11 @@ class Spectrum:
 def spectrum(matrix: torch.Tensor, output: torch.Tensor | None = None) -> Spectrum:
     """SVD of a 2-D map; with `output`, each left vector u is signed so that u·output > 0
     (its right vector flips with it, so u s vᵀ is unchanged)."""
+    if matrix.dtype in (torch.float16, torch.bfloat16):
+        # LAPACK has no half-precision SVD: the spectrum of a half-precision Jacobian is taken
+        # in float32 (the Jacobian itself was computed in the half type).
+        matrix = matrix.float()
+        output = None if output is None else output.float()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     if output is not None:
         sign = torch.sign(output @ u)
@@ -52,11 +58,29 @@ def top_tokens_by_unembedding(weights: GGUFWeights, directions: torch.Tensor,
 
     The unembedding is walked in row chunks, so it is never held whole.
     """
+    return _top_k_over_rows(weights.unembedding_chunks(), directions, k, cosine=False)
+
+
+@torch.no_grad()
+def nearest_input_embeddings(weights: GGUFWeights, directions: torch.Tensor,
+                             k: int = 5) -> list[list[tuple[int, float]]]:
+    """For each column v of `directions` [d, m]: the k token-embedding rows with the highest
+    cosine similarity to v (rows of zero norm are skipped), walked in chunks."""
+    unit = directions / torch.linalg.vector_norm(directions, dim=0, keepdim=True).clamp_min(1e-300)
+    return _top_k_over_rows(weights.embedding_chunks(), unit, k, cosine=True)
+
+
+def _top_k_over_rows(chunks: Iterable[tuple[int, torch.Tensor]], directions: torch.Tensor, k: int,
+                     cosine: bool) -> list[list[tuple[int, float]]]:
     m = directions.shape[1]
     best_val = torch.full((k, m), float("-inf"), dtype=directions.dtype, device=directions.device)
     best_idx = torch.zeros((k, m), dtype=torch.long, device=directions.device)
-    for start, w in weights.unembedding_chunks():
+    for start, w in chunks:
+        w = w.to(directions.dtype)
         scores = w @ directions  # [rows, m]
+        if cosine:
+            norms = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+            scores = torch.where(norms > 0, scores / norms.clamp_min(1e-300), float("-inf"))
         kk = min(k, scores.shape[0])
         v, i = torch.topk(scores, kk, dim=0)
         vals = torch.cat((best_val, v), dim=0)

@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian | attribute`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | attribute | layers`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -203,23 +203,6 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
     sys.exit(0 if report["passed"] else 1)
 
 
-def _plot_spectrum(path: Path, singular_values: list[float], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(range(1, len(singular_values) + 1), singular_values, marker=".", lw=1)
-    ax.set_xlabel("index k")
-    ax.set_ylabel("singular value $\\sigma_k$")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
-
-
 @main.command()
 @_model_argument
 @_prompt_options
@@ -240,6 +223,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .api import open_model
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
+    from .plots import plot_spectrum
 
     text = _read_prompt(prompt, prompt_file)
     budget = _max_memory(max_memory)
@@ -261,7 +245,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     write_all(out_dir, {
         "jacobian.safetensors": lambda p: save_file(tensors, str(p),
                                                     metadata={"tokens": json.dumps(tokens)}),
-        "singular_values.png": lambda p: _plot_spectrum(p, report["singular_values"], title),
+        "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
         "report.json": lambda p: json_to(p, report)})
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
@@ -324,6 +308,104 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
                    f"(relative error vs the logit {row['rel_error']:.1e})")
     if json_path is not None:
         write_json(json_path, report)
+
+
+def _parse_layers(text: str | None, n_layer: int) -> list[int]:
+    if text is None:
+        return list(range(n_layer))
+    out = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-")
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise GgufjacError(f"--layers {text!r}: expected numbers and ranges like 0,5,10-17") \
+                from None
+    bad = sorted(l for l in out if not 0 <= l < n_layer)
+    if bad:
+        raise GgufjacError(f"--layers: layer {bad[0]} does not exist (the model has layers "
+                           f"0..{n_layer - 1})")
+    return sorted(out)
+
+
+@main.command()
+@_model_argument
+@_prompt_options
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output directory (must not exist or be empty, unless --overwrite).")
+@click.option("--layers", "layer_list", default=None, metavar="LIST",
+              help="Layers to analyse, e.g. 0,5,10-17 (default: all).")
+@_engine_options
+@click.option("--save-matrices", is_flag=True, help="Also save every Jacobian matrix.")
+@click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_errors_to_exit
+def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
+           out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
+           max_memory: str | None, save_matrices: bool, overwrite: bool) -> None:
+    """Each layer, its attention and its MLP as exact linear maps, with their SVDs.
+
+    Per layer: the cumulative map (inputs -> final norm of the residual after the layer, an
+    exact logit lens), the layer's own map with and without the residual, and its attention
+    and MLP parts; reconstruction errors, spectra, stable ranks, decoded singular vectors.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from .analysis import top_tokens_by_unembedding
+    from .api import open_model
+    from .layers import KINDS, describe_maps, layer_maps, markdown_summary
+    from .linearize import Linearization
+    from .outputs import json_to, prepare_output_dir, write_all
+    from .plots import plot_stable_rank_heatmap, plot_top_singular_value
+
+    text = _read_prompt(prompt, prompt_file)
+    budget = _max_memory(max_memory)
+    m = open_model(model, dtype=dtype, device=device)
+    chosen = _parse_layers(layer_list, m.cfg.n_layer)
+    tokens = m.tokenize(text, max_tokens)
+    lin = Linearization(detach=True, gate_path=gate_path)
+    engine = m.engine(lin, progress=True, max_memory=budget)
+    engine.plan(m.cfg.d_model * len(chosen), len(tokens))  # refuse before writing
+    prepare_output_dir(out_dir, overwrite)
+    t0 = time.perf_counter()
+    maps, y = layer_maps(engine, engine.embed(tokens), chosen)
+    entries = describe_maps(maps, m.weights, m.token_text)
+    seconds = time.perf_counter() - t0
+    predicted = top_tokens_by_unembedding(m.weights, y[:, None], 1)[0][0][0]
+    report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
+              [m.token_text(t) for t in tokens], "token_ids": tokens,
+              "dtype": dtype, "gate_path": gate_path, "device": device,
+              "layers": chosen, "seconds": seconds,
+              "predicted_token": m.token_text(predicted),
+              "kinds": {"cumulative": "input embeddings -> final norm (frozen) of the residual "
+                                      "after the layer, last position",
+                        "layer": "layer input (all positions) -> layer output, last position",
+                        "layer_no_residual": "the same without the residual: attention + MLP",
+                        "attention": "layer input -> attention part's output, last position",
+                        "mlp": "layer input -> MLP part's output, last position"},
+              "stable_rank_definition": "||J||_F^2 / s_1^2",
+              "maps": entries}
+    spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
+    tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
+               torch.tensor(e["singular_values"], dtype=spectrum_dtype)
+               for mp, e in zip(maps, entries)}
+    if save_matrices:
+        tensors.update({f"layer{mp.layer}.{mp.kind}.jacobian": mp.jacobian.contiguous().cpu()
+                        for mp in maps})
+    title = f"{m.cfg.arch}: {len(tokens)} tokens, gate path {gate_path}"
+    write_all(out_dir, {
+        "layers.json": lambda p: json_to(p, report),
+        "layers.safetensors": lambda p: save_file(tensors, str(p)),
+        "stable_rank.png": lambda p: plot_stable_rank_heatmap(p, entries, KINDS, title),
+        "top_singular_value.png": lambda p: plot_top_singular_value(p, entries, KINDS, title),
+        "README.md": lambda p: p.write_text(markdown_summary(report))})
+    click.echo(markdown_summary(report))
+    click.echo(f"({seconds:.1f} s) wrote {out_dir}/layers.json, layers.safetensors, "
+               "stable_rank.png, top_singular_value.png, README.md")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from .errors import GgufjacError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
 from .layout import check_tensor_index, layer_tensor_names, stored_shapes
@@ -81,6 +82,10 @@ class GGUFWeights:
 
     def _rows(self, info: TensorInfo, start: int, stop: int,
               dtype: torch.dtype | None = None) -> torch.Tensor:
+        n_rows = math.prod(info.shape[1:])
+        if not 0 <= start < stop <= n_rows:
+            raise GgufjacError(f"{self.gguf.path}: rows [{start}, {stop}) of tensor "
+                               f"{info.name!r} do not exist (it has {n_rows})")
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
         raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
@@ -118,7 +123,14 @@ class GGUFWeights:
 
     def unembedding_chunks(self, rows_per_chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows) chunks of the unembedding matrix [vocab, d], in order."""
-        info = self.gguf.tensor(self.unembedding_name)
+        return self._row_chunks(self.unembedding_name, rows_per_chunk)
+
+    def embedding_chunks(self, rows_per_chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) chunks of the token embedding table [vocab, d] (not scaled)."""
+        return self._row_chunks("token_embd.weight", rows_per_chunk)
+
+    def _row_chunks(self, name: str, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        info = self.gguf.tensor(name)
         vocab = info.shape[1]
         for start in range(0, vocab, rows_per_chunk):
             yield start, self._rows(info, start, min(vocab, start + rows_per_chunk))

@@ -1,0 +1,62 @@
+"""Figures and the Markdown summary written next to the numbers (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_spectrum(path: Path, singular_values: list[float], title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(range(1, len(singular_values) + 1), singular_values, marker=".", lw=1)
+    ax.set_xlabel("index k")
+    ax.set_ylabel("singular value $\\sigma_k$")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _grid(entries: list[dict], kinds: tuple[str, ...], key: str) -> tuple[list[int], list[list[float]]]:
+    layers = sorted({e["layer"] for e in entries})
+    value = {(e["layer"], e["kind"]): e[key] for e in entries}
+    return layers, [[value.get((l, k), float("nan")) for l in layers] for k in kinds]
+
+
+def plot_stable_rank_heatmap(path: Path, entries: list[dict], kinds: tuple[str, ...],
+                             title: str) -> None:
+    layers, grid = _grid(entries, kinds, "stable_rank")
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 3.2))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    ax.set_xlabel("layer")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, label="stable rank $\\|J\\|_F^2/\\sigma_1^2$")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_top_singular_value(path: Path, entries: list[dict], kinds: tuple[str, ...],
+                            title: str) -> None:
+    layers, grid = _grid(entries, kinds, "top_singular_value")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for kind, row in zip(kinds, grid):
+        ax.semilogy(layers, row, marker=".", lw=1, label=kind)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("top singular value $\\sigma_1$")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
