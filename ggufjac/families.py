@@ -69,6 +69,9 @@ class ModelConfig:
     rope_base: float
     rope_scale: float  # linear position scale of global layers (1 / rope.scaling.factor)
     rope_dims: int
+    # llama.cpp multiplies cos and sin of the rotated channels by this (the file's
+    # rope.scaling.attn_factor; Phi-4-mini's LongRoPE has 1.19), so q·k scales by its square.
+    rope_attn_factor: float
     sliding_window: int | None
     swa_layers: tuple[bool, ...] = field(repr=False)
     attn_scale: float
@@ -166,6 +169,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         rope_base=_get_float(g, a + "rope.freq_base", 10000.0),
         rope_scale=rope_scale,
         rope_dims=_get_int(g, a + "rope.dimension_count", head_dim),
+        rope_attn_factor=_get_float(g, a + "rope.scaling.attn_factor", 1.0),
         sliding_window=int(window) if window else None,
         swa_layers=swa,
         attn_scale=_attn_scale(arch, fam, n_layer, d, n_head, head_dim),

@@ -22,7 +22,8 @@ def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles [n_pos, rope_dims / 2] for `layer`.
 
-    `factors` (Llama 3.1 rope_freqs, Phi 3 LongRoPE) divide each frequency. Angles are
+    `factors` (Llama 3.1 rope_freqs, Phi 3 LongRoPE) divide each frequency; both tables are
+    multiplied by the file's rope attention factor, as llama.cpp does. Angles are
     computed in float64 and rounded once to `dtype`: they only shape the frozen attention
     weights, never the linear path.
     """
@@ -33,7 +34,8 @@ def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
         inv_freq = inv_freq / factors.to(torch.float64)
     pos = torch.arange(n_pos, dtype=torch.float64, device=device) * scale
     theta = pos[:, None] * inv_freq[None, :]
-    return theta.cos().to(dtype), theta.sin().to(dtype)
+    m = cfg.rope_attn_factor
+    return (theta.cos() * m).to(dtype), (theta.sin() * m).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:

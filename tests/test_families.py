@@ -83,6 +83,40 @@ def test_family_details_matter(synthetic, monkeypatch, arch: str, change: dict) 
     assert nmse(m.logits(tokens).numpy()[-1], ref.logits[-1]) > 1e-3
 
 
+@pytest.mark.parametrize("change", [None, "no_attn_factor", "no_factors", "full_rotary"])
+# full_rotary runs on a file without factor tensors (their length is tied to rope_dims)
+def test_phi4_mini_longrope_matches_llama_cpp(tmp_path_factory, monkeypatch, change) -> None:
+    """A Phi-4-mini-like file: partial rotary (32 of 64 dims), LongRoPE short/long factor
+    tensors and rope.scaling.attn_factor 1.19. Matches llama.cpp; dropping any of the three
+    breaks the match."""
+    path = tmp_path_factory.mktemp("phi4") / "phi4mini.gguf"
+    write_synthetic_gguf(path, "phi3", Shape(rope_dims=32), "F32",
+                         rope_freqs=change != "full_rotary",
+                         extra_floats={"rope.scaling.attn_factor": 1.19})
+    original = families.config_from_gguf
+    if change == "no_attn_factor":
+        monkeypatch.setattr("ggufjac.families.config_from_gguf", lambda g: dataclasses.replace(
+            original(g), rope_attn_factor=1.0))
+    elif change == "full_rotary":
+        monkeypatch.setattr("ggufjac.families.config_from_gguf", lambda g: dataclasses.replace(
+            original(g), rope_dims=64))
+    elif change == "no_factors":
+        monkeypatch.setitem(families.FAMILIES, "phi3",
+                            dataclasses.replace(families.FAMILIES["phi3"], rope_factors=()))
+    import ggufjac.api
+    monkeypatch.setattr(ggufjac.api, "config_from_gguf", families.config_from_gguf)
+    m = open_model(path, dtype="float64")
+    assert m.cfg.rope_dims == (64 if change == "full_rotary" else 32)
+    tokens = m.tokenize(PROMPT)
+    ref = llamacpp.evaluate(path, tokens)
+    error = nmse(m.logits(tokens).numpy()[-1], ref.logits[-1])
+    if change is None:
+        assert error < EXACT_WEIGHTS_BOUND
+        assert m.jacobian(tokens).reconstruction_rel_error() <= 1e-12
+    else:
+        assert error > 1e-3, change
+
+
 def test_unsupported_architecture_is_named(tmp_path) -> None:
     from gguf import GGUFWriter
     import numpy as np

@@ -117,9 +117,13 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
         elif lay["qk_norm"] == "full":
             t[b + "attn_q_norm.weight"] = _norm_weight(rng, q)
             t[b + "attn_k_norm.weight"] = _norm_weight(rng, kv)
-    if rope_freqs:  # Llama 3.1-style rope scaling, stored as per-frequency divisors
+    if rope_freqs:  # per-frequency divisors: Llama 3.1 rope_freqs, Phi 3 LongRoPE factors
         half = (shape.rope_dims or shape.head_dim) // 2
-        t["rope_freqs.weight"] = np.linspace(1.0, 8.0, half).astype(np.float32)
+        if arch == "phi3":
+            t["rope_factors_short.weight"] = np.linspace(1.0, 4.0, half).astype(np.float32)
+            t["rope_factors_long.weight"] = np.linspace(1.0, 16.0, half).astype(np.float32)
+        else:
+            t["rope_freqs.weight"] = np.linspace(1.0, 8.0, half).astype(np.float32)
     return t
 
 
@@ -168,7 +172,8 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
 
 def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
                         tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]],
-                        tensor_types: dict[str, str] | None, tokenizer: str = "llama") -> None:
+                        tensor_types: dict[str, str] | None, tokenizer: str = "llama",
+                        extra_floats: dict[str, float] | None = None) -> None:
     tokens, scores, types = _vocab()
     w = GGUFWriter(str(path), arch)
     a = arch + "."
@@ -186,6 +191,8 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
     w.add_uint32(a + "rope.dimension_count", shape.rope_dims or shape.head_dim)
     if arch == "gemma3":
         w.add_uint32(a + "attention.sliding_window", 4)  # small, so tests cross it
+    for key, value in (extra_floats or {}).items():
+        w.add_float32(a + key, value)
     w.add_string("tokenizer.ggml.model", tokenizer)
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.scores", scores)
@@ -213,8 +220,8 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
 
 def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape = Shape(),
                          quant: str = "F32", tensor_types: dict[str, str] | None = None,
-                         seed: int = 0, rope_freqs: bool = False, tokenizer: str = "llama"
-                         ) -> Path:
+                         seed: int = 0, rope_freqs: bool = False, tokenizer: str = "llama",
+                         extra_floats: dict[str, float] | None = None) -> Path:
     """Write a random-weight `arch` model to `path`; returns the path. `tokenizer` other
     than 'llama' only for testing bad files ('none' makes llama.cpp abort on tokenize)."""
     if arch not in FAMILY_LAYOUT:
@@ -222,13 +229,13 @@ def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape =
     path = Path(path)
     tensors = model_tensors(arch, shape, len(_vocab()[0]), seed, rope_freqs)
     if quant == "F32" or tensor_types:
-        _write_f32_or_typed(path, arch, shape, tensors, tensor_types, tokenizer)
+        _write_f32_or_typed(path, arch, shape, tensors, tensor_types, tokenizer, extra_floats)
         return path
     if quant not in LLAMA_FTYPES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(LLAMA_FTYPES)}")
     with tempfile.TemporaryDirectory(prefix="ggufjac-synth-") as tmp:
         f32 = Path(tmp) / "f32.gguf"
-        _write_f32_or_typed(f32, arch, shape, tensors, None)
+        _write_f32_or_typed(f32, arch, shape, tensors, None, tokenizer, extra_floats)
         llamacpp.quantize(f32, path, LLAMA_FTYPES[quant])
     return path
 
