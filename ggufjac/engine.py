@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import GgufjacError
 from .linearize import DETACHED, Linearization
 from .model import block, final_norm
-from .weights import GGUFWeights
+from .weights import BufferPool, GGUFWeights
 
 # Per-layer tensors the reverse sweep reads: the linear path and the (constant) norm weights.
 _LINEAR_PATH = {"up": ("attn_v", "attn_output", "ffn_up", "ffn_down"),
@@ -153,19 +153,25 @@ class StreamingEngine:
         self.dtype, self.device = weights.dtype, weights.device
         self.progress, self.max_memory = progress, max_memory
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        # Layer weights are dequantized into reused buffers (two sets when prefetching: one
+        # being read while the next layer is written into the other).
+        self._buffers = [BufferPool() for _ in range(2 if self.prefetch else 1)]
         self.output_norm = weights.output_norm()
         self.linear_path = list(_LINEAR_PATH[lin.gate_path]) + [
             n for n in _NORMS if n in weights.layer_names()]
 
     # -- weights, one layer at a time ---------------------------------------------------
 
-    def _load(self, layer: int, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    def _load(self, layer: int, names: Sequence[str] | None,
+              pool: BufferPool) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
-            return self.weights.layer(layer, names)
-        # Dequantize on a side stream; the compute stream waits for it before use.
+            return self.weights.layer(layer, names, pool)
+        # Dequantize on a side stream; the compute stream waits for it before use, and it
+        # waits for the compute stream's work queued so far (which may read `pool`).
         stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            w = self.weights.layer(layer, names)
+            w = self.weights.layer(layer, names, pool)
         done = torch.cuda.Event()
         done.record(stream)
         main = torch.cuda.current_stream(self.device)
@@ -187,16 +193,18 @@ class StreamingEngine:
                    leave=False)
         pool = ThreadPoolExecutor(1, thread_name_prefix="ggufjac-prefetch") if self.prefetch \
             else None
+        buffers = self._buffers
         try:
             pending: Future | None = None
             for k, layer in enumerate(order):
                 if pending is not None:
                     w = pending.result()
                 else:
-                    w = self._load(layer, names)
+                    w = self._load(layer, names, buffers[k % len(buffers)])
                 pending = None
                 if pool is not None and k + 1 < len(order):
-                    pending = pool.submit(self._load, order[k + 1], names)
+                    pending = pool.submit(self._load, order[k + 1], names,
+                                          buffers[(k + 1) % len(buffers)])
                 yield layer, w
                 del w
                 release_freed_memory()

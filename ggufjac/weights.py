@@ -25,6 +25,25 @@ from .quants import dequantize, raw_to_torch
 DEQUANTIZABLE = {q for q in Q if q not in (Q.I8, Q.I16, Q.I32, Q.I64, Q.F64)}
 
 
+class BufferPool:
+    """Reusable tensors, one per key: dequantizing layer after layer into the same buffers
+    spares a fresh allocation (and its page faults) per tensor and keeps memory flat."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+            grow: bool = False) -> torch.Tensor:
+        """The buffer for `key` with this shape and dtype (made, or remade, if it differs).
+        With `grow` (1-D only) a larger existing buffer is kept and may be sliced."""
+        t = self._buffers.get(key)
+        fits = t is not None and t.dtype == dtype and t.device == device and (
+            t.shape == shape or (grow and t.numel() >= shape[0]))
+        if not fits:
+            t = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return t  # type: ignore[return-value]
+
+
 class GGUFWeights:
     """Dequantizes the tensors of one GGUF model into `dtype` on `device`, on demand."""
 
@@ -34,10 +53,23 @@ class GGUFWeights:
         self.rope_factors_name = check_tensor_index(gguf, cfg)
         self.unembedding_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, pool: BufferPool | None = None,
+               key: str | None = None) -> torch.Tensor:
+        """Tensor `name` dequantized into this dtype; with a `pool`, written into the pool's
+        buffer for `key` (reused layer after layer) instead of fresh memory."""
         info = self.gguf.tensor(name)
         raw = raw_to_torch(self.gguf.tensor_data(name), self.device)
-        t = dequantize(raw, info.type, info.torch_shape).to(self.dtype)
+        if pool is None:
+            t = dequantize(raw, info.type, info.torch_shape).to(self.dtype)
+        else:
+            shape = info.torch_shape
+            out = pool.get(key or name, shape, self.dtype, self.device)
+            if self.dtype == torch.float32:
+                t = dequantize(raw, info.type, shape, out)
+            else:  # dequantize into a shared float32 scratch, then convert into the buffer
+                n = math.prod(shape)
+                scratch = pool.get("float32 scratch", (n,), torch.float32, self.device, grow=True)
+                t = out.copy_(dequantize(raw, info.type, shape, scratch[:n]))
         self.gguf.release(info.offset, info.n_bytes)
         return t
 
@@ -54,13 +86,15 @@ class GGUFWeights:
         wanted = layer_tensor_names(self.cfg) if names is None else names
         return sorted({self._stored_name(n) for n in wanted})
 
-    def layer(self, i: int, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def layer(self, i: int, names: Iterable[str] | None = None,
+              pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
         """Tensors of layer `i` (all, or those in `names`), keyed by short name ('attn_q',
         'ffn_down', ...). Fused tensors are split; a rope-factor tensor, if the file has one,
-        is 'rope_factors'.
+        is 'rope_factors'. With a `pool` the tensors are views of its buffers: valid until
+        the next layer is loaded into the same pool.
         """
         cfg = self.cfg
-        w = {n: self.tensor(f"blk.{i}.{n}.weight") for n in self.layer_names(names)}
+        w = {n: self.tensor(f"blk.{i}.{n}.weight", pool, n) for n in self.layer_names(names)}
         if "attn_qkv" in w:
             q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
             w["attn_q"], w["attn_k"], w["attn_v"] = w.pop("attn_qkv").split(

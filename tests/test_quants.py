@@ -53,6 +53,11 @@ def test_random_blocks_match_gguf_py(qtype: Q) -> None:
     ref = gguf_quants.dequantize(raw, qtype).reshape(-1)
     ours = dequantize(raw_to_torch(raw), qtype, (n_blocks * block,))
     _assert_bitwise_equal(ours, ref)
+    # into a reused buffer (holding stale values): the same bits, in that buffer
+    buffer = torch.full((n_blocks * block,), float("nan"))
+    into = dequantize(raw_to_torch(raw), qtype, (n_blocks * block,), out=buffer)
+    assert into.data_ptr() == buffer.data_ptr()
+    _assert_bitwise_equal(into, ref)
 
 
 def test_real_tensors_match_gguf_py(gemma32) -> None:
