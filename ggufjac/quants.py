@@ -35,8 +35,13 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """[n, k] bytes -> [n, 2k] 4-bit values: the k low nibbles, then the k high nibbles."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+    """[n, k] bytes -> [n, 2k] 4-bit values: the k low nibbles, then the k high nibbles
+    (written straight into one result: no temporaries to concatenate)."""
+    n, k = qs.shape
+    out = torch.empty((n, 2, k), dtype=torch.uint8, device=qs.device)
+    torch.bitwise_and(qs, 0x0F, out=out[:, 0])
+    torch.bitwise_right_shift(qs, 4, out=out[:, 1])
+    return out.view(n, 2 * k)
 
 
 def _bits_le(b: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -191,8 +196,11 @@ def dequantize_q6_k(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
     d = _f16(blocks, 208)
     dl = (d * scales).view(n, 16, 1)
-    g = ql.reshape(n, 2, 1, 64)
-    low = torch.cat((g & 0x0F, g >> 4), dim=2).reshape(n, 8, 32)
+    g = ql.reshape(n, 2, 64)
+    low = torch.empty((n, 2, 2, 64), dtype=torch.uint8, device=blocks.device)
+    torch.bitwise_and(g, 0x0F, out=low[:, :, 0])
+    torch.bitwise_right_shift(g, 4, out=low[:, :, 1])
+    low = low.view(n, 8, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
     high = ((qh.reshape(n, 2, 1, 32) >> shifts).bitwise_and_(3)).reshape(n, 8, 32)
     q = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n, 16, 16)
