@@ -75,6 +75,29 @@ class LazyArray:
         return self.count
 
 
+class StringArray:
+    """A metadata string array read item by item from the file (the 262k-entry vocabulary
+    of Gemma 3 would be ~30 MB of Python strings; this keeps 8 bytes per item)."""
+
+    def __init__(self, file: GGUFFile, arr: LazyArray, key: str) -> None:
+        self._file, self._key = file, key
+        cur = _Cursor(memoryview(file._mmap), str(file.path))
+        cur.pos = arr.offset
+        starts = np.empty(arr.count, dtype=np.int64)
+        for j in range(arr.count):
+            starts[j] = cur.pos
+            cur.skip_string(f"{key}[{j}]")
+        self._starts = starts
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, j: int) -> str:
+        cur = _Cursor(memoryview(self._file._mmap), str(self._file.path))
+        cur.pos = int(self._starts[j])
+        return cur.string(f"{self._key}[{j}]")
+
+
 class _Cursor:
     """Bounds-checked little-endian reader over the mapped header."""
 
@@ -263,6 +286,13 @@ class GGUFFile:
         if not isinstance(v, list):
             raise GGUFError(self.path, key, f"expected an array, found {type(v).__name__}")
         return v
+
+    def string_array(self, key: str) -> StringArray | list[str]:
+        """A string array, read item by item when it was left lazy."""
+        v = self.require(key)
+        if isinstance(v, LazyArray) and v.item_type == _STRING:
+            return StringArray(self, v, key)
+        return self.array(key)
 
     def numeric_array(self, key: str) -> np.ndarray:
         """A numeric metadata array as a numpy array (no per-item Python objects)."""

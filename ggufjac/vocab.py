@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 
 from .gguf_file import GGUFFile
 
@@ -33,13 +34,13 @@ class Vocabulary:
     def __init__(self, gguf: GGUFFile) -> None:
         self.gguf = gguf
         self.kind = gguf.get("tokenizer.ggml.model", "llama")
-        self._pieces: list[str] | None = None
+        self._pieces: Sequence[str] | None = None
         self._ids: dict[str, int] | None = None
 
     @property
-    def pieces(self) -> list[str]:
+    def pieces(self) -> Sequence[str]:
         if self._pieces is None:
-            self._pieces = self.gguf.array("tokenizer.ggml.tokens")
+            self._pieces = self.gguf.string_array("tokenizer.ggml.tokens")
         return self._pieces
 
     def __len__(self) -> int:
