@@ -147,8 +147,7 @@ class LoadedModel:
         if not targets:
             targets = [top_tokens_by_unembedding(self.weights, y[:, None], 1)[0][0][0]]
         u = self.weights.unembedding_rows(targets)
-        cot = engine.output_cotangents(record.residuals[-1], u)
-        jac = engine.pull_back(record, {self.cfg.n_layer: cot}, chunk=plan.chunk)
+        jac = engine.pull_back_output(record, u, plan.chunk)
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
         logits = u @ y
         cap = self.cfg.final_logit_softcap

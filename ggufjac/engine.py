@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .errors import GgufjacError
 from .linearize import DETACHED, Linearization
-from .model import block, final_norm
+from .model import block, final_norm, input_embeddings
 from .weights import BufferPool, GGUFWeights
 
 # Per-layer tensors the reverse sweep reads: the linear path and the (constant) norm weights.
@@ -108,6 +108,17 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return 8 * 2**30
+
+
+def _batched_vjp(out: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, chunk: int,
+                 result: torch.Tensor) -> torch.Tensor:
+    """Rows of `cotangents` on `out` pulled back to `x`, `chunk` rows per batched backward
+    (vmap over autograd), written into `result` row by row (it may be `cotangents` itself)."""
+    for s in range(0, cotangents.shape[0], chunk):
+        (g,) = torch.autograd.grad(out, x, cotangents[s:s + chunk], retain_graph=True,
+                                   is_grads_batched=True)
+        result[s:s + chunk] = g
+    return result
 
 
 @dataclass
@@ -217,8 +228,7 @@ class StreamingEngine:
     # -- forward -------------------------------------------------------------------------
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
-        x = self.weights.embedding_rows(token_ids)
-        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+        return input_embeddings(self.weights, token_ids)
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ForwardRecord:
@@ -245,15 +255,10 @@ class StreamingEngine:
         with torch.no_grad():
             final_norm(self.cfg, self.output_norm, residual, self.lin.recording(store))
         x = residual.detach().requires_grad_(True)
-        m = directions.shape[0]
-        result = residual.new_empty((m, *residual.shape))
         with torch.enable_grad():
             y = final_norm(self.cfg, self.output_norm, x, self.lin.replaying(store))[position]
-            for s in range(0, m, chunk):
-                (g,) = torch.autograd.grad(y, x, directions[s:s + chunk], retain_graph=True,
-                                           is_grads_batched=True)
-                result[s:s + chunk] = g
-        return result
+            result = residual.new_empty((directions.shape[0], *residual.shape))
+            return _batched_vjp(y, x, directions, chunk, result)
 
     def layer_vjp(self, layer: int, w: dict[str, torch.Tensor], record: ForwardRecord,
                   cotangents: torch.Tensor, part: str = "out", chunk: int | None = None
@@ -264,14 +269,8 @@ class StreamingEngine:
         lin = self.lin.replaying(record.coefficients[layer])
         with torch.enable_grad():
             out = getattr(block(self.cfg, layer, w, x, lin), part)
-            m = cotangents.shape[0]
-            chunk = chunk or m
             result = cotangents if part == "out" else torch.empty_like(cotangents)
-            for s in range(0, m, chunk):
-                (g,) = torch.autograd.grad(out, x, cotangents[s:s + chunk], retain_graph=True,
-                                           is_grads_batched=True)
-                result[s:s + chunk] = g
-        return result
+            return _batched_vjp(out, x, cotangents, chunk or cotangents.shape[0], result)
 
     def pull_back(self, record: ForwardRecord, cotangents: dict[int, torch.Tensor],
                   to_residual: int = 0, chunk: int | None = None) -> torch.Tensor:
@@ -291,6 +290,12 @@ class StreamingEngine:
             if layer in cotangents and layer != top:
                 g = torch.cat((g, cotangents[layer]), dim=0)
         return g
+
+    def pull_back_output(self, record: ForwardRecord, directions: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+        """Directions [m, d] on the output y (last position) -> directions @ J, [m, N, d]."""
+        cot = self.output_cotangents(record.residuals[-1], directions)
+        return self.pull_back(record, {self.cfg.n_layer: cot}, chunk=chunk)
 
     # -- memory --------------------------------------------------------------------------
 

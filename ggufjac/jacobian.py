@@ -53,8 +53,7 @@ def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,
         else directions.to(inputs.dtype)
     plan = engine.plan(dirs.shape[0], n)
     record = engine.forward(inputs)
-    cot = engine.output_cotangents(record.residuals[-1], dirs)
-    jac = engine.pull_back(record, {engine.cfg.n_layer: cot}, chunk=plan.chunk)
+    jac = engine.pull_back_output(record, dirs, plan.chunk)
     return JacobianResult(jac, inputs.detach(), record.output[-1], directions)
 
 

@@ -133,6 +133,13 @@ def final_norm(cfg: ModelConfig, weight: torch.Tensor, x: torch.Tensor,
     return rms_norm(x, weight, cfg.norm_eps, lin, "output_norm")
 
 
+def input_embeddings(weights: GGUFWeights, token_ids: list[int]) -> torch.Tensor:
+    """The input embeddings x_1..x_N fed into layer 0 (the family's scale included)."""
+    x = weights.embedding_rows(token_ids)
+    scale = weights.cfg.embed_scale
+    return x * scale if scale != 1.0 else x
+
+
 class Transformer:
     """The model of one GGUF file. Holds all layer weights (`keep_weights`) or reloads them."""
 
@@ -146,9 +153,7 @@ class Transformer:
         return self._layers[i] if self._layers is not None else self.weights.layer(i)
 
     def embed(self, token_ids: list[int]) -> torch.Tensor:
-        """The input embeddings x_1..x_N fed into layer 0 (the family's scale included)."""
-        x = self.weights.embedding_rows(token_ids)
-        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+        return input_embeddings(self.weights, token_ids)
 
     def forward(self, x: torch.Tensor, lin: Linearization,
                 hidden: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -130,7 +130,10 @@ class GGUFWeights:
 
     def embedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows of the token embedding table for `token_ids` (not yet scaled), [N, d]."""
-        info = self.gguf.tensor("token_embd.weight")
+        return self._gather_rows("token_embd.weight", token_ids)
+
+    def _gather_rows(self, name: str, token_ids: list[int]) -> torch.Tensor:
+        info = self.gguf.tensor(name)
         return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
 
     @torch.no_grad()
@@ -152,8 +155,7 @@ class GGUFWeights:
 
     def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows u_t of the unembedding matrix: logit_t = u_t · y (before any soft-cap), [m, d]."""
-        info = self.gguf.tensor(self.unembedding_name)
-        return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
+        return self._gather_rows(self.unembedding_name, token_ids)
 
     def unembedding_chunks(self, rows_per_chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows) chunks of the unembedding matrix [vocab, d], in order."""

@@ -11,7 +11,6 @@ import torch
 from ggufjac.api import open_model
 from ggufjac.engine import parse_size
 from ggufjac.errors import GgufjacError
-from ggufjac.jacobian import detached_jacobian
 from ggufjac.linearize import PLAIN, Linearization
 from tools.synthetic import Shape, write_synthetic_gguf
 

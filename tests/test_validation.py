@@ -123,40 +123,36 @@ def test_unknown_tensor_type(base, tmp_path) -> None:
         validate_file(bad)
 
 
+def _renamed(tmp_path: Path, data: bytes, old: bytes, new: bytes, at: int | None = None) -> Path:
+    """The file with the bytes `old` (first occurrence, or at offset `at`) replaced by `new`
+    of the same length: a key, name or value spelled differently."""
+    b = bytearray(data)
+    at = data.index(old) if at is None else at
+    b[at:at + len(new)] = new
+    out = tmp_path / "bad.gguf"
+    out.write_bytes(bytes(b))
+    return out
+
+
 def test_unknown_architecture(base, tmp_path) -> None:
     _, data, _, _ = base
     at = _kv_entry(data, "general.architecture") + 4 + 8  # the string's bytes
-    b = bytearray(data)
-    b[at:at + 5] = b"llamb"
-    (tmp_path / "bad.gguf").write_bytes(bytes(b))
     with pytest.raises(UnsupportedModelError, match=r"'llamb'.*gemma3.*llama"):
-        validate_file(tmp_path / "bad.gguf")
+        validate_file(_renamed(tmp_path, data, b"llama", b"llamb", at))
 
 
 def test_missing_architecture_and_required_key(base, tmp_path) -> None:
     _, data, _, _ = base
-    b = bytearray(data)
-    at = data.index(b"general.architecture")
-    b[at:at + 7] = b"generaX"
-    (tmp_path / "bad.gguf").write_bytes(bytes(b))
     with pytest.raises(GGUFError, match=r"general\.architecture: required metadata key is missing"):
-        validate_file(tmp_path / "bad.gguf")
-    b = bytearray(data)
-    at = data.index(b"llama.block_count")
-    b[at:at + 5] = b"llamX"
-    (tmp_path / "bad.gguf").write_bytes(bytes(b))
+        validate_file(_renamed(tmp_path, data, b"general.architecture", b"generaX"))
     with pytest.raises(GGUFError, match=r"llama\.block_count: required metadata key is missing"):
-        validate_file(tmp_path / "bad.gguf")
+        validate_file(_renamed(tmp_path, data, b"llama.block_count", b"llamX"))
 
 
 def test_missing_tensor(base, tmp_path) -> None:
     _, data, _, _ = base
-    b = bytearray(data)
-    at = data.index(b"blk.1.ffn_up.weight")
-    b[at:at + 5] = b"blk.7"
-    (tmp_path / "bad.gguf").write_bytes(bytes(b))
     with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.ffn_up\.weight': required tensor is missing"):
-        validate_file(tmp_path / "bad.gguf")
+        validate_file(_renamed(tmp_path, data, b"blk.1.ffn_up.weight", b"blk.7"))
 
 
 def test_cli_prints_one_line_and_exits_2(base, tmp_path) -> None:

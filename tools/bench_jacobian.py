@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+
+from tools.peak_rss import measure_module
 
 PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
            "def fibonacci(n):\n    return"]
@@ -63,16 +61,8 @@ def child(side: str, model: str, prompt: str, dtype: str) -> None:
 
 
 def run(side: str, model: str, prompt: str, dtype: str) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".txt") as report:
-        out = subprocess.run([sys.executable, "-m", "tools.peak_rss", report.name,
-                              "tools.bench_jacobian", "--child", side, "--model", model,
-                              "--dtype", dtype, "--prompt", prompt],
-                             capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(out.stderr)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["peak"] = int(Path(report.name).read_text())
-    return result
+    return measure_module("tools.bench_jacobian", "--child", side, "--model", model,
+                          "--dtype", dtype, "--prompt", prompt)
 
 
 def main() -> None:

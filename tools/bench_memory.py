@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tools.peak_rss import measure_module
 from tools.synthetic import Shape, write_random_q4_k_gguf
 
 TOKENS = [1, 300, 301, 302]  # BOS and three words of the synthetic vocabulary
@@ -53,17 +52,10 @@ def child(model: str, directions: int, max_memory: str | None) -> None:
 
 
 def measure(model: Path, directions: int = 0, max_memory: str | None = None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".txt") as report:
-        args = [sys.executable, "-m", "tools.peak_rss", report.name, "tools.bench_memory",
-                "--child", str(model), "--directions", str(directions)]
-        if max_memory:
-            args += ["--max-memory", max_memory]
-        out = subprocess.run(args, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(out.stderr)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["peak"] = int(Path(report.name).read_text())
-    return result
+    args = ["--child", str(model), "--directions", str(directions)]
+    if max_memory:
+        args += ["--max-memory", max_memory]
+    return measure_module("tools.bench_memory", *args)
 
 
 def main() -> None:

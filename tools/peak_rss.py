@@ -10,8 +10,12 @@ memory of the process that started us (Linux carries ru_maxrss across fork + exe
 from __future__ import annotations
 
 import atexit
+import json
 import runpy
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def peak_rss_bytes() -> int:
@@ -20,6 +24,19 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure_module(module: str, *args: str) -> dict:
+    """Run `python -m module args` in a fresh process under this wrapper: the JSON object on
+    the last line of its stdout, with "peak" (its peak RSS in bytes) added."""
+    with tempfile.NamedTemporaryFile(suffix=".txt") as report:
+        out = subprocess.run([sys.executable, "-m", "tools.peak_rss", report.name, module,
+                              *args], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["peak"] = int(Path(report.name).read_text())
+    return result
 
 
 def main() -> None:
