@@ -65,6 +65,21 @@ def run(side: str, model: str, prompt: str, dtype: str) -> dict:
                           "--dtype", dtype, "--prompt", prompt)
 
 
+def matmul_gflops(dtype: str) -> float:
+    """Sustained rate of a matmul shaped like the reverse sweep's (64 directions x 8 tokens
+    against an MLP weight): the ceiling both sides work against."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, w = torch.randn(512, 2048, dtype=dt), torch.randn(2048, 640, dtype=dt)
+    for _ in range(3):
+        a @ w
+    t0 = time.perf_counter()
+    for _ in range(50):
+        a @ w
+    return 2 * 512 * 2048 * 640 * 50 / (time.perf_counter() - t0) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gemma3-270m")
@@ -76,6 +91,8 @@ def main() -> None:
         child(args.child, args.model, args.prompt, args.dtype)
         return
     print(f"{args.model}, {args.dtype}, CPU; time = load weights + Jacobian; peak = whole process")
+    print(f"matmul rate of this machine, {args.dtype} [512 x 2048] @ [2048 x 640]: "
+          f"{matmul_gflops(args.dtype):.0f} GFLOP/s")
     print(f"{'prompt':<34}{'reference s':>12}{'ours s':>8}{'speed-up':>10}"
           f"{'ref peak':>10}{'our peak':>10}{'ratio':>7}  same prediction")
     for prompt in PROMPTS:
