@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .anchor import Anchor
 from .errors import GgufjacError
 from .linearize import DETACHED, Linearization
 from .model import block, final_norm, input_embeddings
@@ -157,10 +158,11 @@ class StreamingEngine:
 
     def __init__(self, weights: GGUFWeights, lin: Linearization = DETACHED,
                  progress: bool = False, max_memory: int | None = None,
-                 prefetch: bool | None = None) -> None:
+                 prefetch: bool | None = None, anchor: Anchor | None = None) -> None:
         if not lin.detach:
             raise GgufjacError("the streaming engine computes detached Jacobians only")
         self.weights, self.cfg, self.lin = weights, weights.cfg, lin
+        self.anchor = anchor  # coefficients given by llama.cpp's run (anchor.py), if any
         self.dtype, self.device = weights.dtype, weights.device
         self.progress, self.max_memory = progress, max_memory
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
@@ -237,7 +239,8 @@ class StreamingEngine:
         x = residuals[0]
         for layer, w in self.layers(range(self.cfg.n_layer), None, "forward"):
             store: dict[str, torch.Tensor] = {}
-            x = block(self.cfg, layer, w, x, self.lin.recording(store)).out
+            given = self.anchor.layers[layer] if self.anchor is not None else None
+            x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
             residuals.append(x)
             coefficients.append(store)
         out_store: dict[str, torch.Tensor] = {}

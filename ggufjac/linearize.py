@@ -18,6 +18,13 @@ Each coefficient has a site name ("attn_norm", "attn_probs", "gate", ...). A `Li
 may carry a `store`: when `replay` is False the computed coefficients are recorded in it, when
 True they are taken from it and never computed — the streaming engine's reverse sweep replays a
 layer this way without the weights that only shape coefficients (q, k, the gate).
+
+Anchoring (anchor.py) adds `given` coefficients, taken from llama.cpp's own run instead of
+computed, and one more kind of frozen coefficient: a runtime's rounding of an activation on the
+linear path (8-bit quantization before a quantized matmul, F16 storage of V, an F16
+accumulator) frozen as the ratio r = rounded(x) / x, so x ↦ r ⊙ x is linear and reproduces the
+rounded value at this input. Without `given` ratios there is no such site: `frozen_rounding`
+is the identity and the forward pass is unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class Linearization:
     gate_path: str = "up"
     store: dict[str, torch.Tensor] | None = dataclasses.field(default=None, compare=False)
     replay: bool = False
+    # Coefficients given from outside (llama.cpp's values, see anchor.py), used as computed.
+    given: dict[str, torch.Tensor] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.gate_path not in GATE_PATHS:
@@ -45,8 +54,9 @@ class Linearization:
         if self.replay and (self.store is None or not self.detach):
             raise ValueError("replaying coefficients needs a store and detach=True")
 
-    def recording(self, store: dict[str, torch.Tensor]) -> Linearization:
-        return dataclasses.replace(self, store=store, replay=False)
+    def recording(self, store: dict[str, torch.Tensor],
+                  given: dict[str, torch.Tensor] | None = None) -> Linearization:
+        return dataclasses.replace(self, store=store, replay=False, given=given)
 
     def replaying(self, store: dict[str, torch.Tensor]) -> Linearization:
         return dataclasses.replace(self, store=store, replay=True)
@@ -55,10 +65,18 @@ class Linearization:
         """The coefficient at `site`: computed (and recorded), or replayed; frozen if detached."""
         if self.replay:
             return self.store[site]  # type: ignore[index]
-        value = compute()
+        value = self.given[site] if self.given is not None and site in self.given else compute()
         if self.store is not None:
             self.store[site] = value.detach()
         return value.detach() if self.detach else value
+
+    def rounding(self, site: str) -> torch.Tensor | None:
+        """The frozen rounding ratio at `site`, if one is given (or was recorded)."""
+        if self.replay:
+            return self.store.get(site)  # type: ignore[union-attr]
+        if self.given is None or site not in self.given:
+            return None
+        return self.coefficient(site, lambda: self.given[site])  # type: ignore[index]
 
 
 PLAIN = Linearization(detach=False)
@@ -99,6 +117,12 @@ def gated_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tenso
     g = gate()
     s = lin.coefficient("gate_factor", lambda: gate_factor(g, activation))
     return (g * s) * lin.coefficient("up", up)
+
+
+def frozen_rounding(x: torch.Tensor, lin: Linearization, site: str) -> torch.Tensor:
+    """r ⊙ x, r = rounded(x)/x frozen at the runtime's values (anchored runs); else x itself."""
+    r = lin.rounding(site)
+    return x if r is None else x * r
 
 
 def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearization) -> torch.Tensor:

@@ -25,11 +25,18 @@ class LlamaCppRun:
 
     tokens: list[int]
     logits: np.ndarray | None = None  # [N, vocab] float32, every position
-    captured: dict[str, np.ndarray] = field(default_factory=dict)  # graph tensors by name
+    # graph tensors by name, shaped as ggml's ne reversed ([ne3, ne2, ne1, ne0]), F32 or F16
+    captured: dict[str, np.ndarray] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # every graph node, in order (list_names)
+
+    def rows(self, name: str) -> np.ndarray:
+        """A captured per-token tensor as [N, features]."""
+        t = self.captured[name]
+        return t.reshape(-1, t.shape[-1])
 
     def layer_outputs(self, n_layer: int) -> list[np.ndarray]:
         """Each layer's output residual stream [N, d] ('l_out-i')."""
-        return [self.captured[f"l_out-{i}"] for i in range(n_layer)]
+        return [self.rows(f"l_out-{i}") for i in range(n_layer)]
 
 
 def _call(request: dict, timeout: float) -> dict[str, np.ndarray]:
@@ -72,9 +79,14 @@ def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float 
 
 
 def evaluate(model: str | Path, tokens: list[int], *, flash_attn: bool = False,
-             capture: list[str] | None = None, timeout: float = 600) -> LlamaCppRun:
-    """Run llama.cpp (CPU) on `tokens`: logits at every position and the named graph tensors."""
+             capture: list[str] | None = None, list_names: bool = False,
+             timeout: float = 600) -> LlamaCppRun:
+    """Run llama.cpp (CPU) on `tokens`: logits at every position and the named graph tensors
+    (F32 and F16 ones); `list_names` also returns the name of every node of the graph."""
     out = _call({"model": str(model), "tokens": list(tokens), "evaluate": True,
-                 "flash_attn": flash_attn, "capture": capture or []}, timeout)
+                 "flash_attn": flash_attn, "capture": capture or [],
+                 "list_names": list_names}, timeout)
     captured = {k.removeprefix("capture:"): v for k, v in out.items() if k.startswith("capture:")}
-    return LlamaCppRun(tokens=out["tokens"].tolist(), logits=out["logits"], captured=captured)
+    names = out["names"].tolist() if "names" in out else []
+    return LlamaCppRun(tokens=out["tokens"].tolist(), logits=out["logits"], captured=captured,
+                       names=names)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-# ggml_tensor begins {enum ggml_type type; ggml_backend_buffer * buffer; int64_t ne[4]; ...}:
-# stable since GGUF v2. Names are read through ggml_get_name rather than by offset.
-_GGML_TYPE_F32 = 0
-_NE_OFFSET = 16
+# ggml_tensor begins {enum ggml_type type; ggml_backend_buffer * buffer; int64_t ne[4];
+# size_t nb[4]; ...}: stable since GGUF v2. Names are read through ggml_get_name.
+_GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
+_NUMPY_TYPES = {_GGML_TYPE_F32: np.float32, _GGML_TYPE_F16: np.float16}
+_NE_OFFSET, _NB_OFFSET = 16, 48
 
 
 def _load_ggml_base(llama_cpp_module: object) -> ctypes.CDLL:
@@ -90,18 +91,25 @@ def run(req: dict) -> dict[str, np.ndarray]:
     captured: dict[str, np.ndarray] = {}
     ggml = _load_ggml_base(llama_cpp)
 
+    listed: list[str] = []
+
     def on_eval(t: int, ask: bool, user: object) -> bool:
         name = ggml.ggml_get_name(t).decode("utf-8", "replace")
         if ask:
+            if req.get("list_names"):
+                listed.append(name)
             return name in wanted
         ttype = ctypes.c_int32.from_address(t).value
-        ne = (ctypes.c_int64 * 4).from_address(t + _NE_OFFSET)
-        if ttype == _GGML_TYPE_F32:
-            nbytes = ggml.ggml_nbytes(t)
-            arr = np.empty(nbytes // 4, dtype=np.float32)
-            ggml.ggml_backend_tensor_get(t, arr.ctypes.data, 0, nbytes)
-            shape = [ne[i] for i in range(4)]
-            captured[name] = arr.reshape(shape[::-1]).squeeze()
+        if ttype in _NUMPY_TYPES:
+            ne = list((ctypes.c_int64 * 4).from_address(t + _NE_OFFSET))
+            nb = list((ctypes.c_size_t * 4).from_address(t + _NB_OFFSET))
+            nbytes = ggml.ggml_nbytes(t)  # the extent of a strided view, not only its elements
+            raw = np.empty(nbytes, dtype=np.uint8)
+            ggml.ggml_backend_tensor_get(t, raw.ctypes.data, 0, nbytes)
+            # numpy order is ggml's reversed: [ne3, ne2, ne1, ne0]; views keep their strides.
+            arr = np.lib.stride_tricks.as_strided(raw.view(_NUMPY_TYPES[ttype]),
+                                                  shape=ne[::-1], strides=nb[::-1])
+            captured[name] = np.ascontiguousarray(arr)
         return True
 
     callback = llama_cpp.ggml_backend_sched_eval_callback(on_eval)
@@ -112,7 +120,7 @@ def run(req: dict) -> dict[str, np.ndarray]:
     cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
     cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if req["flash_attn"]
                                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    if wanted:
+    if wanted or req.get("list_names"):
         cparams.cb_eval = callback
         cparams.cb_eval_user_data = None
     ctx = llama_cpp.llama_init_from_model(model, cparams)
@@ -136,7 +144,9 @@ def run(req: dict) -> dict[str, np.ndarray]:
         logits[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
     out["logits"] = logits
     for name, arr in captured.items():
-        out["capture:" + name] = arr.reshape(n, -1) if arr.size % n == 0 and arr.ndim else arr
+        out["capture:" + name] = arr
+    if req.get("list_names"):
+        out["names"] = np.asarray(listed)
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .families import ModelConfig
-from .linearize import Linearization, attention_probs, gated_product, rms_norm
+from .linearize import Linearization, attention_probs, frozen_rounding, gated_product, rms_norm
 from .weights import GGUFWeights
 
 
@@ -94,21 +94,29 @@ def attention_scores(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h
     return scores.masked_fill(~attention_mask(cfg, layer, n, h.device), float("-inf"))
 
 
+def matmul(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
+           lin: Linearization) -> torch.Tensor:
+    """x @ W_name.T; an anchored run first applies the runtime's rounding of x for that
+    weight's matmul (its activation quantization), frozen."""
+    return frozen_rounding(x, lin, "in:" + name) @ w[name].T
+
+
 def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
               lin: Linearization) -> torch.Tensor:
     n = h.shape[0]
     p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin), lin)
-    v = (h @ w["attn_v"].T).view(n, cfg.n_kv_head, cfg.head_dim_v)
-    v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+    v = frozen_rounding(matmul(h, w, "attn_v", lin), lin, "v_cache")
+    v = v.view(n, cfg.n_kv_head, cfg.head_dim_v).repeat_interleave(
+        cfg.n_head // cfg.n_kv_head, dim=1)
     o = torch.einsum("hqk,khd->qhd", p, v).reshape(n, cfg.n_head * cfg.head_dim_v)
-    return o @ w["attn_output"].T
+    return matmul(frozen_rounding(o, lin, "attn_sum"), w, "attn_output", lin)
 
 
 def mlp(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
         lin: Linearization) -> torch.Tensor:
-    act = gated_product(lambda: h @ w["ffn_gate"].T, lambda: h @ w["ffn_up"].T,
+    act = gated_product(lambda: matmul(h, w, "ffn_gate", lin), lambda: matmul(h, w, "ffn_up", lin),
                         cfg.family.activation, lin)
-    return act @ w["ffn_down"].T
+    return matmul(act, w, "ffn_down", lin)
 
 
 def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,

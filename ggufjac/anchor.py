@@ -1,0 +1,263 @@
+"""Anchoring to llama.cpp: the exact linear map of llama.cpp's own prediction.
+
+Our float64 model and llama.cpp's float32 one differ by llama.cpp's roundings (8-bit
+activation quantization in quantized matmuls, F16 K/V, F16 probabilities, a GELU lookup
+table), and one flipped rounding cascades through the layers. So instead of emulating them,
+the detached model freezes its coefficients at llama.cpp's own values, read from its graph
+tensors for the prompt (eval callback):
+
+- attention probabilities: flash attention off, `kq_soft_max` rounded to F16 (the P·V matmul
+  reads it as F16); on, the probabilities never exist as a tensor and are derived from
+  llama.cpp's F16-rounded Q and K, and the F16 accumulator's rounding of P·V is frozen as a
+  ratio (`attn_sum`);
+- the activated gate: llama.cpp's fused GLU output over its up projection (its GELU table
+  included); on the gate path, the gate factor and the up branch;
+- roundings on the linear path, frozen as ratios r = rounded(x)/x of llama.cpp's values:
+  each quantized matmul's input as ggml's CPU backend quantizes it for that weight's type
+  (`in:<weight>`), V as stored in the F16 cache (`v_cache`), P·V (`attn_sum`);
+- the RMSNorm scales are recomputed from the anchored stream itself: they are smooth in their
+  input, which tracks llama.cpp's to float32 rounding, so no rounding decision hides there.
+
+With these the detached model reproduces llama.cpp's per-layer outputs and logits to about
+float32 rounding and is exactly linear, so its Jacobian explains llama.cpp's prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gguf.constants import GGMLQuantizationType as Q
+
+from .families import ModelConfig
+from .linearize import gate_factor
+from .llamacpp import LlamaCppRun
+from .model import attention_mask
+
+# How ggml's CPU backend rounds a matmul's float32 input for each weight type (its
+# vec_dot_type): the weight types it pairs with 8-bit blocks, F16, BF16, or none.
+ACTIVATION_FORMAT = {
+    Q.F32: None, Q.F16: "f16", Q.BF16: "bf16",
+    Q.Q4_0: "q8_0", Q.Q5_0: "q8_0", Q.Q8_0: "q8_0", Q.IQ4_NL: "q8_0",
+    Q.Q4_1: "q8_1", Q.Q5_1: "q8_1",
+    Q.Q2_K: "q8_k", Q.Q3_K: "q8_k", Q.Q4_K: "q8_k", Q.Q5_K: "q8_k", Q.Q6_K: "q8_k",
+    Q.IQ4_XS: "q8_k",
+}
+
+# llama.cpp's names for the graph tensors each coefficient comes from ("-{layer}" appended).
+# The input of attention and of the MLP depends on where the family puts its norms.
+ATTN_INPUT = {"pre": "attn_norm", "sandwich": "attn_norm", "post": None}  # post: layer input
+FFN_INPUT = {"pre": "ffn_norm", "sandwich": "ffn_norm", "post": "ffn_inp"}
+GLU_OUTPUT = {"gelu_tanh": "ffn_geglu", "silu": "ffn_swiglu"}
+FLASH_OFF_TENSORS = ("kq_soft_max",)
+FLASH_ON_TENSORS = ("Qcur", "Kcur")  # the last tensors so named: after RoPE
+# Where llama.cpp's graph applies the attention scale, which decides what is rounded to F16
+# for flash attention: "scores" (passed to the attention op: f16(q)·f16(k)·s), "query"
+# (multiplied into q first: f16(q·s)·f16(k)), "qcur" (already in the last 'Qcur' tensor).
+QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3": "query",
+               "phi3": "qcur"}
+LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up", "ffn_gate")
+
+
+def _blocks(x: np.ndarray, size: int) -> np.ndarray:
+    rows, k = x.shape
+    if k % size:
+        raise ValueError(f"row length {k} is not a multiple of the block size {size}")
+    return x.reshape(rows, k // size, size)
+
+
+def round_q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml's x86 Q8_0 activation quantization, dequantized: blocks of 32, d = fp16(amax/127),
+    q = round-half-even(x · (127/amax)) (float32 arithmetic as ggml's AVX path does it)."""
+    b = _blocks(x, 32)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(b * inv)
+    return (d * q).reshape(x.shape)
+
+
+def round_q8_1(x: np.ndarray) -> np.ndarray:
+    """Q8_1 as Q8_0 (the per-block sum ggml also stores in F16 is not modelled: it enters
+    only Q4_1/Q5_1 dot products, as m·fp16(d·Σq))."""
+    return round_q8_0(x)
+
+
+def round_q8_k(x: np.ndarray) -> np.ndarray:
+    """ggml's Q8_K activation quantization, dequantized: blocks of 256, the first element of
+    largest magnitude `max` sets iscale = -127/max, q = min(127, round-half-even(iscale·x)),
+    d = 1/iscale, all in float32."""
+    b = _blocks(x, 256)
+    idx = np.abs(b).argmax(axis=-1)[..., None]
+    mx = np.take_along_axis(b, idx, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.rint(b * iscale), 127)
+    return (d * q).reshape(x.shape)
+
+
+def _round_f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).float().numpy()
+
+
+ROUNDINGS = {"q8_0": round_q8_0, "q8_1": round_q8_1, "q8_k": round_q8_k,
+             "f16": _round_f16, "bf16": _round_bf16}
+
+
+def rounding_ratio(x: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+    """r = rounded / x in float64, 1 where x is 0 (rounded is then 0 too)."""
+    x64, r64 = x.astype(np.float64), rounded.astype(np.float64)
+    safe = np.where(x64 != 0, x64, 1.0)
+    return np.where(x64 != 0, r64 / safe, 1.0)
+
+
+def activation_ratio(x: np.ndarray, qtype: int) -> np.ndarray | None:
+    """The frozen ratio for a matmul input x [rows, k] (float32) against a weight of `qtype`."""
+    fmt = ACTIVATION_FORMAT.get(Q(qtype))
+    if fmt is None:
+        if Q(qtype) != Q.F32:
+            raise ValueError(f"no activation rounding known for weight type {Q(qtype).name}")
+        return None
+    return rounding_ratio(x, ROUNDINGS[fmt](x))
+
+
+@dataclass
+class Anchor:
+    """llama.cpp's frozen coefficients for one prompt, per layer, as given coefficients."""
+
+    flash_attn: bool
+    layers: list[dict[str, torch.Tensor]]
+    output_ratio: torch.Tensor | None  # the unembedding matmul's input rounding [N, d]
+    output: torch.Tensor  # llama.cpp's final-norm output [N, d] (float32 values)
+    logits: np.ndarray  # llama.cpp's logits [N, vocab]
+    sources: dict[str, str] = field(default_factory=dict)  # site -> where it came from
+
+
+def capture_names(cfg: ModelConfig, flash_attn: bool) -> list[str]:
+    """The llama.cpp graph tensors an anchor reads."""
+    layout = cfg.family.norm_layout
+    per_layer = [*LAYER_TENSORS, FFN_INPUT[layout], GLU_OUTPUT[cfg.family.activation],
+                 *(FLASH_ON_TENSORS if flash_attn else FLASH_OFF_TENSORS)]
+    names = [f"{n}-{i}" for i in range(cfg.n_layer) for n in per_layer]
+    if ATTN_INPUT[layout]:
+        names += [f"{ATTN_INPUT[layout]}-{i}" for i in range(cfg.n_layer)]
+    else:
+        names += ["embd", "inp_scaled"] + [f"l_out-{i}" for i in range(cfg.n_layer - 1)]
+    return names + ["result_norm"]
+
+
+SOURCES_FLASH_OFF = {
+    "attn_probs": "llama.cpp kq_soft_max, rounded to F16 as the P·V matmul reads it",
+}
+SOURCES_FLASH_ON = {
+    "attn_probs": "derived: softmax of llama.cpp's F16-rounded Q·K (Qcur, Kcur after RoPE), "
+                  "with our masks, in float64",
+}
+SOURCES_COMMON = {
+    "attn_sum": "llama.cpp kqv_out over P·V (F16 V) recomputed in float64: its accumulator's "
+                "rounding, frozen as a ratio",
+    "v_cache": "llama.cpp Vcur rounded to F16 as the KV cache stores it, as a ratio",
+    "in:*": "llama.cpp's captured matmul inputs, quantized as ggml's CPU backend does for "
+            "each weight's type (Q8_0, Q8_K, F16, ...), as ratios",
+    "gate": "llama.cpp's fused GLU output over its up projection (up path)",
+    "gate_factor, up": "llama.cpp's GLU output over gate·up, and its up projection (gate path)",
+    "norm scales": "recomputed from the anchored residual stream (smooth in their input)",
+}
+
+
+def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
+                    weight_type: Callable[[int | None, str], int], gate_path: str,
+                    flash_attn: bool, dtype: torch.dtype, device: torch.device) -> Anchor:
+    """Frozen coefficients from llama.cpp's captured tensors (see the module docstring).
+
+    `weight_type(layer, name)` is the GGUF type of a layer's matmul weight as stored ('attn_v',
+    'attn_qkv', 'ffn_down', ...), and `weight_type(None, "output")` the unembedding's.
+    """
+    n = len(run.tokens)
+    layout, fam = cfg.family.norm_layout, cfg.family
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
+
+    def rows(name: str) -> np.ndarray:
+        return run.captured[name].reshape(n, -1).astype(np.float32)
+
+    def stored(name: str) -> str:
+        if fam.fused_qkv and name == "attn_v":
+            return "attn_qkv"
+        return "ffn_up" if fam.fused_gate_up and name == "ffn_gate" else name
+
+    layers = []
+    for i in range(cfg.n_layer):
+        def ratio(x: np.ndarray, weight: str) -> np.ndarray:
+            r = activation_ratio(x, weight_type(i, stored(weight)))
+            return np.ones_like(x, dtype=np.float64) if r is None else r
+
+        c: dict[str, np.ndarray] = {}
+        if ATTN_INPUT[layout]:
+            attn_in = rows(f"{ATTN_INPUT[layout]}-{i}")
+        else:
+            attn_in = rows(f"l_out-{i - 1}") if i else rows(
+                "inp_scaled" if "inp_scaled" in run.captured else "embd")
+        c["in:attn_v"] = ratio(attn_in, "attn_v")
+        v = rows(f"Vcur-{i}")
+        v16 = _round_f16(v)
+        c["v_cache"] = rounding_ratio(v, v16)
+        # probabilities [heads, N, N]
+        if flash_attn:
+            where = QUERY_SCALE[cfg.arch]
+            q = run.captured[f"Qcur-{i}"].reshape(n, cfg.n_head, cfg.head_dim).astype(np.float32)
+            if where == "query":
+                q = q * np.float32(cfg.attn_scale)
+            q = _round_f16(q)
+            k = _round_f16(run.captured[f"Kcur-{i}"].reshape(n, cfg.n_kv_head, cfg.head_dim))
+            k = np.repeat(k, cfg.n_head // cfg.n_kv_head, axis=1)
+            scores = np.einsum("qhd,khd->hqk", q.astype(np.float64), k.astype(np.float64))
+            if where == "scores":
+                scores = scores * cfg.attn_scale
+            mask = attention_mask(cfg, i, n, torch.device("cpu")).numpy()
+            scores = np.where(mask[None], scores, -np.inf)
+            scores -= scores.max(axis=-1, keepdims=True)
+            p = np.exp(scores)
+            p /= p.sum(axis=-1, keepdims=True)
+        else:
+            p = run.captured[f"kq_soft_max-{i}"].reshape(cfg.n_head, n, -1)[:, :, :n]
+            p = _round_f16(p.astype(np.float32)).astype(np.float64)
+        c["attn_probs"] = p
+        v_heads = v16.astype(np.float64).reshape(n, cfg.n_kv_head, cfg.head_dim_v)
+        v_heads = np.repeat(v_heads, cfg.n_head // cfg.n_kv_head, axis=1)
+        pv = np.einsum("hqk,khd->qhd", p, v_heads).reshape(n, -1)
+        kqv_out = rows(f"kqv_out-{i}")
+        c["attn_sum"] = rounding_ratio(pv, kqv_out)
+        c["in:attn_output"] = ratio(kqv_out, "attn_output")
+        ffn_in = rows(f"{FFN_INPUT[layout]}-{i}")
+        c["in:ffn_up"] = ratio(ffn_in, "ffn_up")
+        c["in:ffn_gate"] = ratio(ffn_in, "ffn_gate")
+        glu = rows(f"{GLU_OUTPUT[fam.activation]}-{i}").astype(np.float64)
+        if fam.fused_gate_up:
+            gate, up = np.split(rows(f"ffn_up-{i}").astype(np.float64), 2, axis=-1)
+        else:
+            gate = rows(f"ffn_gate-{i}").astype(np.float64)
+            up = rows(f"ffn_up-{i}").astype(np.float64)
+        s = gate_factor(torch.from_numpy(gate), fam.activation).numpy()  # where llama.cpp's is 0/0
+        if gate_path == "up":
+            c["gate"] = np.where(up != 0, glu / np.where(up != 0, up, 1.0), gate * s)
+        else:
+            gu = gate * up
+            c["gate_factor"] = np.where(gu != 0, glu / np.where(gu != 0, gu, 1.0), s)
+            c["up"] = up
+        c["in:ffn_down"] = ratio(glu.astype(np.float32), "ffn_down")
+        layers.append({k: t(v) for k, v in c.items()})
+    y = rows("result_norm")
+    out_ratio = activation_ratio(y, weight_type(None, "output"))
+    sources = dict(SOURCES_FLASH_ON if flash_attn else SOURCES_FLASH_OFF, **SOURCES_COMMON)
+    return Anchor(flash_attn, layers, None if out_ratio is None else t(out_ratio), t(y),
+                  run.logits, sources)
