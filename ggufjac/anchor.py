@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as Q
 
+from .errors import LlamaCppError
 from .families import ModelConfig
 from .linearize import gate_factor
 from .llamacpp import LlamaCppRun
@@ -58,7 +59,7 @@ FLASH_ON_TENSORS = ("Qcur", "Kcur")  # the last tensors so named: after RoPE
 # (multiplied into q first: f16(q·s)·f16(k)), "qcur" (already in the last 'Qcur' tensor).
 QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3": "query",
                "phi3": "qcur"}
-LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up", "ffn_gate")
+LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up")
 
 
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
@@ -146,11 +147,13 @@ def capture_names(cfg: ModelConfig, flash_attn: bool) -> list[str]:
     layout = cfg.family.norm_layout
     per_layer = [*LAYER_TENSORS, FFN_INPUT[layout], GLU_OUTPUT[cfg.family.activation],
                  *(FLASH_ON_TENSORS if flash_attn else FLASH_OFF_TENSORS)]
+    if not cfg.family.fused_gate_up:
+        per_layer.append("ffn_gate")
     names = [f"{n}-{i}" for i in range(cfg.n_layer) for n in per_layer]
     if ATTN_INPUT[layout]:
         names += [f"{ATTN_INPUT[layout]}-{i}" for i in range(cfg.n_layer)]
-    else:
-        names += ["embd", "inp_scaled"] + [f"l_out-{i}" for i in range(cfg.n_layer - 1)]
+    else:  # the layer input itself: the embeddings (no post-norm family scales them), l_out
+        names += ["embd"] + [f"l_out-{i}" for i in range(cfg.n_layer - 1)]
     return names + ["result_norm"]
 
 
@@ -183,6 +186,11 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
     """
     n = len(run.tokens)
     layout, fam = cfg.family.norm_layout, cfg.family
+    missing = [name for name in capture_names(cfg, flash_attn) if name not in run.captured]
+    if missing:
+        raise LlamaCppError(f"llama.cpp's graph has no tensor {missing[0]!r} (of "
+                            f"{len(missing)} missing): this llama.cpp build names its "
+                            f"{cfg.arch} tensors differently, so it cannot be anchored")
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
@@ -205,8 +213,7 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         if ATTN_INPUT[layout]:
             attn_in = rows(f"{ATTN_INPUT[layout]}-{i}")
         else:
-            attn_in = rows(f"l_out-{i - 1}") if i else rows(
-                "inp_scaled" if "inp_scaled" in run.captured else "embd")
+            attn_in = rows(f"l_out-{i - 1}") if i else rows("embd")
         c["in:attn_v"] = ratio(attn_in, "attn_v")
         v = rows(f"Vcur-{i}")
         v16 = _round_f16(v)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import llamacpp
+from .anchor import Anchor, anchor_from_run, capture_names
 from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
     top_tokens_by_unembedding
 from .errors import GGUFError, GgufjacError, PromptError
@@ -92,10 +93,66 @@ class LoadedModel:
         return self.vocab.text(token_id)
 
     def engine(self, lin: Linearization | None = None, progress: bool = False,
-               max_memory: int | None = None, prefetch: bool | None = None) -> StreamingEngine:
-        """The streaming engine over this file (one layer's weights in memory at a time)."""
+               max_memory: int | None = None, prefetch: bool | None = None,
+               anchor: Anchor | None = None) -> StreamingEngine:
+        """The streaming engine over this file (one layer's weights in memory at a time);
+        with an `anchor`, its coefficients are llama.cpp's (see `anchor`)."""
         return StreamingEngine(self.weights, lin or Linearization(), progress, max_memory,
-                               prefetch)
+                               prefetch, anchor)
+
+    def anchor(self, tokens: list[int], lin: Linearization | None = None,
+               flash_attn: bool = True) -> Anchor:
+        """Run llama.cpp on `tokens` and take the detached model's frozen coefficients from
+        its graph tensors (anchor.py): the Jacobian then explains llama.cpp's own prediction.
+        `flash_attn` as llama.cpp runs (its default, "auto", turns it on on CPU)."""
+        if self.weights.dtype not in (torch.float64, torch.float32):
+            raise GgufjacError("anchoring to llama.cpp needs dtype float64 (or float32), not "
+                               + str(self.weights.dtype).removeprefix("torch."))
+        lin = lin or Linearization()
+        run = llamacpp.evaluate(self.path, tokens, flash_attn=flash_attn,
+                                capture=capture_names(self.cfg, flash_attn))
+
+        def weight_type(layer: int | None, name: str) -> int:
+            full = self.weights.unembedding_name if layer is None else f"blk.{layer}.{name}.weight"
+            return int(self.gguf.tensor(full).type)
+
+        return anchor_from_run(run, self.cfg, weight_type, lin.gate_path, flash_attn,
+                               self.weights.dtype, self.weights.device)
+
+    @staticmethod
+    def logit_input(y: torch.Tensor, anchor: Anchor | None) -> torch.Tensor:
+        """What the unembedding multiplies for the last position's y: y itself, or, anchored,
+        y with llama.cpp's rounding of that matmul's input (a frozen ratio) applied."""
+        if anchor is None or anchor.output_ratio is None:
+            return y
+        return y * anchor.output_ratio[-1]
+
+    def anchor_summary(self, anchor: Anchor, y: torch.Tensor,
+                       reconstruction: torch.Tensor | None = None) -> dict:
+        """How closely the anchored model reproduces llama.cpp's run (last position): y is the
+        anchored final-norm output, `reconstruction` Σ J_i x_i if a Jacobian was computed."""
+        ours = unembed(self.weights, self.logit_input(y, anchor)[None])[0]
+        ours = ours.to(torch.float64).cpu().numpy()
+        theirs = anchor.logits[-1].astype(np.float64)
+        y_ref = anchor.output[-1].to(y.dtype)
+        summary = {
+            "runtime": "llama.cpp",
+            "flash_attn": anchor.flash_attn,
+            "anchor_logits_nmse": nmse(ours, theirs),
+            "anchor_logits_nmse_definition": "nmse of the unembedding of the anchored output "
+                                             "(its input rounding frozen too) vs llama.cpp's "
+                                             "logits, last position",
+            "anchor_output_rel_error": float(torch.linalg.vector_norm(y - y_ref)
+                                             / torch.linalg.vector_norm(y_ref)),
+            "llama_cpp_top1": self.token_text(int(theirs.argmax())),
+            "anchored_top1": self.token_text(int(ours.argmax())),
+            "top1_agree": bool(theirs.argmax() == ours.argmax()),
+            "coefficient_sources": anchor.sources,
+        }
+        if reconstruction is not None:
+            summary["reconstruction_rel_error_vs_llama_cpp"] = float(
+                torch.linalg.vector_norm(reconstruction - y_ref) / torch.linalg.vector_norm(y_ref))
+        return summary
 
     @torch.no_grad()
     def logits(self, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -109,20 +166,22 @@ class LoadedModel:
 
     def jacobian(self, tokens: list[int], lin: Linearization | None = None,
                  progress: bool = False, streaming: bool = True, max_memory: int | None = None,
-                 directions: torch.Tensor | None = None) -> JacobianResult:
+                 directions: torch.Tensor | None = None,
+                 anchor: Anchor | None = None) -> JacobianResult:
         """The detached Jacobian J [d, N, d] (or directions @ J [m, N, d]).
 
         `streaming=False` is the in-memory reference path (all layers held, one autograd
-        graph); both give the same J to rounding.
+        graph); both give the same J to rounding. With an `anchor` (from `self.anchor`) the
+        coefficients are llama.cpp's.
         """
         lin = lin or Linearization()
         if not streaming:
-            if directions is not None:
-                raise GgufjacError("output directions need the streaming path")
+            if directions is not None or anchor is not None:
+                raise GgufjacError("output directions and anchoring need the streaming path")
             model = self.model
             return detached_jacobian(model, model.embed(tokens), lin, chunk=128,
                                      progress=progress)
-        engine = self.engine(lin, progress, max_memory)
+        engine = self.engine(lin, progress, max_memory, anchor=anchor)
         return streamed_jacobian(engine, engine.embed(tokens), directions)
 
     def token_for_text(self, text: str) -> int:
@@ -135,18 +194,24 @@ class LoadedModel:
 
     def attribute(self, tokens: list[int], targets: list[int] | None = None,
                   lin: Linearization | None = None, progress: bool = False,
-                  max_memory: int | None = None) -> dict:
+                  max_memory: int | None = None, anchor: Anchor | None = None) -> dict:
         """Each input token's exact additive contribution (u_tᵀ J_i) · x_i to the logit of
-        each target token t (default: the predicted one), from one reverse sweep."""
+        each target token t (default: the predicted one), from one reverse sweep.
+
+        Anchored, the logit is llama.cpp's: u_t · (r ⊙ y) with r the frozen rounding of the
+        unembedding matmul's input, so the contributions sum to llama.cpp's logit."""
         lin = lin or Linearization()
-        engine = self.engine(lin, progress, max_memory)
+        engine = self.engine(lin, progress, max_memory, anchor=anchor)
         x = engine.embed(tokens)
         plan = engine.plan(len(targets) if targets else 1, len(tokens))
         record = engine.forward(x)
         y = record.output[-1]
         if not targets:
-            targets = [top_tokens_by_unembedding(self.weights, y[:, None], 1)[0][0][0]]
+            targets = [top_tokens_by_unembedding(self.weights, self.logit_input(y, anchor)[:, None],
+                                                 1)[0][0][0]]
         u = self.weights.unembedding_rows(targets)
+        if anchor is not None and anchor.output_ratio is not None:
+            u = u * anchor.output_ratio[-1]
         jac = engine.pull_back_output(record, u, plan.chunk)
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
         logits = u @ y
@@ -161,13 +226,20 @@ class LoadedModel:
                    "contributions": [float(v) for v in c]}
             if cap is not None:
                 row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
+            if anchor is not None:
+                row["llama_cpp_logit"] = float(anchor.logits[-1][t])
             rows.append(row)
-        return {"model": str(self.path), "architecture": self.cfg.arch,
+        report = {"model": str(self.path), "architecture": self.cfg.arch,
                 "dtype": str(x.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
                 "tokens": [self.token_text(t) for t in tokens], "token_ids": tokens,
                 "logit_definition": "u_t . y, y the last position's final-norm output"
-                                    + (" (before the final soft-cap)" if cap is not None else ""),
+                                    + (" (before the final soft-cap)" if cap is not None else "")
+                                    + (", its input rounded as llama.cpp's unembedding matmul "
+                                       "rounds it (frozen ratio)" if anchor is not None else ""),
                 "targets": rows}
+        if anchor is not None:
+            report["anchor"] = self.anchor_summary(anchor, y)
+        return report
 
     # -- reports -------------------------------------------------------------------------
 
@@ -214,17 +286,20 @@ class LoadedModel:
         return report
 
     def jacobian_report(self, tokens: list[int], result: JacobianResult, lin: Linearization,
-                        n_vectors: int = 10, n_tokens: int = 5) -> dict:
-        """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian."""
+                        n_vectors: int = 10, n_tokens: int = 5,
+                        anchor: Anchor | None = None) -> dict:
+        """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian
+        (and, if anchored, how it matches llama.cpp's run)."""
         d, n = result.jacobian.shape[0], result.jacobian.shape[1]
         spec = spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
         k = min(n_vectors, spec.left.shape[1])
         # One walk over the unembedding decodes the singular vectors and y itself (the
         # predicted token: a final soft-cap is monotone, so it does not change the argmax).
-        directions = torch.cat((spec.left[:, :k], result.output[:, None]), dim=1)
+        directions = torch.cat((spec.left[:, :k], self.logit_input(result.output, anchor)[:, None]),
+                               dim=1)
         decoded = top_tokens_by_unembedding(self.weights, directions, n_tokens)
         predicted = decoded[k][0][0]
-        return {
+        report = {
             "model": str(self.path),
             "architecture": self.cfg.arch,
             "dtype": str(result.jacobian.dtype).removeprefix("torch."),
@@ -250,6 +325,10 @@ class LoadedModel:
                  "scores": [s for _, s in decoded[j]]}
                 for j in range(k)],
         }
+        if anchor is not None:
+            recon = torch.einsum("onk,nk->o", result.jacobian, result.inputs)
+            report["anchor"] = self.anchor_summary(anchor, result.output, recon)
+        return report
 
 
 def check_device(device: str) -> torch.device:

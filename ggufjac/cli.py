@@ -91,7 +91,31 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       show_default=True, help="Which MLP branch stays linear (see README).")(fn)
     fn = click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
                       default="float32", show_default=True)(fn)
+    fn = click.option("--flash-attn", type=click.Choice(["on", "off"]), default=None,
+                      help="With --anchor llama.cpp: run llama.cpp with flash attention on or "
+                           "off (default: on, what llama.cpp itself does on CPU).")(fn)
+    fn = click.option("--anchor", type=click.Choice(["none", "llama.cpp"]), default="none",
+                      show_default=True,
+                      help="llama.cpp: explain llama.cpp's own prediction exactly (frozen "
+                           "coefficients taken from its run on the prompt; float64/float32).")(fn)
     return fn
+
+
+def _anchor(m: Any, tokens: list[int], lin: Any, anchor: str, flash_attn: str | None) -> Any:
+    """The llama.cpp anchor asked for by --anchor/--flash-attn, or None."""
+    if anchor == "none":
+        if flash_attn is not None:
+            raise GgufjacError("--flash-attn applies to --anchor llama.cpp only")
+        return None
+    return m.anchor(tokens, lin, flash_attn=flash_attn != "off")
+
+
+def _echo_anchor(summary: dict) -> None:
+    click.echo(f"anchored to llama.cpp    flash attention {'on' if summary['flash_attn'] else 'off'}"
+               f"; logits nmse vs llama.cpp {summary['anchor_logits_nmse']:.2e}; output rel "
+               f"error {summary['anchor_output_rel_error']:.2e}")
+    click.echo(f"llama.cpp top-1          {summary['llama_cpp_top1']!r} (anchored: "
+               f"{summary['anchored_top1']!r})")
 
 
 def _max_memory(text: str | None) -> int | None:
@@ -213,7 +237,7 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
              out_dir: Path, dtype: str, gate_path: str, device: str, max_memory: str | None,
-             overwrite: bool) -> None:
+             anchor: str, flash_attn: str | None, overwrite: bool) -> None:
     """Detached Jacobian of the output embedding w.r.t. every input embedding.
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
@@ -233,9 +257,10 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens))  # refuse before writing
     prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
-    result = m.jacobian(tokens, lin, progress=True, max_memory=budget)
+    anchored = _anchor(m, tokens, lin, anchor, flash_attn)
+    result = m.jacobian(tokens, lin, progress=True, max_memory=budget, anchor=anchored)
     seconds = time.perf_counter() - t0
-    report = m.jacobian_report(tokens, result, lin)
+    report = m.jacobian_report(tokens, result, lin, anchor=anchored)
     report["jacobian_seconds"] = seconds
     report["device"] = device
     tensors = {"jacobian": result.jacobian.contiguous().cpu(),
@@ -252,6 +277,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
                f"in {seconds:.1f} s")
     click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
+    if anchored is not None:
+        _echo_anchor(report["anchor"])
     click.echo(f"effective rank           {report['effective_rank']:.2f} (stable rank "
                f"||J||_F^2/s1^2; entropy rank {report['entropy_effective_rank']:.1f})")
     click.echo("top singular vectors, decoded through the unembedding:")
@@ -275,8 +302,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 @_errors_to_exit
 def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
               token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
-              gate_path: str, device: str, max_memory: str | None, json_path: Path | None
-              ) -> None:
+              gate_path: str, device: str, max_memory: str | None, anchor: str,
+              flash_attn: str | None, json_path: Path | None) -> None:
     """Each input token's exact additive contribution to a token's logit.
 
     One reverse sweep of the detached model along the token's unembedding row u_t gives
@@ -295,12 +322,18 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
         if not 0 <= t < m.cfg.vocab_size:
             raise GgufjacError(f"--token-id {t} is outside the vocabulary (0..{m.cfg.vocab_size - 1})")
         targets.append(t)
-    report = m.attribute(tokens, targets or None, Linearization(gate_path=gate_path),
-                         progress=True, max_memory=budget)
+    lin = Linearization(gate_path=gate_path)
+    anchored = _anchor(m, tokens, lin, anchor, flash_attn)
+    report = m.attribute(tokens, targets or None, lin, progress=True, max_memory=budget,
+                         anchor=anchored)
+    if anchored is not None:
+        _echo_anchor(report["anchor"])
     for row in report["targets"]:
         click.echo(f"logit of {row['token']!r} (id {row['id']}): {row['logit']:.6f}"
                    + (f" (after soft-cap {row['logit_after_softcap']:.6f})"
-                      if "logit_after_softcap" in row else ""))
+                      if "logit_after_softcap" in row else "")
+                   + (f" (llama.cpp: {row['llama_cpp_logit']:.6f})"
+                      if "llama_cpp_logit" in row else ""))
         click.echo(f"  {'pos':>4}  {'token':<20}{'contribution':>14}")
         for i, (tok, c) in enumerate(zip(report["tokens"], row["contributions"])):
             click.echo(f"  {i:>4}  {tok!r:<20}{c:>14.6f}")
@@ -345,7 +378,8 @@ def _parse_layers(text: str | None, n_layer: int) -> list[int]:
 @_errors_to_exit
 def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
            out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
-           max_memory: str | None, save_matrices: bool, overwrite: bool) -> None:
+           max_memory: str | None, anchor: str, flash_attn: str | None, save_matrices: bool,
+           overwrite: bool) -> None:
     """Each layer, its attention and its MLP as exact linear maps, with their SVDs.
 
     Per layer: the cumulative map (inputs -> final norm of the residual after the layer, an
@@ -368,14 +402,15 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     chosen = _parse_layers(layer_list, m.cfg.n_layer)
     tokens = m.tokenize(text, max_tokens)
     lin = Linearization(detach=True, gate_path=gate_path)
-    engine = m.engine(lin, progress=True, max_memory=budget)
-    engine.plan(m.cfg.d_model * len(chosen), len(tokens))  # refuse before writing
+    m.engine(lin, max_memory=budget).plan(m.cfg.d_model * len(chosen), len(tokens))  # refuse early
     prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
+    anchored = _anchor(m, tokens, lin, anchor, flash_attn)
+    engine = m.engine(lin, progress=True, max_memory=budget, anchor=anchored)
     maps, y = layer_maps(engine, engine.embed(tokens), chosen)
     entries = describe_maps(maps, m.weights, m.token_text)
     seconds = time.perf_counter() - t0
-    predicted = top_tokens_by_unembedding(m.weights, y[:, None], 1)[0][0][0]
+    predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None], 1)[0][0][0]
     report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
               [m.token_text(t) for t in tokens], "token_ids": tokens,
               "dtype": dtype, "gate_path": gate_path, "device": device,
@@ -389,6 +424,8 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
                         "mlp": "layer input -> MLP part's output, last position"},
               "stable_rank_definition": "||J||_F^2 / s_1^2",
               "maps": entries}
+    if anchored is not None:
+        report["anchor"] = m.anchor_summary(anchored, y)
     spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
     tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
                torch.tensor(e["singular_values"], dtype=spectrum_dtype)

@@ -156,6 +156,9 @@ def markdown_summary(report: dict) -> str:
         f"Predicted token: {predicted!r}; dtype {report['dtype']}; gate path "
         f"`{report['gate_path']}`; largest reconstruction error of any map "
         f"{max(e['reconstruction_rel_error'] for e in entries):.1e}.", "",
+        *([f"Anchored to llama.cpp (flash attention {'on' if report['anchor']['flash_attn'] else 'off'}): "
+           f"the coefficients are llama.cpp's own; logits nmse vs llama.cpp "
+           f"{report['anchor']['anchor_logits_nmse']:.1e}.", ""] if "anchor" in report else []),
         "Each cell: the top 3 tokens of the top left singular vector (through the "
         "unembedding), then the stable rank. `cumulative` is the exact linear logit lens "
         "(inputs -> final norm of the residual after that layer); the others are the layer's "
