@@ -24,6 +24,7 @@ float32 rounding and is exactly linear, so its Jacobian explains llama.cpp's pre
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from gguf.constants import GGMLQuantizationType as Q
 
-from .errors import LlamaCppError
+from .errors import GgufjacError, LlamaCppError
 from .families import ModelConfig
 from .linearize import gate_factor
 from .llamacpp import LlamaCppRun
@@ -120,14 +121,16 @@ def rounding_ratio(x: np.ndarray, rounded: np.ndarray) -> np.ndarray:
     return np.where(x64 != 0, r64 / safe, 1.0)
 
 
-def activation_ratio(x: np.ndarray, qtype: int) -> np.ndarray | None:
-    """The frozen ratio for a matmul input x [rows, k] (float32) against a weight of `qtype`."""
-    fmt = ACTIVATION_FORMAT.get(Q(qtype))
-    if fmt is None:
-        if Q(qtype) != Q.F32:
-            raise ValueError(f"no activation rounding known for weight type {Q(qtype).name}")
+def activation_ratio(x: np.ndarray, qtype: int, weight: str = "weight") -> np.ndarray | None:
+    """The frozen ratio for a matmul input x [rows, k] (float32) against a weight of `qtype`
+    (None: llama.cpp multiplies float32 activations as they are)."""
+    if Q(qtype) == Q.F32:
         return None
-    return rounding_ratio(x, ROUNDINGS[fmt](x))
+    if Q(qtype) not in ACTIVATION_FORMAT:
+        raise GgufjacError(f"{weight}: how llama.cpp rounds activations for weight type "
+                           f"{Q(qtype).name} is not known to ggufjac, so it cannot be anchored "
+                           f"(known: {', '.join(sorted(t.name for t in ACTIVATION_FORMAT))})")
+    return rounding_ratio(x, ROUNDINGS[ACTIVATION_FORMAT[Q(qtype)]](x))
 
 
 @dataclass
@@ -140,6 +143,18 @@ class Anchor:
     output: torch.Tensor  # llama.cpp's final-norm output [N, d] (float32 values)
     logits: np.ndarray  # llama.cpp's logits [N, vocab]
     sources: dict[str, str] = field(default_factory=dict)  # site -> where it came from
+    approximations: list[str] = field(default_factory=list)  # what is not reproduced exactly
+
+    def without_roundings(self) -> Anchor:
+        """llama.cpp's probabilities and gates only, none of its roundings: still exactly
+        linear, no longer llama.cpp's output; shows how much of the change the roundings make."""
+        layers = [{k: v for k, v in c.items() if not is_rounding_site(k)} for c in self.layers]
+        return dataclasses.replace(self, layers=layers, output_ratio=None)
+
+
+def is_rounding_site(site: str) -> bool:
+    """Sites of frozen rounding ratios (see `frozen_rounding` in linearize.py)."""
+    return site.startswith("in:") or site in ("v_cache", "attn_sum")
 
 
 def capture_names(cfg: ModelConfig, flash_attn: bool) -> list[str]:
@@ -203,10 +218,13 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
             return "attn_qkv"
         return "ffn_up" if fam.fused_gate_up and name == "ffn_gate" else name
 
-    layers = []
+    layers, q8_1_weights = [], set()
     for i in range(cfg.n_layer):
         def ratio(x: np.ndarray, weight: str) -> np.ndarray:
-            r = activation_ratio(x, weight_type(i, stored(weight)))
+            qtype = weight_type(i, stored(weight))
+            if ACTIVATION_FORMAT.get(Q(qtype)) == "q8_1":
+                q8_1_weights.add(Q(qtype).name)
+            r = activation_ratio(x, qtype, f"blk.{i}.{stored(weight)}.weight")
             return np.ones_like(x, dtype=np.float64) if r is None else r
 
         c: dict[str, np.ndarray] = {}
@@ -264,7 +282,13 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         c["in:ffn_down"] = ratio(glu.astype(np.float32), "ffn_down")
         layers.append({k: t(v) for k, v in c.items()})
     y = rows("result_norm")
-    out_ratio = activation_ratio(y, weight_type(None, "output"))
+    out_ratio = activation_ratio(y, weight_type(None, "output"), "the unembedding")
     sources = dict(SOURCES_FLASH_ON if flash_attn else SOURCES_FLASH_OFF, **SOURCES_COMMON)
+    approximations = []
+    if q8_1_weights:  # measured on synthetic models: logits nmse ~4e-7 instead of ~1e-14
+        approximations.append(
+            f"{'/'.join(sorted(q8_1_weights))} weights: llama.cpp also rounds each activation "
+            "block's sum to F16 (Q8_1) and multiplies it by the weight's block minimum; that "
+            "term is not a per-element ratio and is not reproduced (logits nmse ~1e-6)")
     return Anchor(flash_attn, layers, None if out_ratio is None else t(out_ratio), t(y),
-                  run.logits, sources)
+                  run.logits, sources, approximations)

@@ -148,6 +148,7 @@ class LoadedModel:
             "anchored_top1": self.token_text(int(ours.argmax())),
             "top1_agree": bool(theirs.argmax() == ours.argmax()),
             "coefficient_sources": anchor.sources,
+            "approximations": anchor.approximations,
         }
         if reconstruction is not None:
             summary["reconstruction_rel_error_vs_llama_cpp"] = float(
