@@ -5,7 +5,9 @@
 Synthetic random-weight models (tools/synthetic.py, 2 layers, d_model 256) of each family;
 with --real also the real Gemma 3 270M Q4_K_M on a few prompts. Prints a Markdown table:
 last-position logits nmse vs llama.cpp (our model in float64 and float32), top-1 agreement,
-and the float64 reconstruction error of the detached Jacobian.
+the float64 reconstruction error of the detached Jacobian, and the same model anchored to
+llama.cpp (`--anchor llama.cpp`, float64, flash attention off and on): logits nmse vs that
+llama.cpp run and the top-1 agreement of both runs.
 """
 
 from __future__ import annotations
@@ -27,13 +29,23 @@ REAL_PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
                 "Photosynthesis converts sunlight into", "The opposite of hot is"]
 
 
-def row(path: Path, prompt: str) -> tuple[float, float, bool, float]:
+def row(path: Path, prompt: str) -> str:
+    """The table cells after the row's name: plain fidelity, then anchored fidelity."""
     m64, m32 = open_model(path, dtype="float64"), open_model(path, dtype="float32")
     tokens = m64.tokenize(prompt)
     ref = llamacpp.evaluate(m64.path, tokens).logits[-1]
     z64, z32 = m64.logits(tokens).numpy()[-1], m32.logits(tokens).numpy()[-1]
     recon = m64.jacobian(tokens).reconstruction_rel_error()
-    return nmse(z64, ref), nmse(z32, ref), bool(z64.argmax() == ref.argmax()), recon
+    top1 = "yes" if z64.argmax() == ref.argmax() else "no (near-tie)"
+    anchored = []
+    for flash in (False, True):
+        engine = m64.engine(anchor=m64.anchor(tokens, flash_attn=flash))
+        summary = m64.anchor_summary(engine.anchor, engine.forward(engine.embed(tokens)).output[-1])
+        anchored.append(summary)
+    a_nmse = " / ".join(f"{s['anchor_logits_nmse']:.1e}" for s in anchored)
+    a_top1 = "yes" if all(s["top1_agree"] for s in anchored) else "no"
+    return (f"{nmse(z64, ref):.1e} | {nmse(z32, ref):.1e} | {top1} | {recon:.1e} | {a_nmse} | "
+            f"{a_top1} |")
 
 
 def main() -> None:
@@ -41,16 +53,16 @@ def main() -> None:
     ap.add_argument("--quants", default="F32,F16,Q8_0,Q4_0,Q4_K_M,Q6_K")
     ap.add_argument("--real", action="store_true", help="also the real Gemma 3 270M")
     args = ap.parse_args()
-    print("| family | weights | nmse (ours f64) | nmse (ours f32) | top-1 | recon. error f64 |")
-    print("|---|---|---|---|---|---|")
+    print("| family | weights | nmse (ours f64) | nmse (ours f32) | top-1 | recon. error f64 | "
+          "anchored nmse (flash off / on) | anchored top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in FAMILY_LAYOUT:
             for quant in args.quants.split(","):
                 path = write_synthetic_gguf(Path(tmp) / f"{arch}-{quant}.gguf", arch, Shape(),
                                             quant, rope_freqs=arch == "llama")
-                a, b, top1, recon = row(path, "the bridge out of Marin")
-                print(f"| {arch} (synthetic) | {quant} | {a:.1e} | {b:.1e} | "
-                      f"{'yes' if top1 else 'no'} | {recon:.1e} |", flush=True)
+                print(f"| {arch} (synthetic) | {quant} | {row(path, 'the bridge out of Marin')}",
+                      flush=True)
     if args.real:
         m = open_model("gemma3-270m")
         print("\n| Gemma 3 270M prompt | nmse (ours f32) | llama.cpp flash-attn on/off nmse | "
@@ -63,9 +75,8 @@ def main() -> None:
                   f"{max(r['layer_nmse']):.1e} | {agree} |", flush=True)
         print()
         for prompt in REAL_PROMPTS[:3]:
-            a, b, top1, recon = row(Path("gemma3-270m"), prompt)
-            print(f"| gemma3 270M: {prompt!r} | Q4_K_M | {a:.1e} | {b:.1e} | "
-                  f"{'yes' if top1 else 'no (near-tie)'} | {recon:.1e} |", flush=True)
+            print(f"| gemma3 270M: {prompt!r} | Q4_K_M | {row(Path('gemma3-270m'), prompt)}",
+                  flush=True)
 
 
 if __name__ == "__main__":
