@@ -183,7 +183,10 @@ class LoadedModel:
             return detached_jacobian(model, model.embed(tokens), lin, chunk=128,
                                      progress=progress)
         engine = self.engine(lin, progress, max_memory, anchor=anchor)
-        return streamed_jacobian(engine, engine.embed(tokens), directions)
+        try:
+            return streamed_jacobian(engine, engine.embed(tokens), directions)
+        finally:
+            engine.release()
 
     def token_for_text(self, text: str) -> int:
         """The vocabulary entry that is exactly `text` (e.g. " Paris")."""

@@ -44,9 +44,17 @@ _NORMS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
 _BACKWARD_TEMPORARIES = 2.0
 # Upper bound on directions per batched backward, even when more would fit: measured on
 # Gemma 3 270M (CPU, float64), one layer's backward of 640 directions at once took 2.9x as
-# long as 4 batches of 160 (cache locality); 32-160 are within 10% of each other in time,
-# and 64 peaks 37 MB lower than 160 (float32).
+# long as 4 batches of 160 (cache locality); 32-160 were within 10% of each other. A batch of
+# about 256 rows (directions x tokens) keeps the matmuls efficient and more only adds
+# temporaries: float32, 8 tokens, the whole Jacobian took 2.95-3.1 s with 32 or 64 directions
+# per batch, and 32 peaked 11 MB lower (tools/bench_jacobian.py).
 MAX_CHUNK = 64
+MAX_BATCH_ROWS = 256
+
+
+def max_chunk(n_tokens: int) -> int:
+    """Most output directions per batched backward for a prompt of `n_tokens`."""
+    return max(1, min(MAX_CHUNK, MAX_BATCH_ROWS // max(n_tokens, 1)))
 
 
 def parse_size(text: str) -> int:
@@ -111,14 +119,37 @@ def available_bytes(device: torch.device) -> int:
     return 8 * 2**30
 
 
+try:  # what autograd.grad(..., is_grads_batched=True) runs, without its argument checks
+    from torch._vmap_internals import _vmap
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # another torch: the public call
+    _vmap = None
+
+
+def _vjp_rows(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Cotangent rows [m, *out.shape] on `out` pulled back to `x`: one batched backward.
+
+    torch.autograd.grad's own checks of the cotangents' shapes import sympy on first use
+    (measured: +38 MB resident, 0.27 s); the shapes here are ours, so the engine calls the
+    same batched backward (legacy vmap over the autograd engine) directly when it can.
+    """
+    if _vmap is None:
+        (g,) = torch.autograd.grad(out, x, rows, retain_graph=True, is_grads_batched=True)
+        return g
+
+    def vjp(g_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _engine_run_backward((out,), (g_out,), True, False, (x,), False,
+                                    accumulate_grad=False)
+    (g,) = _vmap(vjp, 0, 0, allow_none_pass_through=True)(rows)
+    return g
+
+
 def _batched_vjp(out: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, chunk: int,
                  result: torch.Tensor) -> torch.Tensor:
-    """Rows of `cotangents` on `out` pulled back to `x`, `chunk` rows per batched backward
-    (vmap over autograd), written into `result` row by row (it may be `cotangents` itself)."""
+    """Rows of `cotangents` on `out` pulled back to `x`, `chunk` rows per batched backward,
+    written into `result` row by row (it may be `cotangents` itself)."""
     for s in range(0, cotangents.shape[0], chunk):
-        (g,) = torch.autograd.grad(out, x, cotangents[s:s + chunk], retain_graph=True,
-                                   is_grads_batched=True)
-        result[s:s + chunk] = g
+        result[s:s + chunk] = _vjp_rows(out, x, cotangents[s:s + chunk])
     return result
 
 
@@ -172,6 +203,13 @@ class StreamingEngine:
         self.output_norm = weights.output_norm()
         self.linear_path = list(_LINEAR_PATH[lin.gate_path]) + [
             n for n in _NORMS if n in weights.layer_names()]
+
+    def release(self) -> None:
+        """Free the layer buffers and give the memory back to the system (after a sweep,
+        before what follows it: an SVD, decoding)."""
+        for pool in self._buffers:
+            pool.keep_only(())
+        release_freed_memory()
 
     # -- weights, one layer at a time ---------------------------------------------------
 
@@ -243,6 +281,9 @@ class StreamingEngine:
             x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
             residuals.append(x)
             coefficients.append(store)
+        for pool in self._buffers:  # the reverse sweep reads the linear path only
+            pool.keep_only([*self.weights.layer_names(self.linear_path), "float32 scratch"])
+        release_freed_memory()
         out_store: dict[str, torch.Tensor] = {}
         y = final_norm(self.cfg, self.output_norm, x, self.lin.recording(out_store))
         return ForwardRecord(residuals, coefficients, out_store, y)
@@ -250,7 +291,7 @@ class StreamingEngine:
     # -- reverse -------------------------------------------------------------------------
 
     def output_cotangents(self, residual: torch.Tensor, directions: torch.Tensor,
-                          position: int = -1, chunk: int = MAX_CHUNK) -> torch.Tensor:
+                          position: int = -1, chunk: int | None = None) -> torch.Tensor:
         """Directions [m, d] on the final-norm output at `position` of a residual stream
         [N, d] -> cotangents [m, N, d] on that stream (the norm's scale frozen at its value).
         Filled `chunk` directions at a time, so no second [m, N, d] temporary exists."""
@@ -261,7 +302,7 @@ class StreamingEngine:
         with torch.enable_grad():
             y = final_norm(self.cfg, self.output_norm, x, self.lin.replaying(store))[position]
             result = residual.new_empty((directions.shape[0], *residual.shape))
-            return _batched_vjp(y, x, directions, chunk, result)
+            return _batched_vjp(y, x, directions, chunk or max_chunk(residual.shape[0]), result)
 
     def layer_vjp(self, layer: int, w: dict[str, torch.Tensor], record: ForwardRecord,
                   cotangents: torch.Tensor, part: str = "out", chunk: int | None = None
@@ -331,5 +372,6 @@ class StreamingEngine:
                 f"{format_size(fixed + per_direction)} (process {format_size(baseline)}, one "
                 f"layer's weights {format_size(layer_bytes)}, result {format_size(result)}, "
                 f"one direction {format_size(per_direction)})")
-        return MemoryPlan(budget, fixed, per_direction, int(min(n_directions, room // per_direction, MAX_CHUNK)))
+        chunk = min(n_directions, room // per_direction, max_chunk(n_tokens))
+        return MemoryPlan(budget, fixed, per_direction, int(chunk))
 

@@ -14,7 +14,7 @@ import torch
 
 from .families import ModelConfig
 from .linearize import Linearization, attention_probs, frozen_rounding, gated_product, rms_norm
-from .weights import GGUFWeights
+from .weights import ROWS_PER_CHUNK, GGUFWeights
 
 
 def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
@@ -180,7 +180,8 @@ class Transformer:
 
 
 @torch.no_grad()
-def unembed(weights: GGUFWeights, y: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+def unembed(weights: GGUFWeights, y: torch.Tensor, rows_per_chunk: int = ROWS_PER_CHUNK
+            ) -> torch.Tensor:
     """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks (the
     table is never held whole), then the family's final soft-cap if it has one."""
     z = torch.cat([y @ w.T for _, w in weights.unembedding_chunks(rows_per_chunk)], dim=-1)

@@ -23,6 +23,10 @@ from .quants import dequantize, raw_to_torch
 
 # Types dequantize() can read (ours, or gguf-py's fallback); others are never model weights.
 DEQUANTIZABLE = {q for q in Q if q not in (Q.I8, Q.I16, Q.I32, Q.I64, Q.F64)}
+# Vocabulary-sized tables are walked in chunks of this many rows. Measured on Gemma 3 270M
+# (262k x 640, Q8_0): decoding 11 directions peaks 8-60 MB higher with 4096-row chunks
+# (their dequantization temporaries) than with 1024, at the same speed.
+ROWS_PER_CHUNK = 1024
 
 
 class BufferPool:
@@ -42,6 +46,12 @@ class BufferPool:
         if not fits:
             t = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return t  # type: ignore[return-value]
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        """Drop every buffer but those of `keys` (e.g. after a forward pass, what only the
+        forward needed: q, k, the gate)."""
+        wanted = set(keys)
+        self._buffers = {k: t for k, t in self._buffers.items() if k in wanted}
 
 
 class GGUFWeights:
@@ -114,8 +124,10 @@ class GGUFWeights:
     def output_norm(self) -> torch.Tensor:
         return self.tensor("output_norm.weight")
 
-    def _rows(self, info: TensorInfo, start: int, stop: int,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _rows(self, info: TensorInfo, start: int, stop: int, dtype: torch.dtype | None = None,
+              pool: BufferPool | None = None) -> torch.Tensor:
+        """Rows [start, stop) dequantized; with a `pool`, into its reused buffers (valid until
+        the next call with that pool)."""
         n_rows = math.prod(info.shape[1:])
         if not 0 <= start < stop <= n_rows:
             raise GgufjacError(f"{self.gguf.path}: rows [{start}, {stop}) of tensor "
@@ -123,8 +135,15 @@ class GGUFWeights:
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
         raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
-        t = dequantize(raw_to_torch(raw, self.device), info.type, (stop - start, info.shape[0]))
-        t = t.to(dtype or self.dtype)
+        shape, dtype = (stop - start, info.shape[0]), dtype or self.dtype
+        if pool is None:
+            t = dequantize(raw_to_torch(raw, self.device), info.type, shape).to(dtype)
+        else:
+            n = math.prod(shape)
+            t = dequantize(raw_to_torch(raw, self.device), info.type, shape,
+                           pool.get("rows float32", (n,), torch.float32, self.device, grow=True)[:n])
+            if dtype != torch.float32:
+                t = pool.get("rows", (n,), dtype, self.device, grow=True)[:n].view(shape).copy_(t)
         self.gguf.release(info.offset + start * row_bytes, (stop - start) * row_bytes)
         return t
 
@@ -137,17 +156,18 @@ class GGUFWeights:
         return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
 
     @torch.no_grad()
-    def nonfinite_counts(self, rows_per_chunk: int = 4096) -> dict[str, int]:
+    def nonfinite_counts(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, int]:
         """{tensor name: number of NaN/Inf values} over every tensor of the file that
         dequantizes to any, read in row chunks (memory stays one chunk)."""
-        found = {}
+        found, pool = {}, BufferPool()
         for name, info in self.gguf.tensors.items():
             if info.type not in DEQUANTIZABLE:
                 continue
             rows = math.prod(info.shape[1:])
             bad = 0
             for start in range(0, rows, rows_per_chunk):
-                chunk = self._rows(info, start, min(rows, start + rows_per_chunk), torch.float32)
+                chunk = self._rows(info, start, min(rows, start + rows_per_chunk), torch.float32,
+                                   pool)
                 bad += int((~torch.isfinite(chunk)).sum())
             if bad:
                 found[name] = bad
@@ -157,16 +177,19 @@ class GGUFWeights:
         """Rows u_t of the unembedding matrix: logit_t = u_t · y (before any soft-cap), [m, d]."""
         return self._gather_rows(self.unembedding_name, token_ids)
 
-    def unembedding_chunks(self, rows_per_chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
+    def unembedding_chunks(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows) chunks of the unembedding matrix [vocab, d], in order."""
         return self._row_chunks(self.unembedding_name, rows_per_chunk)
 
-    def embedding_chunks(self, rows_per_chunk: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
+    def embedding_chunks(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows) chunks of the token embedding table [vocab, d] (not scaled)."""
         return self._row_chunks("token_embd.weight", rows_per_chunk)
 
     def _row_chunks(self, name: str, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each chunk is dequantized into the same buffers (a fresh tensor per chunk measured
+        +14 MB resident over 20 chunks: glibc keeps the freed ones): a chunk is valid until
+        the next one is asked for."""
         info = self.gguf.tensor(name)
-        vocab = info.shape[1]
+        vocab, pool = info.shape[1], BufferPool()
         for start in range(0, vocab, rows_per_chunk):
-            yield start, self._rows(info, start, min(vocab, start + rows_per_chunk))
+            yield start, self._rows(info, start, min(vocab, start + rows_per_chunk), pool=pool)
