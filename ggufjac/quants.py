@@ -44,6 +44,12 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return out.view(n, 2 * k)
 
 
+def _words(b: torch.Tensor) -> torch.Tensor:
+    """[n, 4k] bytes copied into a fresh (4-byte aligned) tensor and viewed as int32 [n, k]
+    (a copy even when `b` is contiguous: that may be read-only file memory, or misaligned)."""
+    return torch.empty(b.shape, dtype=torch.uint8, device=b.device).copy_(b).view(torch.int32)
+
+
 def _bits_le(b: torch.Tensor, n_bits: int) -> torch.Tensor:
     """[n, k] integers -> [n, n_bits, k]: bit i of every value, for i in 0..n_bits-1."""
     shifts = torch.arange(n_bits, device=b.device, dtype=b.dtype).view(1, n_bits, 1)
@@ -102,32 +108,37 @@ def dequantize_q4_1(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     return _scaled(_nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2), out=out)
 
 
-@functools.cache
-def _q5_high_table(signed: bool, device: torch.device) -> torch.Tensor:
-    """For each byte value: its 8 bits (least significant first) as the 5th bit of a Q5
-    quant, 16 * bit (Q5_1), or 16 * bit - 16 as int8 (Q5_0, which subtracts 16)."""
-    bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
-    return (16 * bits - 16).to(torch.int8) if signed else (16 * bits).to(torch.uint8)
+# x * _SPREAD for a 4-bit x puts bit i of x at bit 8i (the four shifted copies never overlap),
+# so ((x * _SPREAD) & 0x01010101) spreads 4 bits over the 4 bytes of a 32-bit word.
+_SPREAD = 0x00204081
 
 
-def _q5_values(qh_bytes: torch.Tensor, qs: torch.Tensor, signed: bool) -> torch.Tensor:
-    # qh is a little-endian uint32 whose bit j is the 5th bit of element j, i.e. bit j % 8 of
-    # byte j // 8: one table lookup per byte gives the 8 high parts at once (measured 1.5x
-    # faster than shifting and masking the bits out).
-    n = qs.shape[0]
-    high = _q5_high_table(signed, qs.device)[qh_bytes.long()].reshape(n, 32)
-    low = _nibbles(qs)
-    return low.view(torch.int8).add_(high) if signed else low.bitwise_or_(high)
+def _q5_words(blocks: torch.Tensor, qh_at: int, signed: bool) -> torch.Tensor:
+    """Q5_0/Q5_1 quants as int32 words of 4 bytes (one element per byte), [n, 8].
+
+    Byte j is element j: the low nibble of qs (elements 0-15, then 16-31 from the high
+    nibbles) and bit j of the little-endian uint32 qh as the 5th bit, assembled 4 elements per
+    word operation (measured 1.3x faster than a per-byte table lookup). Signed (Q5_0) gives
+    q - 16 as int8 directly: for q = low + 16h that is low where h = 1 and low | 0xF0 where
+    h = 0.
+    """
+    n = blocks.shape[0]
+    low = _nibbles(blocks[:, qh_at + 4:]).view(torch.int32)
+    qh = _words(blocks[:, qh_at:qh_at + 4])  # [n, 1]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=blocks.device).view(1, 8)
+    h = ((qh >> shifts) & 0xF).mul_(_SPREAD).bitwise_and_(0x01010101)
+    high = h.bitwise_xor_(0x01010101).mul_(0xF0) if signed else h.bitwise_left_shift_(4)
+    return low.bitwise_or_(high)
 
 
 def dequantize_q5_0(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
-    return _scaled(_q5_values(blocks[:, 2:6], blocks[:, 6:], signed=True), _f16(blocks, 0),
-                   out=out)
+    q = _q5_words(blocks, 2, signed=True).view(torch.int8).view(blocks.shape[0], 32)
+    return _scaled(q, _f16(blocks, 0), out=out)
 
 
 def dequantize_q5_1(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
-    return _scaled(_q5_values(blocks[:, 4:8], blocks[:, 8:], signed=False), _f16(blocks, 0),
-                   _f16(blocks, 2), out=out)
+    q = _q5_words(blocks, 4, signed=False).view(torch.uint8).view(blocks.shape[0], 32)
+    return _scaled(q, _f16(blocks, 0), _f16(blocks, 2), out=out)
 
 
 def dequantize_q2_k(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
@@ -192,19 +203,21 @@ def dequantize_q5_k(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
 
 def dequantize_q6_k(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     n = blocks.shape[0]
-    ql, qh = blocks[:, :128], blocks[:, 128:192]
     scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    d = _f16(blocks, 208)
-    dl = (d * scales).view(n, 16, 1)
-    g = ql.reshape(n, 2, 64)
-    low = torch.empty((n, 2, 2, 64), dtype=torch.uint8, device=blocks.device)
-    torch.bitwise_and(g, 0x0F, out=low[:, :, 0])
-    torch.bitwise_right_shift(g, 4, out=low[:, :, 1])
-    low = low.view(n, 8, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
-    high = ((qh.reshape(n, 2, 1, 32) >> shifts).bitwise_and_(3)).reshape(n, 8, 32)
-    q = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32).reshape(n, 16, 16)
-    return _scaled(q, dl, out=out).reshape(n, QK_K)
+    dl = (_f16(blocks, 208) * scales).view(n, 16, 1)
+    # Assembled in 32-bit words, 4 quants per operation: every field stays inside its byte,
+    # so the masks and shifts act on the 4 bytes at once (measured 1.7x faster than bytes).
+    ql = _words(blocks[:, :128]).view(n, 2, 2, 8)  # [half, part, word]
+    qh = _words(blocks[:, 128:192]).view(n, 2, 8)
+    # per half, 4 groups of 32 quants: low nibbles of parts 0 and 1, then their high nibbles;
+    # group g takes bits 2g, 2g+1 of qh as its bits 4, 5
+    q = torch.empty((n, 2, 4, 8), dtype=torch.int32, device=blocks.device)
+    nib = q.view(n, 2, 2, 2, 8)  # [half, nibble, part, word]
+    torch.bitwise_and(ql, 0x0F0F0F0F, out=nib[:, :, 0])
+    torch.bitwise_right_shift(ql, 4, out=nib[:, :, 1]).bitwise_and_(0x0F0F0F0F)
+    for g, high in enumerate((qh << 4, qh << 2, qh, qh >> 2)):
+        q[:, :, g].bitwise_or_(high & 0x30303030)
+    return _scaled(q.view(torch.int8).sub_(32).view(n, 16, 16), dl, out=out).reshape(n, QK_K)
 
 
 def _iq4_lookup(q: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,18 @@ def test_random_blocks_match_gguf_py(qtype: Q) -> None:
     _assert_bitwise_equal(into, ref)
 
 
+@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
+def test_single_block_is_read_not_written(qtype: Q) -> None:
+    """One block (its fields are then contiguous views of the input, not copies) from
+    read-only memory, as a memory-mapped file gives it: right values, input untouched."""
+    raw = _random_blocks(qtype, 1, np.random.default_rng(7 + qtype.value))
+    frozen = np.frombuffer(raw.tobytes(), dtype=np.uint8)  # read-only
+    assert not frozen.flags.writeable
+    ours = dequantize(raw_to_torch(frozen), qtype, (GGML_QUANT_SIZES[qtype][0],))
+    _assert_bitwise_equal(ours, gguf_quants.dequantize(raw, qtype).reshape(-1))
+    assert frozen.tobytes() == raw.tobytes()
+
+
 def test_real_tensors_match_gguf_py(gemma32) -> None:
     """Every tensor type of the real file, on real tensors (the embedding: its first rows)."""
     g = gemma32.gguf
