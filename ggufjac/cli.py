@@ -9,11 +9,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .errors import GgufjacError
+
+if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
+    from .anchor import Anchor
+    from .api import LoadedModel
+    from .linearize import Linearization
 
 MODEL_HELP = "GGUF file path, or a demo model name (gemma3-270m)."
 
@@ -101,7 +106,8 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _anchor(m: Any, tokens: list[int], lin: Any, anchor: str, flash_attn: str | None) -> Any:
+def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization, anchor: str,
+            flash_attn: str | None) -> Anchor | None:
     """The llama.cpp anchor asked for by --anchor/--flash-attn, or None."""
     if anchor == "none":
         if flash_attn is not None:
