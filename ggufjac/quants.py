@@ -16,6 +16,7 @@ tensor name across layers).
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable
@@ -218,14 +219,25 @@ def dequantize_q6_k(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     return _scaled(q.view(torch.int8).sub_(32).view(n, 16, 16), dl, out=out).reshape(n, QK_K)
 
 
-def _iq4_lookup(q: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(_IQ4NL_VALUES, dtype=torch.float32, device=q.device)
-    return table[q.long()]
+@functools.cache
+def _iq4_pair_table(device: torch.device) -> torch.Tensor:
+    """For each byte: the IQ4 values of its low and high nibble, as two int8 in one int16
+    (low nibble's value in the low byte: read back as int8 pairs on a little-endian machine)."""
+    kv = torch.tensor(_IQ4NL_VALUES, dtype=torch.int16)
+    byte = torch.arange(256)
+    return ((kv[byte & 15] & 0xFF) | (kv[byte >> 4] << 8)).to(torch.int16).to(device)
+
+
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    """[n, k] bytes -> [n, 2k] int8 IQ4 values: the k low nibbles' values, then the high
+    ones'. One table lookup per byte, not per nibble (measured 2x faster)."""
+    n, k = qs.shape
+    pairs = _iq4_pair_table(qs.device)[qs.long()].view(torch.int8).view(n, k, 2)
+    return pairs.transpose(1, 2).reshape(n, 2 * k)
 
 
 def dequantize_iq4_nl(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
-    d = _f16(blocks, 0)
-    return _into(d * _iq4_lookup(_nibbles(blocks[:, 2:])), out)
+    return _scaled(_iq4_values(blocks[:, 2:]), _f16(blocks, 0), out=out)
 
 
 def dequantize_iq4_xs(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
@@ -237,9 +249,8 @@ def dequantize_iq4_xs(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     shifts = torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device).view(1, 8)
     high = ((scales_h >> shifts) & 3).to(torch.uint8)
     scales = ((low | (high << 4)).to(torch.int8) - 32).to(torch.float32)
-    q = blocks[:, 8:].reshape(n, 8, 16)
-    q = torch.cat((q & 0x0F, q >> 4), dim=-1)  # [n, 8, 32]
-    return _into(((d * scales).view(n, 8, 1) * _iq4_lookup(q)).reshape(n, QK_K), out)
+    q = _iq4_values(blocks[:, 8:].reshape(n * 8, 16)).view(n, 8, 32)  # sub-block: 16 bytes
+    return _scaled(q, (d * scales).view(n, 8, 1), out=out).reshape(n, QK_K)
 
 
 DEQUANTIZERS: dict[Q, Callable[..., torch.Tensor]] = {
