@@ -191,6 +191,37 @@ SOURCES_COMMON = {
 }
 
 
+def _flash_probabilities(run: LlamaCppRun, cfg: ModelConfig, layer: int) -> np.ndarray:
+    """Flash attention's probabilities [heads, N, N], which llama.cpp never stores: the
+    softmax, in float64, of its F16-rounded queries and keys (after RoPE), scaled where its
+    graph scales them, under our masks (causal, sliding window)."""
+    n = len(run.tokens)
+    q = run.captured[f"Qcur-{layer}"].reshape(n, cfg.n_head, cfg.head_dim).astype(np.float32)
+    if QUERY_SCALE[cfg.arch] == "query":
+        q = q * np.float32(cfg.attn_scale)
+    k = _round_f16(run.captured[f"Kcur-{layer}"].reshape(n, cfg.n_kv_head, cfg.head_dim))
+    k = np.repeat(k, cfg.n_head // cfg.n_kv_head, axis=1)
+    scores = np.einsum("qhd,khd->hqk", _round_f16(q).astype(np.float64), k.astype(np.float64))
+    if QUERY_SCALE[cfg.arch] == "scores":
+        scores = scores * cfg.attn_scale
+    mask = attention_mask(cfg, layer, n, torch.device("cpu")).numpy()
+    scores = np.where(mask[None], scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _glu_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray, activation: str,
+                      gate_path: str) -> dict[str, np.ndarray]:
+    """The MLP's frozen coefficients from llama.cpp's GLU output act(g)·u and its g and u:
+    up path, act(g) = glu / u; gate path, s(g) = glu / (g·u) and u itself. Where llama.cpp's
+    value is 0/0 (u or g exactly 0) our own activation stands in (it multiplies a zero)."""
+    s = gate_factor(torch.from_numpy(gate), activation).numpy()
+    if gate_path == "up":
+        return {"gate": np.where(up != 0, glu / np.where(up != 0, up, 1.0), gate * s)}
+    gu = gate * up
+    return {"gate_factor": np.where(gu != 0, glu / np.where(gu != 0, gu, 1.0), s), "up": up}
+
+
 def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
                     weight_type: Callable[[int | None, str], int], gate_path: str,
                     flash_attn: bool, dtype: torch.dtype, device: torch.device) -> Anchor:
@@ -236,24 +267,9 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         v = rows(f"Vcur-{i}")
         v16 = _round_f16(v)
         c["v_cache"] = rounding_ratio(v, v16)
-        # probabilities [heads, N, N]
         if flash_attn:
-            where = QUERY_SCALE[cfg.arch]
-            q = run.captured[f"Qcur-{i}"].reshape(n, cfg.n_head, cfg.head_dim).astype(np.float32)
-            if where == "query":
-                q = q * np.float32(cfg.attn_scale)
-            q = _round_f16(q)
-            k = _round_f16(run.captured[f"Kcur-{i}"].reshape(n, cfg.n_kv_head, cfg.head_dim))
-            k = np.repeat(k, cfg.n_head // cfg.n_kv_head, axis=1)
-            scores = np.einsum("qhd,khd->hqk", q.astype(np.float64), k.astype(np.float64))
-            if where == "scores":
-                scores = scores * cfg.attn_scale
-            mask = attention_mask(cfg, i, n, torch.device("cpu")).numpy()
-            scores = np.where(mask[None], scores, -np.inf)
-            scores -= scores.max(axis=-1, keepdims=True)
-            p = np.exp(scores)
-            p /= p.sum(axis=-1, keepdims=True)
-        else:
+            p = _flash_probabilities(run, cfg, i)
+        else:  # [1, heads, N, n_kv padded]: the first N cells hold this prompt's keys
             p = run.captured[f"kq_soft_max-{i}"].reshape(cfg.n_head, n, -1)[:, :, :n]
             p = _round_f16(p.astype(np.float32)).astype(np.float64)
         c["attn_probs"] = p
@@ -272,15 +288,9 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         else:
             gate = rows(f"ffn_gate-{i}").astype(np.float64)
             up = rows(f"ffn_up-{i}").astype(np.float64)
-        s = gate_factor(torch.from_numpy(gate), fam.activation).numpy()  # where llama.cpp's is 0/0
-        if gate_path == "up":
-            c["gate"] = np.where(up != 0, glu / np.where(up != 0, up, 1.0), gate * s)
-        else:
-            gu = gate * up
-            c["gate_factor"] = np.where(gu != 0, glu / np.where(gu != 0, gu, 1.0), s)
-            c["up"] = up
+        c.update(_glu_coefficients(glu, gate, up, fam.activation, gate_path))
         c["in:ffn_down"] = ratio(glu.astype(np.float32), "ffn_down")
-        layers.append({k: t(v) for k, v in c.items()})
+        layers.append({site: t(a) for site, a in c.items()})
     y = rows("result_norm")
     out_ratio = activation_ratio(y, weight_type(None, "output"), "the unembedding")
     sources = dict(SOURCES_FLASH_ON if flash_attn else SOURCES_FLASH_OFF, **SOURCES_COMMON)
