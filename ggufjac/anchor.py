@@ -25,7 +25,7 @@ float32 rounding and is exactly linear, so its Jacobian explains llama.cpp's pre
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +131,20 @@ def activation_ratio(x: np.ndarray, qtype: int, weight: str = "weight") -> np.nd
                            f"{Q(qtype).name} is not known to ggufjac, so it cannot be anchored "
                            f"(known: {', '.join(sorted(t.name for t in ACTIVATION_FORMAT))})")
     return rounding_ratio(x, ROUNDINGS[ACTIVATION_FORMAT[Q(qtype)]](x))
+
+
+def anchoring_support(types: Iterable[int]) -> str:
+    """Whether a file whose linear-path matmul weights have these GGUF types can be anchored
+    to llama.cpp: one line for `ggufjac info`."""
+    kinds = {Q(t) for t in types}
+    unknown = sorted(t.name for t in kinds if t != Q.F32 and t not in ACTIVATION_FORMAT)
+    if unknown:
+        return f"no: llama.cpp's activation rounding for {', '.join(unknown)} is not modelled"
+    q8_1 = sorted(t.name for t in kinds if ACTIVATION_FORMAT.get(t) == "q8_1")
+    if q8_1:
+        return (f"approximate ({'/'.join(q8_1)} weights: Q8_1 block sums not modelled, "
+                "logits nmse ~1e-6)")
+    return "yes (--anchor llama.cpp: llama.cpp's logits reproduced to float32 rounding)"
 
 
 @dataclass

@@ -173,6 +173,13 @@ def info(model: str, no_scan: bool) -> None:
         click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
                    f"~{2 * cfg.d_model * n * w['linear_path'] * cfg.n_layer / 1e12:.2f} TFLOP")
         click.echo("supported      yes")
+        from .anchor import anchoring_support
+
+        linear = ("attn_v", "attn_qkv", "attn_output", "ffn_up", "ffn_gate", "ffn_down")
+        names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in linear]
+        names.append("token_embd.weight" if cfg.tied_embeddings else "output.weight")
+        click.echo("anchoring      " + anchoring_support(
+            g.tensor(n).type for n in names if n in g.tensors))
         if scan:
             from .weights import GGUFWeights
 

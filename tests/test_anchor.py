@@ -216,3 +216,16 @@ def test_cli_anchor(synthetic, tmp_path) -> None:
     assert len(p.stderr.strip().splitlines()) == 1
     p = _cli("attribute", path, "-p", PROMPT, "--anchor", "llama.cpp", "--dtype", "bfloat16")
     assert p.returncode == 2 and "float64" in p.stderr
+
+
+def test_info_says_whether_a_file_can_be_anchored(synthetic, gemma_path) -> None:
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from ggufjac.anchor import anchoring_support
+
+    p = _cli("info", str(gemma_path), "--no-scan")
+    assert p.returncode == 0 and "anchoring      yes" in p.stdout
+    p = _cli("info", str(synthetic("llama", "Q5_1")), "--no-scan")
+    assert p.returncode == 0 and "anchoring      approximate (Q5_1" in p.stdout
+    assert anchoring_support([Q.Q4_K, Q.IQ2_XXS]).startswith("no: ") and \
+        "IQ2_XXS" in anchoring_support([Q.IQ2_XXS])
