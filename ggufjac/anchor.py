@@ -82,12 +82,6 @@ def round_q8_0(x: np.ndarray) -> np.ndarray:
     return (d * q).reshape(x.shape)
 
 
-def round_q8_1(x: np.ndarray) -> np.ndarray:
-    """Q8_1 as Q8_0 (the per-block sum ggml also stores in F16 is not modelled: it enters
-    only Q4_1/Q5_1 dot products, as m·fp16(d·Σq))."""
-    return round_q8_0(x)
-
-
 def round_q8_k(x: np.ndarray) -> np.ndarray:
     """ggml's Q8_K activation quantization, dequantized: blocks of 256, the first element of
     largest magnitude `max` sets iscale = -127/max, q = min(127, round-half-even(iscale·x)),
@@ -110,7 +104,9 @@ def _round_bf16(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).float().numpy()
 
 
-ROUNDINGS = {"q8_0": round_q8_0, "q8_1": round_q8_1, "q8_k": round_q8_k,
+# Q8_1 quantizes as Q8_0; the per-block sum it also stores in F16 enters only Q4_1/Q5_1 dot
+# products (as m·fp16(d·Σq)) and is not modelled (`approximations`).
+ROUNDINGS = {"q8_0": round_q8_0, "q8_1": round_q8_0, "q8_k": round_q8_k,
              "f16": _round_f16, "bf16": _round_bf16}
 
 
@@ -256,7 +252,7 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype, device=device)
 
     def rows(name: str) -> np.ndarray:
-        return run.captured[name].reshape(n, -1).astype(np.float32)
+        return run.rows(name).astype(np.float32, copy=False)
 
     def stored(name: str) -> str:
         if fam.fused_qkv and name == "attn_v":

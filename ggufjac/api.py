@@ -23,7 +23,8 @@ from .errors import GGUFError, GgufjacError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .engine import StreamingEngine
-from .jacobian import JacobianResult, detached_jacobian, streamed_jacobian
+from .jacobian import JacobianResult, detached_jacobian, reconstruction_rel_error, \
+    streamed_jacobian
 from .linearize import Linearization
 from .model import Transformer, unembed
 from .resolve import resolve_model
@@ -128,9 +129,9 @@ class LoadedModel:
         return y * anchor.output_ratio[-1]
 
     def anchor_summary(self, anchor: Anchor, y: torch.Tensor,
-                       reconstruction: torch.Tensor | None = None) -> dict:
+                       result: JacobianResult | None = None) -> dict:
         """How closely the anchored model reproduces llama.cpp's run (last position): y is the
-        anchored final-norm output, `reconstruction` Σ J_i x_i if a Jacobian was computed."""
+        anchored final-norm output; `result`, the full Jacobian if one was computed."""
         ours = unembed(self.weights, self.logit_input(y, anchor)[None])[0]
         ours = ours.to(torch.float64).cpu().numpy()
         theirs = anchor.logits[-1].astype(np.float64)
@@ -150,9 +151,9 @@ class LoadedModel:
             "coefficient_sources": anchor.sources,
             "approximations": anchor.approximations,
         }
-        if reconstruction is not None:
-            summary["reconstruction_rel_error_vs_llama_cpp"] = float(
-                torch.linalg.vector_norm(reconstruction - y_ref) / torch.linalg.vector_norm(y_ref))
+        if result is not None:
+            summary["reconstruction_rel_error_vs_llama_cpp"] = reconstruction_rel_error(
+                result.jacobian, result.inputs, y_ref)
         return summary
 
     @torch.no_grad()
@@ -330,8 +331,7 @@ class LoadedModel:
                 for j in range(k)],
         }
         if anchor is not None:
-            recon = torch.einsum("onk,nk->o", result.jacobian, result.inputs)
-            report["anchor"] = self.anchor_summary(anchor, result.output, recon)
+            report["anchor"] = self.anchor_summary(anchor, result.output, result)
         return report
 
 

@@ -179,10 +179,6 @@ class MemoryPlan:
     per_direction: int  # working memory of one direction in the batched backward
     chunk: int
 
-    def describe(self) -> str:
-        return (f"fixed {format_size(self.fixed)} + {self.chunk} directions x "
-                f"{format_size(self.per_direction)} within {format_size(self.budget)}")
-
 
 class StreamingEngine:
     """Forward and reverse sweeps of the detached model over one GGUF file's layers."""
@@ -204,11 +200,12 @@ class StreamingEngine:
         self.linear_path = list(_LINEAR_PATH[lin.gate_path]) + [
             n for n in _NORMS if n in weights.layer_names()]
 
-    def release(self) -> None:
-        """Free the layer buffers and give the memory back to the system (after a sweep,
-        before what follows it: an SVD, decoding)."""
+    def release(self, keep: Sequence[str] = ()) -> None:
+        """Free the layer buffers (all but those of the stored tensors `keep`) and give the
+        memory back to the system: after a forward pass, what only it read; after a sweep,
+        everything, before what follows (an SVD, decoding)."""
         for pool in self._buffers:
-            pool.keep_only(())
+            pool.keep_only([*keep, "float32 scratch"] if keep else ())
         release_freed_memory()
 
     # -- weights, one layer at a time ---------------------------------------------------
@@ -281,9 +278,7 @@ class StreamingEngine:
             x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
             residuals.append(x)
             coefficients.append(store)
-        for pool in self._buffers:  # the reverse sweep reads the linear path only
-            pool.keep_only([*self.weights.layer_names(self.linear_path), "float32 scratch"])
-        release_freed_memory()
+        self.release(keep=self.weights.layer_names(self.linear_path))  # all the sweep reads
         out_store: dict[str, torch.Tensor] = {}
         y = final_norm(self.cfg, self.output_norm, x, self.lin.recording(out_store))
         return ForwardRecord(residuals, coefficients, out_store, y)

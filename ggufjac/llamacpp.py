@@ -30,9 +30,8 @@ class LlamaCppRun:
     names: list[str] = field(default_factory=list)  # every graph node, in order (list_names)
 
     def rows(self, name: str) -> np.ndarray:
-        """A captured per-token tensor as [N, features]."""
-        t = self.captured[name]
-        return t.reshape(-1, t.shape[-1])
+        """A captured per-token tensor as [N, features] (heads flattened into features)."""
+        return self.captured[name].reshape(len(self.tokens), -1)
 
     def layer_outputs(self, n_layer: int) -> list[np.ndarray]:
         """Each layer's output residual stream [N, d] ('l_out-i')."""

@@ -36,16 +36,13 @@ class BufferPool:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-            grow: bool = False) -> torch.Tensor:
-        """The buffer for `key` with this shape and dtype (made, or remade, if it differs).
-        With `grow` (1-D only) a larger existing buffer is kept and may be sliced."""
+    def get(self, key: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The first `n` elements of the 1-D buffer for `key` (made, or remade larger, when
+        the one held is too small or of another dtype or device)."""
         t = self._buffers.get(key)
-        fits = t is not None and t.dtype == dtype and t.device == device and (
-            t.shape == shape or (grow and t.numel() >= shape[0]))
-        if not fits:
-            t = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return t  # type: ignore[return-value]
+        if t is None or t.dtype != dtype or t.device != device or t.numel() < n:
+            t = self._buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        return t[:n]
 
     def keep_only(self, keys: Iterable[str]) -> None:
         """Drop every buffer but those of `keys` (e.g. after a forward pass, what only the
@@ -69,19 +66,23 @@ class GGUFWeights:
         buffer for `key` (reused layer after layer) instead of fresh memory."""
         info = self.gguf.tensor(name)
         raw = raw_to_torch(self.gguf.tensor_data(name), self.device)
-        if pool is None:
-            t = dequantize(raw, info.type, info.torch_shape).to(self.dtype)
-        else:
-            shape = info.torch_shape
-            out = pool.get(key or name, shape, self.dtype, self.device)
-            if self.dtype == torch.float32:
-                t = dequantize(raw, info.type, shape, out)
-            else:  # dequantize into a shared float32 scratch, then convert into the buffer
-                n = math.prod(shape)
-                scratch = pool.get("float32 scratch", (n,), torch.float32, self.device, grow=True)
-                t = out.copy_(dequantize(raw, info.type, shape, scratch[:n]))
+        t = self._dequantize(raw, info, info.torch_shape, self.dtype, pool, key or name)
         self.gguf.release(info.offset, info.n_bytes)
         return t
+
+    def _dequantize(self, raw: torch.Tensor, info: TensorInfo, shape: tuple[int, ...],
+                    dtype: torch.dtype, pool: BufferPool | None, key: str) -> torch.Tensor:
+        """Raw bytes of `info`'s type -> `dtype` [shape]: fresh, or into the pool's buffer for
+        `key` (float32 directly; another dtype through the pool's shared float32 scratch)."""
+        if pool is None:
+            return dequantize(raw, info.type, shape).to(dtype)
+        n = math.prod(shape)
+        if dtype == torch.float32:
+            out = pool.get(key, n, torch.float32, self.device)
+            return dequantize(raw, info.type, shape, out)
+        scratch = pool.get("float32 scratch", n, torch.float32, self.device)
+        out = pool.get(key, n, dtype, self.device).view(shape)
+        return out.copy_(dequantize(raw, info.type, shape, scratch))
 
     def _stored_name(self, name: str) -> str:
         fam = self.cfg.family
@@ -135,15 +136,8 @@ class GGUFWeights:
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
         raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
-        shape, dtype = (stop - start, info.shape[0]), dtype or self.dtype
-        if pool is None:
-            t = dequantize(raw_to_torch(raw, self.device), info.type, shape).to(dtype)
-        else:
-            n = math.prod(shape)
-            t = dequantize(raw_to_torch(raw, self.device), info.type, shape,
-                           pool.get("rows float32", (n,), torch.float32, self.device, grow=True)[:n])
-            if dtype != torch.float32:
-                t = pool.get("rows", (n,), dtype, self.device, grow=True)[:n].view(shape).copy_(t)
+        t = self._dequantize(raw_to_torch(raw, self.device), info, (stop - start, info.shape[0]),
+                             dtype or self.dtype, pool, "rows")
         self.gguf.release(info.offset + start * row_bytes, (stop - start) * row_bytes)
         return t
 

@@ -42,16 +42,22 @@ def _mutated(tmp_path: Path, data: bytes, edits: list[tuple[str, int, int]]) -> 
     return out
 
 
-def _tensor_entry(data: bytes, name: str) -> int:
-    """Offset of the n_dims field of tensor `name`'s index entry."""
+def _after_name(data: bytes, name: str) -> int:
+    """Offset just past the GGUF string `name`: the n_dims field of a tensor's index entry,
+    or the value-type field of a metadata key."""
     key = struct.pack("<Q", len(name)) + name.encode()
     return data.index(key) + len(key)
 
 
-def _kv_entry(data: bytes, key_name: str) -> int:
-    """Offset of the value-type field of metadata key `key_name`."""
-    key = struct.pack("<Q", len(key_name)) + key_name.encode()
-    return data.index(key) + len(key)
+def _type_field(data: bytes, tensor: str) -> int:
+    """Offset of the type field (uint32) of tensor `tensor`'s index entry."""
+    p = _after_name(data, tensor)
+    return p + 4 + 8 * struct.unpack_from("<I", data, p)[0]
+
+
+def _offset_field(data: bytes, tensor: str) -> int:
+    """Offset of the data-offset field (uint64) of tensor `tensor`'s index entry."""
+    return _type_field(data, tensor) + 4
 
 
 def test_huge_tensor_count(base, tmp_path) -> None:
@@ -71,7 +77,7 @@ def test_huge_string_length(base, tmp_path) -> None:
 
 def test_huge_array_length(base, tmp_path) -> None:
     _, data, _, _ = base
-    at = _kv_entry(data, "tokenizer.ggml.tokens") + 8  # after value type and item type
+    at = _after_name(data, "tokenizer.ggml.tokens") + 8  # after value type and item type
     bad = _mutated(tmp_path, data, [("<Q", at, 2**50)])
     with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.tokens"):
         validate_file(bad)
@@ -79,9 +85,7 @@ def test_huge_array_length(base, tmp_path) -> None:
 
 def test_tensor_data_beyond_end_of_file(base, tmp_path) -> None:
     _, data, _, _ = base
-    p = _tensor_entry(data, "blk.1.ffn_down.weight")
-    n_dims = struct.unpack_from("<I", data, p)[0]
-    bad = _mutated(tmp_path, data, [("<Q", p + 8 + 8 * n_dims, 2**36)])
+    bad = _mutated(tmp_path, data, [("<Q", _offset_field(data, "blk.1.ffn_down.weight"), 2**36)])
     with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.ffn_down\.weight'.*beyond the end"):
         validate_file(bad)
 
@@ -89,18 +93,14 @@ def test_tensor_data_beyond_end_of_file(base, tmp_path) -> None:
 def test_type_inconsistent_with_shape_and_size(base, tmp_path) -> None:
     """F32 instead of Q8_0: the same shape now needs ~4x the bytes, past the file's end."""
     _, data, _, _ = base
-    p = _tensor_entry(data, "blk.1.ffn_down.weight")
-    n_dims = struct.unpack_from("<I", data, p)[0]
-    bad = _mutated(tmp_path, data, [("<I", p + 4 + 8 * n_dims, 0)])
+    bad = _mutated(tmp_path, data, [("<I", _type_field(data, "blk.1.ffn_down.weight"), 0)])
     with pytest.raises(GGUFError, match=r"tensor 'blk\.1\.ffn_down\.weight'.*beyond the end"):
         validate_file(bad)
 
 
 def test_misaligned_tensor_offset(base, tmp_path) -> None:
     _, data, _, g = base
-    p = _tensor_entry(data, "blk.0.attn_q.weight")
-    n_dims = struct.unpack_from("<I", data, p)[0]
-    at = p + 8 + 8 * n_dims
+    at = _offset_field(data, "blk.0.attn_q.weight")
     bad = _mutated(tmp_path, data, [("<Q", at, struct.unpack_from("<Q", data, at)[0] + 3)])
     with pytest.raises(GGUFError, match=r"tensor 'blk\.0\.attn_q\.weight'.*not aligned"):
         validate_file(bad)
@@ -108,7 +108,7 @@ def test_misaligned_tensor_offset(base, tmp_path) -> None:
 
 def test_dimension_product_overflow(base, tmp_path) -> None:
     _, data, _, _ = base
-    p = _tensor_entry(data, "blk.0.attn_q.weight")
+    p = _after_name(data, "blk.0.attn_q.weight")
     bad = _mutated(tmp_path, data, [("<Q", p + 4, 2**40), ("<Q", p + 12, 2**40)])
     with pytest.raises(GGUFError, match=r"tensor 'blk\.0\.attn_q\.weight'.*overflows"):
         validate_file(bad)
@@ -116,9 +116,7 @@ def test_dimension_product_overflow(base, tmp_path) -> None:
 
 def test_unknown_tensor_type(base, tmp_path) -> None:
     _, data, _, _ = base
-    p = _tensor_entry(data, "blk.0.attn_k.weight")
-    n_dims = struct.unpack_from("<I", data, p)[0]
-    bad = _mutated(tmp_path, data, [("<I", p + 4 + 8 * n_dims, 99)])
+    bad = _mutated(tmp_path, data, [("<I", _type_field(data, "blk.0.attn_k.weight"), 99)])
     with pytest.raises(GGUFError, match=r"tensor 'blk\.0\.attn_k\.weight'.*unknown tensor type 99"):
         validate_file(bad)
 
@@ -136,7 +134,7 @@ def _renamed(tmp_path: Path, data: bytes, old: bytes, new: bytes, at: int | None
 
 def test_unknown_architecture(base, tmp_path) -> None:
     _, data, _, _ = base
-    at = _kv_entry(data, "general.architecture") + 4 + 8  # the string's bytes
+    at = _after_name(data, "general.architecture") + 4 + 8  # the string's bytes
     with pytest.raises(UnsupportedModelError, match=r"'llamb'.*gemma3.*llama"):
         validate_file(_renamed(tmp_path, data, b"llama", b"llamb", at))
 
