@@ -7,13 +7,17 @@ to llama.cpp with flash attention on and off. Prints, per prompt, how closely ea
 model reproduces llama.cpp (logits nmse, reconstruction) and how far the maps are apart:
 relative Frobenius difference ‖J_a − J_b‖/‖J_b‖ and |cos| of the top left and right singular
 vectors; and how much of the change comes from llama.cpp's probabilities and gates alone
-(without its roundings frozen as ratios).
+(without its roundings frozen as ratios). After the table, per prompt: the time to run
+llama.cpp and derive the coefficients, and the share of each matmul's input entries that
+llama.cpp rounds to zero (flash attention off). `--long`: the anchored forward pass alone on a
+prompt longer than Gemma 3's 512-token sliding window.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +27,8 @@ from ggufjac.analysis import spectrum  # noqa: E402
 from ggufjac.api import open_model  # noqa: E402
 from ggufjac.linearize import Linearization  # noqa: E402
 
+LONG_PROMPT = " ".join(["The bridge out of Marin is the longest bridge in the county, and the "
+                        "traffic on it is heavy every morning."] * 30)
 PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
            "The quick brown fox jumps over the lazy"]
 
@@ -41,27 +47,42 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="gemma3-270m")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--prompt", action="append", default=None)
+    ap.add_argument("--long", action="store_true", help="only the long-prompt check")
     args = ap.parse_args()
     m = open_model(args.model, dtype=args.dtype)
     lin = Linearization()
+    if args.long:
+        long_prompt(m)
+        return
     print(f"{m.path.name}, {args.dtype}, gate path up")
     print("| prompt | llama.cpp top-1 (fa on / off) | ours (plain) | anchored logits nmse "
           "(on / off) | reconstruction (on / off) | anchored vs plain: rel. Frobenius, "
           "cos top left, cos top right (fa on) | probabilities and gates only vs plain: rel. "
           "Frobenius | fa on vs off (anchored): rel. Frobenius |")
     print("|---|---|---|---|---|---|---|---|")
+    details: list[str] = []
     for prompt in args.prompt or PROMPTS:
         tokens = m.tokenize(prompt)
         plain = m.jacobian(tokens, lin)
         plain_top = m.jacobian_report(tokens, plain, lin, n_vectors=1)["predicted_token"]
-        runs = {}
+        runs, seconds = {}, {}
         for fa in (True, False):
+            t0 = time.perf_counter()
             anchor = m.anchor(tokens, lin, flash_attn=fa)
+            seconds[fa] = time.perf_counter() - t0
             result = m.jacobian(tokens, lin, anchor=anchor)
             runs[fa] = (result, m.jacobian_report(tokens, result, lin, n_vectors=1,
                                                   anchor=anchor)["anchor"])
             if fa:
                 coefficients_only = m.jacobian(tokens, lin, anchor=anchor.without_roundings())
+            else:
+                zeros = {site.removeprefix("in:"): float(sum((c[site] == 0).sum() for c in
+                                                             anchor.layers)
+                                                         / sum(c[site].numel() for c in anchor.layers))
+                         for site in ("in:attn_v", "in:attn_output", "in:ffn_up", "in:ffn_down")}
+                details.append(f"{prompt!r}: llama.cpp run + coefficients {seconds[True]:.2f} s /"
+                               f" {seconds[False]:.2f} s (fa on / off); inputs rounded to zero: "
+                               + ", ".join(f"{k} {v:.1%}" for k, v in zeros.items()))
         (on, s_on), (off, s_off) = runs[True], runs[False]
         vs_plain = compare(on.jacobian, plain.jacobian)
         fa_diff = compare(on.jacobian, off.jacobian)
@@ -72,6 +93,21 @@ def main() -> None:
               f"{vs_plain['cos_left']:.4f}, {vs_plain['cos_right']:.4f} | "
               f"{compare(coefficients_only.jacobian, plain.jacobian)['rel_frobenius']:.3f} | "
               f"{fa_diff['rel_frobenius']:.3f} |", flush=True)
+    print()
+    print("\n".join(details))
+
+
+def long_prompt(m) -> None:  # noqa: ANN001 (a LoadedModel)
+    """Anchored forward pass (no Jacobian) on LONG_PROMPT, flash attention on and off."""
+    tokens = m.tokenize(LONG_PROMPT)
+    print(f"{len(tokens)} tokens (sliding window {m.cfg.sliding_window})")
+    for fa in (False, True):
+        t0 = time.perf_counter()
+        engine = m.engine(anchor=m.anchor(tokens, flash_attn=fa))
+        summary = m.anchor_summary(engine.anchor, engine.forward(engine.embed(tokens)).output[-1])
+        print(f"flash attention {'on' if fa else 'off'}: anchored logits nmse "
+              f"{summary['anchor_logits_nmse']:.1e}, top-1 agree {summary['top1_agree']}, "
+              f"{time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
