@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .anchor import Anchor
 from .errors import GgufjacError
 from .linearize import DETACHED, Linearization
-from .model import block, final_norm, input_embeddings
+from .model import attention_branch, block, final_norm, input_embeddings, mlp_branch_matrix
 from .weights import BufferPool, GGUFWeights
 
 # Per-layer tensors the reverse sweep reads: the linear path and the (constant) norm weights.
@@ -44,12 +44,14 @@ _NORMS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
 _BACKWARD_TEMPORARIES = 2.0
 # Upper bound on directions per batched backward, even when more would fit: measured on
 # Gemma 3 270M (CPU, float64), one layer's backward of 640 directions at once took 2.9x as
-# long as 4 batches of 160 (cache locality); 32-160 were within 10% of each other. A batch of
-# about 256 rows (directions x tokens) keeps the matmuls efficient and more only adds
-# temporaries: float32, 8 tokens, the whole Jacobian took 2.95-3.1 s with 32 or 64 directions
-# per batch, and 32 peaked 11 MB lower (tools/bench_jacobian.py).
+# long as 4 batches of 160 (cache locality). With the MLP crossed by its matrices (below),
+# what autograd runs is the attention alone: float32, 8 tokens, the whole Jacobian took
+# 1.94 s with 256 rows (directions x tokens) per batch, 1.82 s with 512 or 1024, 2.0 s with
+# 2048.
 MAX_CHUNK = 64
-MAX_BATCH_ROWS = 256
+MAX_BATCH_ROWS = 512
+# MLP columns multiplied at a time while forming an MLP matrix (a [d, chunk] temporary).
+MLP_MATRIX_FFN_CHUNK = 4096
 
 
 def max_chunk(n_tokens: int) -> int:
@@ -304,12 +306,48 @@ class StreamingEngine:
                   ) -> torch.Tensor:
         """Cotangents [m, N, d] on layer `layer`'s output `part` ('out', 'attn', 'mlp') ->
         cotangents on its input, `chunk` directions at a time (in place, row by row)."""
+        if part == "out" and self.mlp_as_matrix(cotangents.shape[0]):
+            return self._split_layer_vjp(layer, w, record, cotangents,
+                                         chunk or cotangents.shape[0])
         x = record.residuals[layer].detach().requires_grad_(True)
         lin = self.lin.replaying(record.coefficients[layer])
         with torch.enable_grad():
             out = getattr(block(self.cfg, layer, w, x, lin), part)
             result = cotangents if part == "out" else torch.empty_like(cotangents)
             return _batched_vjp(out, x, cotangents, chunk or cotangents.shape[0], result)
+
+    def mlp_as_matrix(self, n_directions: int) -> bool:
+        """Whether `n_directions` cotangents cross a layer's MLP more cheaply through its
+        per-position matrices (model.mlp_branch_matrix: d·d_ff + n·d multiply-adds per
+        position) than by autograd through both projections (2·n·d_ff)."""
+        d, f = self.cfg.d_model, self.cfg.d_ff
+        return n_directions * (2 * f - d) > d * f
+
+    def _matrix_rows(self) -> int:
+        """Cotangent rows multiplied by one MLP matrix at a time (a [rows, d] temporary)."""
+        return max(1, 2**20 // self.cfg.d_model)
+
+    def _split_layer_vjp(self, layer: int, w: dict[str, torch.Tensor], record: ForwardRecord,
+                         g: torch.Tensor, chunk: int) -> torch.Tensor:
+        """layer_vjp of the whole layer, in place: out = mid + mlp(mid) is pulled back to mid
+        through the MLP's matrix at each position, then mid = x + attn(x) to x by batched
+        VJPs (the attention mixes positions, and its projections are no cheaper as matrices)."""
+        store = record.coefficients[layer]
+        rows = max(chunk, self._matrix_rows())
+        for p in range(g.shape[1]):
+            if not torch.any(g[:, p]):  # the top layer: only the last position has cotangents
+                continue
+            k = mlp_branch_matrix(self.cfg, w, store, self.lin.gate_path, p,
+                                  MLP_MATRIX_FFN_CHUNK)
+            for s in range(0, g.shape[0], rows):
+                g[s:s + rows, p] += g[s:s + rows, p] @ k
+            del k
+        x = record.residuals[layer].detach().requires_grad_(True)
+        with torch.enable_grad():
+            a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store))
+            for s in range(0, g.shape[0], chunk):
+                g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
+        return g
 
     def pull_back(self, record: ForwardRecord, cotangents: dict[int, torch.Tensor],
                   to_residual: int = 0, chunk: int | None = None) -> torch.Tensor:
@@ -358,6 +396,10 @@ class StreamingEngine:
         if record_bytes is None:
             record_bytes = self.record_bytes(n_tokens)
         fixed = baseline + layer_bytes + record_bytes + result
+        if self.mlp_as_matrix(n_directions):  # one MLP matrix and its two temporaries
+            d = cfg.d_model
+            fixed += (d * d + d * min(cfg.d_ff, MLP_MATRIX_FFN_CHUNK)
+                      + min(n_directions, self._matrix_rows()) * d) * item
         width = 2 * cfg.d_ff + 4 * cfg.d_model + 2 * cfg.n_head * max(cfg.head_dim, cfg.head_dim_v)
         per_direction = int(_BACKWARD_TEMPORARIES * n_tokens * width * item)
         room = budget - fixed

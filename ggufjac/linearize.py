@@ -119,6 +119,15 @@ def gated_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tenso
     return (g * s) * lin.coefficient("up", up)
 
 
+def glu_linear_branch(store: dict[str, torch.Tensor], gate_path: str
+                      ) -> tuple[str, torch.Tensor]:
+    """The gated product act(g) ⊙ u, replayed from recorded coefficients, as c ⊙ (linear
+    branch): which projection stays linear ('ffn_up' or 'ffn_gate') and c [N, d_ff]."""
+    if gate_path == "up":
+        return "ffn_up", store["gate"]
+    return "ffn_gate", store["gate_factor"] * store["up"]  # (g · s) · u = g ⊙ (s · u)
+
+
 def frozen_rounding(x: torch.Tensor, lin: Linearization, site: str) -> torch.Tensor:
     """r ⊙ x, r = rounded(x)/x frozen at the runtime's values (anchored runs); else x itself."""
     r = lin.rounding(site)

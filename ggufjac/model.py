@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .families import ModelConfig
-from .linearize import Linearization, attention_probs, frozen_rounding, gated_product, rms_norm
+from .linearize import (Linearization, attention_probs, frozen_rounding, gated_product,
+                        glu_linear_branch, rms_norm)
 from .weights import ROWS_PER_CHUNK, GGUFWeights
 
 
@@ -119,20 +120,62 @@ def mlp(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
     return matmul(act, w, "ffn_down", lin)
 
 
-def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
-          lin: Linearization) -> BlockOutput:
-    """One transformer layer on the residual stream x [N, d]."""
+def attention_branch(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
+                     lin: Linearization) -> torch.Tensor:
+    """What a layer's attention adds to the residual stream x [N, d] (its norms included)."""
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
     h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin, "attn_norm")
     a = attention(cfg, layer, w, h, lin)
-    if layout != "pre":
-        a = rms_norm(a, w["post_attention_norm"], eps, lin, "post_attention_norm")
-    mid = x + a
+    return a if layout == "pre" else rms_norm(a, w["post_attention_norm"], eps, lin,
+                                              "post_attention_norm")
+
+
+def mlp_branch(cfg: ModelConfig, w: dict[str, torch.Tensor], mid: torch.Tensor,
+               lin: Linearization) -> torch.Tensor:
+    """What a layer's MLP adds to the residual stream mid [N, d] (its norms included)."""
+    eps, layout = cfg.norm_eps, cfg.family.norm_layout
     h = mid if layout == "post" else rms_norm(mid, w["ffn_norm"], eps, lin, "ffn_norm")
     m = mlp(cfg, w, h, lin)
-    if layout != "pre":
-        m = rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
+    return m if layout == "pre" else rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
+
+
+def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
+          lin: Linearization) -> BlockOutput:
+    """One transformer layer on the residual stream x [N, d]."""
+    a = attention_branch(cfg, layer, w, x, lin)
+    mid = x + a
+    m = mlp_branch(cfg, w, mid, lin)
     return BlockOutput(out=mid + m, attn=a, mlp=m)
+
+
+def mlp_branch_matrix(cfg: ModelConfig, w: dict[str, torch.Tensor],
+                      store: dict[str, torch.Tensor], gate_path: str, position: int,
+                      ffn_chunk: int = 2048) -> torch.Tensor:
+    """The detached `mlp_branch` at one position, from its recorded coefficients, as the
+    [d, d] matrix K with m = K · mid (the position's own row; the MLP mixes no positions).
+
+    Every step of the branch is a frozen diagonal (norm scale, rounding ratio, GLU
+    coefficient c) or a weight, so K = diag(post) · W_down · diag(c ⊙ r_down) · W_in ·
+    diag(pre ⊙ r_in). Pulling back m cotangents through the branch by autograd costs
+    2·m·d·d_ff multiply-adds per position (both projections); forming K costs d·d·d_ff and
+    applying it m·d², so for a full Jacobian (m = d) K is the cheaper order (engine.py).
+    """
+    layout = cfg.family.norm_layout
+    name, c = glu_linear_branch(store, gate_path)
+    d = w["ffn_down"].shape[0]
+    one = w["ffn_down"].new_ones(d)
+    pre = one if layout == "post" else store["ffn_norm"][position] * w["ffn_norm"]
+    post = one if layout == "pre" else store["post_ffw_norm"][position] * w["post_ffw_norm"]
+    if (r := store.get("in:" + name)) is not None:
+        pre = pre * r[position]
+    mid_scale = c[position]
+    if (r := store.get("in:ffn_down")) is not None:
+        mid_scale = mid_scale * r[position]
+    w_in, w_down = w[name], w["ffn_down"]
+    k = w_down.new_zeros((d, d))
+    for f in range(0, w_in.shape[0], ffn_chunk):  # a [d, chunk] temporary at a time
+        k.addmm_(w_down[:, f:f + ffn_chunk] * mid_scale[f:f + ffn_chunk], w_in[f:f + ffn_chunk])
+    return k.mul_(post[:, None]).mul_(pre[None, :])
 
 
 def final_norm(cfg: ModelConfig, weight: torch.Tensor, x: torch.Tensor,

@@ -12,6 +12,7 @@ from ggufjac.api import open_model
 from ggufjac.engine import parse_size
 from ggufjac.errors import GgufjacError
 from ggufjac.linearize import PLAIN, Linearization
+from ggufjac.model import mlp_branch, mlp_branch_matrix
 from tools.synthetic import Shape, write_synthetic_gguf
 
 PROMPT = "the bridge out of Marin"
@@ -141,3 +142,47 @@ def test_budget_that_cannot_be_met_is_refused_up_front(tmp_path, gemma_path) -> 
     assert "--max-memory 64.0 MiB cannot be met" in r.stderr
     assert "one layer's weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3", "olmo2"])
+@pytest.mark.parametrize("gate_path", ["up", "gate"])
+def test_mlp_branch_matrix_is_the_branch_jacobian(synthetic, arch: str, gate_path: str) -> None:
+    """The MLP's per-position matrix (the reverse sweep's shortcut for many directions) equals
+    autograd's Jacobian of the replayed MLP branch, rounding ratios included (random ones
+    stand in for an anchored run's)."""
+    m = open_model(synthetic(arch, "Q4_K_M"), dtype="float64")
+    engine = m.engine(Linearization(gate_path=gate_path))
+    record = engine.forward(engine.embed(m.tokenize(PROMPT)))
+    w = m.weights.layer(1)
+    gen = torch.Generator().manual_seed(1)
+    store = dict(record.coefficients[1])
+    linear = "ffn_up" if gate_path == "up" else "ffn_gate"
+    n, d = record.inputs.shape
+    store["in:" + linear] = 1 + 0.1 * torch.randn(n, d, dtype=torch.float64, generator=gen)
+    store["in:ffn_down"] = 1 + 0.1 * torch.randn(n, m.cfg.d_ff, dtype=torch.float64, generator=gen)
+    mid = record.residuals[1] + 0.5 * torch.randn(n, d, dtype=torch.float64, generator=gen)
+    lin = engine.lin.replaying(store)
+    for p in (0, n - 1):
+        def branch_at(row: torch.Tensor) -> torch.Tensor:
+            return mlp_branch(m.cfg, w, torch.cat((mid[:p], row[None], mid[p + 1:])), lin)[p]
+        expect = torch.autograd.functional.jacobian(branch_at, mid[p])
+        got = mlp_branch_matrix(m.cfg, w, store, gate_path, p, ffn_chunk=100)
+        assert _rel(got, expect) <= 1e-13
+        assert torch.allclose(got @ mid[p], mlp_branch(m.cfg, w, mid, lin)[p], rtol=0, atol=1e-12)
+
+
+def test_split_layer_pullback_equals_autograd(synthetic, monkeypatch) -> None:
+    """A layer's pull-back through the MLP matrices equals the all-autograd one; the engine
+    takes the matrices only when they are cheaper (many directions)."""
+    m = open_model(synthetic("gemma3", "Q6_K"), dtype="float64")
+    engine = m.engine()
+    d = m.cfg.d_model
+    assert engine.mlp_as_matrix(d) and not engine.mlp_as_matrix(8)
+    record = engine.forward(engine.embed(m.tokenize(PROMPT)))
+    w = m.weights.layer(0, engine.linear_path)
+    cot = torch.randn(d, record.inputs.shape[0], d, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(2))
+    split = engine.layer_vjp(0, w, record, cot.clone(), chunk=50)
+    monkeypatch.setattr(engine, "mlp_as_matrix", lambda n: False)
+    whole = engine.layer_vjp(0, w, record, cot.clone(), chunk=50)
+    assert _rel(split, whole) <= 1e-13
