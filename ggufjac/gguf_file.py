@@ -326,15 +326,21 @@ class GGUFFile:
         info = self.tensor(name)
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
 
-    def release(self, start: int, n_bytes: int) -> None:
-        """Drop the mapped pages of [start, start + n_bytes) from this process's memory.
+    def release(self, start: int = 0, n_bytes: int | None = None) -> None:
+        """Drop the mapped pages of [start, start + n_bytes) (default: the whole file) from
+        this process's memory.
 
         The pages stay in the page cache (nothing is lost: a later read faults them back in),
         but they stop counting against the process, so streaming through a file larger than
-        RAM keeps the resident set at one layer's worth.
+        RAM keeps the resident set at one layer's worth. The kernel may map pages around the
+        ones read (fault-around, large page-cache folios) that a tensor's own range does not
+        cover: measured on Gemma 3 270M, 14 MB of them after one Jacobian, in 373 runs; the
+        whole-file form drops those too.
         """
         if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
+        if n_bytes is None:
+            n_bytes = len(self._mmap) - start
         page = mmap.PAGESIZE
         first = start // page * page
         self._mmap.madvise(mmap.MADV_DONTNEED, first, start + n_bytes - first)

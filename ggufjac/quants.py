@@ -275,6 +275,13 @@ def raw_to_torch(raw: np.ndarray, device: torch.device | str = "cpu") -> torch.T
     return t.to(device, non_blocking=True) if torch.device(device).type != "cpu" else t
 
 
+# Into a given buffer, a tensor is dequantized this many values at a time: the arithmetic's
+# temporaries then stay a few MB whatever the tensor's size, and are reused from the heap
+# tensor after tensor instead of growing it (measured on Gemma 3 270M: whole-tensor
+# temporaries left ~10 MB resident per layer until trimmed).
+CHUNK_ELEMENTS = 1 << 18
+
+
 def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Raw bytes of a tensor (uint8, any device) -> float32 tensor of row-major `shape`.
@@ -287,6 +294,11 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
     blocks = raw.reshape(-1, type_size)
     target = None if out is None else out.view(-1, block)
     fn = DEQUANTIZERS.get(qtype)
+    if fn is not None and target is not None:
+        step = max(1, CHUNK_ELEMENTS // block)
+        for s in range(0, blocks.shape[0], step):
+            fn(blocks[s:s + step], target[s:s + step])
+        return out.view(shape)
     if fn is not None:
         return fn(blocks, target).reshape(shape)
     from gguf import quants as gguf_quants  # slower, correct fallback for rarer types

@@ -147,7 +147,9 @@ class GGUFWeights:
 
     def _gather_rows(self, name: str, token_ids: list[int]) -> torch.Tensor:
         info = self.gguf.tensor(name)
-        return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
+        rows = torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
+        self.gguf.release()
+        return rows
 
     @torch.no_grad()
     def nonfinite_counts(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, int]:
@@ -187,3 +189,4 @@ class GGUFWeights:
         vocab, pool = info.shape[1], BufferPool()
         for start in range(0, vocab, rows_per_chunk):
             yield start, self._rows(info, start, min(vocab, start + rows_per_chunk), pool=pool)
+        self.gguf.release()

@@ -8,6 +8,7 @@ import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from ggufjac import quants
 from ggufjac.quants import DEQUANTIZERS, dequantize, raw_to_torch
 
 # Byte offsets of the float16 scale fields in each block layout (see ggml-common.h).
@@ -45,7 +46,7 @@ def _assert_bitwise_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
-def test_random_blocks_match_gguf_py(qtype: Q) -> None:
+def test_random_blocks_match_gguf_py(qtype: Q, monkeypatch) -> None:
     rng = np.random.default_rng(1234 + qtype.value)
     block, _ = GGML_QUANT_SIZES[qtype]
     n_blocks = 300
@@ -58,6 +59,11 @@ def test_random_blocks_match_gguf_py(qtype: Q) -> None:
     into = dequantize(raw_to_torch(raw), qtype, (n_blocks * block,), out=buffer)
     assert into.data_ptr() == buffer.data_ptr()
     _assert_bitwise_equal(into, ref)
+    # in pieces of 7 blocks (the last one shorter), as large tensors are dequantized
+    monkeypatch.setattr(quants, "CHUNK_ELEMENTS", 7 * block)
+    buffer.fill_(float("nan"))
+    _assert_bitwise_equal(dequantize(raw_to_torch(raw), qtype, (n_blocks * block,), out=buffer),
+                          ref)
 
 
 @pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
