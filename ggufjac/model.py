@@ -160,17 +160,20 @@ def mlp_branch_matrix(cfg: ModelConfig, w: dict[str, torch.Tensor],
     2·m·d·d_ff multiply-adds per position (both projections); forming K costs d·d·d_ff and
     applying it m·d², so for a full Jacobian (m = d) K is the cheaper order (engine.py).
     """
+    def row(t: torch.Tensor) -> torch.Tensor:  # as it broadcasts against [N, ·] operands
+        return t if t.dim() < 2 else t[position] if t.shape[0] > 1 else t[0]
+
     layout = cfg.family.norm_layout
     name, c = glu_linear_branch(store, gate_path)
     d = w["ffn_down"].shape[0]
     one = w["ffn_down"].new_ones(d)
-    pre = one if layout == "post" else store["ffn_norm"][position] * w["ffn_norm"]
-    post = one if layout == "pre" else store["post_ffw_norm"][position] * w["post_ffw_norm"]
+    pre = one if layout == "post" else row(store["ffn_norm"]) * w["ffn_norm"]
+    post = one if layout == "pre" else row(store["post_ffw_norm"]) * w["post_ffw_norm"]
     if (r := store.get("in:" + name)) is not None:
-        pre = pre * r[position]
-    mid_scale = c[position]
+        pre = pre * row(r)
+    mid_scale = row(c)
     if (r := store.get("in:ffn_down")) is not None:
-        mid_scale = mid_scale * r[position]
+        mid_scale = mid_scale * row(r)
     w_in, w_down = w[name], w["ffn_down"]
     k = w_down.new_zeros((d, d))
     for f in range(0, w_in.shape[0], ffn_chunk):  # a [d, chunk] temporary at a time
