@@ -47,7 +47,7 @@ def spectrum(matrix: torch.Tensor, output: torch.Tensor | None = None) -> Spectr
     if output is not None:
         sign = torch.sign(output @ u)
         sign[sign == 0] = 1
-        u, vh = u * sign, vh * sign[:, None]
+        u, vh = u.mul_(sign), vh.mul_(sign[:, None])  # in place: vh is as large as the map
     return Spectrum(s, u, vh)
 
 

@@ -6,7 +6,8 @@
 1. Synthetic models with Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32/8 heads,
    Q4_K weights, small vocabulary), 2 and 6 layers: the full detached Jacobian of a 4-token
    prompt, float32, on CPU, each in its own process. Prints both peak RSS figures, their
-   ratio (goal <= 1.2) and seconds per layer.
+   ratio (goal <= 1.2), seconds per layer, and the effective rate: the sweep's floating-point
+   work (engine.sweep_flop) over the whole time (loading and the forward pass included).
 2. One 70B-shaped layer (hidden 8192, FFN 28672, 64/8 heads, Q4_K) under --max-memory:
    the Jacobian restricted to 8 output directions (one reverse sweep), its peak RSS.
 
@@ -36,7 +37,7 @@ def child(model: str, directions: int, max_memory: str | None) -> None:
     import torch
 
     from ggufjac.api import open_model
-    from ggufjac.engine import parse_size
+    from ggufjac.engine import parse_size, sweep_flop
 
     m = open_model(model, dtype="float32")
     budget = parse_size(max_memory) if max_memory else None
@@ -46,7 +47,8 @@ def child(model: str, directions: int, max_memory: str | None) -> None:
     t0 = time.perf_counter()
     r = m.jacobian(TOKENS, max_memory=budget, directions=dirs)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "n_layer": m.cfg.n_layer,
+    flop = sweep_flop(m.cfg, len(TOKENS), directions or m.cfg.d_model)
+    print(json.dumps({"seconds": seconds, "n_layer": m.cfg.n_layer, "flop": flop,
                       "shape": list(r.jacobian.shape),
                       "reconstruction": r.reconstruction_rel_error()}))
 
@@ -81,8 +83,9 @@ def main() -> None:
         print(f"8B-shaped layers {s8}, Q4_K, {len(TOKENS)} tokens, float32, full Jacobian:")
         for n_layer, r in rows.items():
             print(f"  {n_layer} layers: peak RSS {r['peak'] / 2**30:.2f} GiB, {r['seconds']:.1f} s "
-                  f"({r['seconds'] / n_layer:.1f} s/layer), J {r['shape']}, "
-                  f"reconstruction {r['reconstruction']:.1e}")
+                  f"({r['seconds'] / n_layer:.1f} s/layer; {r['flop'] / 1e12:.2f} TFLOP in the "
+                  f"sweep, {r['flop'] / r['seconds'] / 1e9:.0f} GFLOP/s effective), "
+                  f"J {r['shape']}, reconstruction {r['reconstruction']:.1e}")
         print(f"  peak(6 layers) / peak(2 layers) = {rows[6]['peak'] / rows[2]['peak']:.3f} "
               "(goal <= 1.2)")
         path = write_random_q4_k_gguf(Path(tmp) / "l70.gguf", "llama", Shape(n_layer=1, **s70))
