@@ -143,7 +143,7 @@ def main() -> None:
 @_errors_to_exit
 def info(model: str, no_scan: bool) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
-    from .families import FAMILIES, config_from_gguf
+    from .families import FAMILIES, config_from_gguf, sweep_flop
     from .gguf_file import GGUFFile
     from .resolve import resolve_model
 
@@ -171,7 +171,7 @@ def info(model: str, no_scan: bool) -> None:
         n = 8
         jac = cfg.d_model * n * cfg.d_model
         click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
-                   f"~{2 * cfg.d_model * n * w['linear_path'] * cfg.n_layer / 1e12:.2f} TFLOP")
+                   f"~{sweep_flop(cfg, n, cfg.d_model) / 1e12:.2f} TFLOP")
         click.echo("supported      yes")
         from .anchor import anchoring_support
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .anchor import Anchor
 from .errors import GgufjacError
-from .families import ModelConfig
+from .families import mlp_as_matrix
 from .linearize import DETACHED, Linearization
 from .model import attention_branch, block, final_norm, input_embeddings, mlp_branch_matrix
 from .weights import BufferPool, GGUFWeights
@@ -156,28 +156,6 @@ def _batched_vjp(out: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, c
     for s in range(0, cotangents.shape[0], chunk):
         result[s:s + chunk] = _vjp_rows(out, x, cotangents[s:s + chunk])
     return result
-
-
-def mlp_as_matrix(cfg: ModelConfig, n_directions: int) -> bool:
-    """Per position, n directions cost 2·n·d·d_ff multiply-adds by autograd through the MLP's
-    two projections, d·d·d_ff + n·d·d through its matrix (model.mlp_branch_matrix)."""
-    d, f = cfg.d_model, cfg.d_ff
-    return n_directions * (2 * f - d) > d * f
-
-
-def sweep_flop(cfg: ModelConfig, n_tokens: int, n_directions: int) -> float:
-    """Floating-point operations (2 per multiply-add) of one reverse sweep pulling
-    `n_directions` back to the inputs, as the engine does it: the attention's v and o
-    projections by batched VJPs, the MLP by VJPs or by its per-position matrices, whichever
-    costs less (these skip the positions without cotangents: at the top layer, all but the
-    last)."""
-    d, f, n, m, layers = cfg.d_model, cfg.d_ff, n_tokens, n_directions, cfg.n_layer
-    attention = 2 * m * n * (d * cfg.n_kv_head * cfg.head_dim_v + cfg.n_head * cfg.head_dim_v * d)
-    if mlp_as_matrix(cfg, m):
-        mlp = 2 * (d * d * f + m * d * d) * ((layers - 1) * n + 1)
-    else:
-        mlp = 2 * m * n * 2 * d * f * layers
-    return float(layers * attention + mlp)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python -m tools.extrapolate --gflops 330   # the effective rate tools/bench_memory.py printed
 
-Time = engine.sweep_flop (the reverse sweep's floating-point work, as the engine does it) /
+Time = families.sweep_flop (the reverse sweep's floating-point work, as the engine does it) /
 the given rate; the rate bench_memory prints is measured over the whole run (loading and
 the forward pass included), so those are included here in proportion. Memory = process
 (the torch import) + one layer's weights in float32 + J + the MLP matrix's temporaries +
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from types import SimpleNamespace
 
-from ggufjac.engine import (MAX_BATCH_ROWS, MLP_MATRIX_FFN_CHUNK, max_chunk, mlp_as_matrix,
-                            sweep_flop)
+from ggufjac.engine import MAX_BATCH_ROWS, MLP_MATRIX_FFN_CHUNK, max_chunk
+from ggufjac.families import mlp_as_matrix, sweep_flop
 
 # Published shapes (Q4_K_M GGUF files of these models).
 MODELS = {
