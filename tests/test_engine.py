@@ -186,3 +186,15 @@ def test_split_layer_pullback_equals_autograd(synthetic, monkeypatch) -> None:
     monkeypatch.setattr(engine, "mlp_as_matrix", lambda n: False)
     whole = engine.layer_vjp(0, w, record, cot.clone(), chunk=50)
     assert _rel(split, whole) <= 1e-13
+
+
+def test_prefetching_the_next_layer_gives_the_same_jacobian(synthetic) -> None:
+    """Prefetching (a second buffer set filled by a worker thread while the current layer
+    computes; on by default on CUDA, where it also uses a side stream) changes nothing."""
+    from ggufjac.jacobian import streamed_jacobian
+
+    m = open_model(synthetic("llama", "Q4_K_M"), dtype="float64")
+    x = m.engine().embed(m.tokenize(PROMPT))
+    plain = streamed_jacobian(m.engine(prefetch=False), x)
+    prefetched = streamed_jacobian(m.engine(prefetch=True), x)
+    assert torch.equal(plain.jacobian, prefetched.jacobian)
