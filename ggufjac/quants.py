@@ -294,15 +294,16 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
     """
     block, type_size = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(-1, type_size)
-    target = None if out is None else out.view(-1, block)
     fn = DEQUANTIZERS.get(qtype)
-    if fn is not None and target is not None:
+    if fn is not None:
+        if out is None:
+            out = torch.empty(blocks.shape[0] * block, dtype=torch.float32, device=raw.device)
+        target = out.view(-1, block)
         step = max(1, CHUNK_ELEMENTS // block)
         for s in range(0, blocks.shape[0], step):
             fn(blocks[s:s + step], target[s:s + step])
         return out.view(shape)
-    if fn is not None:
-        return fn(blocks, target).reshape(shape)
+    target = None if out is None else out.view(-1, block)
     from gguf import quants as gguf_quants  # slower, correct fallback for rarer types
 
     if qtype not in _fallback_noticed:
