@@ -198,3 +198,23 @@ def test_prefetching_the_next_layer_gives_the_same_jacobian(synthetic) -> None:
     plain = streamed_jacobian(m.engine(prefetch=False), x)
     prefetched = streamed_jacobian(m.engine(prefetch=True), x)
     assert torch.equal(plain.jacobian, prefetched.jacobian)
+
+
+def test_progress_bar_per_sweep_counts_layers_and_time_left(synthetic, tmp_path) -> None:
+    """`jacobian` shows one bar per sweep (forward, reverse) counting layers, with the time
+    left; TQDM_MININTERVAL=0 makes tqdm draw every update, so each step is in stderr."""
+    import os
+    import re
+
+    path = synthetic("llama", "Q8_0")
+    r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "jacobian", str(path), "-p", PROMPT,
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       env={**os.environ, "TQDM_MININTERVAL": "0"})
+    assert r.returncode == 0, r.stderr
+    n_layer = open_model(path).cfg.n_layer
+    for sweep in ("forward", "reverse"):
+        steps = re.findall(rf"{sweep}:\s+\d+%\|[^|]*\| (\d+)/(\d+) \[(\d\d:\d\d)<(\d\d:\d\d|\?)",
+                           r.stderr)
+        assert [(int(k), int(n)) for k, n, _, _ in steps] == [(k, n_layer) for k in
+                                                              range(n_layer + 1)]
+        assert all(left != "?" for *_, left in steps[1:])  # an estimate once a layer is done
