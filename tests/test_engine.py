@@ -218,3 +218,40 @@ def test_progress_bar_per_sweep_counts_layers_and_time_left(synthetic, tmp_path)
         assert [(int(k), int(n)) for k, n, _, _ in steps] == [(k, n_layer) for k in
                                                               range(n_layer + 1)]
         assert all(left != "?" for *_, left in steps[1:])  # an estimate once a layer is done
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, prefetch) -> None:
+    """With prefetching, layer k+1 is read and dequantized (into the other buffer set) while
+    the caller still computes with layer k, whose weights stay intact; without it, layer k+1
+    is read only after. (On CUDA the read runs on a side stream as well: no GPU here.)"""
+    import time
+
+    shape = Shape(n_layer=5, d_model=128, d_ff=256, n_head=2, n_kv_head=1)
+    m = open_model(write_synthetic_gguf(tmp_path / "m.gguf", "llama", shape, "Q4_K_M"),
+                   dtype="float64")
+    engine = m.engine(prefetch=prefetch)
+    events: list[tuple[str, int]] = []
+    load = engine._load
+
+    def logged_load(layer, names, pool):
+        events.append(("read", layer))
+        w = load(layer, names, pool)
+        events.append(("read done", layer))
+        return w
+    engine._load = logged_load
+    for layer, w in engine.layers(range(m.cfg.n_layer), None, "test"):
+        events.append(("compute", layer))
+        deadline = time.monotonic() + 5  # "compute" until the next read is done (or give up)
+        while prefetch and layer + 1 < m.cfg.n_layer and ("read done", layer + 1) not in events \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fresh = m.weights.layer(layer)
+        assert all(torch.equal(w[n], fresh[n]) for n in fresh)  # not overwritten by k+1
+        events.append(("computed", layer))
+    for k in range(m.cfg.n_layer - 1):
+        next_read_done = events.index(("read done", k + 1))
+        if prefetch:
+            assert events.index(("compute", k)) < next_read_done < events.index(("computed", k))
+        else:
+            assert events.index(("computed", k)) < events.index(("read", k + 1))
