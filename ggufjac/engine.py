@@ -215,23 +215,26 @@ class StreamingEngine:
 
     # -- weights, one layer at a time ---------------------------------------------------
 
-    def _load(self, layer: int, names: Sequence[str] | None,
-              pool: BufferPool) -> dict[str, torch.Tensor]:
-        if self.device.type != "cuda":
-            return self.weights.layer(layer, names, pool)
-        # Dequantize on a side stream; the compute stream waits for it before use, and it
-        # waits for the compute stream's work queued so far (which may read `pool`).
+    def _load(self, layer: int, names: Sequence[str] | None, pool: BufferPool,
+              after: torch.cuda.Event | None = None
+              ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """Layer `layer`'s tensors, dequantized into `pool`'s buffers.
+
+        A CUDA prefetch passes `after`, an event recorded on the compute stream when the read
+        was asked for: the compute queued until then may still read `pool` (the layer before
+        last used this buffer set), so the side stream waits for it and for nothing later.
+        The tensors then come with an event marking the end of their dequantization, for the
+        compute stream to wait on when it takes them (`layers`).
+        """
+        if after is None:
+            return self.weights.layer(layer, names, pool), None
         stream = self._side_stream()
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream.wait_event(after)
         with torch.cuda.stream(stream):
             w = self.weights.layer(layer, names, pool)
-        done = torch.cuda.Event()
-        done.record(stream)
-        main = torch.cuda.current_stream(self.device)
-        main.wait_event(done)
-        for t in w.values():
-            t.record_stream(main)
-        return w
+            done = torch.cuda.Event()
+            done.record(stream)
+        return w, done
 
     def _side_stream(self) -> torch.cuda.Stream:
         if not hasattr(self, "_stream"):
@@ -246,18 +249,27 @@ class StreamingEngine:
                    leave=False)
         pool = ThreadPoolExecutor(1, thread_name_prefix="ggufjac-prefetch") if self.prefetch \
             else None
-        buffers = self._buffers
+        buffers, cuda = self._buffers, self.device.type == "cuda"
         try:
             pending: Future | None = None
             for k, layer in enumerate(order):
                 if pending is not None:
-                    w = pending.result()
+                    w, done = pending.result()
                 else:
-                    w = self._load(layer, names, buffers[k % len(buffers)])
+                    w, done = self._load(layer, names, buffers[k % len(buffers)])
+                if done is not None:  # read on the side stream: wait for it, on the GPU only
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(done)
+                    for t in w.values():  # the buffers are used on this stream too
+                        t.record_stream(compute)
                 pending = None
                 if pool is not None and k + 1 < len(order):
+                    after = None
+                    if cuda:
+                        after = torch.cuda.Event()
+                        after.record(torch.cuda.current_stream(self.device))
                     pending = pool.submit(self._load, order[k + 1], names,
-                                          buffers[(k + 1) % len(buffers)])
+                                          buffers[(k + 1) % len(buffers)], after)
                 yield layer, w
                 del w
                 self.weights.gguf.release()  # pages mapped around the layer's tensors

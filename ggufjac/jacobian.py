@@ -50,7 +50,7 @@ def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,
     """
     d, n = engine.cfg.d_model, inputs.shape[0]
     dirs = torch.eye(d, dtype=inputs.dtype, device=inputs.device) if directions is None \
-        else directions.to(inputs.dtype)
+        else directions.to(inputs.device, inputs.dtype)
     plan = engine.plan(dirs.shape[0], n)
     record = engine.forward(inputs)
     jac = engine.pull_back_output(record, dirs, plan.chunk)

@@ -234,11 +234,11 @@ def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, 
     events: list[tuple[str, int]] = []
     load = engine._load
 
-    def logged_load(layer, names, pool):
+    def logged_load(layer, names, pool, after=None):
         events.append(("read", layer))
-        w = load(layer, names, pool)
+        loaded = load(layer, names, pool, after)
         events.append(("read done", layer))
-        return w
+        return loaded
     engine._load = logged_load
     for layer, w in engine.layers(range(m.cfg.n_layer), None, "test"):
         events.append(("compute", layer))

@@ -1,0 +1,58 @@
+"""On a CUDA device: dequantization and the streaming engine (side-stream prefetch included)
+give what the CPU gives. These run only where torch sees a GPU; the CPU suite does not depend
+on them (the same code paths run there on CPU tensors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
+
+from ggufjac.api import open_model
+from ggufjac.jacobian import streamed_jacobian
+from ggufjac.quants import DEQUANTIZERS, dequantize, raw_to_torch
+from tests.test_quants import _random_blocks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+PROMPT = "the bridge out of Marin"
+
+
+@pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
+def test_dequantization_on_cuda_matches_gguf_py(qtype) -> None:
+    rng = np.random.default_rng(99 + qtype.value)
+    block, _ = GGML_QUANT_SIZES[qtype]
+    raw = _random_blocks(qtype, 1000, rng)
+    ref = np.asarray(gguf_quants.dequantize(raw, qtype), dtype=np.float32).reshape(-1)
+    ours = dequantize(raw_to_torch(raw, "cuda"), qtype, (1000 * block,))
+    assert ours.device.type == "cuda"
+    assert np.array_equal(ours.cpu().numpy().view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_streamed_jacobian_on_cuda_equals_cpu(synthetic, arch: str, prefetch: bool) -> None:
+    path = synthetic(arch, "Q4_K_M")
+    cpu = open_model(path, dtype="float64")
+    gpu = open_model(path, dtype="float64", device="cuda")
+    tokens = cpu.tokenize(PROMPT)
+    reference = cpu.jacobian(tokens, streaming=False)
+    engine = gpu.engine(prefetch=prefetch)
+    result = streamed_jacobian(engine, engine.embed(tokens))
+    assert result.jacobian.device.type == "cuda"
+    got = result.jacobian.cpu()
+    assert float(torch.linalg.vector_norm(got - reference.jacobian)
+                 / torch.linalg.vector_norm(reference.jacobian)) <= 1e-12
+    assert result.reconstruction_rel_error() <= 1e-12
+
+
+def test_attribution_on_cuda_equals_cpu(synthetic) -> None:
+    path = synthetic("qwen3", "Q8_0")
+    cpu, gpu = open_model(path, dtype="float64"), open_model(path, dtype="float64", device="cuda")
+    tokens = cpu.tokenize(PROMPT)
+    expect, got = cpu.attribute(tokens)["targets"][0], gpu.attribute(tokens)["targets"][0]
+    assert got["id"] == expect["id"]
+    assert np.allclose(got["contributions"], expect["contributions"], rtol=1e-12, atol=1e-12)
+    assert abs(got["sum_of_contributions"] - expect["logit"]) <= 1e-12 * abs(expect["logit"])
