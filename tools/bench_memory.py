@@ -1,7 +1,8 @@
 """Peak memory of the streaming engine is flat in model depth; a 70B-shaped layer runs in a budget.
 
-    python -m tools.bench_memory            # ~6 min on 2 cores
+    python -m tools.bench_memory            # ~2 min on 2 cores
     python -m tools.bench_memory --quick    # smaller shapes, for a smoke run
+    python -m tools.bench_memory --device cuda   # on a GPU: GPU peak (max allocated) too
 
 1. Synthetic models with Llama-3.1-8B-shaped layers (hidden 4096, FFN 14336, 32/8 heads,
    Q4_K weights, small vocabulary), 2 and 6 layers: the full detached Jacobian of a 4-token
@@ -11,7 +12,8 @@
 2. One 70B-shaped layer (hidden 8192, FFN 28672, 64/8 heads, Q4_K) under --max-memory:
    the Jacobian restricted to 8 output directions (one reverse sweep), its peak RSS.
 
-Peak RSS is the child's VmHWM (tools/peak_rss.py); each run is a fresh process.
+Peak RSS is the child's VmHWM (tools/peak_rss.py); each run is a fresh process. On CUDA the
+GPU peak is torch.cuda.max_memory_allocated (prefetching on: two layers' buffers).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ QUICK_8B = dict(d_model=1024, d_ff=3584, n_head=8, n_kv_head=2, head_dim=128)
 QUICK_70B = dict(d_model=2048, d_ff=7168, n_head=16, n_kv_head=2, head_dim=128)
 
 
-def child(model: str, directions: int, max_memory: str | None) -> None:
+def child(model: str, directions: int, max_memory: str | None, device: str) -> None:
     """Runs inside the measured process: one Jacobian, timings as JSON on stdout."""
     import torch
 
@@ -40,7 +42,7 @@ def child(model: str, directions: int, max_memory: str | None) -> None:
     from ggufjac.engine import parse_size
     from ggufjac.families import sweep_flop
 
-    m = open_model(model, dtype="float32")
+    m = open_model(model, dtype="float32", device=device)
     budget = parse_size(max_memory) if max_memory else None
     dirs = None
     if directions:
@@ -51,11 +53,13 @@ def child(model: str, directions: int, max_memory: str | None) -> None:
     flop = sweep_flop(m.cfg, len(TOKENS), directions or m.cfg.d_model)
     print(json.dumps({"seconds": seconds, "n_layer": m.cfg.n_layer, "flop": flop,
                       "shape": list(r.jacobian.shape),
-                      "reconstruction": r.reconstruction_rel_error()}))
+                      "reconstruction": r.reconstruction_rel_error(),
+                      "gpu_peak": torch.cuda.max_memory_allocated() if device != "cpu" else 0}))
 
 
-def measure(model: Path, directions: int = 0, max_memory: str | None = None) -> dict:
-    args = ["--child", str(model), "--directions", str(directions)]
+def measure(model: Path, device: str, directions: int = 0, max_memory: str | None = None
+            ) -> dict:
+    args = ["--child", str(model), "--directions", str(directions), "--device", device]
     if max_memory:
         args += ["--max-memory", max_memory]
     return measure_module("tools.bench_memory", *args)
@@ -67,11 +71,12 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--directions", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--max-memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--budget-70b", default="6GiB",
                     help="--max-memory for the 70B-shaped layer (default 6GiB)")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.directions, args.max_memory)
+        child(args.child, args.directions, args.max_memory, args.device)
         return
     s8, s70 = (QUICK_8B, QUICK_70B) if args.quick else (SHAPE_8B, SHAPE_70B)
     with tempfile.TemporaryDirectory(prefix="ggufjac-bench-") as tmp:
@@ -79,21 +84,26 @@ def main() -> None:
         for n_layer in (2, 6):
             path = write_random_q4_k_gguf(Path(tmp) / f"l{n_layer}.gguf", "llama",
                                           Shape(n_layer=n_layer, **s8))
-            rows[n_layer] = measure(path)
+            rows[n_layer] = measure(path, args.device)
             path.unlink()
-        print(f"8B-shaped layers {s8}, Q4_K, {len(TOKENS)} tokens, float32, full Jacobian:")
+        print(f"8B-shaped layers {s8}, Q4_K, {len(TOKENS)} tokens, float32, full Jacobian, "
+              f"on {args.device}:")
         for n_layer, r in rows.items():
             print(f"  {n_layer} layers: peak RSS {r['peak'] / 2**30:.2f} GiB, {r['seconds']:.1f} s "
                   f"({r['seconds'] / n_layer:.1f} s/layer; {r['flop'] / 1e12:.2f} TFLOP in the "
                   f"sweep, {r['flop'] / r['seconds'] / 1e9:.0f} GFLOP/s effective), "
-                  f"J {r['shape']}, reconstruction {r['reconstruction']:.1e}")
+                  f"J {r['shape']}, reconstruction {r['reconstruction']:.1e}{_gpu(r)}")
         print(f"  peak(6 layers) / peak(2 layers) = {rows[6]['peak'] / rows[2]['peak']:.3f} "
               "(goal <= 1.2)")
         path = write_random_q4_k_gguf(Path(tmp) / "l70.gguf", "llama", Shape(n_layer=1, **s70))
-        r = measure(path, directions=8, max_memory=args.budget_70b)
+        r = measure(path, args.device, directions=8, max_memory=args.budget_70b)
         print(f"70B-shaped layer {s70}, Q4_K, 8 output directions, --max-memory "
               f"{args.budget_70b}: peak RSS {r['peak'] / 2**30:.2f} GiB, {r['seconds']:.1f} s, "
-              f"J {r['shape']}, reconstruction {r['reconstruction']:.1e}")
+              f"J {r['shape']}, reconstruction {r['reconstruction']:.1e}{_gpu(r)}")
+
+
+def _gpu(r: dict) -> str:
+    return f", GPU peak {r['gpu_peak'] / 2**30:.2f} GiB" if r["gpu_peak"] else ""
 
 
 if __name__ == "__main__":
