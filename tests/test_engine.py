@@ -255,3 +255,18 @@ def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, 
             assert events.index(("compute", k)) < next_read_done < events.index(("computed", k))
         else:
             assert events.index(("computed", k)) < events.index(("read", k + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lower_precision_jacobians_stay_in_their_dtype(synthetic, dtype) -> None:
+    """--dtype float32|bfloat16|float16: the sweep runs in that type (the result is of it) and
+    agrees with the float64 in-memory Jacobian to a few units of its rounding."""
+    path = synthetic("llama", "Q4_K_M")
+    reference = open_model(path, dtype="float64")
+    tokens = reference.tokenize(PROMPT)
+    expect = reference.jacobian(tokens, streaming=False).jacobian
+    result = open_model(path, dtype=dtype).jacobian(tokens)
+    eps = torch.finfo(dtype).eps
+    assert result.jacobian.dtype == dtype
+    assert _rel(result.jacobian.double(), expect) <= 8 * eps
+    assert result.reconstruction_rel_error() <= 8 * eps
