@@ -66,26 +66,18 @@ def test_bad_magic_and_version(small_gguf, tmp_path) -> None:
         GGUFFile(bad)
 
 
-def _resident_file_pages() -> int:
-    """Bytes of this process's resident file-backed pages (mapped GGUF pages among them)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile in /proc/self/status")
-
-
 def test_walking_the_vocabulary_keeps_mapped_pages_flat(gemma_path) -> None:
     """Walking the 262k-row table (170 MB in the file) in chunks maps little of it at once:
     the pages read are handed back after each chunk, including those the kernel maps around
     them (released per chunk range only, 120 MB stayed mapped by the end on this kernel)."""
     from ggufjac.api import open_model
+    from tools.peak_rss import status_bytes
 
     weights = open_model(gemma_path).weights  # a fresh mapping: none of its pages mapped yet
     table = weights.gguf.tensor(weights.unembedding_name).n_bytes
-    before, most = _resident_file_pages(), 0
+    before, most = status_bytes("RssFile"), 0
     for _, _rows in weights.unembedding_chunks():
-        most = max(most, _resident_file_pages() - before)
+        most = max(most, status_bytes("RssFile") - before)
     print(f"table {table / 2**20:.0f} MiB in the file, most mapped during the walk "
           f"{most / 2**20:.1f} MiB")
     assert table > 100 * 2**20 and most < 16 * 2**20

@@ -18,12 +18,17 @@ import tempfile
 from pathlib import Path
 
 
-def peak_rss_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM, VmRSS, RssFile, ...) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    return status_bytes("VmHWM")
 
 
 def measure_module(module: str, *args: str) -> dict:
