@@ -54,7 +54,7 @@ def child(model: str, directions: int, max_memory: str | None, device: str) -> N
     print(json.dumps({"seconds": seconds, "n_layer": m.cfg.n_layer, "flop": flop,
                       "shape": list(r.jacobian.shape),
                       "reconstruction": r.reconstruction_rel_error(),
-                      "gpu_peak": torch.cuda.max_memory_allocated() if device != "cpu" else 0}))
+                      "gpu_peak": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0}))
 
 
 def measure(model: Path, device: str, directions: int = 0, max_memory: str | None = None

@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.bench_memory import SHAPE_8B, TOKENS
 from tools.synthetic import Shape, write_random_q4_k_gguf
-
-SHAPE_8B = dict(d_model=4096, d_ff=14336, n_head=32, n_kv_head=8, head_dim=128)
-TOKENS = [1, 300, 301, 302]
 
 
 def drop_from_page_cache(path: Path) -> None:
