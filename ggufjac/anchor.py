@@ -35,7 +35,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from .errors import GgufjacError, LlamaCppError
 from .families import ModelConfig
 from .linearize import gate_factor
-from .llamacpp import LlamaCppRun
+from .llamacpp import DEFAULT_SETTINGS, LlamaCppRun, RunSettings
 from .model import attention_mask
 
 # How ggml's CPU backend rounds a matmul's float32 input for each weight type (its
@@ -144,16 +144,31 @@ def anchoring_support(types: Iterable[int]) -> str:
 
 
 @dataclass
+class ReferenceRun:
+    """An independent llama.cpp run on the same tokens (its own process), for the figures
+    an anchored report states besides those against the run it was anchored to."""
+
+    settings: RunSettings
+    resolved: dict[str, object]
+    output: np.ndarray  # the last position's final-norm output [d] ('result_norm')
+    logits: np.ndarray  # the last position's logits [vocab]
+
+
+@dataclass
 class Anchor:
     """llama.cpp's frozen coefficients for one prompt, per layer, as given coefficients."""
 
-    flash_attn: bool
+    flash_attn: bool  # whether flash attention ran in the anchored run
+    gate_path: str  # the detach rule the MLP coefficients were derived for
     layers: list[dict[str, torch.Tensor]]
     output_ratio: torch.Tensor | None  # the unembedding matmul's input rounding [N, d]
     output: torch.Tensor  # llama.cpp's final-norm output [N, d] (float32 values)
     logits: np.ndarray  # llama.cpp's logits [N, vocab]
+    settings: RunSettings = DEFAULT_SETTINGS  # how llama.cpp was run
+    resolved: dict[str, object] = field(default_factory=dict)  # what it resolved and reported
     sources: dict[str, str] = field(default_factory=dict)  # site -> where it came from
     approximations: list[str] = field(default_factory=list)  # what is not reproduced exactly
+    reference: ReferenceRun | None = None  # an independent default run, if one was made
 
     def without_roundings(self) -> Anchor:
         """llama.cpp's probabilities and gates only, none of its roundings: still exactly
@@ -167,11 +182,14 @@ def is_rounding_site(site: str) -> bool:
     return site.startswith("in:") or site in ("v_cache", "attn_sum")
 
 
-def capture_names(cfg: ModelConfig, flash_attn: bool) -> list[str]:
-    """The llama.cpp graph tensors an anchor reads."""
+def capture_names(cfg: ModelConfig, flash_attn: bool | None = None) -> list[str]:
+    """The llama.cpp graph tensors an anchor reads; `flash_attn` None: those of both modes
+    (llama.cpp's "auto" decides at run time; tensors a graph lacks are not captured)."""
     layout = cfg.family.norm_layout
+    attention = {True: FLASH_ON_TENSORS, False: FLASH_OFF_TENSORS,
+                 None: FLASH_ON_TENSORS + FLASH_OFF_TENSORS}[flash_attn]
     per_layer = [*LAYER_TENSORS, FFN_INPUT[layout], GLU_OUTPUT[cfg.family.activation],
-                 *(FLASH_ON_TENSORS if flash_attn else FLASH_OFF_TENSORS)]
+                 *attention]
     if not cfg.family.fused_gate_up:
         per_layer.append("ffn_gate")
     names = [f"{n}-{i}" for i in range(cfg.n_layer) for n in per_layer]
@@ -234,14 +252,16 @@ def _glu_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray, activat
 
 def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
                     weight_type: Callable[[int | None, str], int], gate_path: str,
-                    flash_attn: bool, dtype: torch.dtype, device: torch.device) -> Anchor:
-    """Frozen coefficients from llama.cpp's captured tensors (see the module docstring).
+                    dtype: torch.dtype, device: torch.device) -> Anchor:
+    """Frozen coefficients from llama.cpp's captured tensors (see the module docstring), for
+    the attention mode the run used (`run.flash_attn`).
 
     `weight_type(layer, name)` is the GGUF type of a layer's matmul weight as stored ('attn_v',
     'attn_qkv', 'ffn_down', ...), and `weight_type(None, "output")` the unembedding's.
     """
     n = len(run.tokens)
     layout, fam = cfg.family.norm_layout, cfg.family
+    flash_attn = run.flash_attn
     missing = [name for name in capture_names(cfg, flash_attn) if name not in run.captured]
     if missing:
         raise LlamaCppError(f"llama.cpp's graph has no tensor {missing[0]!r} (of "
@@ -310,5 +330,5 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
             f"{'/'.join(sorted(q8_1_weights))} weights: llama.cpp also rounds each activation "
             "block's sum to F16 (Q8_1) and multiplies it by the weight's block minimum; that "
             "term is not a per-element ratio and is not reproduced (logits nmse ~1e-6)")
-    return Anchor(flash_attn, layers, None if out_ratio is None else t(out_ratio), t(y),
-                  run.logits, sources, approximations)
+    return Anchor(flash_attn, gate_path, layers, None if out_ratio is None else t(out_ratio),
+                  t(y), run.logits, run.settings, run.resolved, sources, approximations)

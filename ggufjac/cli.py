@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
     from .anchor import Anchor
     from .api import LoadedModel
     from .linearize import Linearization
+    from .llamacpp import RunSettings
 
 MODEL_HELP = "GGUF file path, or a demo model name (gemma3-270m)."
 
@@ -96,30 +97,62 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       show_default=True, help="Which MLP branch stays linear (see README).")(fn)
     fn = click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
                       default="float32", show_default=True)(fn)
-    fn = click.option("--flash-attn", type=click.Choice(["on", "off"]), default=None,
-                      help="With --anchor llama.cpp: run llama.cpp with flash attention on or "
-                           "off (default: on, what llama.cpp itself does on CPU).")(fn)
     fn = click.option("--anchor", type=click.Choice(["none", "llama.cpp"]), default="none",
                       show_default=True,
                       help="llama.cpp: explain llama.cpp's own prediction exactly (frozen "
                            "coefficients taken from its run on the prompt; float64/float32).")(fn)
+    return _llama_cpp_options(fn)
+
+
+def _llama_cpp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How llama.cpp is run (check, --anchor llama.cpp): its own flags, its own defaults."""
+    fn = click.option("--ubatch-size", type=click.IntRange(min=1), default=None, metavar="N",
+                      help="llama.cpp's micro-batch size (-ub; default 512).")(fn)
+    fn = click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+                      help="llama.cpp's batch size (-b; default 2048).")(fn)
+    fn = click.option("--no-repack", is_flag=True, default=False,
+                      help="Run llama.cpp without repacking weights into its extra buffer "
+                           "types (--no-repack in llama.cpp's tools; default: repacked, as "
+                           "llama.cpp does).")(fn)
+    fn = click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default=None,
+                      help="llama.cpp's flash attention (-fa; default auto: what llama.cpp "
+                           "decides, on for CPU).")(fn)
     return fn
 
 
+def _settings(flash_attn: str | None, no_repack: bool, batch_size: int | None,
+              ubatch_size: int | None, threads: int | None = None) -> RunSettings:
+    from .llamacpp import RunSettings
+
+    return RunSettings(repack=not no_repack, flash_attn=flash_attn or "auto",  # type: ignore
+                       n_batch=batch_size, n_ubatch=ubatch_size, threads=threads)
+
+
 def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization, anchor: str,
-            flash_attn: str | None) -> Anchor | None:
-    """The llama.cpp anchor asked for by --anchor/--flash-attn, or None."""
+            llama: dict[str, Any]) -> Anchor | None:
+    """The llama.cpp anchor asked for by --anchor and the llama.cpp options, or None."""
     if anchor == "none":
-        if flash_attn is not None:
-            raise GgufjacError("--flash-attn applies to --anchor llama.cpp only")
+        given = [f"--{k.replace('_', '-')}" for k, v in llama.items() if v not in (None, False)]
+        if given:
+            raise GgufjacError(f"{given[0]} applies to --anchor llama.cpp only")
         return None
-    return m.anchor(tokens, lin, flash_attn=flash_attn != "off")
+    return m.anchor(tokens, lin, _settings(**llama))
+
+
+def _llama_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in ("flash_attn", "no_repack", "batch_size", "ubatch_size")}
 
 
 def _echo_anchor(summary: dict) -> None:
+    resolved = summary["llama_cpp_resolved"]
     click.echo(f"anchored to llama.cpp    flash attention {'on' if summary['flash_attn'] else 'off'}"
-               f"; logits nmse vs llama.cpp {summary['anchor_logits_nmse']:.2e}; output rel "
-               f"error {summary['anchor_output_rel_error']:.2e}")
+               f", repacking {'on' if resolved['repack'] else 'off'}: logits nmse "
+               f"{summary['anchor_logits_nmse']:.2e}, output rel error "
+               f"{summary['anchor_output_rel_error']:.2e}")
+    if "default_run" in summary:
+        d = summary["default_run"]
+        click.echo(f"vs llama.cpp's default  logits nmse {d['logits_nmse']:.2e}, output rel error "
+                   f"{d['output_rel_error']:.2e} (a separate run, as llama.cpp's tools run)")
     click.echo(f"llama.cpp top-1          {summary['llama_cpp_top1']!r} (anchored: "
                f"{summary['anchored_top1']!r})")
 
@@ -145,6 +178,7 @@ def info(model: str, no_scan: bool) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
     from .families import FAMILIES, config_from_gguf, sweep_flop
     from .gguf_file import GGUFFile
+    from .layout import check_tensor_index
     from .resolve import resolve_model
 
     path = resolve_model(model)
@@ -161,7 +195,12 @@ def info(model: str, no_scan: bool) -> None:
             click.echo(f"supported      no: architecture {arch!r} is not one of "
                        f"{', '.join(sorted(FAMILIES))}")
             return
-        cfg = config_from_gguf(g)
+        try:
+            cfg = config_from_gguf(g)
+            check_tensor_index(g, cfg)  # the validation every other command runs
+        except GgufjacError as e:
+            click.echo(f"supported      no: {str(e).removeprefix(str(path) + ': ')}")
+            sys.exit(1)
         click.echo(f"layers         {cfg.n_layer}, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
                    f"heads {cfg.n_head} (kv {cfg.n_kv_head}) x {cfg.head_dim}, "
                    f"vocab {cfg.vocab_size}, context {cfg.context_length}")
@@ -201,19 +240,24 @@ def _print_check(report: dict) -> None:
     click.echo(f"max |dlogit|       {report['max_abs_logit_diff']:.4f}")
     click.echo(f"KL(llama.cpp||us)  {report['kl']:.3e}")
     click.echo(f"nmse               {report['nmse']:.3e}")
+    resolved = report["llama_cpp_resolved"]
+    click.echo(f"llama.cpp run      flash attention {'on' if resolved['flash_attn'] else 'off'}, "
+               f"repacking {'on' if resolved['repack'] else 'off'}, ubatch {resolved['n_ubatch']}")
     if "noise_floor_nmse" in report:
-        click.echo(f"noise floor nmse   {report['noise_floor_nmse']:.3e}  "
-                   "(llama.cpp flash attention on vs off)")
+        click.echo(f"noise floor nmse   {report['noise_floor_nmse']:.3e}  (llama.cpp against "
+                   "itself, the largest of:)")
+        for v in report["noise_floor"]:
+            click.echo(f"  {v['nmse']:.3e}  {v['llama_cpp_settings']}")
     if "layer_nmse" in report:
         click.echo("per-layer nmse of the residual stream (all positions):")
         for i, v in enumerate(report["layer_nmse"]):
             click.echo(f"  layer {i:>3}  {v:.3e}")
+    if "anchor" in report:
+        _echo_anchor(report["anchor"])
     if report["nonfinite_weights"]:
         click.echo("non-finite weights: " + ", ".join(
             f"{n} ({c} values)" for n, c in report["nonfinite_weights"].items()))
-    click.echo("PASS" if report["passed"] else
-               "FAIL (nmse > 1e-2, top-1 differs where llama.cpp's margin is > 0.1, "
-               "or non-finite weights)")
+    click.echo(report["verdict"])
 
 
 @main.command()
@@ -223,17 +267,25 @@ def _print_check(report: dict) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the figures to this JSON file.")
-@click.option("--no-noise-floor", is_flag=True, help="Skip the flash-attention on/off run.")
+@click.option("--no-noise-floor", is_flag=True,
+              help="Skip llama.cpp's runs with flash attention and repacking flipped.")
+@click.option("--anchor", "anchor", is_flag=True,
+              help="Also anchor to llama.cpp's run and print how exactly the anchored model "
+                   "reproduces it and an independent run (use --dtype float64).")
+@_llama_cpp_options
 @_errors_to_exit
 def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-          layers: bool, dtype: str, json_path: Path | None, no_noise_floor: bool) -> None:
+          layers: bool, dtype: str, json_path: Path | None, no_noise_floor: bool,
+          anchor: bool, **llama: Any) -> None:
     """Compare our forward pass with llama.cpp's on the same tokens."""
     from .api import open_model
     from .outputs import write_json
 
     text = _read_prompt(prompt, prompt_file)
+    settings = _settings(**llama)
     m = open_model(model, dtype=dtype)
-    report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens)
+    report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens,
+                     settings=settings, anchor=anchor)
     _print_check(report)
     if json_path is not None:
         write_json(json_path, report)
@@ -250,7 +302,7 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
              out_dir: Path, dtype: str, gate_path: str, device: str, max_memory: str | None,
-             anchor: str, flash_attn: str | None, overwrite: bool) -> None:
+             anchor: str, overwrite: bool, **llama: Any) -> None:
     """Detached Jacobian of the output embedding w.r.t. every input embedding.
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
@@ -270,7 +322,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens))  # refuse before writing
     prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
-    anchored = _anchor(m, tokens, lin, anchor, flash_attn)
+    anchored = _anchor(m, tokens, lin, anchor, llama)
     result = m.jacobian(tokens, lin, progress=True, max_memory=budget, anchor=anchored)
     seconds = time.perf_counter() - t0
     report = m.jacobian_report(tokens, result, lin, anchor=anchored)
@@ -316,7 +368,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
               token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
               gate_path: str, device: str, max_memory: str | None, anchor: str,
-              flash_attn: str | None, json_path: Path | None) -> None:
+              json_path: Path | None, **llama: Any) -> None:
     """Each input token's exact additive contribution to a token's logit.
 
     One reverse sweep of the detached model along the token's unembedding row u_t gives
@@ -336,7 +388,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
             raise GgufjacError(f"--token-id {t} is outside the vocabulary (0..{m.cfg.vocab_size - 1})")
         targets.append(t)
     lin = Linearization(gate_path=gate_path)
-    anchored = _anchor(m, tokens, lin, anchor, flash_attn)
+    anchored = _anchor(m, tokens, lin, anchor, llama)
     report = m.attribute(tokens, targets or None, lin, progress=True, max_memory=budget,
                          anchor=anchored)
     if anchored is not None:
@@ -357,15 +409,20 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
 
 
 def _parse_layers(text: str | None, n_layer: int) -> list[int]:
+    """'0,5,10-17' -> [0, 5, 10, ..., 17]; reversed or empty ranges and layers the model
+    lacks are refused."""
     if text is None:
         return list(range(n_layer))
-    out = set()
+    out: set[int] = set()
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                a, b = part.split("-")
-                out.update(range(int(a), int(b) + 1))
+            if "-" in part[1:]:
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise GgufjacError(f"--layers {text!r}: range {part!r} is reversed "
+                                       f"(write {b}-{a})")
+                out.update(range(a, b + 1))
             else:
                 out.add(int(part))
         except ValueError:
@@ -391,8 +448,8 @@ def _parse_layers(text: str | None, n_layer: int) -> list[int]:
 @_errors_to_exit
 def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
            out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
-           max_memory: str | None, anchor: str, flash_attn: str | None, save_matrices: bool,
-           overwrite: bool) -> None:
+           max_memory: str | None, anchor: str, save_matrices: bool,
+           overwrite: bool, **llama: Any) -> None:
     """Each layer, its attention and its MLP as exact linear maps, with their SVDs.
 
     Per layer: the cumulative map (inputs -> final norm of the residual after the layer, an
@@ -418,7 +475,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     m.engine(lin, max_memory=budget).plan(m.cfg.d_model * len(chosen), len(tokens))  # refuse early
     prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
-    anchored = _anchor(m, tokens, lin, anchor, flash_attn)
+    anchored = _anchor(m, tokens, lin, anchor, llama)
     engine = m.engine(lin, progress=True, max_memory=budget, anchor=anchored)
     maps, y = layer_maps(engine, engine.embed(tokens), chosen)
     entries = describe_maps(maps, m.weights, m.token_text)

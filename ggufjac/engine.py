@@ -195,6 +195,10 @@ class StreamingEngine:
                  prefetch: bool | None = None, anchor: Anchor | None = None) -> None:
         if not lin.detach:
             raise GgufjacError("the streaming engine computes detached Jacobians only")
+        if anchor is not None and anchor.gate_path != lin.gate_path:
+            raise GgufjacError(f"the anchor's MLP coefficients are for gate path "
+                               f"{anchor.gate_path!r}, not {lin.gate_path!r}: anchor again with "
+                               "the same Linearization")
         self.weights, self.cfg, self.lin = weights, weights.cfg, lin
         self.anchor = anchor  # coefficients given by llama.cpp's run (anchor.py), if any
         self.dtype, self.device = weights.dtype, weights.device

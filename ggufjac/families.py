@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gguf.constants import Keys
+
 from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import GGUFFile
 
@@ -117,22 +119,51 @@ def sweep_flop(cfg: ModelConfig, n_tokens: int, n_directions: int) -> float:
     return float(layers * attention + mlp)
 
 
-def _get_int(g: GGUFFile, key: str, default: int | None = None) -> int:
-    if key not in g.metadata and default is not None:
-        return default
-    v = g.require(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise GGUFError(g.path, key, f"expected a positive integer, found {v!r}")
-    return v
+class _Metadata:
+    """Typed, range-checked reads of one file's metadata: every bad value is one GGUFError
+    naming the file, the key, the value found and what was expected."""
 
+    def __init__(self, g: GGUFFile, arch: str) -> None:
+        self.g, self.arch = g, arch
 
-def _get_float(g: GGUFFile, key: str, default: float | None = None) -> float:
-    if key not in g.metadata and default is not None:
-        return default
-    v = g.require(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise GGUFError(g.path, key, f"expected a finite number, found {v!r}")
-    return float(v)
+    def key(self, template: str) -> str:
+        return template.format(arch=self.arch)
+
+    def _bad(self, key: str, value: object, expected: str) -> GGUFError:
+        return GGUFError(self.g.path, key, f"expected {expected}, found {value!r}")
+
+    def int(self, template: str, default: int | None = None, minimum: int = 1) -> int:
+        key = self.key(template)
+        if key not in self.g.metadata and default is not None:
+            return default
+        v = self.g.require(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self._bad(key, v, "a positive integer" if minimum == 1
+                            else f"an integer >= {minimum}")
+        return v
+
+    def float(self, template: str, default: float | None = None, positive: bool = True
+              ) -> float:
+        key = self.key(template)
+        if key not in self.g.metadata and default is not None:
+            return default
+        v = self.g.require(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or (v <= 0 if positive else v < 0):
+            raise self._bad(key, v, "a finite number > 0" if positive else "a finite number >= 0")
+        return float(v)
+
+    def optional_float(self, template: str) -> float | None:
+        """A non-negative number where 0 or absence means "none"."""
+        key = self.key(template)
+        return self.float(template, positive=False) or None if key in self.g.metadata else None
+
+    def string(self, template: str, default: str) -> str:
+        key = self.key(template)
+        v = self.g.get(key, default)
+        if not isinstance(v, str):
+            raise self._bad(key, v, "a string")
+        return v
 
 
 def _attn_scale(arch: str, fam: Family, n_layer: int, d: int, n_head: int, head_dim: int) -> float:
@@ -147,55 +178,73 @@ def supported_architectures() -> list[str]:
 
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
-    """Read the model's config from GGUF metadata, with llama.cpp's defaults where it is silent."""
+    """Read the model's config from GGUF metadata, with llama.cpp's defaults where it is
+    silent. Every value is checked for type and range before it is used."""
     arch = g.architecture
     if arch not in FAMILIES:
         raise UnsupportedModelError(
             f"{g.path}: architecture {arch!r} is not supported; supported: "
             f"{', '.join(supported_architectures())}")
     fam = FAMILIES[arch]
-    a = arch + "."
-    d = _get_int(g, a + "embedding_length")
-    n_head = _get_int(g, a + "attention.head_count")
-    n_kv = _get_int(g, a + "attention.head_count_kv", n_head)
-    head_dim = _get_int(g, a + "attention.key_length", d // n_head)
-    head_dim_v = _get_int(g, a + "attention.value_length", head_dim)
-    n_layer = _get_int(g, a + "block_count")
+    md = _Metadata(g, arch)
+    d = md.int(Keys.LLM.EMBEDDING_LENGTH)
+    n_head = md.int(Keys.Attention.HEAD_COUNT)
+    n_kv = md.int(Keys.Attention.HEAD_COUNT_KV, n_head)
+    if Keys.Attention.KEY_LENGTH.format(arch=arch) not in g.metadata and n_head > d:
+        raise GGUFError(g.path, md.key(Keys.Attention.HEAD_COUNT),
+                        f"{n_head} heads do not fit in embedding_length {d} and the file gives "
+                        f"no {md.key(Keys.Attention.KEY_LENGTH)}")
+    head_dim = md.int(Keys.Attention.KEY_LENGTH, d // n_head)
+    head_dim_v = md.int(Keys.Attention.VALUE_LENGTH, head_dim)
+    n_layer = md.int(Keys.LLM.BLOCK_COUNT)
     if n_head % n_kv:
-        raise GGUFError(g.path, a + "attention.head_count_kv",
+        raise GGUFError(g.path, md.key(Keys.Attention.HEAD_COUNT_KV),
                         f"{n_kv} does not divide the head count {n_head}")
+    if n_layer > len(g.tensors):  # every layer has several tensors
+        raise GGUFError(g.path, md.key(Keys.LLM.BLOCK_COUNT),
+                        f"{n_layer} layers, but the file has only {len(g.tensors)} tensors")
     if "token_embd.weight" in g.tensors:
-        vocab = g.tensors["token_embd.weight"].shape[1]
+        shape = g.tensors["token_embd.weight"].shape
+        if len(shape) != 2:
+            raise GGUFError(g.path, "tensor 'token_embd.weight'",
+                            f"expected a matrix [vocab, {d}], found shape {list(reversed(shape))}")
+        vocab = shape[1]
     else:
-        vocab = len(g.require("tokenizer.ggml.tokens"))
-    scaling = g.get(a + "rope.scaling.type", "none")
+        tokens = g.require(Keys.Tokenizer.LIST)
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__") or not len(tokens):
+            raise GGUFError(g.path, Keys.Tokenizer.LIST, "expected a non-empty array of strings")
+        vocab = len(tokens)
+    scaling = md.string(Keys.Rope.SCALING_TYPE, "none")
     rope_scale = 1.0
     if scaling == "linear":
-        rope_scale = 1.0 / _get_float(g, a + "rope.scaling.factor", 1.0)
-    elif scaling not in ("none", None):
+        rope_scale = 1.0 / md.float(Keys.Rope.SCALING_FACTOR, 1.0)
+    elif scaling != "none":
         raise UnsupportedModelError(f"{g.path}: rope scaling {scaling!r} is not supported")
-    window = g.get(a + "attention.sliding_window")
+    window = md.int(Keys.Attention.SLIDING_WINDOW, 0, minimum=0)
     if fam.swa_pattern and window:
         # llama.cpp: layer il is sliding-window unless (il + 1) is a multiple of the pattern.
         swa = tuple((i + 1) % fam.swa_pattern != 0 for i in range(n_layer))
     else:
         swa = (False,) * n_layer
-    softcap = g.get(a + "final_logit_softcapping")
+    rope_dims = md.int(Keys.Rope.DIMENSION_COUNT, head_dim)
+    if rope_dims > head_dim or rope_dims % 2:
+        raise GGUFError(g.path, md.key(Keys.Rope.DIMENSION_COUNT),
+                        f"expected an even number <= the head size {head_dim}, found {rope_dims}")
     return ModelConfig(
         arch=arch, family=fam, n_layer=n_layer, d_model=d,
-        d_ff=_get_int(g, a + "feed_forward_length"),
+        d_ff=md.int(Keys.LLM.FEED_FORWARD_LENGTH),
         n_head=n_head, n_kv_head=n_kv, head_dim=head_dim, head_dim_v=head_dim_v,
         vocab_size=vocab,
-        context_length=_get_int(g, a + "context_length"),
-        norm_eps=_get_float(g, a + "attention.layer_norm_rms_epsilon"),
-        rope_base=_get_float(g, a + "rope.freq_base", 10000.0),
+        context_length=md.int(Keys.LLM.CONTEXT_LENGTH),
+        norm_eps=md.float(Keys.Attention.LAYERNORM_RMS_EPS),
+        rope_base=md.float(Keys.Rope.FREQ_BASE, 10000.0),
         rope_scale=rope_scale,
-        rope_dims=_get_int(g, a + "rope.dimension_count", head_dim),
-        rope_attn_factor=_get_float(g, a + "rope.scaling.attn_factor", 1.0),
-        sliding_window=int(window) if window else None,
+        rope_dims=rope_dims,
+        rope_attn_factor=md.float(Keys.Rope.SCALING_ATTN_FACTOR, 1.0),
+        sliding_window=window or None,
         swa_layers=swa,
         attn_scale=_attn_scale(arch, fam, n_layer, d, n_head, head_dim),
         embed_scale=math.sqrt(d) if fam.embed_scale_sqrt_d else 1.0,
-        final_logit_softcap=float(softcap) if softcap else None,
+        final_logit_softcap=md.optional_float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING),
         tied_embeddings="output.weight" not in g.tensors,
     )

@@ -1,11 +1,18 @@
 """llama.cpp's own forward pass and tokenizer, run in an isolated child process.
 
-Whatever llama.cpp does with a file (it can abort the process), the caller gets either the
-arrays or one `LlamaCppError` naming what failed.
+Whatever llama.cpp does with a file (it can abort or crash the process), the caller gets
+either the arrays or one `LlamaCppError` naming what failed and the settings it ran with.
+
+By default llama.cpp runs as its own tools run it on this machine (`RunSettings()`): weights
+repacked into its extra buffer types where the CPU has kernels for them, flash attention as
+its "auto" decides, prompts decoded in batches of 2048 split into micro-batches of 512. Each
+setting a user can flip in llama.cpp has a field here, so a run made with other flags can be
+matched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -13,21 +20,75 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from .errors import LlamaCppError
+from .errors import GgufjacError, LlamaCppError
+
+FlashAttn = Literal["auto", "on", "off"]
+FLASH_ATTN_CHOICES: tuple[FlashAttn, ...] = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How llama.cpp is run; `None` means llama.cpp's own default for that setting."""
+
+    repack: bool = True  # extra buffer types (repacked weights, their own GEMM kernels)
+    flash_attn: FlashAttn = "auto"
+    n_batch: int | None = None  # tokens per llama_decode call (llama.cpp: 2048)
+    n_ubatch: int | None = None  # tokens per graph evaluation (llama.cpp: 512)
+    threads: int | None = None  # None: the cores this process may run on
+
+    def __post_init__(self) -> None:
+        if self.flash_attn not in FLASH_ATTN_CHOICES:
+            raise GgufjacError(f"flash attention {self.flash_attn!r} is not one of "
+                               f"{', '.join(FLASH_ATTN_CHOICES)}")
+        for name in ("n_batch", "n_ubatch", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise GgufjacError(f"llama.cpp setting {name} must be a positive integer, "
+                                   f"not {value!r}")
+
+    def flipped(self, **changes: object) -> RunSettings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """The flags that reproduce this run with llama.cpp's own tools."""
+        parts = [f"flash attention {self.flash_attn}",
+                 "repacking on" if self.repack else "repacking off (--no-repack)"]
+        if self.n_ubatch is not None:
+            parts.append(f"ubatch {self.n_ubatch}")
+        if self.n_batch is not None:
+            parts.append(f"batch {self.n_batch}")
+        if self.threads is not None:
+            parts.append(f"{self.threads} threads")
+        return ", ".join(parts)
+
+
+DEFAULT_SETTINGS = RunSettings()
 
 
 @dataclass
 class LlamaCppRun:
-    """What llama.cpp computed for one prompt."""
+    """What llama.cpp computed for one prompt, and how it ran."""
 
     tokens: list[int]
     logits: np.ndarray | None = None  # [N, vocab] float32, every position
-    # graph tensors by name, shaped as ggml's ne reversed ([ne3, ne2, ne1, ne0]), F32 or F16
+    # graph tensors by name, shaped as ggml's ne reversed ([ne3, ne2, ne1, ne0]), F32 or F16;
+    # a prompt decoded in several micro-batches has its pieces joined along the token axis
     captured: dict[str, np.ndarray] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # every graph node, in order (list_names)
+    settings: RunSettings = DEFAULT_SETTINGS
+    # what llama.cpp resolved and reported: flash attention used, batch sizes, threads, its
+    # version and CPU features (llama_print_system_info), the buffer types weights went to
+    resolved: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def flash_attn(self) -> bool:
+        """Whether flash attention ran (what "auto" decided)."""
+        return bool(self.resolved["flash_attn"])
 
     def rows(self, name: str) -> np.ndarray:
         """A captured per-token tensor as [N, features] (heads flattened into features)."""
@@ -38,14 +99,30 @@ class LlamaCppRun:
         return [self.rows(f"l_out-{i}") for i in range(n_layer)]
 
 
+# The child process: `python -m ggufjac.llamacpp_worker REQUEST OUT`.
+WORKER_COMMAND = (sys.executable, "-m", "ggufjac.llamacpp_worker")
+
+
+def _crash_message(request: dict, signal_name: str, last_line: str | None) -> str:
+    settings = request.get("settings", {})
+    why = f"llama.cpp crashed ({signal_name})"
+    if last_line:
+        why += f"; it said: {last_line}"
+    if settings.get("repack", True):
+        return (why + ". It ran with weight repacking on (llama.cpp's default extra buffer "
+                "types, whose kernels depend on the CPU); --no-repack runs the plain CPU "
+                "kernels instead (and says so in the report)")
+    return why + f" (settings: {RunSettings(**settings).describe()})"
+
+
 def _call(request: dict, timeout: float) -> dict[str, np.ndarray]:
     with tempfile.TemporaryDirectory(prefix="ggufjac-llamacpp-") as tmp:
         req_path, out_path = Path(tmp) / "req.json", Path(tmp) / "out.npz"
         req_path.write_text(json.dumps(request))
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "ggufjac.llamacpp_worker", str(req_path), str(out_path)],
-                capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = subprocess.run([*WORKER_COMMAND, str(req_path), str(out_path)],
+                                  capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise LlamaCppError(f"{request['model']}: llama.cpp did not finish within "
                                 f"{timeout:.0f} s") from None
@@ -55,9 +132,8 @@ def _call(request: dict, timeout: float) -> dict[str, np.ndarray]:
             if own:
                 why = own[-1].removeprefix("ggufjac-worker-error: ")
             elif proc.returncode < 0:
-                why = f"llama.cpp killed its process ({signal.Signals(-proc.returncode).name})"
-                if lines:
-                    why += f"; it said: {lines[-1].strip()}"
+                why = _crash_message(request, signal.Signals(-proc.returncode).name,
+                                     lines[-1].strip() if lines else None)
             else:
                 why = f"exit status {proc.returncode}" + (f": {lines[-1].strip()}" if lines else "")
             raise LlamaCppError(f"{request['model']}: llama.cpp failed: {why}")
@@ -77,15 +153,18 @@ def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float 
           timeout)
 
 
-def evaluate(model: str | Path, tokens: list[int], *, flash_attn: bool = False,
-             capture: list[str] | None = None, list_names: bool = False,
-             timeout: float = 600) -> LlamaCppRun:
-    """Run llama.cpp (CPU) on `tokens`: logits at every position and the named graph tensors
-    (F32 and F16 ones); `list_names` also returns the name of every node of the graph."""
+def evaluate(model: str | Path, tokens: list[int], settings: RunSettings = DEFAULT_SETTINGS,
+             *, capture: list[str] | None = None, list_names: bool = False,
+             last_only: bool = False, timeout: float = 600) -> LlamaCppRun:
+    """Run llama.cpp (CPU) on `tokens` with `settings`: logits at every position and the
+    named graph tensors (F32 and F16 ones); `list_names` also returns the name of every node
+    of the graph. `last_only`: logits of the last position only ([1, vocab]), as llama.cpp's
+    tools decode a prompt; captured tensors are then the last micro-batch's."""
     out = _call({"model": str(model), "tokens": list(tokens), "evaluate": True,
-                 "flash_attn": flash_attn, "capture": capture or [],
-                 "list_names": list_names}, timeout)
+                 "settings": dataclasses.asdict(settings), "capture": capture or [],
+                 "list_names": list_names, "outputs": "last" if last_only else "all"}, timeout)
     captured = {k.removeprefix("capture:"): v for k, v in out.items() if k.startswith("capture:")}
     names = out["names"].tolist() if "names" in out else []
+    resolved = json.loads(str(out["resolved"]))
     return LlamaCppRun(tokens=out["tokens"].tolist(), logits=out["logits"], captured=captured,
-                       names=names)
+                       names=names, settings=settings, resolved=resolved)

