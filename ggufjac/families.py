@@ -229,7 +229,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     rope_dims = md.int(Keys.Rope.DIMENSION_COUNT, head_dim)
     if rope_dims > head_dim or rope_dims % 2:
         raise GGUFError(g.path, md.key(Keys.Rope.DIMENSION_COUNT),
-                        f"expected an even number <= the head size {head_dim}, found {rope_dims}")
+                        f"expected an even number <= the head size {head_dim} "
+                        f"({md.key(Keys.Attention.KEY_LENGTH)}), found {rope_dims}")
     return ModelConfig(
         arch=arch, family=fam, n_layer=n_layer, d_model=d,
         d_ff=md.int(Keys.LLM.FEED_FORWARD_LENGTH),

@@ -166,7 +166,10 @@ def markdown_summary(report: dict) -> str:
         (f"The predicted token first appears in a cumulative top vector at layer {first}."
          if first is not None else "The predicted token does not appear in any cumulative "
                                   "top vector (top 5 tokens)."), "",
-        "| layer | " + " | ".join(KINDS) + " |",
+        "Only the cumulative maps end in the final norm, where the unembedding reads; the "
+        "per-layer maps end in one layer's update to the residual stream, whose top vectors "
+        "decode to tokens mostly near the top layers (elsewhere the tokens look random).", "",
+        "| layer no. | " + " | ".join(f"`{k}`" for k in KINDS) + " |",
         "|---|" + "---|" * len(KINDS)]
     for l in layers:
         cells = []

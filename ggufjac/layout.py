@@ -5,7 +5,12 @@ here (and no torch), so a file can be validated before anything is dequantized.
 
 from __future__ import annotations
 
+import functools
 import os
+
+import numpy as np
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFError, UnsupportedModelError
 from .families import ModelConfig
@@ -57,9 +62,23 @@ def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 _BIAS_SUFFIXES = (".bias",)
 
 
+@functools.cache
+def dequantizable(qtype: GGMLQuantizationType) -> bool:
+    """Whether a tensor type can be read as numbers: by gguf-py's reference dequantizers,
+    which cover every type ggufjac's torch ones do (tested equal) and some more; integer
+    tensors and the activation-only types (Q8_1, Q8_K) cannot."""
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    try:
+        gguf_quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def check_tensor_index(g: GGUFFile, cfg: ModelConfig) -> str | None:
-    """Every tensor the model needs exists with the shape the config implies, and nothing
-    the detach rules cannot handle is there. Returns the rope-factor tensor's name, if any."""
+    """Every tensor the model needs exists with the shape the config implies and a type that
+    can be dequantized, and nothing the detach rules cannot handle is there. Returns the
+    rope-factor tensor's name, if any."""
     want = {f"blk.{i}.{n}.weight": s for i in range(cfg.n_layer)
             for n, s in stored_shapes(cfg).items()}
     want["token_embd.weight"] = (cfg.vocab_size, cfg.d_model)
@@ -71,6 +90,10 @@ def check_tensor_index(g: GGUFFile, cfg: ModelConfig) -> str | None:
         if info.torch_shape != shape:
             raise GGUFError(g.path, f"tensor {name!r}",
                             f"expected shape {list(shape)}, found {list(info.torch_shape)}")
+        if not dequantizable(info.type):
+            raise UnsupportedModelError(
+                f"{g.path}: tensor {name!r} has type {info.type.name}, which neither ggufjac "
+                "nor gguf-py can dequantize")
     biases = [n for n in g.tensors if n.endswith(_BIAS_SUFFIXES)]
     if biases:
         raise UnsupportedModelError(

@@ -99,6 +99,36 @@ class LlamaCppRun:
         return [self.rows(f"l_out-{i}") for i in range(n_layer)]
 
 
+# The worker reads ggml_tensor fields at fixed offsets and llama.cpp's graph tensor names,
+# which a new llama.cpp may change: the llama-cpp-python releases this code was tested with
+# (pyproject.toml pins the same range). Another version runs, with a warning.
+TESTED_LLAMA_CPP_PYTHON = ((0, 3, 16), (0, 3, 36))
+_warned_versions: set[str] = set()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("."):
+        digits = "".join(c for c in p if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_version(version: str) -> bool:
+    """Whether `version` is in the tested range; warns once per process on stderr if not."""
+    low, high = TESTED_LLAMA_CPP_PYTHON
+    tested = low <= _version_tuple(version) <= high
+    if not tested and version not in _warned_versions:
+        _warned_versions.add(version)
+        print(f"ggufjac: warning: llama-cpp-python {version} is outside the tested range "
+              f"{'.'.join(map(str, low))}-{'.'.join(map(str, high))}: llama.cpp's graph "
+              "tensors may be named or laid out differently; check `ggufjac check --anchor`",
+              file=sys.stderr)
+    return tested
+
+
 # The child process: `python -m ggufjac.llamacpp_worker REQUEST OUT`.
 WORKER_COMMAND = (sys.executable, "-m", "ggufjac.llamacpp_worker")
 
@@ -166,5 +196,6 @@ def evaluate(model: str | Path, tokens: list[int], settings: RunSettings = DEFAU
     captured = {k.removeprefix("capture:"): v for k, v in out.items() if k.startswith("capture:")}
     names = out["names"].tolist() if "names" in out else []
     resolved = json.loads(str(out["resolved"]))
+    resolved["tested_version"] = check_version(str(resolved["llama_cpp_python"]))
     return LlamaCppRun(tokens=out["tokens"].tolist(), logits=out["logits"], captured=captured,
                        names=names, settings=settings, resolved=resolved)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .threads import available_cores
+
 # ggml_tensor begins {enum ggml_type type; ggml_backend_buffer * buffer; int64_t ne[4];
 # size_t nb[4]; ...}: stable since GGUF v2. Names are read through ggml_get_name.
 _GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
@@ -66,14 +68,6 @@ def quantize(llama_cpp: object, req: dict) -> dict[str, np.ndarray]:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
     return {}
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask), not all the machine has."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # "load_tensors:   CPU_REPACK model buffer size =   123.45 MiB"

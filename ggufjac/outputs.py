@@ -16,16 +16,29 @@ from typing import Any
 from .errors import GgufjacError
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> Path:
-    """Create `path`; refuse an existing non-empty one unless `overwrite`."""
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty `path` unless `overwrite` (nothing is created)."""
     if path.exists():
         if not path.is_dir():
             raise GgufjacError(f"{path}: exists and is not a directory")
         if any(path.iterdir()) and not overwrite:
             raise GgufjacError(f"{path}: output directory exists and is not empty "
                                "(pass --overwrite to replace its results)")
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> Path:
+    """Create `path`; refuse an existing non-empty one unless `overwrite`."""
+    check_output_dir(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _file_mode() -> int:
+    """The mode a new file gets from open() under this process's umask (0644 usually):
+    writers that create private temporary files (safetensors) would leave 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -33,6 +46,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}.partial")
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -56,6 +70,7 @@ def write_all(directory: Path, writers: dict[str, Callable[[Path], None]]) -> No
     try:
         for name, write in writers.items():
             write(temps[name])
+            os.chmod(temps[name], _file_mode())
         for name, tmp in temps.items():
             os.replace(tmp, directory / name)
     finally:

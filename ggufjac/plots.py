@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_spectrum(path: Path, singular_values: list[float], title: str) -> None:
@@ -50,8 +51,12 @@ def plot_top_singular_value(path: Path, entries: list[dict], kinds: tuple[str, .
                             title: str) -> None:
     layers, grid = _grid(entries, kinds, "top_singular_value")
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind, row in zip(kinds, grid):
-        ax.semilogy(layers, row, marker=".", lw=1, label=kind)
+    # Lines can coincide (a layer's map and the same without the residual, when the residual
+    # is small against the update): each kind gets its own marker and dash, drawn hollow.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1, 1, 1)))]
+    for (kind, row), (marker, dash) in zip(zip(kinds, grid), styles * len(kinds)):
+        ax.semilogy(layers, row, marker=marker, ls=dash, lw=1.2, ms=5, mfc="none", label=kind)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("top singular value $\\sigma_1$")
     ax.legend(fontsize=8)

@@ -12,17 +12,14 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES
-from gguf.constants import GGMLQuantizationType as Q
 
 from .errors import GgufjacError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
-from .layout import check_tensor_index, layer_tensor_names, stored_shapes
+from .layout import check_tensor_index, dequantizable, layer_tensor_names, stored_shapes
 from .quants import dequantize, raw_to_torch
 
 
-# Types dequantize() can read (ours, or gguf-py's fallback); others are never model weights.
-DEQUANTIZABLE = {q for q in Q if q not in (Q.I8, Q.I16, Q.I32, Q.I64, Q.F64)}
 # Vocabulary-sized tables are walked in chunks of this many rows. Measured on Gemma 3 270M
 # (262k x 640, Q8_0): decoding 11 directions peaks 8-60 MB higher with 4096-row chunks
 # (their dequantization temporaries) than with 1024, at the same speed.
@@ -159,7 +156,7 @@ class GGUFWeights:
         dequantizes to any, read in row chunks (memory stays one chunk)."""
         found, pool = {}, BufferPool()
         for name, info in self.gguf.tensors.items():
-            if info.type not in DEQUANTIZABLE:
+            if not dequantizable(info.type):
                 continue
             rows = math.prod(info.shape[1:])
             bad = 0

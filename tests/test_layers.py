@@ -123,7 +123,9 @@ def test_layers_cli_writes_everything(synthetic, tmp_path) -> None:
     j = tensors["layer1.cumulative.jacobian"]
     s = torch.linalg.svdvals(j.reshape(j.shape[0], -1))
     assert torch.allclose(s, tensors["layer1.cumulative.singular_values"], rtol=1e-10)
-    assert "| layer |" in (out / "README.md").read_text()
+    summary = (out / "README.md").read_text()
+    header = next(line for line in summary.splitlines() if line.startswith("| layer no. |"))
+    assert header.count("layer") == 3  # 'layer no.', `layer`, `layer_no_residual`
 
 
 def test_layers_option_is_checked(synthetic, tmp_path) -> None:

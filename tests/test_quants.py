@@ -122,5 +122,15 @@ def test_unsupported_type_falls_back_to_gguf_py(capsys) -> None:
     raw[:, -2:] = np.float16(0.5).reshape(1).view(np.uint8)  # finite scale (last field)
     raw = raw.reshape(-1)
     out = dequantize(raw_to_torch(raw), qtype, (4 * block,))
-    _assert_bitwise_equal(out, gguf_quants.dequantize(raw, qtype).reshape(-1))
+    # ggml's dequantize_row_tq2_0, written out: 64 bytes of 2-bit codes q (value q - 1), in
+    # two 32-byte halves whose four bit pairs fill 32 values each, then the F16 scale d
+    expected = np.empty(4 * block, dtype=np.float32)
+    for b, blk in enumerate(raw.reshape(4, type_size)):
+        d = np.float32(blk[64:66].view(np.float16)[0])
+        for j in range(2):
+            for shift in range(4):
+                for m in range(32):
+                    q = (int(blk[j * 32 + m]) >> (2 * shift)) & 3
+                    expected[b * block + j * 128 + shift * 32 + m] = np.float32(q - 1) * d
+    _assert_bitwise_equal(out, expected)
     assert "TQ2_0" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType as Q
+from gguf.constants import GGUFValueType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
@@ -173,26 +174,41 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
 def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
                         tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]],
                         tensor_types: dict[str, str] | None, tokenizer: str = "llama",
-                        extra_floats: dict[str, float] | None = None) -> None:
+                        extra_floats: dict[str, float] | None = None,
+                        metadata: dict[str, tuple[object, GGUFValueType] | None] | None = None
+                        ) -> None:
     tokens, scores, types = _vocab()
     w = GGUFWriter(str(path), arch)
-    a = arch + "."
     w.add_name(f"synthetic {arch}")
-    w.add_uint32(a + "context_length", shape.context_length)
-    w.add_uint32(a + "embedding_length", shape.d_model)
-    w.add_uint32(a + "block_count", shape.n_layer)
-    w.add_uint32(a + "feed_forward_length", shape.d_ff)
-    w.add_uint32(a + "attention.head_count", shape.n_head)
-    w.add_uint32(a + "attention.head_count_kv", shape.n_kv_head)
-    w.add_uint32(a + "attention.key_length", shape.head_dim)
-    w.add_uint32(a + "attention.value_length", shape.head_dim)
-    w.add_float32(a + "attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(a + "rope.freq_base", 10000.0)
-    w.add_uint32(a + "rope.dimension_count", shape.rope_dims or shape.head_dim)
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    kv: dict[str, tuple[object, GGUFValueType]] = {
+        "context_length": (shape.context_length, u32),
+        "embedding_length": (shape.d_model, u32),
+        "block_count": (shape.n_layer, u32),
+        "feed_forward_length": (shape.d_ff, u32),
+        "attention.head_count": (shape.n_head, u32),
+        "attention.head_count_kv": (shape.n_kv_head, u32),
+        "attention.key_length": (shape.head_dim, u32),
+        "attention.value_length": (shape.head_dim, u32),
+        "attention.layer_norm_rms_epsilon": (1e-6, f32),
+        "rope.freq_base": (10000.0, f32),
+        "rope.dimension_count": (shape.rope_dims or shape.head_dim, u32),
+    }
     if arch == "gemma3":
-        w.add_uint32(a + "attention.sliding_window", 4)  # small, so tests cross it
-    for key, value in (extra_floats or {}).items():
-        w.add_float32(a + key, value)
+        kv["attention.sliding_window"] = (4, u32)  # small, so tests cross it
+    kv.update({key: (value, f32) for key, value in (extra_floats or {}).items()})
+    # Overrides (tests of hostile metadata): (value, type) replaces or adds, None removes.
+    for key, override in (metadata or {}).items():
+        if override is None:
+            kv.pop(key, None)
+        else:
+            kv[key] = override
+    for key, (value, vtype) in kv.items():
+        sub = None
+        if vtype == GGUFValueType.ARRAY:
+            sub = GGUFValueType.INT32 if all(isinstance(v, int) for v in value) \
+                else GGUFValueType.FLOAT32  # type: ignore[union-attr]
+        w.add_key_value(f"{arch}.{key}", value, vtype, sub)
     w.add_string("tokenizer.ggml.model", tokenizer)
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.scores", scores)
@@ -221,21 +237,26 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
 def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape = Shape(),
                          quant: str = "F32", tensor_types: dict[str, str] | None = None,
                          seed: int = 0, rope_freqs: bool = False, tokenizer: str = "llama",
-                         extra_floats: dict[str, float] | None = None) -> Path:
+                         extra_floats: dict[str, float] | None = None,
+                         metadata: dict[str, tuple[object, GGUFValueType] | None] | None = None
+                         ) -> Path:
     """Write a random-weight `arch` model to `path`; returns the path. `tokenizer` other
-    than 'llama' only for testing bad files ('none' makes llama.cpp abort on tokenize)."""
+    than 'llama' and `metadata` overrides ({key without the 'ARCH.' prefix: (value, type)
+    or None to leave it out}) only for testing bad files ('none' makes llama.cpp abort on
+    tokenize)."""
     if arch not in FAMILY_LAYOUT:
         raise ValueError(f"unknown family {arch!r}; known: {', '.join(FAMILY_LAYOUT)}")
     path = Path(path)
     tensors = model_tensors(arch, shape, len(_vocab()[0]), seed, rope_freqs)
     if quant == "F32" or tensor_types:
-        _write_f32_or_typed(path, arch, shape, tensors, tensor_types, tokenizer, extra_floats)
+        _write_f32_or_typed(path, arch, shape, tensors, tensor_types, tokenizer, extra_floats,
+                            metadata)
         return path
     if quant not in LLAMA_FTYPES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(LLAMA_FTYPES)}")
     with tempfile.TemporaryDirectory(prefix="ggufjac-synth-") as tmp:
         f32 = Path(tmp) / "f32.gguf"
-        _write_f32_or_typed(f32, arch, shape, tensors, None, tokenizer, extra_floats)
+        _write_f32_or_typed(f32, arch, shape, tensors, None, tokenizer, extra_floats, metadata)
         llamacpp.quantize(f32, path, LLAMA_FTYPES[quant])
     return path
 

@@ -1,0 +1,77 @@
+"""Hostile metadata values through `info`, `check` and `jacobian`: every case runs or fails
+with one line naming the file and the key (or the tensor the value contradicts) — no
+traceback, no hang (tools/fuzz_metadata.py makes the cases)."""
+
+from __future__ import annotations
+
+import re
+import signal
+from contextlib import contextmanager
+
+import pytest
+from click.testing import CliRunner
+
+from ggufjac.cli import main
+from tools.fuzz_metadata import cases, write_case
+
+CASE_SECONDS = 60  # far above what any case takes; a hang fails the case
+
+
+@pytest.fixture(scope="module")
+def case_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("metadata")
+    return [(name, key, write_case(d, i, key, override))
+            for i, (name, key, override) in enumerate(cases())]
+
+
+@contextmanager
+def _time_bound(name: str):
+    def expire(signum, frame):  # noqa: ANN001
+        raise TimeoutError(f"case {name} ran over {CASE_SECONDS} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(CASE_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _run_all(case_files, command: list[str], tmp_path) -> dict[int, int]:
+    """Run `command` on every case; return {exit code: count}. Fails on a traceback, a
+    hang, or an error message that names neither the file and key nor the tensor."""
+    codes: dict[int, int] = {}
+    for i, (name, key, path) in enumerate(case_files):
+        args = [a.replace("{out}", str(tmp_path / f"out{i}")) for a in command]
+        with _time_bound(name):
+            r = CliRunner().invoke(main, [args[0], str(path), *args[1:]])
+        assert r.exception is None or isinstance(r.exception, SystemExit), \
+            (name, "".join(__import__("traceback").format_exception(r.exception)))
+        codes[r.exit_code] = codes.get(r.exit_code, 0) + 1
+        if r.exit_code == 2:
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("ggufjac: error: "), (name, r.stderr)
+            if "the prompt is" in lines[0]:  # a valid file whose context is too short
+                continue
+            assert str(path) in lines[0], (name, lines[0])
+            # the key changed, or the key or tensor its value contradicts
+            assert re.search(r"llama\.[a-z_.]+|tensor '|rope scaling", lines[0]), (name, lines[0])
+        elif r.exit_code == 1 and command[0] == "info":
+            assert "supported      no: " in r.stdout and (key in r.stdout or "tensor" in r.stdout)
+    return codes
+
+
+def test_info_on_hostile_metadata(case_files, tmp_path) -> None:
+    codes = _run_all(case_files, ["info", "--no-scan"], tmp_path)
+    assert len(case_files) >= 300 and codes.get(1, 0) > 100 and codes.get(0, 0) > 30
+
+
+def test_jacobian_on_hostile_metadata(case_files, tmp_path) -> None:
+    codes = _run_all(case_files, ["jacobian", "-p", "the bridge", "--dtype", "float64",
+                                  "--out", "{out}"], tmp_path)
+    assert codes.get(2, 0) > 200 and codes.get(0, 0) > 30
+
+
+def test_check_on_hostile_metadata(case_files, tmp_path) -> None:
+    codes = _run_all(case_files, ["check", "-p", "the bridge", "--no-noise-floor"], tmp_path)
+    assert codes.get(2, 0) > 200 and sum(codes.values()) == len(case_files)
