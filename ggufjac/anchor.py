@@ -34,7 +34,8 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from .errors import GgufjacError, LlamaCppError
 from .families import ModelConfig
-from .linearize import gate_factor
+from .layout import stored_name
+from .linearize import Coefficients, Site, gate_factor
 from .llamacpp import DEFAULT_SETTINGS, LlamaCppRun, RunSettings
 from .model import attention_mask
 
@@ -160,7 +161,7 @@ class Anchor:
 
     flash_attn: bool  # whether flash attention ran in the anchored run
     gate_path: str  # the detach rule the MLP coefficients were derived for
-    layers: list[dict[str, torch.Tensor]]
+    layers: list[Coefficients]
     output_ratio: torch.Tensor | None  # the unembedding matmul's input rounding [N, d]
     output: torch.Tensor  # llama.cpp's final-norm output [N, d] (float32 values)
     logits: np.ndarray  # llama.cpp's logits [N, vocab]
@@ -169,6 +170,11 @@ class Anchor:
     sources: dict[str, str] = field(default_factory=dict)  # site -> where it came from
     approximations: list[str] = field(default_factory=list)  # what is not reproduced exactly
     reference: ReferenceRun | None = None  # an independent default run, if one was made
+
+    def __post_init__(self) -> None:
+        for coefficients in self.layers:
+            for site in coefficients:
+                Site(site)  # a misspelled site is refused here, not skipped in the sweep
 
     def without_roundings(self) -> Anchor:
         """llama.cpp's probabilities and gates only, none of its roundings: still exactly
@@ -275,9 +281,7 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         return run.rows(name).astype(np.float32, copy=False)
 
     def stored(name: str) -> str:
-        if fam.fused_qkv and name == "attn_v":
-            return "attn_qkv"
-        return "ffn_up" if fam.fused_gate_up and name == "ffn_gate" else name
+        return stored_name(fam, name)
 
     layers, q8_1_weights = [], set()
     for i in range(cfg.n_layer):

@@ -28,7 +28,7 @@ from .jacobian import JacobianResult, detached_jacobian, reconstruction_rel_erro
     streamed_jacobian
 from .linearize import Linearization
 from .llamacpp import DEFAULT_SETTINGS, RunSettings
-from .model import Transformer, unembed
+from .runner import Transformer, unembed
 from .resolve import resolve_model
 from .vocab import Vocabulary
 from .weights import GGUFWeights

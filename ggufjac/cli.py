@@ -241,9 +241,10 @@ def main() -> None:
 @_errors_to_exit
 def info(model: str, no_scan: bool, threads: int | None) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
-    from .families import FAMILIES, config_from_gguf, sweep_flop
+    from .costs import sweep_flop
+    from .families import FAMILIES, config_from_gguf
     from .gguf_file import GGUFFile
-    from .layout import check_tensor_index
+    from .layout import check_tensor_index, linear_matmuls, stored_name, weights_per_layer
     from .resolve import resolve_model
 
     path = resolve_model(model)
@@ -269,7 +270,7 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
         click.echo(f"layers         {cfg.n_layer}, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
                    f"heads {cfg.n_head} (kv {cfg.n_kv_head}) x {cfg.head_dim}, "
                    f"vocab {cfg.vocab_size}, context {cfg.context_length}")
-        w = cfg.weights_per_layer()
+        w = weights_per_layer(cfg)
         click.echo(f"one layer      {w['all'] / 1e6:.1f} M weights: {w['all'] * 4 / 2**20:.0f} MiB "
                    f"float32, {w['all'] * 8 / 2**20:.0f} MiB float64 dequantized")
         n = 8
@@ -279,8 +280,8 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
         click.echo("supported      yes")
         from .anchor import anchoring_support
 
-        linear = ("attn_v", "attn_qkv", "attn_output", "ffn_up", "ffn_gate", "ffn_down")
-        names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in linear]
+        linear = {stored_name(cfg.family, n) for n in linear_matmuls(cfg.family)}
+        names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in sorted(linear)]
         names.append("token_embd.weight" if cfg.tied_embeddings else "output.weight")
         click.echo("anchoring      " + anchoring_support(
             g.tensor(n).type for n in names if n in g.tensors))

@@ -32,15 +32,13 @@ from tqdm.auto import tqdm
 from .anchor import Anchor
 from .errors import GgufjacError
 from .units import format_size, parse_size  # noqa: F401 (parse_size: part of the engine's API)
-from .families import mlp_as_matrix
-from .linearize import DETACHED, Linearization
-from .model import attention_branch, block, final_norm, input_embeddings, mlp_branch_matrix
+from .costs import mlp_as_matrix
+from .layout import linear_path
+from .linearize import DETACHED, Coefficients, Linearization
+from .model import LayerWeights, attention_branch, block, final_norm, mlp_branch_matrix
+from .runner import input_embeddings
 from .weights import BufferPool, GGUFWeights
 
-# Per-layer tensors the reverse sweep reads: the linear path and the (constant) norm weights.
-_LINEAR_PATH = {"up": ("attn_v", "attn_output", "ffn_up", "ffn_down"),
-                "gate": ("attn_v", "attn_output", "ffn_gate", "ffn_down")}
-_NORMS = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")
 
 # Calibrated with tools/bench_memory.py: the batched backward of one layer holds about this
 # many activation-sized temporaries per output direction (in units of N·(2·d_ff + 4·d + 2·H·hd)).
@@ -147,8 +145,8 @@ class ForwardRecord:
     """What the reverse sweep needs from the forward pass, per layer (small)."""
 
     residuals: list[torch.Tensor]  # residuals[l]: the stream entering layer l; [L]: the last output
-    coefficients: list[dict[str, torch.Tensor]]  # frozen coefficients of each layer
-    output_coefficients: dict[str, torch.Tensor]  # of the final norm
+    coefficients: list[Coefficients]  # frozen coefficients of each layer
+    output_coefficients: Coefficients  # of the final norm
     output: torch.Tensor  # final-norm output at every position [N, d]
 
     @property
@@ -190,8 +188,8 @@ class StreamingEngine:
         # being read while the next layer is written into the other).
         self._buffers = [BufferPool() for _ in range(2 if self.prefetch else 1)]
         self.output_norm = weights.output_norm()
-        self.linear_path = list(_LINEAR_PATH[lin.gate_path]) + [
-            n for n in _NORMS if n in weights.layer_names()]
+        # per-layer tensors the reverse sweep reads: the linear path and the norm weights
+        self.linear_path = linear_path(self.cfg.family, lin.gate_path)
 
     def release(self, keep: Sequence[str] = ()) -> None:
         """Free the layer buffers (all but those of the stored tensors `keep`) and give the
@@ -205,7 +203,7 @@ class StreamingEngine:
 
     def _load(self, layer: int, names: Sequence[str] | None, pool: BufferPool,
               after: torch.cuda.Event | None = None
-              ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+              ) -> tuple[LayerWeights, torch.cuda.Event | None]:
         """Layer `layer`'s tensors, dequantized into `pool`'s buffers.
 
         A CUDA prefetch passes `after`, an event recorded on the compute stream when the read
@@ -230,7 +228,7 @@ class StreamingEngine:
         return self._stream
 
     def layers(self, order: Sequence[int], names: Sequence[str] | None, desc: str
-               ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+               ) -> Iterator[tuple[int, LayerWeights]]:
         """(layer, weights) in `order`, each loaded just before use (the next one meanwhile,
         if prefetching); the progress bar counts layers and estimates the time left."""
         bar = tqdm(total=len(order), desc=desc, unit="layer", disable=not self.progress,
@@ -279,7 +277,7 @@ class StreamingEngine:
         residuals, coefficients = [inputs.detach()], []
         x = residuals[0]
         for layer, w in self.layers(range(self.cfg.n_layer), None, "forward"):
-            store: dict[str, torch.Tensor] = {}
+            store: Coefficients = {}
             given = self.anchor.layers[layer] if self.anchor is not None else None
             x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
             if not bool(torch.isfinite(x).all()):  # an overflow in this dtype, or the file's
@@ -290,7 +288,7 @@ class StreamingEngine:
             residuals.append(x)
             coefficients.append(store)
         self.release(keep=self.weights.layer_names(self.linear_path))  # all the sweep reads
-        out_store: dict[str, torch.Tensor] = {}
+        out_store: Coefficients = {}
         y = final_norm(self.cfg, self.output_norm, x, self.lin.recording(out_store))
         return ForwardRecord(residuals, coefficients, out_store, y)
 
@@ -301,7 +299,7 @@ class StreamingEngine:
         """Directions [m, d] on the final-norm output at `position` of a residual stream
         [N, d] -> cotangents [m, N, d] on that stream (the norm's scale frozen at its value).
         Filled `chunk` directions at a time, so no second [m, N, d] temporary exists."""
-        store: dict[str, torch.Tensor] = {}
+        store: Coefficients = {}
         with torch.no_grad():
             final_norm(self.cfg, self.output_norm, residual, self.lin.recording(store))
         x = residual.detach().requires_grad_(True)
@@ -310,7 +308,7 @@ class StreamingEngine:
             result = residual.new_empty((directions.shape[0], *residual.shape))
             return _batched_vjp(y, x, directions, chunk or max_chunk(residual.shape[0]), result)
 
-    def layer_vjp(self, layer: int, w: dict[str, torch.Tensor], record: ForwardRecord,
+    def layer_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
                   cotangents: torch.Tensor, part: str = "out", chunk: int | None = None
                   ) -> torch.Tensor:
         """Cotangents [m, N, d] on layer `layer`'s output `part` ('out', 'attn', 'mlp') ->
@@ -334,7 +332,7 @@ class StreamingEngine:
         """Cotangent rows multiplied by one MLP matrix at a time (a [rows, d] temporary)."""
         return max(1, 2**20 // self.cfg.d_model)
 
-    def _split_layer_vjp(self, layer: int, w: dict[str, torch.Tensor], record: ForwardRecord,
+    def _split_layer_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
                          g: torch.Tensor, chunk: int) -> torch.Tensor:
         """layer_vjp of the whole layer, in place: out = mid + mlp(mid) is pulled back to mid
         through the MLP's matrix at each position, then mid = x + attn(x) to x by batched

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from gguf.constants import Keys
 
@@ -16,13 +17,18 @@ from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import GGUFFile
 
 
+NormLayout = Literal["pre", "sandwich", "post"]
+QKNorm = Literal["none", "head", "full"]
+Activation = Literal["silu", "gelu_tanh"]
+
+
 @dataclass(frozen=True)
 class Family:
     """How one GGUF architecture's transformer block differs from the others."""
 
-    norm_layout: str  # "pre": x + f(norm(x)); "sandwich": x + norm(f(norm(x))); "post": x + norm(f(x))
-    qk_norm: str  # "none" | "head" (RMSNorm over each head) | "full" (over all of q or k)
-    activation: str  # gate activation of the gated MLP: "silu" | "gelu_tanh"
+    norm_layout: NormLayout  # "pre": x + f(norm(x)); "sandwich": x + norm(f(norm(x))); "post": x + norm(f(x))
+    qk_norm: QKNorm  # "none" | "head" (RMSNorm over each head) | "full" (over all of q or k)
+    activation: Activation  # gate activation of the gated MLP
     rope_neox: bool  # rotate pairs (i, i + n/2) (NEOX) rather than (2i, 2i + 1)
     embed_scale_sqrt_d: bool = False  # inputs scaled by sqrt(d_model) (Gemma)
     swa_pattern: int = 0  # every swa_pattern-th layer is global, the others sliding-window
@@ -31,6 +37,13 @@ class Family:
     fused_qkv: bool = False  # one attn_qkv tensor holds q, k, v (rows in that order)
     fused_gate_up: bool = False  # ffn_up holds gate rows, then up rows (Phi 3)
     rope_factors: tuple[str, ...] = ()  # tensors of per-frequency divisors, first found wins
+
+    def __post_init__(self) -> None:
+        for name, kind in (("norm_layout", NormLayout), ("qk_norm", QKNorm),
+                           ("activation", Activation)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"Family.{name} must be one of {get_args(kind)}, "
+                                 f"not {getattr(self, name)!r}")
 
 
 # llama.cpp's own defaults (src/llama-model.cpp) where the GGUF metadata is silent:
@@ -87,36 +100,6 @@ class ModelConfig:
             return self.family.rope_base_local, 1.0
         return self.rope_base, self.rope_scale
 
-    def weights_per_layer(self) -> dict[str, int]:
-        """Parameter counts of one layer: all projections, and the Jacobian's linear path."""
-        q = self.d_model * self.n_head * self.head_dim
-        k = self.d_model * self.n_kv_head * self.head_dim
-        v = self.d_model * self.n_kv_head * self.head_dim_v
-        o = self.n_head * self.head_dim_v * self.d_model
-        mlp = self.d_model * self.d_ff
-        return {"all": q + k + v + o + 3 * mlp, "linear_path": v + o + 2 * mlp}
-
-
-def mlp_as_matrix(cfg: ModelConfig, n_directions: int) -> bool:
-    """Per position, n directions cost 2·n·d·d_ff multiply-adds by autograd through the MLP's
-    two projections, d·d·d_ff + n·d·d through its matrix (model.mlp_branch_matrix)."""
-    d, f = cfg.d_model, cfg.d_ff
-    return n_directions * (2 * f - d) > d * f
-
-
-def sweep_flop(cfg: ModelConfig, n_tokens: int, n_directions: int) -> float:
-    """Floating-point operations (2 per multiply-add) of one reverse sweep pulling
-    `n_directions` back to the inputs, as the engine does it: the attention's v and o
-    projections by batched VJPs, the MLP by VJPs or by its per-position matrices, whichever
-    costs less (these skip the positions without cotangents: at the top layer, all but the
-    last)."""
-    d, f, n, m, layers = cfg.d_model, cfg.d_ff, n_tokens, n_directions, cfg.n_layer
-    attention = 2 * m * n * (d * cfg.n_kv_head * cfg.head_dim_v + cfg.n_head * cfg.head_dim_v * d)
-    if mlp_as_matrix(cfg, m):
-        mlp = 2 * (d * d * f + m * d * d) * ((layers - 1) * n + 1)
-    else:
-        mlp = 2 * m * n * 2 * d * f * layers
-    return float(layers * attention + mlp)
 
 
 class _Metadata:

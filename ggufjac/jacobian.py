@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .linearize import DETACHED, Linearization
 from .engine import StreamingEngine
-from .model import Transformer
+from .runner import Transformer
 
 
 @dataclass

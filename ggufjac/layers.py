@@ -20,7 +20,8 @@ import torch
 from .analysis import nearest_input_embeddings, spectrum, top_tokens_by_unembedding
 from .engine import StreamingEngine
 from .jacobian import reconstruction_rel_error
-from .model import BlockOutput, block, final_norm
+from .linearize import Coefficients
+from .model import BlockOutput, LayerWeights, block, final_norm
 from .weights import GGUFWeights
 
 KINDS = ("cumulative", "layer", "layer_no_residual", "attention", "mlp")
@@ -48,8 +49,8 @@ def _last_position_cotangents(n: int, d: int, like: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def _part_outputs(engine: StreamingEngine, layer: int, w: dict[str, torch.Tensor],
-                  x: torch.Tensor, store: dict[str, torch.Tensor]) -> BlockOutput:
+def _part_outputs(engine: StreamingEngine, layer: int, w: LayerWeights,
+                  x: torch.Tensor, store: Coefficients) -> BlockOutput:
     return block(engine.cfg, layer, w, x, engine.lin.replaying(store))
 
 

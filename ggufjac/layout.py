@@ -6,55 +6,182 @@ here (and no torch), so a file can be validated before anything is dequantized.
 from __future__ import annotations
 
 import functools
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
 
 import numpy as np
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFError, UnsupportedModelError
-from .families import ModelConfig
+from .families import Family, ModelConfig
 from .gguf_file import GGUFFile
+
+T = TypeVar("T")
+
+
+class Role(StrEnum):
+    """What a layer tensor is to the detached model."""
+
+    LINEAR = "linear"  # on the linear path whatever the gate path (its input rounded if anchored)
+    GLU_BRANCH = "glu branch"  # gate or up: linear or frozen, as the gate path says
+    COEFFICIENT = "coefficient"  # only shapes frozen coefficients (q, k): never in the sweep
+    NORM = "norm"  # a norm weight: a constant diagonal on the linear path
+    QK_NORM = "qk norm"  # a norm weight inside the frozen attention scores
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a layer's tensor shapes depend on."""
+
+    d_model: int
+    d_ff: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    head_dim_v: int
+
+
+def _always(fam: Family) -> bool:
+    return True
+
+
+def _pre_norm(fam: Family) -> bool:
+    return fam.norm_layout in ("pre", "sandwich")
+
+
+def _post_norm(fam: Family) -> bool:
+    return fam.norm_layout in ("sandwich", "post")
+
+
+def _qk_norm(fam: Family) -> bool:
+    return fam.qk_norm != "none"
+
+
+@dataclass(frozen=True)
+class LayerTensor:
+    """One row of the layout table: a tensor of every layer ('blk.N.{name}.weight')."""
+
+    name: str  # short name, as the block reads it
+    role: Role
+    shape: Callable[[Dims, Family], tuple[int, ...]]  # row-major (torch) shape
+    present: Callable[[Family], bool] = _always
+    # (Family flag, stored tensor): families with the flag store this tensor's rows inside
+    # the stored one, members in table order (q|k|v in attn_qkv; gate|up in Phi 3's ffn_up)
+    fused: tuple[str, str] | None = None
+
+
+# The table. Everything else about a layer's tensors derives from it: which a family has,
+# their shapes as stored and as used, fused storage, the linear path, the rounding sites an
+# anchor fills ("in:" + name for the matmuls on the linear path), the synthetic generators.
+LAYER_TENSORS: tuple[LayerTensor, ...] = (
+    LayerTensor("attn_norm", Role.NORM, lambda m, f: (m.d_model,), _pre_norm),
+    LayerTensor("attn_q", Role.COEFFICIENT, lambda m, f: (m.n_head * m.head_dim, m.d_model),
+                fused=("fused_qkv", "attn_qkv")),
+    LayerTensor("attn_k", Role.COEFFICIENT, lambda m, f: (m.n_kv_head * m.head_dim, m.d_model),
+                fused=("fused_qkv", "attn_qkv")),
+    LayerTensor("attn_v", Role.LINEAR, lambda m, f: (m.n_kv_head * m.head_dim_v, m.d_model),
+                fused=("fused_qkv", "attn_qkv")),
+    LayerTensor("attn_q_norm", Role.QK_NORM, lambda m, f: (m.head_dim,) if f.qk_norm == "head"
+                else (m.n_head * m.head_dim,), _qk_norm),
+    LayerTensor("attn_k_norm", Role.QK_NORM, lambda m, f: (m.head_dim,) if f.qk_norm == "head"
+                else (m.n_kv_head * m.head_dim,), _qk_norm),
+    LayerTensor("attn_output", Role.LINEAR, lambda m, f: (m.d_model, m.n_head * m.head_dim_v)),
+    LayerTensor("post_attention_norm", Role.NORM, lambda m, f: (m.d_model,), _post_norm),
+    LayerTensor("ffn_norm", Role.NORM, lambda m, f: (m.d_model,), _pre_norm),
+    LayerTensor("ffn_gate", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model),
+                fused=("fused_gate_up", "ffn_up")),
+    LayerTensor("ffn_up", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model),
+                fused=("fused_gate_up", "ffn_up")),
+    LayerTensor("ffn_down", Role.LINEAR, lambda m, f: (m.d_model, m.d_ff)),
+    LayerTensor("post_ffw_norm", Role.NORM, lambda m, f: (m.d_model,), _post_norm),
+)
+# Which GLU branch stays linear for each gate path (linearize.GATE_PATHS).
+GLU_LINEAR = {"up": "ffn_up", "gate": "ffn_gate"}
+
+
+def dims_of(cfg: ModelConfig) -> Dims:
+    return Dims(cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.head_dim_v)
+
+
+def layer_tensors(fam: Family) -> list[LayerTensor]:
+    """The rows of the table a family's layers have."""
+    return [t for t in LAYER_TENSORS if t.present(fam)]
 
 
 def layer_tensor_names(cfg: ModelConfig) -> list[str]:
     """The per-layer tensors the block uses (without the 'blk.N.' prefix and '.weight')."""
-    fam = cfg.family
-    names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-    if fam.norm_layout in ("pre", "sandwich"):
-        names += ["attn_norm", "ffn_norm"]
-    if fam.norm_layout in ("sandwich", "post"):
-        names += ["post_attention_norm", "post_ffw_norm"]
-    if fam.qk_norm != "none":
-        names += ["attn_q_norm", "attn_k_norm"]
-    return names
+    return [t.name for t in layer_tensors(cfg.family)]
+
+
+def stored_name(fam: Family, name: str) -> str:
+    """The stored tensor that holds layer tensor `name` (itself, or the fused one)."""
+    row = next(t for t in LAYER_TENSORS if t.name == name)
+    return row.fused[1] if row.fused and getattr(fam, row.fused[0]) else name
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Row-major (torch) shape of each per-layer tensor."""
-    d, q, kv, v = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, \
-        cfg.n_kv_head * cfg.head_dim_v
-    qk_norm = (cfg.head_dim,) if cfg.family.qk_norm == "head" else None
-    shapes = {
-        "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (v, d),
-        "attn_output": (d, cfg.n_head * cfg.head_dim_v),
-        "ffn_gate": (cfg.d_ff, d), "ffn_up": (cfg.d_ff, d), "ffn_down": (d, cfg.d_ff),
-        "attn_norm": (d,), "ffn_norm": (d,), "post_attention_norm": (d,), "post_ffw_norm": (d,),
-        "attn_q_norm": qk_norm or (q,), "attn_k_norm": qk_norm or (kv,),
-    }
-    return {n: shapes[n] for n in layer_tensor_names(cfg)}
+    """Row-major (torch) shape of each per-layer tensor, as the block uses it."""
+    dims = dims_of(cfg)
+    return {t.name: t.shape(dims, cfg.family) for t in layer_tensors(cfg.family)}
+
+
+def stored_members(fam: Family, dims: Dims) -> dict[str, list[tuple[str, int]]]:
+    """Each stored tensor's members and their row counts, in storage order."""
+    members: dict[str, list[tuple[str, int]]] = {}
+    for t in layer_tensors(fam):
+        members.setdefault(stored_name(fam, t.name), []).append((t.name, t.shape(dims, fam)[0]))
+    return members
+
+
+def stored_shapes_of(fam: Family, dims: Dims) -> dict[str, tuple[int, ...]]:
+    """Shapes as stored in the file: fused tensors stack their members' rows."""
+    shapes = {}
+    for stored, members in stored_members(fam, dims).items():
+        first = next(t for t in LAYER_TENSORS if t.name == members[0][0]).shape(dims, fam)
+        shapes[stored] = (sum(rows for _, rows in members), *first[1:]) if len(first) > 1 \
+            else first
+    return shapes
 
 
 def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes as stored in the file: fused families keep q|k|v and gate|up in one tensor."""
+    return stored_shapes_of(cfg.family, dims_of(cfg))
+
+
+def split_stored(cfg: ModelConfig, stored: str, tensor: T) -> dict[str, T]:
+    """A stored tensor's members, split along its rows (views, no copy)."""
+    members = stored_members(cfg.family, dims_of(cfg))[stored]
+    if len(members) == 1:
+        return {members[0][0]: tensor}
+    parts = tensor.split([rows for _, rows in members])  # type: ignore[attr-defined]
+    return {name: part for (name, _), part in zip(members, parts)}
+
+
+def linear_path(fam: Family, gate_path: str) -> list[str]:
+    """The layer tensors the reverse sweep reads: the linear matmuls and the norm weights."""
+    return [t.name for t in layer_tensors(fam)
+            if t.role in (Role.LINEAR, Role.NORM)
+            or (t.role == Role.GLU_BRANCH and t.name == GLU_LINEAR[gate_path])]
+
+
+def linear_matmuls(fam: Family) -> list[str]:
+    """The matmuls whose input can lie on the linear path (either gate path): the rounding
+    sites of an anchored run are 'in:' + these names."""
+    return [t.name for t in layer_tensors(fam) if t.role in (Role.LINEAR, Role.GLU_BRANCH)]
+
+
+def weights_per_layer(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts of one layer's matrices: all of them, and the Jacobian's linear path
+    (one GLU branch: either gate path reads as many)."""
     shapes = expected_shapes(cfg)
-    if cfg.family.fused_qkv:
-        q, k, v = (shapes.pop(n) for n in ("attn_q", "attn_k", "attn_v"))
-        shapes["attn_qkv"] = (q[0] + k[0] + v[0], cfg.d_model)
-    if cfg.family.fused_gate_up:
-        gate = shapes.pop("ffn_gate")
-        shapes["ffn_up"] = (2 * gate[0], cfg.d_model)
-    return shapes
+    matrices = {n: math.prod(s) for n, s in shapes.items() if len(s) == 2}
+    linear = set(linear_path(cfg.family, "up"))  # the gate path's is the same size
+    return {"all": sum(matrices.values()),
+            "linear_path": sum(v for n, v in matrices.items() if n in linear)}
 
 
 # Biases on these projections would add a constant to the linear path (q/k biases would be

@@ -33,20 +33,50 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
 GATE_PATHS = ("up", "gate")
 
 
+class Site(StrEnum):
+    """Every place a coefficient is frozen or a rounding ratio applied: the keys of a
+    recorded store and of an anchor's given coefficients. A name not listed here fails when
+    it is first used, so a misspelled site can never skip a rounding silently."""
+
+    ATTN_NORM = "attn_norm"  # RMSNorm scales 1/rms, one per norm
+    FFN_NORM = "ffn_norm"
+    POST_ATTENTION_NORM = "post_attention_norm"
+    POST_FFW_NORM = "post_ffw_norm"
+    ATTN_Q_NORM = "attn_q_norm"
+    ATTN_K_NORM = "attn_k_norm"
+    OUTPUT_NORM = "output_norm"
+    ATTN_PROBS = "attn_probs"  # softmax probabilities
+    GATE = "gate"  # gate path "up": act(g)
+    GATE_FACTOR = "gate_factor"  # gate path "gate": s(g) and the up branch
+    UP = "up"
+    # rounding ratios (anchored runs): each linear-path matmul's input, F16 V, P·V's sum
+    IN_ATTN_V = "in:attn_v"
+    IN_ATTN_OUTPUT = "in:attn_output"
+    IN_FFN_GATE = "in:ffn_gate"
+    IN_FFN_UP = "in:ffn_up"
+    IN_FFN_DOWN = "in:ffn_down"
+    V_CACHE = "v_cache"
+    ATTN_SUM = "attn_sum"
+
+
+Coefficients = dict[str, torch.Tensor]  # frozen coefficients by Site (a Site is its str)
+
+
 @dataclass(frozen=True)
 class Linearization:
     detach: bool = True
     gate_path: str = "up"
-    store: dict[str, torch.Tensor] | None = dataclasses.field(default=None, compare=False)
+    store: Coefficients | None = dataclasses.field(default=None, compare=False)
     replay: bool = False
     # Coefficients given from outside (llama.cpp's values, see anchor.py), used as computed.
-    given: dict[str, torch.Tensor] | None = dataclasses.field(default=None, compare=False)
+    given: Coefficients | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.gate_path not in GATE_PATHS:
@@ -54,15 +84,15 @@ class Linearization:
         if self.replay and (self.store is None or not self.detach):
             raise ValueError("replaying coefficients needs a store and detach=True")
 
-    def recording(self, store: dict[str, torch.Tensor],
-                  given: dict[str, torch.Tensor] | None = None) -> Linearization:
+    def recording(self, store: Coefficients, given: Coefficients | None = None) -> Linearization:
         return dataclasses.replace(self, store=store, replay=False, given=given)
 
-    def replaying(self, store: dict[str, torch.Tensor]) -> Linearization:
+    def replaying(self, store: Coefficients) -> Linearization:
         return dataclasses.replace(self, store=store, replay=True)
 
     def coefficient(self, site: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The coefficient at `site`: computed (and recorded), or replayed; frozen if detached."""
+        site = Site(site)
         if self.replay:
             return self.store[site]  # type: ignore[index]
         value = self.given[site] if self.given is not None and site in self.given else compute()
@@ -72,6 +102,7 @@ class Linearization:
 
     def rounding(self, site: str) -> torch.Tensor | None:
         """The frozen rounding ratio at `site`, if one is given (or was recorded)."""
+        site = Site(site)
         if self.replay:
             return self.store.get(site)  # type: ignore[union-attr]
         if self.given is None or site not in self.given:
@@ -119,7 +150,7 @@ def gated_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tenso
     return (g * s) * lin.coefficient("up", up)
 
 
-def glu_linear_branch(store: dict[str, torch.Tensor], gate_path: str
+def glu_linear_branch(store: Coefficients, gate_path: str
                       ) -> tuple[str, torch.Tensor]:
     """The gated product act(g) ⊙ u, replayed from recorded coefficients, as c ⊙ (linear
     branch): which projection stays linear ('ffn_up' or 'ffn_gate') and c [N, d_ff]."""

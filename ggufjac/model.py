@@ -3,19 +3,21 @@
 The math runs in the dtype of the weights it is given (no hidden casts), and every
 input-dependent coefficient goes through `linearize`, so the same code is the plain model
 (`PLAIN`) and the detached, exactly linear one (`DETACHED`). Layers are functions of
-(layer weights, input): a caller may hold all weights, or load one layer at a time.
+(layer weights, input): a caller may hold all weights, or load one layer at a time. Nothing
+here reads a file: runner.py and engine.py feed the block the weights.py reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .families import ModelConfig
-from .linearize import (Linearization, attention_probs, frozen_rounding, gated_product,
+from .layout import LAYER_TENSORS
+from .linearize import (Coefficients, Linearization, attention_probs, frozen_rounding, gated_product,
                         glu_linear_branch, rms_norm)
-from .weights import ROWS_PER_CHUNK, GGUFWeights
 
 
 def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
@@ -63,6 +65,34 @@ def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.devic
     return allowed
 
 
+LAYER_TENSOR_NAMES = frozenset(t.name for t in LAYER_TENSORS)
+
+
+class LayerWeights(Mapping[str, torch.Tensor]):
+    """One layer's tensors by their short names in the layout table (fused storage already
+    split), plus 'rope_factors' where the file has them. A name the table does not know is
+    refused when the container is made; a tensor not loaded is named when asked for."""
+
+    def __init__(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = set(tensors) - LAYER_TENSOR_NAMES - {"rope_factors"}
+        if unknown:
+            raise ValueError(f"layer {layer}: no tensors {sorted(unknown)} in the layout table")
+        self.layer, self._tensors = layer, tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"layer {self.layer}: tensor {name!r} is not loaded (loaded: "
+                           f"{', '.join(sorted(self._tensors))})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 @dataclass
 class BlockOutput:
     """A layer's output and its two additive parts: out = x + attn + mlp."""
@@ -72,7 +102,7 @@ class BlockOutput:
     mlp: torch.Tensor
 
 
-def attention_scores(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
+def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
                      lin: Linearization) -> torch.Tensor:
     """Scaled q·k scores [heads, N, N], -inf where masked. They only shape the frozen
     attention weights, so a replaying reverse sweep never computes them (nor needs q, k)."""
@@ -95,14 +125,14 @@ def attention_scores(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h
     return scores.masked_fill(~attention_mask(cfg, layer, n, h.device), float("-inf"))
 
 
-def matmul(x: torch.Tensor, w: dict[str, torch.Tensor], name: str,
+def matmul(x: torch.Tensor, w: LayerWeights, name: str,
            lin: Linearization) -> torch.Tensor:
     """x @ W_name.T; an anchored run first applies the runtime's rounding of x for that
     weight's matmul (its activation quantization), frozen."""
     return frozen_rounding(x, lin, "in:" + name) @ w[name].T
 
 
-def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch.Tensor,
+def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
               lin: Linearization) -> torch.Tensor:
     n = h.shape[0]
     p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin), lin)
@@ -113,14 +143,14 @@ def attention(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], h: torch
     return matmul(frozen_rounding(o, lin, "attn_sum"), w, "attn_output", lin)
 
 
-def mlp(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
+def mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
         lin: Linearization) -> torch.Tensor:
     act = gated_product(lambda: matmul(h, w, "ffn_gate", lin), lambda: matmul(h, w, "ffn_up", lin),
                         cfg.family.activation, lin)
     return matmul(act, w, "ffn_down", lin)
 
 
-def attention_branch(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
+def attention_branch(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
                      lin: Linearization) -> torch.Tensor:
     """What a layer's attention adds to the residual stream x [N, d] (its norms included)."""
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
@@ -130,7 +160,7 @@ def attention_branch(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x
                                               "post_attention_norm")
 
 
-def mlp_branch(cfg: ModelConfig, w: dict[str, torch.Tensor], mid: torch.Tensor,
+def mlp_branch(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
                lin: Linearization) -> torch.Tensor:
     """What a layer's MLP adds to the residual stream mid [N, d] (its norms included)."""
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
@@ -139,7 +169,7 @@ def mlp_branch(cfg: ModelConfig, w: dict[str, torch.Tensor], mid: torch.Tensor,
     return m if layout == "pre" else rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
 
 
-def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,
+def block(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
           lin: Linearization) -> BlockOutput:
     """One transformer layer on the residual stream x [N, d]."""
     a = attention_branch(cfg, layer, w, x, lin)
@@ -148,8 +178,8 @@ def block(cfg: ModelConfig, layer: int, w: dict[str, torch.Tensor], x: torch.Ten
     return BlockOutput(out=mid + m, attn=a, mlp=m)
 
 
-def mlp_branch_matrix(cfg: ModelConfig, w: dict[str, torch.Tensor],
-                      store: dict[str, torch.Tensor], gate_path: str, position: int,
+def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
+                      store: Coefficients, gate_path: str, position: int,
                       ffn_chunk: int = 2048) -> torch.Tensor:
     """The detached `mlp_branch` at one position, from its recorded coefficients, as the
     [d, d] matrix K with m = K · mid (the position's own row; the MLP mixes no positions).
@@ -185,51 +215,3 @@ def final_norm(cfg: ModelConfig, weight: torch.Tensor, x: torch.Tensor,
                lin: Linearization) -> torch.Tensor:
     """The output norm applied to the residual stream: y, the input of the unembedding."""
     return rms_norm(x, weight, cfg.norm_eps, lin, "output_norm")
-
-
-def input_embeddings(weights: GGUFWeights, token_ids: list[int]) -> torch.Tensor:
-    """The input embeddings x_1..x_N fed into layer 0 (the family's scale included)."""
-    x = weights.embedding_rows(token_ids)
-    scale = weights.cfg.embed_scale
-    return x * scale if scale != 1.0 else x
-
-
-class Transformer:
-    """The model of one GGUF file. Holds all layer weights (`keep_weights`) or reloads them."""
-
-    def __init__(self, weights: GGUFWeights, keep_weights: bool = True) -> None:
-        self.weights, self.cfg = weights, weights.cfg
-        self.dtype, self.device = weights.dtype, weights.device
-        self._layers = [weights.layer(i) for i in range(self.cfg.n_layer)] if keep_weights else None
-        self.output_norm = weights.output_norm()
-
-    def layer_weights(self, i: int) -> dict[str, torch.Tensor]:
-        return self._layers[i] if self._layers is not None else self.weights.layer(i)
-
-    def embed(self, token_ids: list[int]) -> torch.Tensor:
-        return input_embeddings(self.weights, token_ids)
-
-    def forward(self, x: torch.Tensor, lin: Linearization,
-                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Input embeddings [N, d] -> final-norm hidden states [N, d] (all positions).
-
-        If `hidden` is a list, every layer's output residual stream is appended to it.
-        """
-        for i in range(self.cfg.n_layer):
-            x = block(self.cfg, i, self.layer_weights(i), x, lin).out
-            if hidden is not None:
-                hidden.append(x)
-        return final_norm(self.cfg, self.output_norm, x, lin)
-
-    def logits(self, y: torch.Tensor) -> torch.Tensor:
-        return unembed(self.weights, y)
-
-
-@torch.no_grad()
-def unembed(weights: GGUFWeights, y: torch.Tensor, rows_per_chunk: int = ROWS_PER_CHUNK
-            ) -> torch.Tensor:
-    """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks (the
-    table is never held whole), then the family's final soft-cap if it has one."""
-    z = torch.cat([y @ w.T for _, w in weights.unembedding_chunks(rows_per_chunk)], dim=-1)
-    cap = weights.cfg.final_logit_softcap
-    return z if cap is None else torch.tanh(z / cap) * cap

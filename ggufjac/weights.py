@@ -16,7 +16,9 @@ from gguf.constants import GGML_QUANT_SIZES
 from .errors import GgufjacError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
-from .layout import check_tensor_index, dequantizable, layer_tensor_names, stored_shapes
+from .model import LayerWeights
+from .layout import (check_tensor_index, dequantizable, layer_tensor_names, split_stored,
+                     stored_name, stored_shapes)
 from .quants import dequantize, raw_to_torch
 
 
@@ -81,37 +83,25 @@ class GGUFWeights:
         out = pool.get(key, n, dtype, self.device).view(shape)
         return out.copy_(dequantize(raw, info.type, shape, scratch))
 
-    def _stored_name(self, name: str) -> str:
-        fam = self.cfg.family
-        if fam.fused_qkv and name in ("attn_q", "attn_k", "attn_v"):
-            return "attn_qkv"
-        if fam.fused_gate_up and name == "ffn_gate":
-            return "ffn_up"
-        return name
-
     def layer_names(self, names: Iterable[str] | None = None) -> list[str]:
         """The stored tensors (short names) that loading `names` of a layer reads."""
         wanted = layer_tensor_names(self.cfg) if names is None else names
-        return sorted({self._stored_name(n) for n in wanted})
+        return sorted({stored_name(self.cfg.family, n) for n in wanted})
 
     def layer(self, i: int, names: Iterable[str] | None = None,
-              pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
+              pool: BufferPool | None = None) -> LayerWeights:
         """Tensors of layer `i` (all, or those in `names`), keyed by short name ('attn_q',
         'ffn_down', ...). Fused tensors are split; a rope-factor tensor, if the file has one,
         is 'rope_factors'. With a `pool` the tensors are views of its buffers: valid until
         the next layer is loaded into the same pool.
         """
-        cfg = self.cfg
-        w = {n: self.tensor(f"blk.{i}.{n}.weight", pool, n) for n in self.layer_names(names)}
-        if "attn_qkv" in w:
-            q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-            w["attn_q"], w["attn_k"], w["attn_v"] = w.pop("attn_qkv").split(
-                [q, kv, cfg.n_kv_head * cfg.head_dim_v])
-        if cfg.family.fused_gate_up and "ffn_up" in w:
-            w["ffn_gate"], w["ffn_up"] = w["ffn_up"].split(cfg.d_ff)
+        w: dict[str, torch.Tensor] = {}
+        for stored in self.layer_names(names):
+            w.update(split_stored(self.cfg, stored,
+                                  self.tensor(f"blk.{i}.{stored}.weight", pool, stored)))
         if self.rope_factors_name and names is None:
             w["rope_factors"] = self.tensor(self.rope_factors_name)
-        return w
+        return LayerWeights(i, w)
 
     def layer_bytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of one layer's dequantized tensors (`names`, or all) in this dtype."""

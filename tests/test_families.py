@@ -174,3 +174,21 @@ def test_info_reports_support_and_estimates(synthetic, tmp_path) -> None:
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     no = CliRunner().invoke(main, ["info", str(path)])
     assert no.exit_code == 0 and "supported      no" in no.output and "rwkv6" in no.output
+
+
+@pytest.mark.parametrize("arch", sorted(families.FAMILIES))
+def test_generators_write_valid_files_from_the_layout_table(tmp_path, arch: str) -> None:
+    """Both synthetic generators take a family's tensors from ggufjac's layout table, so what
+    they write passes the validation every command runs (the random-Q4_K writer once wrote
+    files that failed it for four families)."""
+    from ggufjac.layout import stored_shapes, validate_file
+    from tools.synthetic import write_random_q4_k_gguf
+
+    shape = Shape(n_layer=2, d_model=256, d_ff=512, n_head=2, n_kv_head=1, head_dim=128)
+    for path in (write_random_q4_k_gguf(tmp_path / "q4k.gguf", arch, shape),
+                 write_synthetic_gguf(tmp_path / "f32.gguf", arch, shape, "F32")):
+        g, cfg = validate_file(path)
+        with g:
+            have = {n.removeprefix("blk.1.").removesuffix(".weight") for n in g.tensors
+                    if n.startswith("blk.1.")}
+            assert have == set(stored_shapes(cfg)), (arch, path.name)

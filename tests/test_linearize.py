@@ -24,10 +24,10 @@ def test_rms_norm_detached_is_linear_in_x() -> None:
     """With 1/rms frozen, the Jacobian of the norm is diag(w / rms): J x reproduces the output."""
     x = torch.randn(3, 16, dtype=torch.float64)
     w = torch.randn(16, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, DETACHED, 'n'), x)
-    out = rms_norm(x, w, 1e-6, DETACHED, 'n')
+    jac = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, DETACHED, 'attn_norm'), x)
+    out = rms_norm(x, w, 1e-6, DETACHED, 'attn_norm')
     torch.testing.assert_close(torch.einsum("abcd,cd->ab", jac, x), out, rtol=1e-13, atol=1e-13)
-    plain = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, PLAIN, 'n'), x)
+    plain = torch.autograd.functional.jacobian(lambda t: rms_norm(t, w, 1e-6, PLAIN, 'attn_norm'), x)
     assert not torch.allclose(torch.einsum("abcd,cd->ab", plain, x), out, atol=1e-3)
 
 
@@ -61,3 +61,25 @@ def test_chunked_cotangents_equal_unchunked(gemma32, bridge_tokens) -> None:
     # Float32 BLAS sums in a batch-size-dependent order: equal up to rounding, not bitwise.
     rel = torch.linalg.norm(chunked.jacobian - whole.jacobian) / torch.linalg.norm(whole.jacobian)
     assert rel < 1e-6, float(rel)
+
+
+def test_a_misspelled_site_fails_instead_of_skipping_a_rounding() -> None:
+    """A rounding site nobody gives is the identity; a site that does not exist is an
+    error at its first use, so a typo cannot silently drop an anchored run's rounding."""
+    from ggufjac.linearize import Linearization, frozen_rounding
+
+    x = torch.ones(3, dtype=torch.float64)
+    lin = Linearization(given={"in:attn_v": torch.full((3,), 0.5, dtype=torch.float64)})
+    assert torch.equal(frozen_rounding(x, lin, "in:attn_v"), x * 0.5)
+    assert torch.equal(frozen_rounding(x, lin, "in:ffn_down"), x)
+    with pytest.raises(ValueError, match="in:atn_v"):
+        frozen_rounding(x, lin, "in:atn_v")
+
+
+def test_rounding_sites_are_the_layout_tables_linear_matmuls() -> None:
+    from ggufjac.families import FAMILIES
+    from ggufjac.layout import linear_matmuls
+    from ggufjac.linearize import Site
+
+    matmuls = {f"in:{n}" for fam in FAMILIES.values() for n in linear_matmuls(fam)}
+    assert matmuls == {s.value for s in Site if s.value.startswith("in:")}

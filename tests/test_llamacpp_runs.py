@@ -17,7 +17,7 @@ from ggufjac.api import nmse, open_model
 from ggufjac.errors import LlamaCppError
 from ggufjac.linearize import Linearization
 from ggufjac.llamacpp import RunSettings
-from ggufjac.model import unembed
+from ggufjac.runner import unembed
 
 from conftest import BRIDGE
 

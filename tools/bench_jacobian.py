@@ -30,7 +30,7 @@ def child(side: str, model: str, prompt: str, dtype: str) -> None:
     from ggufjac.analysis import spectrum, top_tokens_by_unembedding
     from ggufjac.api import open_model
     from ggufjac.linearize import DETACHED
-    from ggufjac.model import Transformer
+    from ggufjac.runner import Transformer
 
     m = open_model(model, dtype=dtype)
     tokens = m.tokenize(prompt)

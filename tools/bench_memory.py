@@ -8,7 +8,7 @@
    Q4_K weights, small vocabulary), 2 and 6 layers: the full detached Jacobian of a 4-token
    prompt, float32, on CPU, each in its own process. Prints both peak RSS figures, their
    ratio (goal <= 1.2), seconds per layer, and the effective rate: the sweep's floating-point
-   work (families.sweep_flop) over the whole time (loading and the forward pass included).
+   work (costs.sweep_flop) over the whole time (loading and the forward pass included).
 2. One 70B-shaped layer (hidden 8192, FFN 28672, 64/8 heads, Q4_K) under --max-memory:
    the Jacobian restricted to 8 output directions (one reverse sweep), its peak RSS.
 
@@ -40,7 +40,7 @@ def child(model: str, directions: int, max_memory: str | None, device: str) -> N
 
     from ggufjac.api import open_model
     from ggufjac.engine import parse_size
-    from ggufjac.families import sweep_flop
+    from ggufjac.costs import sweep_flop
 
     m = open_model(model, dtype="float32", device=device)
     budget = parse_size(max_memory) if max_memory else None

@@ -2,7 +2,7 @@
 
     python -m tools.extrapolate --gflops 330   # the effective rate tools/bench_memory.py printed
 
-Time = families.sweep_flop (the reverse sweep's floating-point work, as the engine does it) /
+Time = costs.sweep_flop (the reverse sweep's floating-point work, as the engine does it) /
 the given rate; the rate bench_memory prints is measured over the whole run (loading and
 the forward pass included), so those are included here in proportion. Memory = process
 (the torch import) + one layer's weights in float32 + J + the MLP matrix's temporaries +
@@ -14,10 +14,13 @@ it measures.
 from __future__ import annotations
 
 import argparse
+import math
 from types import SimpleNamespace
 
 from ggufjac.engine import MAX_BATCH_ROWS, MLP_MATRIX_FFN_CHUNK, max_chunk
-from ggufjac.families import mlp_as_matrix, sweep_flop
+from ggufjac.costs import mlp_as_matrix, sweep_flop
+from ggufjac.families import FAMILIES
+from ggufjac.layout import Dims, stored_shapes_of
 
 # Published shapes (Q4_K_M GGUF files of these models).
 MODELS = {
@@ -33,9 +36,9 @@ def shape(**kw: int) -> SimpleNamespace:
 
 
 def layer_weights(c: SimpleNamespace) -> int:
-    """All of one layer's projection weights (the forward pass holds them all)."""
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    return c.d_model * (q + 2 * kv) + q * c.d_model + 3 * c.d_model * c.d_ff
+    """All of one layer's weights (the forward pass holds them all), from the layout table."""
+    dims = Dims(c.d_model, c.d_ff, c.n_head, c.n_kv_head, c.head_dim, c.head_dim_v)
+    return sum(math.prod(s) for s in stored_shapes_of(FAMILIES["llama"], dims).values())
 
 
 def memory_bytes(c: SimpleNamespace, n_tokens: int, n_directions: int, process: float) -> float:

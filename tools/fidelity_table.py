@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
 from ggufjac.llamacpp import RunSettings
 from ggufjac.api import nmse, open_model  # noqa: E402
-from tools.synthetic import FAMILY_LAYOUT, Shape, write_synthetic_gguf  # noqa: E402
+from tools.synthetic import TIED, Shape, write_synthetic_gguf  # noqa: E402
 
 REAL_PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
                 "def fibonacci(n):\n    return", "Water boils at a temperature of",
@@ -58,7 +58,7 @@ def main() -> None:
           "anchored nmse (flash off / on) | anchored top-1 |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in FAMILY_LAYOUT:
+        for arch in TIED:
             for quant in args.quants.split(","):
                 path = write_synthetic_gguf(Path(tmp) / f"{arch}-{quant}.gguf", arch, Shape(),
                                             quant, rope_freqs=arch == "llama")

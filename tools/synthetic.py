@@ -27,6 +27,8 @@ from gguf.constants import GGUFValueType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
+from ggufjac.families import FAMILIES  # noqa: E402
+from ggufjac.layout import Dims, stored_shapes_of  # noqa: E402
 
 WORDS = ["the", "a", "of", "is", "and", "bridge", "out", "Marin", "capital", "France",
          "Paris", "city", "water", "fox", "dog", "quick", "brown", "over", "lazy", "jumps"]
@@ -49,16 +51,15 @@ class Shape:
     context_length: int = 512
 
 
-# Which tensors and metadata each family has (data; the writer below is generic).
-FAMILY_LAYOUT = {
-    "llama": dict(norms=("attn_norm", "ffn_norm"), qk_norm=None, fused=False, tied=False),
-    "qwen3": dict(norms=("attn_norm", "ffn_norm"), qk_norm="head", fused=False, tied=True),
-    "gemma3": dict(norms=("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"),
-                   qk_norm="head", fused=False, tied=True),
-    "phi3": dict(norms=("attn_norm", "ffn_norm"), qk_norm=None, fused=True, tied=False),
-    "olmo2": dict(norms=("post_attention_norm", "post_ffw_norm"), qk_norm="full", fused=False,
-                  tied=False),
-}
+# Which families' synthetic models tie the unembedding to the token embedding (a choice of
+# the generator: files of every family may do either). Which tensors a layer has and their
+# shapes come from ggufjac's layout table.
+TIED = {"llama": False, "qwen3": True, "gemma3": True, "phi3": False, "olmo2": False}
+
+
+def dims(shape: Shape) -> Dims:
+    return Dims(shape.d_model, shape.d_ff, shape.n_head, shape.n_kv_head, shape.head_dim,
+                shape.head_dim)
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:
@@ -86,38 +87,22 @@ def _norm_weight(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
                   rope_freqs: bool = False) -> dict[str, np.ndarray]:
-    """Random float32 tensors with the family's names, as row-major [out, in] arrays."""
-    lay = FAMILY_LAYOUT[arch]
+    """Random float32 tensors with the family's names, as row-major [out, in] arrays: every
+    tensor of ggufjac's layout table the family has, stored as the family stores it."""
+    fam = FAMILIES[arch]
     rng = np.random.default_rng(seed)
-    d, q, kv = shape.d_model, shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
+    d = shape.d_model
     t: dict[str, np.ndarray] = {
         "token_embd.weight": rng.standard_normal((vocab_size, d)).astype(np.float32)
         * (0.05 if arch == "gemma3" else 1.0),
         "output_norm.weight": _norm_weight(rng, d),
     }
-    if not lay["tied"]:
+    if not TIED[arch]:
         t["output.weight"] = _matrix(rng, vocab_size, d)
     for i in range(shape.n_layer):
-        b = f"blk.{i}."
-        for n in lay["norms"]:
-            t[b + n + ".weight"] = _norm_weight(rng, d)
-        if lay["fused"]:
-            t[b + "attn_qkv.weight"] = _matrix(rng, q + 2 * kv, d)
-            t[b + "ffn_up.weight"] = _matrix(rng, 2 * shape.d_ff, d)
-        else:
-            t[b + "attn_q.weight"] = _matrix(rng, q, d)
-            t[b + "attn_k.weight"] = _matrix(rng, kv, d)
-            t[b + "attn_v.weight"] = _matrix(rng, kv, d)
-            t[b + "ffn_gate.weight"] = _matrix(rng, shape.d_ff, d)
-            t[b + "ffn_up.weight"] = _matrix(rng, shape.d_ff, d)
-        t[b + "attn_output.weight"] = _matrix(rng, d, q)
-        t[b + "ffn_down.weight"] = _matrix(rng, d, shape.d_ff)
-        if lay["qk_norm"] == "head":
-            t[b + "attn_q_norm.weight"] = _norm_weight(rng, shape.head_dim)
-            t[b + "attn_k_norm.weight"] = _norm_weight(rng, shape.head_dim)
-        elif lay["qk_norm"] == "full":
-            t[b + "attn_q_norm.weight"] = _norm_weight(rng, q)
-            t[b + "attn_k_norm.weight"] = _norm_weight(rng, kv)
+        for name, stored in stored_shapes_of(fam, dims(shape)).items():
+            t[f"blk.{i}.{name}.weight"] = _norm_weight(rng, stored[0]) if len(stored) == 1 \
+                else _matrix(rng, *stored)
     if rope_freqs:  # per-frequency divisors: Llama 3.1 rope_freqs, Phi 3 LongRoPE factors
         half = (shape.rope_dims or shape.head_dim) // 2
         if arch == "phi3":
@@ -149,23 +134,17 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
     """A benchmark model: every layer matrix random Q4_K (see `random_q4_k`), the small
     embedding and norms float32. Not for comparing with llama.cpp (never quantized from
     float weights), only for measuring the engine's time and memory."""
-    if shape.d_model % 256 or shape.d_ff % 256:
+    if any(n % 256 for n in (shape.d_model, shape.d_ff, shape.n_head * shape.head_dim)):
         raise ValueError("Q4_K rows must be multiples of 256")
     rng = np.random.default_rng(seed)
     small = Shape(**{**shape.__dict__, "n_layer": 0})
     tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]] = dict(
         model_tensors(arch, small, len(_vocab()[0]), seed))
-    lay = FAMILY_LAYOUT[arch]
-    d, q, kv = shape.d_model, shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
+    fam = FAMILIES[arch]
     for i in range(shape.n_layer):
-        b = f"blk.{i}."
-        for n in lay["norms"]:
-            tensors[b + n + ".weight"] = _norm_weight(rng, d)
-        matrices = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d),
-                    "attn_output": (d, q), "ffn_gate": (shape.d_ff, d),
-                    "ffn_up": (shape.d_ff, d), "ffn_down": (d, shape.d_ff)}
-        for n, (rows, cols) in matrices.items():
-            tensors[b + n + ".weight"] = (random_q4_k(rng, rows, cols), Q.Q4_K)
+        for name, stored in stored_shapes_of(fam, dims(shape)).items():
+            tensors[f"blk.{i}.{name}.weight"] = _norm_weight(rng, stored[0]) \
+                if len(stored) == 1 else (random_q4_k(rng, *stored), Q.Q4_K)
     path = Path(path)
     _write_f32_or_typed(path, arch, shape, tensors, None)
     return path
@@ -244,8 +223,8 @@ def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape =
     than 'llama' and `metadata` overrides ({key without the 'ARCH.' prefix: (value, type)
     or None to leave it out}) only for testing bad files ('none' makes llama.cpp abort on
     tokenize)."""
-    if arch not in FAMILY_LAYOUT:
-        raise ValueError(f"unknown family {arch!r}; known: {', '.join(FAMILY_LAYOUT)}")
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown family {arch!r}; known: {', '.join(FAMILIES)}")
     path = Path(path)
     tensors = model_tensors(arch, shape, len(_vocab()[0]), seed, rope_freqs)
     if quant == "F32" or tensor_types:
@@ -263,7 +242,7 @@ def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("arch", choices=sorted(FAMILY_LAYOUT))
+    ap.add_argument("arch", choices=sorted(FAMILIES))
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--d-model", type=int, default=256)

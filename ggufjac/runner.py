@@ -1,0 +1,59 @@
+"""Running the shared block over one GGUF file's weights: the input embeddings, the
+in-memory reference model (every layer held, one autograd graph), and the unembedding. The
+streaming engine (engine.py) is the other runner, one layer at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from .linearize import Linearization
+from .model import LayerWeights, block, final_norm
+from .weights import ROWS_PER_CHUNK, GGUFWeights
+
+
+def input_embeddings(weights: GGUFWeights, token_ids: list[int]) -> torch.Tensor:
+    """The input embeddings x_1..x_N fed into layer 0 (the family's scale included)."""
+    x = weights.embedding_rows(token_ids)
+    scale = weights.cfg.embed_scale
+    return x * scale if scale != 1.0 else x
+
+
+class Transformer:
+    """The model of one GGUF file. Holds all layer weights (`keep_weights`) or reloads them."""
+
+    def __init__(self, weights: GGUFWeights, keep_weights: bool = True) -> None:
+        self.weights, self.cfg = weights, weights.cfg
+        self.dtype, self.device = weights.dtype, weights.device
+        self._layers = [weights.layer(i) for i in range(self.cfg.n_layer)] if keep_weights else None
+        self.output_norm = weights.output_norm()
+
+    def layer_weights(self, i: int) -> LayerWeights:
+        return self._layers[i] if self._layers is not None else self.weights.layer(i)
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        return input_embeddings(self.weights, token_ids)
+
+    def forward(self, x: torch.Tensor, lin: Linearization,
+                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Input embeddings [N, d] -> final-norm hidden states [N, d] (all positions).
+
+        If `hidden` is a list, every layer's output residual stream is appended to it.
+        """
+        for i in range(self.cfg.n_layer):
+            x = block(self.cfg, i, self.layer_weights(i), x, lin).out
+            if hidden is not None:
+                hidden.append(x)
+        return final_norm(self.cfg, self.output_norm, x, lin)
+
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        return unembed(self.weights, y)
+
+
+@torch.no_grad()
+def unembed(weights: GGUFWeights, y: torch.Tensor, rows_per_chunk: int = ROWS_PER_CHUNK
+            ) -> torch.Tensor:
+    """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks (the
+    table is never held whole), then the family's final soft-cap if it has one."""
+    z = torch.cat([y @ w.T for _, w in weights.unembedding_chunks(rows_per_chunk)], dim=-1)
+    cap = weights.cfg.final_logit_softcap
+    return z if cap is None else torch.tanh(z / cap) * cap
