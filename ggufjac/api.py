@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,13 +312,17 @@ class LoadedModel:
 
     def check(self, prompt: str, layers: bool = False, top: int = 5,
               noise_floor: bool = True, max_tokens: int | None = None,
-              settings: RunSettings = DEFAULT_SETTINGS, anchor: bool = False) -> dict:
+              settings: RunSettings = DEFAULT_SETTINGS, anchor: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict:
         """Our forward pass vs llama.cpp's run with `settings` (by default the run its own
         tools make) on the same tokens (last position); the noise floor is llama.cpp against
         itself over the settings users flip (flash attention on/off, repacking on/off).
         `anchor`: also anchor to that run and report how exactly the anchored model
-        reproduces it and an independent run (the self-test of anchoring on this CPU)."""
+        reproduces it and an independent run (the self-test of anchoring on this CPU).
+        `progress` is told what runs next (the CLI prints it on stderr)."""
+        say = progress or (lambda text: None)
         tokens = self.tokenize(prompt, max_tokens)
+        say(f"{len(tokens)} tokens; scanning the weights for NaN/Inf")
         bad = self.nonfinite_weights()
         if bad:  # the forward pass would be NaN: name the weights instead of comparing
             return {"prompt": prompt, "tokens": [self.token_text(t) for t in tokens],
@@ -325,7 +330,9 @@ class LoadedModel:
                     "nonfinite_weights": bad, "passed": False,
                     "verdict": "FAIL: non-finite weights (" + ", ".join(bad) + ")"}
         capture = [f"l_out-{i}" for i in range(self.cfg.n_layer)] if layers else []
+        say(f"llama.cpp ({settings.describe()})")
         ref = llamacpp.evaluate(self.path, tokens, settings, capture=capture)
+        say("our forward pass")
         hidden: list[torch.Tensor] = []
         ours_all = self.logits(tokens, hidden).to(torch.float64).cpu().numpy()
         ours, theirs = ours_all[-1], ref.logits[-1].astype(np.float64)
@@ -357,6 +364,7 @@ class LoadedModel:
                 if flash == ("on" if ref.flash_attn else "off") and repack == settings.repack:
                     continue  # the reference run itself
                 other = settings.flipped(flash_attn=flash, repack=repack)
+                say(f"llama.cpp for the noise floor ({other.describe()})")
                 run = llamacpp.evaluate(self.path, tokens, other)
                 report["noise_floor"].append({"llama_cpp_settings": other.describe(),
                                               "nmse": nmse(run.logits[-1], theirs)})
@@ -365,6 +373,7 @@ class LoadedModel:
             report["layer_nmse"] = [nmse(h.to(torch.float64).cpu().numpy(), their_h)
                                     for h, their_h in zip(hidden, ref.layer_outputs(self.cfg.n_layer))]
         if anchor:
+            say("anchoring to llama.cpp's run, and an independent run")
             anchored = self.anchor(tokens, Linearization(), settings)
             engine = self.engine(anchor=anchored)
             try:

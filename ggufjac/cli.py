@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -14,6 +15,20 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import GgufjacError
+
+_IMPORTED = time.perf_counter()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (Linux: its start time in /proc), else since this
+    module was imported: the time a user waited for a command."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return max(0.0, float(f.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
 if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
     from .anchor import Anchor
@@ -249,7 +264,6 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
 
     path = resolve_model(model)
     scan = not no_scan
-    t0 = time.perf_counter()
     with GGUFFile(path) as g:
         arch = g.get("general.architecture", "<missing>")
         click.echo(f"file           {path} ({g.file_size / 2**20:.1f} MiB, GGUF v{g.version})")
@@ -278,7 +292,7 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
         click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
                    f"~{sweep_flop(cfg, n, cfg.d_model) / 1e12:.2f} TFLOP")
         click.echo("supported      yes")
-        from .anchor import anchoring_support
+        from .activation_formats import anchoring_support
 
         linear = {stored_name(cfg.family, n) for n in linear_matmuls(cfg.family)}
         names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in sorted(linear)]
@@ -291,7 +305,7 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
             bad = GGUFWeights(g, cfg).nonfinite_counts()
             click.echo("non-finite     " + (", ".join(f"{n} ({c} values)" for n, c in bad.items())
                                             if bad else "none (every weight is finite)"))
-    click.echo(f"(read in {time.perf_counter() - t0:.2f} s)")
+    click.echo(f"(took {seconds_since_start():.2f} s)")
 
 
 def _print_check(report: dict) -> None:
@@ -357,7 +371,8 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
 
     m = open_model(model, dtype=dtype)
     report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens,
-                     settings=settings, anchor=anchor)
+                     settings=settings, anchor=anchor,
+                     progress=lambda step: click.echo(f"ggufjac: {step} ...", err=True))
     _print_check(report)
     if json_path is not None:
         write_json(json_path, report)

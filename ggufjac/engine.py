@@ -281,10 +281,13 @@ class StreamingEngine:
             given = self.anchor.layers[layer] if self.anchor is not None else None
             x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
             if not bool(torch.isfinite(x).all()):  # an overflow in this dtype, or the file's
-                raise GgufjacError(  # values (weights, norm epsilon, rope base) make it so
+                a = self.cfg.arch  # weights or metadata values make it so
+                raise GgufjacError(
                     f"{self.weights.gguf.path}: layer {layer}'s output is not finite in "
-                    f"{str(self.dtype).removeprefix('torch.')} (check the weights with "
-                    "`ggufjac info`; a wider dtype may help)")
+                    f"{str(self.dtype).removeprefix('torch.')}: check the weights (`ggufjac "
+                    f"info` scans them) and the values of {a}.attention.layer_norm_rms_epsilon"
+                    f", {a}.rope.freq_base, {a}.rope.scaling.attn_factor; a wider dtype may "
+                    "help")
             residuals.append(x)
             coefficients.append(store)
         self.release(keep=self.weights.layer_names(self.linear_path))  # all the sweep reads

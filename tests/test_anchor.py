@@ -234,7 +234,7 @@ def test_cli_anchor(synthetic, tmp_path) -> None:
 def test_info_says_whether_a_file_can_be_anchored(synthetic, gemma_path) -> None:
     from gguf.constants import GGMLQuantizationType as Q
 
-    from ggufjac.anchor import anchoring_support
+    from ggufjac.activation_formats import anchoring_support
 
     p = _cli("info", str(gemma_path), "--no-scan")
     assert p.returncode == 0 and "anchoring      yes" in p.stdout

@@ -77,8 +77,10 @@ def test_report_contents(jacobian_run) -> None:
     s = np.array(r["singular_values"])
     assert s.shape == (640,) and np.all(np.diff(s) <= 1e-9 * s[0])
     assert 1 <= r["effective_rank"] < 20  # very low-rank, as the paper reports
-    # the stable rank, recomputed from the reported spectrum: ||J||_F^2 / s_1^2
-    assert abs(r["effective_rank"] - float((s ** 2).sum() / s[0] ** 2)) < 1e-9 * r["effective_rank"]
+    # the stable rank, recomputed from the reported spectrum: ||J||_F^2 / s_1^2 (to the
+    # rounding of the computation's dtype)
+    tol = 1e-12 if r["dtype"] == "float64" else 1e-5
+    assert abs(r["effective_rank"] - float((s ** 2).sum() / s[0] ** 2)) < tol * r["effective_rank"]
     top = r["top_singular_tokens"]
     assert len(top) == 10 and all(len(v["tokens"]) == 5 for v in top)
     # The top left singular vector points along y and decodes to the prediction itself.

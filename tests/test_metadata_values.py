@@ -49,7 +49,8 @@ def _run_all(case_files, command: list[str], tmp_path) -> dict[int, int]:
             (name, "".join(__import__("traceback").format_exception(r.exception)))
         codes[r.exit_code] = codes.get(r.exit_code, 0) + 1
         if r.exit_code == 2:
-            lines = r.stderr.strip().splitlines()
+            lines = [ln for ln in r.stderr.strip().splitlines()
+                     if not ln.endswith(" ...")]  # progress lines before the error
             assert len(lines) == 1 and lines[0].startswith("ggufjac: error: "), (name, r.stderr)
             if "the prompt is" in lines[0]:  # a valid file whose context is too short
                 continue
