@@ -43,7 +43,16 @@ def spectrum(matrix: torch.Tensor, output: torch.Tensor | None = None) -> Spectr
         # in float32 (the Jacobian itself was computed in the half type).
         matrix = matrix.float()
         output = None if output is None else output.float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rows, cols = matrix.shape
+    if cols > 2 * rows:
+        # A wide map (a Jacobian d x N·d): A^T = Q R, A = R^T Q^T, and with R^T = U S W^T,
+        # A = U S (Q W)^T. The d x d SVD after a Householder QR is as accurate (both are
+        # backward stable) and several times faster than LAPACK's SVD of the wide matrix.
+        q, r = torch.linalg.qr(matrix.T)
+        u, s, wh = torch.linalg.svd(r.T, full_matrices=False)
+        vh = (q @ wh.T).T.contiguous()
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     if output is not None:
         sign = torch.sign(output @ u)
         sign[sign == 0] = 1

@@ -91,15 +91,23 @@ class LoadedModel:
             self._model = Transformer(self.weights)
         return self._model
 
-    def tokenize(self, prompt: str, max_tokens: int | None = None) -> list[int]:
-        """llama.cpp's tokens for `prompt` (BOS added as the file asks)."""
-        if not prompt or not prompt.strip():
-            raise PromptError("the prompt is empty (or only whitespace)")
-        kind = self.gguf.get("tokenizer.ggml.model")
-        if kind in (None, "none"):  # llama.cpp aborts the process on tokenize() for these
-            raise GGUFError(self.path, "tokenizer.ggml.model",
-                            f"the file has no tokenizer ({kind!r}); prompts cannot be tokenized")
-        tokens = llamacpp.tokenize(self.path, prompt)
+    def tokenize(self, prompt: str, max_tokens: int | None = None,
+                 started: llamacpp.PendingCall | None = None) -> list[int]:
+        """llama.cpp's tokens for `prompt` (BOS added as the file asks); `started`: the same
+        tokenization already started (`llamacpp.start_tokenize`), to wait for."""
+        try:
+            if not prompt or not prompt.strip():
+                raise PromptError("the prompt is empty (or only whitespace)")
+            kind = self.gguf.get("tokenizer.ggml.model")
+            if kind in (None, "none"):  # llama.cpp aborts the process on tokenize() for these
+                raise GGUFError(self.path, "tokenizer.ggml.model",
+                                f"the file has no tokenizer ({kind!r}); prompts cannot be "
+                                "tokenized")
+            tokens = started.result(300)["tokens"].tolist() if started is not None else \
+                llamacpp.tokenize(self.path, prompt)
+        finally:
+            if started is not None:
+                started.close()
         limit = min(self.cfg.context_length, max_tokens or self.cfg.context_length)
         if len(tokens) > limit:
             which = "--max-tokens" if max_tokens and max_tokens < self.cfg.context_length \
@@ -313,7 +321,8 @@ class LoadedModel:
     def check(self, prompt: str, layers: bool = False, top: int = 5,
               noise_floor: bool = True, max_tokens: int | None = None,
               settings: RunSettings = DEFAULT_SETTINGS, anchor: bool = False,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None,
+              started: llamacpp.PendingCall | None = None) -> dict:
         """Our forward pass vs llama.cpp's run with `settings` (by default the run its own
         tools make) on the same tokens (last position); the noise floor is llama.cpp against
         itself over the settings users flip (flash attention on/off, repacking on/off).
@@ -321,7 +330,7 @@ class LoadedModel:
         reproduces it and an independent run (the self-test of anchoring on this CPU).
         `progress` is told what runs next (the CLI prints it on stderr)."""
         say = progress or (lambda text: None)
-        tokens = self.tokenize(prompt, max_tokens)
+        tokens = self.tokenize(prompt, max_tokens, started)
         say(f"{len(tokens)} tokens; scanning the weights for NaN/Inf")
         bad = self.nonfinite_weights()
         if bad:  # the forward pass would be NaN: name the weights instead of comparing

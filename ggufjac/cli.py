@@ -228,6 +228,23 @@ def _precheck_device(device: str) -> None:
         raise GgufjacError("device 'mps' exists on macOS only")
 
 
+def _start_tokenizer(model: str, text: str) -> tuple[str, Any]:
+    """The model's path, and llama.cpp's tokenizer started on `text` in its child process
+    once the file has passed validation (torch-free, a fraction of a second): it then runs
+    on one core while torch is imported on the other."""
+    from .layout import validate_file
+    from .llamacpp import start_tokenize
+    from .resolve import resolve_model
+
+    path = resolve_model(model)
+    g, _ = validate_file(path)
+    with g:
+        kind = g.get("tokenizer.ggml.model")
+    if not text.strip() or kind in (None, "none"):
+        return str(path), None  # refused by LoadedModel.tokenize, with its message
+    return str(path), start_tokenize(path, text)
+
+
 def _early_checks(prompt: str | None, prompt_file: Path | None, device: str = "cpu",
                   out_dir: Path | None = None, overwrite: bool = False,
                   max_memory: str | None = None) -> tuple[str, int | None]:
@@ -366,12 +383,13 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
     """Compare our forward pass with llama.cpp's on the same tokens."""
     text = _read_prompt(prompt, prompt_file)
     settings = _settings(**llama)
+    model, started = _start_tokenizer(model, text)
     from .api import open_model
     from .outputs import write_json
 
     m = open_model(model, dtype=dtype)
     report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens,
-                     settings=settings, anchor=anchor,
+                     settings=settings, anchor=anchor, started=started,
                      progress=lambda step: click.echo(f"ggufjac: {step} ...", err=True))
     _print_check(report)
     if json_path is not None:
@@ -396,6 +414,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
     """
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
+    model, started = _start_tokenizer(model, text)
     from safetensors.torch import save_file
 
     from .api import open_model
@@ -404,7 +423,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .plots import plot_spectrum
 
     m = open_model(model, dtype=dtype, device=device)
-    tokens = m.tokenize(text, max_tokens)
+    tokens = m.tokenize(text, max_tokens, started)
     lin = Linearization(detach=True, gate_path=gate_path)
     m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens),  # refuse before writing
                                           anchored=anchor != "none")
@@ -465,12 +484,13 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     u_tᵀ J_i for every input position i; the contributions (u_tᵀ J_i) · x_i sum to the logit.
     """
     text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory)
+    model, started = _start_tokenizer(model, text)
     from .api import open_model
     from .linearize import Linearization
     from .outputs import write_json
 
     m = open_model(model, dtype=dtype, device=device)
-    tokens = m.tokenize(text, max_tokens)
+    tokens = m.tokenize(text, max_tokens, started)
     targets = [m.token_for_text(t) for t in token_texts]
     for t in token_ids:
         if not 0 <= t < m.cfg.vocab_size:
@@ -551,6 +571,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
     if layer_list is not None:  # its syntax, before the model is opened
         _parse_layers(layer_list, sys.maxsize, syntax_only=True)
+    model, started = _start_tokenizer(model, text)
     import torch
     from safetensors.torch import save_file
 
@@ -563,7 +584,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
 
     m = open_model(model, dtype=dtype, device=device)
     chosen = _parse_layers(layer_list, m.cfg.n_layer)
-    tokens = m.tokenize(text, max_tokens)
+    tokens = m.tokenize(text, max_tokens, started)
     lin = Linearization(detach=True, gate_path=gate_path)
     m.engine(lin, max_memory=budget).plan(m.cfg.d_model * len(chosen), len(tokens),  # refuse early
                                           anchored=anchor != "none")

@@ -145,30 +145,60 @@ def _crash_message(request: dict, signal_name: str, last_line: str | None) -> st
     return why + f" (settings: {RunSettings(**settings).describe()})"
 
 
-def _call(request: dict, timeout: float) -> dict[str, np.ndarray]:
-    with tempfile.TemporaryDirectory(prefix="ggufjac-llamacpp-") as tmp:
-        req_path, out_path = Path(tmp) / "req.json", Path(tmp) / "out.npz"
+class PendingCall:
+    """A llama.cpp child started and not yet waited for: the command line starts the
+    tokenizer before importing torch, so the two run on different cores."""
+
+    def __init__(self, request: dict) -> None:
+        self.request = request
+        self._tmp = tempfile.TemporaryDirectory(prefix="ggufjac-llamacpp-")
+        req_path = Path(self._tmp.name) / "req.json"
+        self.out_path = Path(self._tmp.name) / "out.npz"
         req_path.write_text(json.dumps(request))
+        self.proc = subprocess.Popen([*WORKER_COMMAND, str(req_path), str(self.out_path)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdin=subprocess.DEVNULL)
+
+    def result(self, timeout: float) -> dict[str, np.ndarray]:
+        """The child's arrays, or one LlamaCppError saying why there are none."""
         try:
-            proc = subprocess.run([*WORKER_COMMAND, str(req_path), str(out_path)],
-                                  capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise LlamaCppError(f"{request['model']}: llama.cpp did not finish within "
-                                f"{timeout:.0f} s") from None
-        if proc.returncode != 0 or not out_path.exists():
-            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-            own = [ln for ln in lines if ln.startswith("ggufjac-worker-error: ")]
-            if own:
-                why = own[-1].removeprefix("ggufjac-worker-error: ")
-            elif proc.returncode < 0:
-                why = _crash_message(request, signal.Signals(-proc.returncode).name,
-                                     lines[-1].strip() if lines else None)
-            else:
-                why = f"exit status {proc.returncode}" + (f": {lines[-1].strip()}" if lines else "")
-            raise LlamaCppError(f"{request['model']}: llama.cpp failed: {why}")
-        with np.load(out_path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            try:
+                _, stderr = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise LlamaCppError(f"{self.request['model']}: llama.cpp did not finish within "
+                                    f"{timeout:.0f} s") from None
+            if self.proc.returncode != 0 or not self.out_path.exists():
+                lines = [ln for ln in stderr.splitlines() if ln.strip()]
+                own = [ln for ln in lines if ln.startswith("ggufjac-worker-error: ")]
+                if own:
+                    why = own[-1].removeprefix("ggufjac-worker-error: ")
+                elif self.proc.returncode < 0:
+                    why = _crash_message(self.request, signal.Signals(-self.proc.returncode).name,
+                                         lines[-1].strip() if lines else None)
+                else:
+                    why = f"exit status {self.proc.returncode}" + \
+                        (f": {lines[-1].strip()}" if lines else "")
+                raise LlamaCppError(f"{self.request['model']}: llama.cpp failed: {why}")
+            with np.load(self.out_path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the child if it still runs and remove its files."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        self._tmp.cleanup()
+
+
+def _call(request: dict, timeout: float) -> dict[str, np.ndarray]:
+    return PendingCall(request).result(timeout)
+
+
+def start_tokenize(model: str | Path, prompt: str) -> PendingCall:
+    """`tokenize`, started in the background: `.result(timeout)["tokens"]` when needed."""
+    return PendingCall({"model": str(model), "prompt": prompt, "evaluate": False})
 
 
 def tokenize(model: str | Path, prompt: str, timeout: float = 300) -> list[int]:

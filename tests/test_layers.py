@@ -134,3 +134,24 @@ def test_layers_option_is_checked(synthetic, tmp_path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 2 and "layer 7 does not exist (the model has layers 0..1)" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("shape", [(64, 640), (64, 96), (80, 40)])
+def test_spectrum_is_the_svd(shape) -> None:
+    """Wide maps go through a QR first: the same singular values as LAPACK's SVD of the
+    matrix itself, orthonormal vectors, and U S Vᵀ equal to the matrix (float64)."""
+    from ggufjac.analysis import spectrum
+
+    torch.manual_seed(0)
+    a = torch.randn(*shape, dtype=torch.float64) @ torch.diag(torch.logspace(0, -6, shape[1],
+                                                                          dtype=torch.float64))
+    y = torch.randn(shape[0], dtype=torch.float64)
+    sp = spectrum(a, y)
+    ref = torch.linalg.svdvals(a)
+    assert torch.allclose(sp.singular_values, ref, rtol=0, atol=1e-13 * float(ref[0]))
+    k = len(ref)
+    assert torch.allclose(sp.left.T @ sp.left, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(sp.right @ sp.right.T, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(sp.left @ torch.diag(sp.singular_values) @ sp.right, a,
+                          atol=1e-12 * float(ref[0]))
+    assert bool(((y @ sp.left) >= 0).all())  # each left vector signed along y

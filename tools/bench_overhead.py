@@ -29,12 +29,14 @@ TIMED = [
     ("imports", None, None),
     ("open model", "ggufjac.api", "open_model"),
     ("llama.cpp: tokenize", "ggufjac.llamacpp", "tokenize"),
+    ("llama.cpp: tokenize", "ggufjac.llamacpp", "PendingCall.result"),
     ("llama.cpp: runs", "ggufjac.llamacpp", "evaluate"),
     ("jacobian", "ggufjac.jacobian", "streamed_jacobian"),
     ("attribution sweep", "ggufjac.engine", "StreamingEngine.pull_back_output"),
     ("forward pass", "ggufjac.engine", "StreamingEngine.forward"),
     ("memory plan", "ggufjac.engine", "StreamingEngine.plan"),
     ("svd", "ggufjac.analysis", "spectrum"),
+    ("validate (torch-free)", "ggufjac.layout", "validate_file"),
     ("vocabulary walk", "ggufjac.analysis", "top_tokens_by_unembedding"),
     ("weight scan (NaN/Inf)", "ggufjac.weights", "GGUFWeights.nonfinite_counts"),
     ("plot", "ggufjac.plots", "plot_spectrum"),
@@ -48,34 +50,63 @@ COMMANDS = {
 }
 
 CHILD = r'''
-import importlib, json, sys, time
-t_start = time.perf_counter()
-spent, active = {}, [None]
-import torch, ggufjac.api, ggufjac.cli  # what every model command imports
-spent["imports"] = time.perf_counter() - t_start
-for phase, module, qualname in json.loads(sys.argv[1]):
-    if module is None:
-        continue
-    mod = importlib.import_module(module)
-    owner, attr = (mod, qualname) if "." not in qualname else \
-        (getattr(mod, qualname.split(".")[0]), qualname.split(".")[1])
-    original = getattr(owner, attr)
-    def timed(*a, _f=original, _p=phase, **k):
+import builtins, importlib, json, sys, time
+spent, active, depth = {}, [None], [0]
+targets = [t for t in json.loads(sys.argv[1]) if t[1] is not None]
+patched = set()
+
+
+def wrap(phase, original):
+    def timed(*a, **k):
         if active[0] is not None:
-            return _f(*a, **k)
-        active[0], t0 = _p, time.perf_counter()
+            return original(*a, **k)
+        active[0], t0 = phase, time.perf_counter()
         try:
-            return _f(*a, **k)
+            return original(*a, **k)
         finally:
-            spent[_p] = spent.get(_p, 0.0) + time.perf_counter() - t0
+            spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - t0
             active[0] = None
-    setattr(owner, attr, timed)
-    for m in list(sys.modules.values()):  # names imported with `from x import f`
-        if getattr(m, "__name__", "").startswith("ggufjac") and getattr(m, attr, None) is original:
-            setattr(m, attr, timed)
+    return timed
+
+
+def patch_loaded():
+    # the timers go in as soon as their modules are imported, before any `from x import f`
+    for phase, module, qualname in targets:
+        if (module, qualname) in patched or module not in sys.modules:
+            continue
+        mod = sys.modules[module]
+        owner, attr = (mod, qualname) if "." not in qualname else \
+            (getattr(mod, qualname.split(".")[0], None), qualname.split(".")[1])
+        if owner is None or not hasattr(owner, attr):
+            continue  # the module is still being executed
+        setattr(owner, attr, wrap(phase, getattr(owner, attr)))
+        patched.add((module, qualname))
+
+
+original_import = builtins.__import__
+
+
+def timed_import(name, globals=None, locals=None, fromlist=(), level=0):
+    top = depth[0] == 0 and active[0] is None
+    depth[0] += 1
+    t0 = time.perf_counter()
+    try:
+        return original_import(name, globals, locals, fromlist, level)
+    finally:
+        depth[0] -= 1
+        patch_loaded()
+        if top:
+            spent["imports"] = spent.get("imports", 0.0) + time.perf_counter() - t0
+
+
+builtins.__import__ = timed_import
+import ggufjac.cli
 try:
     ggufjac.cli.main(sys.argv[3:], standalone_mode=False)
+except SystemExit:
+    pass
 finally:
+    builtins.__import__ = original_import
     with open(sys.argv[2], "w") as f:
         json.dump(spent, f)
 '''
