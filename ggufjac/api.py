@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +17,16 @@ import torch
 
 from . import llamacpp
 from .anchor import Anchor, ReferenceRun, anchor_from_run, capture_names
-from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
-    top_tokens_by_unembedding
+from .analysis import top_tokens_by_unembedding
 from .errors import GGUFError, GgufjacError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .engine import StreamingEngine
-from .jacobian import JacobianResult, detached_jacobian, reconstruction_rel_error, \
-    streamed_jacobian
+from .jacobian import JacobianResult, detached_jacobian, streamed_jacobian
 from .linearize import Linearization
 from .llamacpp import DEFAULT_SETTINGS, RunSettings
+from . import reports
+from .reports import nmse  # noqa: F401 (part of the API)
 from .runner import Transformer, unembed
 from .resolve import resolve_model
 from .vocab import Vocabulary
@@ -38,31 +36,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# `check` passes when our logits are this close to llama.cpp's (nmse), and the top-1 tokens
-# agree unless llama.cpp's own top two are within this many logits (a near-tie, which
-# llama.cpp's settings alone flip: flash attention on and off disagree on such prompts).
-CHECK_NMSE_BOUND = 1e-2
-CHECK_NEAR_TIE = 0.1
-
-
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
         raise GgufjacError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def nmse(ours: np.ndarray, reference: np.ndarray) -> float:
-    """Normalized mean squared error Σ(ours − ref)² / Σ ref², in float64."""
-    a, b = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    m = z.max()
-    return z - m - math.log(np.exp(z - m).sum())
 
 
 @dataclass
@@ -166,47 +145,8 @@ class LoadedModel:
 
     def anchor_summary(self, anchor: Anchor, y: torch.Tensor,
                        result: JacobianResult | None = None) -> dict:
-        """How closely the anchored model reproduces llama.cpp's run (last position): y is the
-        anchored final-norm output; `result`, the full Jacobian if one was computed."""
-        ours = unembed(self.weights, self.logit_input(y, anchor)[None])[0]
-        ours = ours.to(torch.float64).cpu().numpy()
-        theirs = anchor.logits[-1].astype(np.float64)
-        y_ref = anchor.output[-1].to(y.dtype)
-        summary = {
-            "runtime": "llama.cpp",
-            "flash_attn": anchor.flash_attn,
-            "llama_cpp_settings": dataclasses.asdict(anchor.settings),
-            "llama_cpp_resolved": anchor.resolved,
-            "anchor_logits_nmse": nmse(ours, theirs),
-            "anchor_logits_nmse_definition": "nmse of the unembedding of the anchored output "
-                                             "(its input rounding frozen too) vs llama.cpp's "
-                                             "logits, last position",
-            "anchor_output_rel_error": float(torch.linalg.vector_norm(y - y_ref)
-                                             / torch.linalg.vector_norm(y_ref)),
-            "llama_cpp_top1": self.token_text(int(theirs.argmax())),
-            "anchored_top1": self.token_text(int(ours.argmax())),
-            "top1_agree": bool(theirs.argmax() == ours.argmax()),
-            "coefficient_sources": anchor.sources,
-            "approximations": anchor.approximations,
-        }
-        if result is not None:
-            summary["reconstruction_rel_error_vs_llama_cpp"] = reconstruction_rel_error(
-                result.jacobian, result.inputs, y_ref)
-        if anchor.reference is not None:
-            ref = anchor.reference
-            y_default = torch.from_numpy(ref.output.astype(np.float64)).to(y)
-            summary["default_run"] = {
-                "what": "an independent llama.cpp run (separate process, the same settings) "
-                        "decoding the prompt as llama.cpp's own tools do: the last position's "
-                        "logits only",
-                "llama_cpp_settings": dataclasses.asdict(ref.settings),
-                "llama_cpp_resolved": ref.resolved,
-                "logits_nmse": nmse(ours, ref.logits),
-                "output_rel_error": float(torch.linalg.vector_norm(y - y_default)
-                                          / torch.linalg.vector_norm(y_default)),
-                "llama_cpp_top1": self.token_text(int(ref.logits.argmax())),
-            }
-        return summary
+        """How closely the anchored model reproduces llama.cpp's run (reports.py)."""
+        return reports.anchor_summary(self, anchor, y, result)
 
     @torch.no_grad()
     def logits(self, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -282,39 +222,8 @@ class LoadedModel:
         finally:
             engine.release()
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
-        logits = u @ y
-        cap = self.cfg.final_logit_softcap
-        rows = []
-        for j, t in enumerate(targets):
-            c = contributions[j]
-            total = float(c.sum())
-            row = {"token": self.token_text(t), "id": t, "logit": float(logits[j]),
-                   "sum_of_contributions": total,
-                   "rel_error": abs(total - float(logits[j])) / max(abs(float(logits[j])), 1e-300),
-                   "contributions": [float(v) for v in c]}
-            if cap is not None:
-                row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
-            if anchor is not None:
-                row["llama_cpp_logit"] = float(anchor.logits[-1][t])
-            alternative = self._space_prefixed(t)
-            if alternative is not None:
-                alt_logit = float(self.weights.unembedding_rows([alternative])[0] @ y)
-                if alt_logit > row["logit"]:
-                    row["space_prefixed_alternative"] = {
-                        "token": self.token_text(alternative), "id": alternative,
-                        "logit": alt_logit}
-            rows.append(row)
-        report = {"model": str(self.path), "architecture": self.cfg.arch,
-                "dtype": str(x.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
-                "tokens": [self.token_text(t) for t in tokens], "token_ids": tokens,
-                "logit_definition": "u_t . y, y the last position's final-norm output"
-                                    + (" (before the final soft-cap)" if cap is not None else "")
-                                    + (", its input rounded as llama.cpp's unembedding matmul "
-                                       "rounds it (frozen ratio)" if anchor is not None else ""),
-                "targets": rows}
-        if anchor is not None:
-            report["anchor"] = self.anchor_summary(anchor, y)
-        return report
+        return reports.attribution_report(self, tokens, lin, x.dtype, targets, contributions,
+                                          u @ y, y, anchor)
 
     # -- reports -------------------------------------------------------------------------
 
@@ -345,28 +254,8 @@ class LoadedModel:
         hidden: list[torch.Tensor] = []
         ours_all = self.logits(tokens, hidden).to(torch.float64).cpu().numpy()
         ours, theirs = ours_all[-1], ref.logits[-1].astype(np.float64)
-        lp_ours, lp_ref = _log_softmax(ours), _log_softmax(theirs)
-        order_ours, order_ref = np.argsort(-ours)[:top], np.argsort(-theirs)[:top]
-        report = {
-            "prompt": prompt,
-            "tokens": [self.token_text(t) for t in tokens],
-            "dtype": str(self.weights.dtype).removeprefix("torch."),
-            "ours_top": [{"token": self.token_text(int(i)), "id": int(i),
-                          "logit": float(ours[i]), "prob": float(np.exp(lp_ours[i]))}
-                         for i in order_ours],
-            "llama_cpp_top": [{"token": self.token_text(int(i)), "id": int(i),
-                               "logit": float(theirs[i]), "prob": float(np.exp(lp_ref[i]))}
-                              for i in order_ref],
-            "ours_top1": self.token_text(int(order_ours[0])),
-            "llama_cpp_top1": self.token_text(int(order_ref[0])),
-            "top1_agree": bool(order_ours[0] == order_ref[0]),
-            "llama_cpp_margin": float(theirs[order_ref[0]] - theirs[order_ref[1]]),
-            "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
-            "kl": float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum()),
-            "nmse": nmse(ours, theirs),
-            "llama_cpp_settings": dataclasses.asdict(settings),
-            "llama_cpp_resolved": ref.resolved,
-        }
+        report = reports.check_report(self, prompt, tokens, ours, theirs, settings,
+                                      ref.resolved, top)
         if noise_floor:
             report["noise_floor"] = []
             for flash, repack in ((f, r) for f in ("on", "off") for r in (True, False)):
@@ -391,68 +280,14 @@ class LoadedModel:
                 engine.release()
             report["anchor"] = self.anchor_summary(anchored, y)
         report["nonfinite_weights"] = {}
-        reasons = []
-        if report["nmse"] > CHECK_NMSE_BOUND:
-            reasons.append(f"logits nmse {report['nmse']:.2e} > {CHECK_NMSE_BOUND:g}")
-        if not report["top1_agree"] and report["llama_cpp_margin"] > CHECK_NEAR_TIE:
-            reasons.append(f"top-1 differs and llama.cpp's margin {report['llama_cpp_margin']:.3f}"
-                           f" is > {CHECK_NEAR_TIE}")
-        if report["nonfinite_weights"]:
-            reasons.append("non-finite weights")
-        report["passed"] = not reasons
-        if reasons:
-            report["verdict"] = "FAIL: " + "; ".join(reasons)
-        elif not report["top1_agree"]:
-            report["verdict"] = (f"PASS: top-1 differs, but llama.cpp's own top two are "
-                                 f"{report['llama_cpp_margin']:.3f} apart (a near-tie, <= "
-                                 f"{CHECK_NEAR_TIE}: rounding decides it)")
-        else:
-            report["verdict"] = f"PASS: nmse <= {CHECK_NMSE_BOUND:g}, same top-1"
+        report.update(reports.check_verdict(report))
         return report
 
     def jacobian_report(self, tokens: list[int], result: JacobianResult, lin: Linearization,
                         n_vectors: int = 10, n_tokens: int = 5,
                         anchor: Anchor | None = None) -> dict:
-        """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian
-        (and, if anchored, how it matches llama.cpp's run)."""
-        d, n = result.jacobian.shape[0], result.jacobian.shape[1]
-        spec = spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
-        k = min(n_vectors, spec.left.shape[1])
-        # One walk over the unembedding decodes the singular vectors and y itself (the
-        # predicted token: a final soft-cap is monotone, so it does not change the argmax).
-        directions = torch.cat((spec.left[:, :k], self.logit_input(result.output, anchor)[:, None]),
-                               dim=1)
-        decoded = top_tokens_by_unembedding(self.weights, directions, n_tokens)
-        predicted = decoded[k][0][0]
-        report = {
-            "model": str(self.path),
-            "architecture": self.cfg.arch,
-            "dtype": str(result.jacobian.dtype).removeprefix("torch."),
-            "detach": lin.detach,
-            "gate_path": lin.gate_path,
-            "tokens": [self.token_text(t) for t in tokens],
-            "token_ids": tokens,
-            "predicted_token": self.token_text(predicted),
-            "predicted_token_id": predicted,
-            "reconstruction_rel_error": result.reconstruction_rel_error(),
-            "singular_values": spec.singular_values.tolist(),
-            "effective_rank": spec.stable_rank,
-            "effective_rank_definition": STABLE_RANK_DEFINITION,
-            "entropy_effective_rank": spec.entropy_rank,
-            "entropy_effective_rank_definition": ENTROPY_RANK_DEFINITION,
-            "sign_convention": "each left singular vector u is negated if needed so that "
-                               "u . output > 0 (its right vector with it)",
-            "top_singular_tokens": [
-                {"index": j, "singular_value": float(spec.singular_values[j]),
-                 "cos_with_output": float(spec.left[:, j] @ result.output.to(spec.left.dtype)
-                                          / torch.linalg.vector_norm(result.output)),
-                 "tokens": [self.token_text(t) for t, _ in decoded[j]],
-                 "scores": [s for _, s in decoded[j]]}
-                for j in range(k)],
-        }
-        if anchor is not None:
-            report["anchor"] = self.anchor_summary(anchor, result.output, result)
-        return report
+        """Reconstruction, spectrum, ranks and decoded vectors of a full Jacobian (reports.py)."""
+        return reports.jacobian_report(self, tokens, result, lin, n_vectors, n_tokens, anchor)
 
 
 def check_device(device: str) -> torch.device:

@@ -577,7 +577,8 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
 
     from .analysis import top_tokens_by_unembedding
     from .api import open_model
-    from .layers import KINDS, describe_maps, layer_maps, markdown_summary
+    from .layers import KINDS, describe_maps, layer_maps
+    from .reports import layers_markdown, layers_report
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_stable_rank_heatmap, plot_top_singular_value
@@ -596,21 +597,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     entries = describe_maps(maps, m.weights, m.token_text)
     seconds = time.perf_counter() - t0
     predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None], 1)[0][0][0]
-    report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
-              [m.token_text(t) for t in tokens], "token_ids": tokens,
-              "dtype": dtype, "gate_path": gate_path, "device": device,
-              "layers": chosen, "seconds": seconds,
-              "predicted_token": m.token_text(predicted),
-              "kinds": {"cumulative": "input embeddings -> final norm (frozen) of the residual "
-                                      "after the layer, last position",
-                        "layer": "layer input (all positions) -> layer output, last position",
-                        "layer_no_residual": "the same without the residual: attention + MLP",
-                        "attention": "layer input -> attention part's output, last position",
-                        "mlp": "layer input -> MLP part's output, last position"},
-              "stable_rank_definition": "||J||_F^2 / s_1^2",
-              "maps": entries}
-    if anchored is not None:
-        report["anchor"] = m.anchor_summary(anchored, y)
+    report = layers_report(m, tokens, chosen, lin, device, seconds, predicted, entries, anchored, y)
     spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
     tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
                torch.tensor(e["singular_values"], dtype=spectrum_dtype)
@@ -625,8 +612,8 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
         "layers.safetensors": lambda p: save_file(tensors, str(p)),
         "stable_rank.png": lambda p: plot_stable_rank_heatmap(p, entries, KINDS, title),
         "top_singular_value.png": lambda p: plot_top_singular_value(p, entries, KINDS, title),
-        "README.md": lambda p: p.write_text(markdown_summary(report))})
-    click.echo(markdown_summary(report))
+        "README.md": lambda p: p.write_text(layers_markdown(report))})
+    click.echo(layers_markdown(report))
     click.echo(f"({seconds:.1f} s) wrote {out_dir}/layers.json, layers.safetensors, "
                "stable_rank.png, top_singular_value.png, README.md")
 

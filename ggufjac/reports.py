@@ -1,0 +1,294 @@
+"""Every report ggufjac writes (JSON dicts), built in one place from computed results: the
+Jacobian's, an attribution's, a check's, the anchored figures, the layer maps'."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
+    top_tokens_by_unembedding
+from .jacobian import JacobianResult, reconstruction_rel_error
+from .layers import KINDS
+from .linearize import Linearization
+from .llamacpp import RunSettings
+from .runner import unembed
+
+if TYPE_CHECKING:
+    from .anchor import Anchor
+    from .api import LoadedModel
+
+# `check` passes when our logits are this close to llama.cpp's (nmse), and the top-1 tokens
+# agree unless llama.cpp's own top two are within this many logits (a near-tie, which
+# llama.cpp's settings alone flip: flash attention on and off disagree on such prompts).
+CHECK_NMSE_BOUND = 1e-2
+CHECK_NEAR_TIE = 0.1
+
+
+def nmse(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Normalized mean squared error Σ(ours − ref)² / Σ ref², in float64."""
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    mx = z.max()
+    return z - mx - math.log(np.exp(z - mx).sum())
+
+
+def anchor_summary(m: LoadedModel, anchor: Anchor, y: torch.Tensor,
+                   result: JacobianResult | None = None) -> dict:
+    """How closely the anchored model reproduces llama.cpp's run (last position): y is the
+    anchored final-norm output; `result`, the full Jacobian if one was computed."""
+    ours = unembed(m.weights, m.logit_input(y, anchor)[None])[0]
+    ours = ours.to(torch.float64).cpu().numpy()
+    theirs = anchor.logits[-1].astype(np.float64)
+    y_ref = anchor.output[-1].to(y.dtype)
+    summary = {
+        "runtime": "llama.cpp",
+        "flash_attn": anchor.flash_attn,
+        "llama_cpp_settings": dataclasses.asdict(anchor.settings),
+        "llama_cpp_resolved": anchor.resolved,
+        "anchor_logits_nmse": nmse(ours, theirs),
+        "anchor_logits_nmse_definition": "nmse of the unembedding of the anchored output "
+                                         "(its input rounding frozen too) vs llama.cpp's "
+                                         "logits, last position",
+        "anchor_output_rel_error": float(torch.linalg.vector_norm(y - y_ref)
+                                         / torch.linalg.vector_norm(y_ref)),
+        "llama_cpp_top1": m.token_text(int(theirs.argmax())),
+        "anchored_top1": m.token_text(int(ours.argmax())),
+        "top1_agree": bool(theirs.argmax() == ours.argmax()),
+        "coefficient_sources": anchor.sources,
+        "approximations": anchor.approximations,
+    }
+    if result is not None:
+        summary["reconstruction_rel_error_vs_llama_cpp"] = reconstruction_rel_error(
+            result.jacobian, result.inputs, y_ref)
+    if anchor.reference is not None:
+        ref = anchor.reference
+        y_default = torch.from_numpy(ref.output.astype(np.float64)).to(y)
+        summary["default_run"] = {
+            "what": "an independent llama.cpp run (separate process, the same settings) "
+                    "decoding the prompt as llama.cpp's own tools do: the last position's "
+                    "logits only",
+            "llama_cpp_settings": dataclasses.asdict(ref.settings),
+            "llama_cpp_resolved": ref.resolved,
+            "logits_nmse": nmse(ours, ref.logits),
+            "output_rel_error": float(torch.linalg.vector_norm(y - y_default)
+                                      / torch.linalg.vector_norm(y_default)),
+            "llama_cpp_top1": m.token_text(int(ref.logits.argmax())),
+        }
+    return summary
+
+
+def jacobian_report(m: LoadedModel, tokens: list[int], result: JacobianResult, lin: Linearization,
+                    n_vectors: int = 10, n_tokens: int = 5,
+                    anchor: Anchor | None = None) -> dict:
+    """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian
+    (and, if anchored, how it matches llama.cpp's run)."""
+    d, n = result.jacobian.shape[0], result.jacobian.shape[1]
+    spec = spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
+    k = min(n_vectors, spec.left.shape[1])
+    # One walk over the unembedding decodes the singular vectors and y itself (the
+    # predicted token: a final soft-cap is monotone, so it does not change the argmax).
+    directions = torch.cat((spec.left[:, :k], m.logit_input(result.output, anchor)[:, None]),
+                           dim=1)
+    decoded = top_tokens_by_unembedding(m.weights, directions, n_tokens)
+    predicted = decoded[k][0][0]
+    report = {
+        "model": str(m.path),
+        "architecture": m.cfg.arch,
+        "dtype": str(result.jacobian.dtype).removeprefix("torch."),
+        "detach": lin.detach,
+        "gate_path": lin.gate_path,
+        "tokens": [m.token_text(t) for t in tokens],
+        "token_ids": tokens,
+        "predicted_token": m.token_text(predicted),
+        "predicted_token_id": predicted,
+        "reconstruction_rel_error": result.reconstruction_rel_error(),
+        "singular_values": spec.singular_values.tolist(),
+        "effective_rank": spec.stable_rank,
+        "effective_rank_definition": STABLE_RANK_DEFINITION,
+        "entropy_effective_rank": spec.entropy_rank,
+        "entropy_effective_rank_definition": ENTROPY_RANK_DEFINITION,
+        "sign_convention": "each left singular vector u is negated if needed so that "
+                           "u . output > 0 (its right vector with it)",
+        "top_singular_tokens": [
+            {"index": j, "singular_value": float(spec.singular_values[j]),
+             "cos_with_output": float(spec.left[:, j] @ result.output.to(spec.left.dtype)
+                                      / torch.linalg.vector_norm(result.output)),
+             "tokens": [m.token_text(t) for t, _ in decoded[j]],
+             "scores": [s for _, s in decoded[j]]}
+            for j in range(k)],
+    }
+    if anchor is not None:
+        report["anchor"] = m.anchor_summary(anchor, result.output, result)
+    return report
+
+
+def attribution_report(m: LoadedModel, tokens: list[int], lin: Linearization,
+                       dtype: torch.dtype, targets: list[int], contributions: torch.Tensor,
+                       logits: torch.Tensor, y: torch.Tensor, anchor: Anchor | None) -> dict:
+    """`attribute`'s report: per target, its logit u_t · y, the contributions [targets, N],
+    their sum, and (anchored) llama.cpp's logit."""
+    cap = m.cfg.final_logit_softcap
+    rows = []
+    for j, t in enumerate(targets):
+        c = contributions[j]
+        total = float(c.sum())
+        row = {"token": m.token_text(t), "id": t, "logit": float(logits[j]),
+               "sum_of_contributions": total,
+               "rel_error": abs(total - float(logits[j])) / max(abs(float(logits[j])), 1e-300),
+               "contributions": [float(v) for v in c]}
+        if cap is not None:
+            row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
+        if anchor is not None:
+            row["llama_cpp_logit"] = float(anchor.logits[-1][t])
+        alternative = m._space_prefixed(t)
+        if alternative is not None:
+            alt_logit = float(m.weights.unembedding_rows([alternative])[0] @ y)
+            if alt_logit > row["logit"]:
+                row["space_prefixed_alternative"] = {
+                    "token": m.token_text(alternative), "id": alternative,
+                    "logit": alt_logit}
+        rows.append(row)
+    report = {"model": str(m.path), "architecture": m.cfg.arch,
+            "dtype": str(dtype).removeprefix("torch."), "gate_path": lin.gate_path,
+            "tokens": [m.token_text(t) for t in tokens], "token_ids": tokens,
+            "logit_definition": "u_t . y, y the last position's final-norm output"
+                                + (" (before the final soft-cap)" if cap is not None else "")
+                                + (", its input rounded as llama.cpp's unembedding matmul "
+                                   "rounds it (frozen ratio)" if anchor is not None else ""),
+            "targets": rows}
+    if anchor is not None:
+        report["anchor"] = m.anchor_summary(anchor, y)
+    return report
+
+
+def check_report(m: LoadedModel, prompt: str, tokens: list[int], ours: np.ndarray,
+                 theirs: np.ndarray, settings: RunSettings, resolved: dict, top: int) -> dict:
+    """`check`'s comparison of our last-position logits with llama.cpp's."""
+    lp_ours, lp_ref = _log_softmax(ours), _log_softmax(theirs)
+    order_ours, order_ref = np.argsort(-ours)[:top], np.argsort(-theirs)[:top]
+    return {
+        "prompt": prompt,
+        "tokens": [m.token_text(t) for t in tokens],
+        "dtype": str(m.weights.dtype).removeprefix("torch."),
+        "ours_top": [{"token": m.token_text(int(i)), "id": int(i),
+                      "logit": float(ours[i]), "prob": float(np.exp(lp_ours[i]))}
+                     for i in order_ours],
+        "llama_cpp_top": [{"token": m.token_text(int(i)), "id": int(i),
+                           "logit": float(theirs[i]), "prob": float(np.exp(lp_ref[i]))}
+                          for i in order_ref],
+        "ours_top1": m.token_text(int(order_ours[0])),
+        "llama_cpp_top1": m.token_text(int(order_ref[0])),
+        "top1_agree": bool(order_ours[0] == order_ref[0]),
+        "llama_cpp_margin": float(theirs[order_ref[0]] - theirs[order_ref[1]]),
+        "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+        "kl": float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum()),
+        "nmse": nmse(ours, theirs),
+        "llama_cpp_settings": dataclasses.asdict(settings),
+        "llama_cpp_resolved": resolved,
+    }
+
+
+def check_verdict(report: dict) -> dict:
+    """PASS or FAIL, and why: `passed` and `verdict` for a check report."""
+    reasons = []
+    if report["nmse"] > CHECK_NMSE_BOUND:
+        reasons.append(f"logits nmse {report['nmse']:.2e} > {CHECK_NMSE_BOUND:g}")
+    if not report["top1_agree"] and report["llama_cpp_margin"] > CHECK_NEAR_TIE:
+        reasons.append(f"top-1 differs and llama.cpp's margin {report['llama_cpp_margin']:.3f}"
+                       f" is > {CHECK_NEAR_TIE}")
+    if report["nonfinite_weights"]:
+        reasons.append("non-finite weights")
+    passed = not reasons
+    if reasons:
+        verdict = "FAIL: " + "; ".join(reasons)
+    elif not report["top1_agree"]:
+        verdict = (f"PASS: top-1 differs, but llama.cpp's own top two are "
+                             f"{report['llama_cpp_margin']:.3f} apart (a near-tie, <= "
+                             f"{CHECK_NEAR_TIE}: rounding decides it)")
+    else:
+        verdict = f"PASS: nmse <= {CHECK_NMSE_BOUND:g}, same top-1"
+    return {"passed": passed, "verdict": verdict}
+
+
+def layers_report(m: LoadedModel, tokens: list[int], chosen: list[int], lin: Linearization,
+                  device: str, seconds: float, predicted: int, entries: list[dict],
+                  anchored: Anchor | None, y: torch.Tensor) -> dict:
+    """`layers`' report: every map's figures and decoded vectors (layers.describe_maps)."""
+    report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
+              [m.token_text(t) for t in tokens], "token_ids": tokens,
+              "dtype": str(m.weights.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
+              "device": device,
+              "layers": chosen, "seconds": seconds,
+              "predicted_token": m.token_text(predicted),
+              "kinds": {"cumulative": "input embeddings -> final norm (frozen) of the residual "
+                                      "after the layer, last position",
+                        "layer": "layer input (all positions) -> layer output, last position",
+                        "layer_no_residual": "the same without the residual: attention + MLP",
+                        "attention": "layer input -> attention part's output, last position",
+                        "mlp": "layer input -> MLP part's output, last position"},
+              "stable_rank_definition": "||J||_F^2 / s_1^2",
+              "maps": entries}
+    if anchored is not None:
+        report["anchor"] = anchor_summary(m, anchored, y)
+    return report
+
+
+def first_layer_predicting(entries: list[dict], token: str) -> int | None:
+    """The first layer whose cumulative map's top singular vector decodes to `token`."""
+    for e in entries:
+        if e["kind"] == "cumulative" and e["vectors"] and token in e["vectors"][0]["left_tokens"]:
+            return e["layer"]
+    return None
+
+
+def layers_markdown(report: dict) -> str:
+    """DIR/README.md: the table a reader scans for where the prediction's concept appears."""
+    entries, predicted = report["maps"], report["predicted_token"]
+    first = first_layer_predicting(entries, predicted)
+    by = {(e["layer"], e["kind"]): e for e in entries}
+    layers = sorted({e["layer"] for e in entries})
+    lines = [
+        f"# ggufjac layers: {Path(report['model']).name}", "",
+        f"Prompt tokens: {' '.join(repr(t) for t in report['tokens'])}  ",
+        f"Predicted token: {predicted!r}; dtype {report['dtype']}; gate path "
+        f"`{report['gate_path']}`; largest reconstruction error of any map "
+        f"{max(e['reconstruction_rel_error'] for e in entries):.1e}.", "",
+        *([f"Anchored to llama.cpp (flash attention {'on' if report['anchor']['flash_attn'] else 'off'}): "
+           f"the coefficients are llama.cpp's own; logits nmse vs llama.cpp "
+           f"{report['anchor']['anchor_logits_nmse']:.1e}.", ""] if "anchor" in report else []),
+        "Each cell: the top 3 tokens of the top left singular vector (through the "
+        "unembedding), then the stable rank. `cumulative` is the exact linear logit lens "
+        "(inputs -> final norm of the residual after that layer); the others are the layer's "
+        "own input -> its output at the last position.", "",
+        (f"The predicted token first appears in a cumulative top vector at layer {first}."
+         if first is not None else "The predicted token does not appear in any cumulative "
+                                  "top vector (top 5 tokens)."), "",
+        "Only the cumulative maps end in the final norm, where the unembedding reads; the "
+        "per-layer maps end in one layer's update to the residual stream, whose top vectors "
+        "decode to tokens mostly near the top layers (elsewhere the tokens look random).", "",
+        "| layer no. | " + " | ".join(f"`{k}`" for k in KINDS) + " |",
+        "|---|" + "---|" * len(KINDS)]
+    for l in layers:
+        cells = []
+        for k in KINDS:
+            e = by.get((l, k))
+            if e is None or not e["vectors"]:
+                cells.append("")
+                continue
+            toks = ", ".join(repr(t) for t in e["vectors"][0]["left_tokens"][:3])
+            cells.append(f"{toks} ({e['stable_rank']:.1f})".replace("|", "\\|"))
+        lines.append(f"| {l} | " + " | ".join(cells) + " |")
+    lines += ["", "Files: `layers.json` (every figure and decoded token), `layers.safetensors` "
+              "(singular values; the matrices with --save-matrices), `stable_rank.png`, "
+              "`top_singular_value.png`.", ""]
+    return "\n".join(lines)
