@@ -276,7 +276,8 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
     from .costs import sweep_flop
     from .families import FAMILIES, config_from_gguf
     from .gguf_file import GGUFFile
-    from .layout import check_tensor_index, linear_matmuls, stored_name, weights_per_layer
+    from .layout import (check_tensor_index, dims_of, linear_matmuls, stored_name,
+                         weights_per_layer)
     from .resolve import resolve_model
 
     path = resolve_model(model)
@@ -307,7 +308,7 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
         n = 8
         jac = cfg.d_model * n * cfg.d_model
         click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
-                   f"~{sweep_flop(cfg, n, cfg.d_model) / 1e12:.2f} TFLOP")
+                   f"~{sweep_flop(dims_of(cfg), cfg.n_layer, n, cfg.d_model) / 1e12:.2f} TFLOP")
         click.echo("supported      yes")
         from .activation_formats import anchoring_support
 

@@ -4,35 +4,23 @@ effective rates, tools/extrapolate.py)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from .layout import Dims
 
 
-class Sizes(Protocol):
-    """What the costs depend on (a ModelConfig, or a model's published shape)."""
-
-    n_layer: int
-    d_model: int
-    d_ff: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    head_dim_v: int
-
-
-def mlp_as_matrix(cfg: Sizes, n_directions: int) -> bool:
+def mlp_as_matrix(cfg: Dims, n_directions: int) -> bool:
     """Per position, n directions cost 2·n·d·d_ff multiply-adds by autograd through the MLP's
     two projections, d·d·d_ff + n·d·d through its matrix (model.mlp_branch_matrix)."""
     d, f = cfg.d_model, cfg.d_ff
     return n_directions * (2 * f - d) > d * f
 
 
-def sweep_flop(cfg: Sizes, n_tokens: int, n_directions: int) -> float:
+def sweep_flop(cfg: Dims, n_layer: int, n_tokens: int, n_directions: int) -> float:
     """Floating-point operations (2 per multiply-add) of one reverse sweep pulling
     `n_directions` back to the inputs, as the engine does it: the attention's v and o
     projections by batched VJPs, the MLP by VJPs or by its per-position matrices, whichever
     costs less (these skip the positions without cotangents: at the top layer, all but the
     last)."""
-    d, f, n, m, layers = cfg.d_model, cfg.d_ff, n_tokens, n_directions, cfg.n_layer
+    d, f, n, m, layers = cfg.d_model, cfg.d_ff, n_tokens, n_directions, n_layer
     attention = 2 * m * n * (d * cfg.n_kv_head * cfg.head_dim_v + cfg.n_head * cfg.head_dim_v * d)
     if mlp_as_matrix(cfg, m):
         mlp = 2 * (d * d * f + m * d * d) * ((layers - 1) * n + 1)

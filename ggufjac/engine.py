@@ -33,7 +33,7 @@ from .anchor import Anchor
 from .errors import GgufjacError
 from .units import format_size, parse_size  # noqa: F401 (parse_size: part of the engine's API)
 from .costs import mlp_as_matrix
-from .layout import linear_path
+from .layout import dims_of, linear_path
 from .linearize import DETACHED, Coefficients, Linearization
 from .model import LayerWeights, attention_branch, block, final_norm, mlp_branch_matrix
 from .runner import input_embeddings
@@ -329,7 +329,7 @@ class StreamingEngine:
     def mlp_as_matrix(self, n_directions: int) -> bool:
         """Whether `n_directions` cotangents cross a layer's MLP more cheaply through its
         per-position matrices than by autograd through both projections (`sweep_flop`)."""
-        return mlp_as_matrix(self.cfg, n_directions)
+        return mlp_as_matrix(dims_of(self.cfg), n_directions)
 
     def _matrix_rows(self) -> int:
         """Cotangent rows multiplied by one MLP matrix at a time (a [rows, d] temporary)."""

@@ -41,6 +41,7 @@ def child(model: str, directions: int, max_memory: str | None, device: str) -> N
     from ggufjac.api import open_model
     from ggufjac.engine import parse_size
     from ggufjac.costs import sweep_flop
+    from ggufjac.layout import dims_of
 
     m = open_model(model, dtype="float32", device=device)
     budget = parse_size(max_memory) if max_memory else None
@@ -50,7 +51,7 @@ def child(model: str, directions: int, max_memory: str | None, device: str) -> N
     t0 = time.perf_counter()
     r = m.jacobian(TOKENS, max_memory=budget, directions=dirs)
     seconds = time.perf_counter() - t0
-    flop = sweep_flop(m.cfg, len(TOKENS), directions or m.cfg.d_model)
+    flop = sweep_flop(dims_of(m.cfg), m.cfg.n_layer, len(TOKENS), directions or m.cfg.d_model)
     print(json.dumps({"seconds": seconds, "n_layer": m.cfg.n_layer, "flop": flop,
                       "shape": list(r.jacobian.shape),
                       "reconstruction": r.reconstruction_rel_error(),

@@ -31,14 +31,15 @@ MODELS = {
 HEAD_DIM = 128
 
 
-def shape(**kw: int) -> SimpleNamespace:
-    return SimpleNamespace(head_dim=HEAD_DIM, head_dim_v=HEAD_DIM, **kw)
+def shape(n_layer: int, **kw: int) -> SimpleNamespace:
+    """A published shape: its layer count and the layout's Dims (head size 128)."""
+    return SimpleNamespace(n_layer=n_layer, dims=Dims(head_dim=HEAD_DIM, head_dim_v=HEAD_DIM, **kw),
+                           **kw, head_dim=HEAD_DIM, head_dim_v=HEAD_DIM)
 
 
 def layer_weights(c: SimpleNamespace) -> int:
     """All of one layer's weights (the forward pass holds them all), from the layout table."""
-    dims = Dims(c.d_model, c.d_ff, c.n_head, c.n_kv_head, c.head_dim, c.head_dim_v)
-    return sum(math.prod(s) for s in stored_shapes_of(FAMILIES["llama"], dims).values())
+    return sum(math.prod(s) for s in stored_shapes_of(FAMILIES["llama"], c.dims).values())
 
 
 def memory_bytes(c: SimpleNamespace, n_tokens: int, n_directions: int, process: float) -> float:
@@ -46,7 +47,7 @@ def memory_bytes(c: SimpleNamespace, n_tokens: int, n_directions: int, process: 
     chunk = min(n_directions, max_chunk(n_tokens))
     per_direction = 2 * n_tokens * (2 * c.d_ff + 4 * d + 2 * c.n_head * c.head_dim) * item
     matrix = (d * d + d * min(c.d_ff, MLP_MATRIX_FFN_CHUNK) + max(chunk, 2**20 // d) * d) * item \
-        if mlp_as_matrix(c, n_directions) else 0
+        if mlp_as_matrix(c.dims, n_directions) else 0
     return (process + layer_weights(c) * item + n_directions * n_tokens * d * item + matrix
             + chunk * per_direction)
 
@@ -69,7 +70,7 @@ def main() -> None:
     b8 = shape(n_layer=6, d_model=4096, d_ff=14336, n_head=32, n_kv_head=8)
     b70 = shape(n_layer=1, d_model=8192, d_ff=28672, n_head=64, n_kv_head=8)
     print(f"  8B-shaped, 6 layers, N=4, full J: {memory_bytes(b8, 4, 4096, process) / 1e9:.2f} GB, "
-          f"{sweep_flop(b8, 4, 4096) / args.gflops / 1e9:.0f} s")
+          f"{sweep_flop(b8.dims, b8.n_layer, 4, 4096) / args.gflops / 1e9:.0f} s")
     print(f"  70B-shaped layer, N=4, 8 directions: {memory_bytes(b70, 4, 8, process) / 1e9:.2f} GB")
     print()
     print("| model (Q4_K_M) | layers | d | TFLOP, N=8 | CPU time, N=8 | CPU time, N=32 "
@@ -78,7 +79,7 @@ def main() -> None:
     for name, kw in MODELS.items():
         c = shape(**kw)
         d = c.d_model
-        f8, f32 = sweep_flop(c, 8, d), sweep_flop(c, 32, d)
+        f8, f32 = (sweep_flop(c.dims, c.n_layer, n, d) for n in (8, 32))
         print(f"| {name} | {c.n_layer} | {d} | {f8 / 1e12:.0f} | "
               f"{hours(f8 / args.gflops / 1e9)} | {hours(f32 / args.gflops / 1e9)} | "
               f"{memory_bytes(c, 8, d, process) / 1e9:.1f} GB | "
