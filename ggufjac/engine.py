@@ -43,12 +43,10 @@ from .weights import BufferPool, GGUFWeights
 # Calibrated with tools/bench_memory.py: the batched backward of one layer holds about this
 # many activation-sized temporaries per output direction (in units of N·(2·d_ff + 4·d + 2·H·hd)).
 _BACKWARD_TEMPORARIES = 2.0
-# Upper bound on directions per batched backward, even when more would fit: measured on
-# Gemma 3 270M (CPU, float64), one layer's backward of 640 directions at once took 2.9x as
-# long as 4 batches of 160 (cache locality). With the MLP crossed by its matrices (below),
-# what autograd runs is the attention alone: float32, 8 tokens, the whole Jacobian took
-# 1.94 s with 256 rows (directions x tokens) per batch, 1.82 s with 512 or 1024, 2.0 s with
-# 2048.
+# Upper bound on directions per batched backward, even when more would fit: very large
+# batches lose cache locality (one layer's backward of 640 directions at once took 2.9x as
+# long as 4 batches of 160 on Gemma 3 270M); 512 rows (directions x tokens) was the fastest
+# batch for the attention's VJPs (docs/benchmarks.md).
 MAX_CHUNK = 64
 MAX_BATCH_ROWS = 512
 # MLP columns multiplied at a time while forming an MLP matrix (a [d, chunk] temporary).

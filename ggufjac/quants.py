@@ -276,11 +276,9 @@ def raw_to_torch(raw: np.ndarray, device: torch.device | str = "cpu") -> torch.T
 
 
 # Into a given buffer, a tensor is dequantized this many values at a time: the arithmetic's
-# temporaries then stay a few MB whatever the tensor's size, and are reused from the heap
-# tensor after tensor instead of growing it (measured on Gemma 3 270M: whole-tensor
-# temporaries left ~10 MB resident per layer until trimmed). Pieces of 2^20 values were
-# also the fastest (tools/bench_dequant.py, reused buffers, vs whole tensors: Q6_K 5.9x ->
-# 8.5-9.3x gguf-py, Q4_K 5.9x -> 7.4-8.0x); 2^18 paid per-piece overhead (Q6_K 4.7-5.2x).
+# temporaries then stay a few MB and in cache whatever the tensor's size, and are reused
+# from the heap tensor after tensor instead of growing it. Smaller pieces pay per-piece
+# overhead, whole tensors miss the cache (docs/benchmarks.md, tools/bench_dequant.py).
 CHUNK_ELEMENTS = 1 << 20
 
 

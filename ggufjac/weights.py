@@ -22,9 +22,9 @@ from .layout import (check_tensor_index, dequantizable, layer_tensor_names, spli
 from .quants import dequantize, raw_to_torch
 
 
-# Vocabulary-sized tables are walked in chunks of this many rows. Measured on Gemma 3 270M
-# (262k x 640, Q8_0): decoding 11 directions peaks 8-60 MB higher with 4096-row chunks
-# (their dequantization temporaries) than with 1024, at the same speed.
+# Vocabulary-sized tables are walked in chunks of this many rows: larger chunks raise the
+# peak by their dequantization temporaries (8-60 MB with 4096 rows on Gemma 3 270M) and are
+# no faster.
 ROWS_PER_CHUNK = 1024
 
 
@@ -126,9 +126,8 @@ class GGUFWeights:
         t = self._dequantize(raw_to_torch(raw, self.device), info, (stop - start, info.shape[0]),
                              dtype or self.dtype, pool, "rows")
         # The whole file, not only these rows: reading a chunk maps pages of the chunks before
-        # it again (fault-around), and released per range those stayed. Measured on Gemma 3
-        # 270M (kernel 6.18, ext4): walking the vocabulary grew the resident set by 0.4 MB per
-        # 1024-row chunk, 120 MB over the walk; whole-file release keeps it flat for +0.02 s.
+        # it again (fault-around), and released per range those stay mapped, so the resident
+        # set would grow over a vocabulary walk (tests/test_gguf_file.py checks it stays flat).
         self.gguf.release()
         return t
 
