@@ -200,10 +200,11 @@ def _echo_anchor(summary: dict) -> None:
                f", repacking {'on' if resolved['repack'] else 'off'}: logits nmse "
                f"{summary['anchor_logits_nmse']:.2e}, output rel error "
                f"{summary['anchor_output_rel_error']:.2e}")
-    if "default_run" in summary:
-        d = summary["default_run"]
-        click.echo(f"vs llama.cpp's default  logits nmse {d['logits_nmse']:.2e}, output rel error "
-                   f"{d['output_rel_error']:.2e} (a separate run, as llama.cpp's tools run)")
+    if "independent_run" in summary:
+        d = summary["independent_run"]
+        click.echo(f"independent llama.cpp   logits nmse {d['logits_nmse']:.2e}, output rel error "
+                   f"{d['output_rel_error']:.2e} (a separate run, last logits only, as its "
+                   "tools decode)")
     click.echo(f"llama.cpp top-1          {summary['llama_cpp_top1']!r} (anchored: "
                f"{summary['anchored_top1']!r})")
 

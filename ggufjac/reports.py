@@ -73,7 +73,7 @@ def anchor_summary(m: LoadedModel, anchor: Anchor, y: torch.Tensor,
     if anchor.reference is not None:
         ref = anchor.reference
         y_default = torch.from_numpy(ref.output.astype(np.float64)).to(y)
-        summary["default_run"] = {
+        summary["independent_run"] = {
             "what": "an independent llama.cpp run (separate process, the same settings) "
                     "decoding the prompt as llama.cpp's own tools do: the last position's "
                     "logits only",

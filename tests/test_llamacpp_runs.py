@@ -57,7 +57,7 @@ def test_anchored_map_explains_the_default_llama_cpp_run(gemma64, prompt: str, t
         assert nmse(ours, reference) <= LOGITS_BOUND, (prompt, flash)
         assert summary["anchor_logits_nmse"] <= LOGITS_BOUND
         assert summary["anchor_output_rel_error"] <= OUTPUT_BOUND
-        default = summary["default_run"]
+        default = summary["independent_run"]
         assert default["logits_nmse"] <= LOGITS_BOUND
         assert default["output_rel_error"] <= OUTPUT_BOUND
         assert default["llama_cpp_resolved"]["repack"] is True
@@ -105,7 +105,7 @@ def test_prompt_longer_than_one_ubatch_anchors(gemma64, bridge_tokens, flash: st
     y = engine.forward(engine.embed(bridge_tokens)).output[-1]
     summary = gemma64.anchor_summary(anchor, y)
     assert summary["anchor_logits_nmse"] <= 1e-12
-    assert summary["default_run"]["logits_nmse"] <= LOGITS_BOUND
+    assert summary["independent_run"]["logits_nmse"] <= LOGITS_BOUND
     # micro-batching is another run of llama.cpp, close to the one-graph run
     assert 0 <= nmse(anchor.logits[-1], whole.logits[-1]) < 1e-2
 
@@ -174,7 +174,7 @@ def test_cli_llama_cpp_flags(synthetic, tmp_path) -> None:
     assert anchor["llama_cpp_settings"] == {"repack": False, "flash_attn": "off", "n_batch": None,
                                             "n_ubatch": 2, "threads": None}
     assert anchor["llama_cpp_resolved"]["n_ubatch"] == 2 and not anchor["flash_attn"]
-    assert "vs llama.cpp's default" in p.stdout
+    assert "independent llama.cpp" in p.stdout
     p = subprocess.run([sys.executable, "-m", "ggufjac.cli", "attribute", path, "-p", PROMPT,
                         "--no-repack"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "--no-repack applies to --anchor llama.cpp only" in p.stderr
