@@ -62,7 +62,7 @@ def dims(shape: Shape) -> Dims:
                 shape.head_dim)
 
 
-def _vocab() -> tuple[list[str], list[float], list[int]]:
+def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
     # llama.cpp's Phi-3 vocabulary loader looks up "<|endoftext|>" and "<|end|>" by text.
     tokens = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>"] + \
         [f"<0x{b:02X}>" for b in range(256)]
@@ -74,6 +74,11 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
         tokens.append(p)
         types.append(1)
         scores.append(-float(i))
+    if size is not None:  # unused filler tokens up to a real model's vocabulary size
+        n = size - len(tokens)
+        tokens += [f"<unused{i}>" for i in range(n)]
+        types += [5] * n
+        scores += [-1e9] * n
     return tokens, scores, types
 
 
@@ -150,14 +155,13 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
     return path
 
 
-def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
-                        tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]],
-                        tensor_types: dict[str, str] | None, tokenizer: str = "llama",
-                        extra_floats: dict[str, float] | None = None,
-                        metadata: dict[str, tuple[object, GGUFValueType] | None] | None = None
-                        ) -> None:
-    tokens, scores, types = _vocab()
-    w = GGUFWriter(str(path), arch)
+def add_model_metadata(w: GGUFWriter, arch: str, shape: Shape, tokenizer: str = "llama",
+                       extra_floats: dict[str, float] | None = None,
+                       metadata: dict[str, tuple[object, GGUFValueType] | None] | None = None,
+                       vocab_size: int | None = None) -> None:
+    """The family's metadata and a small SentencePiece vocabulary (padded with unused
+    tokens to `vocab_size`, for big-model shapes) into a writer."""
+    tokens, scores, types = _vocab(vocab_size)
     w.add_name(f"synthetic {arch}")
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     kv: dict[str, tuple[object, GGUFValueType]] = {
@@ -197,6 +201,16 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
     w.add_bool("tokenizer.ggml.add_bos_token", True)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
+
+
+def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
+                        tensors: dict[str, np.ndarray | tuple[np.ndarray, Q]],
+                        tensor_types: dict[str, str] | None, tokenizer: str = "llama",
+                        extra_floats: dict[str, float] | None = None,
+                        metadata: dict[str, tuple[object, GGUFValueType] | None] | None = None
+                        ) -> None:
+    w = GGUFWriter(str(path), arch)
+    add_model_metadata(w, arch, shape, tokenizer, extra_floats, metadata)
     for name, arr in tensors.items():
         if isinstance(arr, tuple):  # already quantized bytes
             w.add_tensor(name, arr[0], raw_dtype=arr[1])

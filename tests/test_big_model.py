@@ -1,0 +1,48 @@
+"""The big-model generator (tools/big_model.py) at tiny shapes: valid, llama.cpp-loadable,
+and in the type mix llama.cpp's own Q4_K_M quantizer chooses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggufjac import llamacpp
+from ggufjac.api import open_model
+from ggufjac.gguf_file import GGUFFile
+from ggufjac.layout import validate_file
+from tools.big_model import BigModel, write_big_gguf
+from tools.synthetic import LLAMA_FTYPES, Shape, write_synthetic_gguf
+
+TINY = Shape(n_layer=8, d_model=256, d_ff=512, n_head=2, n_kv_head=1, head_dim=128,
+             context_length=512)
+MODELS = {"llama": BigModel("llama", TINY, 2048, tied=False, rope_freqs=True),
+          "qwen3": BigModel("qwen3", TINY, 2048, tied=False, rope_freqs=False)}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_big_model_is_valid_and_llama_cpp_runs_it(tmp_path, arch: str) -> None:
+    path = write_big_gguf(tmp_path / f"{arch}.gguf", MODELS[arch])
+    g, cfg = validate_file(path)
+    g.close()
+    assert cfg.n_layer == 8 and cfg.vocab_size == 2048 and not cfg.tied_embeddings
+    m = open_model(path)
+    report = m.check("the bridge out of Marin is the", noise_floor=False)
+    assert report["passed"], report["verdict"]  # the same weights, read by both
+    assert report["nmse"] < 1e-2
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_type_mix_is_llama_cpps_q4_k_m(tmp_path, arch: str) -> None:
+    """Against llama.cpp's quantizer on a float model of the same shape."""
+    big = write_big_gguf(tmp_path / "big.gguf", MODELS[arch])
+    f32 = write_synthetic_gguf(tmp_path / "f32.gguf", arch, TINY, "F32",
+                               rope_freqs=MODELS[arch].rope_freqs)
+    ref_path = tmp_path / "q4km.gguf"
+    llamacpp.quantize(f32, ref_path, LLAMA_FTYPES["Q4_K_M"])
+    with GGUFFile(big) as ours, GGUFFile(ref_path) as ref:
+        names = [n for n in ref.tensors if n.startswith("blk.") or n == "output.weight"]
+        assert names and set(names) <= set(ours.tensors)
+        differ = {n: (ours.tensors[n].type.name, ref.tensors[n].type.name) for n in names
+                  if ours.tensors[n].type != ref.tensors[n].type}
+        assert not differ, differ
+        assert np.any([ours.tensors[n].type.name == "Q6_K" for n in names if ".attn_v." in n])
