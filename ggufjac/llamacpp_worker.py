@@ -124,7 +124,13 @@ def run(req: dict) -> dict[str, np.ndarray]:
     mparams.use_extra_bufts = bool(settings.get("repack", True))
     model = llama_cpp.llama_model_load_from_file(req["model"].encode(), mparams)
     if not model:
-        raise RuntimeError("llama.cpp could not load the model")
+        said = [ln.strip() for ln in log if "fail" in ln.lower() or "error" in ln.lower()]
+        why = "llama.cpp could not load the model" + (f" ({said[-1]})" if said else "")
+        if mparams.use_extra_bufts:
+            why += ("; with weight repacking on, llama.cpp copies the repacked tensors into "
+                    "memory instead of mapping them from the file, so a file near or above "
+                    "the machine's RAM can fail to load: --no-repack maps it")
+        raise RuntimeError(why)
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = req.get("tokens") or _tokenize(llama_cpp, vocab, req["prompt"])
     out: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int64)}
