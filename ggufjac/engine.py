@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .anchor import Anchor
 from .errors import GgufjacError
-from .units import format_size, parse_size  # noqa: F401 (parse_size: part of the engine's API)
+from .units import format_size
 from .costs import mlp_as_matrix
 from .layout import dims_of, linear_path
 from .linearize import DETACHED, Coefficients, Linearization

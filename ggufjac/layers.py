@@ -12,7 +12,6 @@ Each is a [d, N, d] Jacobian J with Σ_i J_i h_i = output (h: the map's input ro
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
 
 import torch

@@ -153,8 +153,8 @@ def test_real_gemma_anchored_differs_from_plain(gemma64, bridge_tokens) -> None:
 def test_anchored_attribution_sums_to_llama_cpp_logit(gemma64, bridge_tokens) -> None:
     lin = Linearization()
     for flash in (True, False):
-        anchor = gemma64.anchor(bridge_tokens, lin, RunSettings(flash_attn='on' if flash else 'off'),
-                                reference=False)
+        anchor = gemma64.anchor(bridge_tokens, lin,
+                                RunSettings(flash_attn="on" if flash else "off"), reference=False)
         report = gemma64.attribute(bridge_tokens, lin=lin, anchor=anchor)
         row = report["targets"][0]
         theirs = anchor.logits[-1]

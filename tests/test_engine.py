@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ggufjac.api import open_model
-from ggufjac.engine import parse_size
+from ggufjac.units import parse_size
 from ggufjac.errors import GgufjacError
 from ggufjac.linearize import PLAIN, Linearization
 from ggufjac.model import mlp_branch, mlp_branch_matrix

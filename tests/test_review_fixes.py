@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType as Q

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac.analysis import spectrum  # noqa: E402
-from ggufjac.llamacpp import RunSettings
+from ggufjac.llamacpp import RunSettings  # noqa: E402
 from ggufjac.api import open_model  # noqa: E402
 from ggufjac.linearize import Linearization  # noqa: E402
 
@@ -69,7 +69,8 @@ def main() -> None:
         runs, seconds = {}, {}
         for fa in (True, False):
             t0 = time.perf_counter()
-            anchor = m.anchor(tokens, lin, RunSettings(flash_attn='on' if fa else 'off'), reference=False)
+            anchor = m.anchor(tokens, lin, RunSettings(flash_attn="on" if fa else "off"),
+                              reference=False)
             seconds[fa] = time.perf_counter() - t0
             result = m.jacobian(tokens, lin, anchor=anchor)
             runs[fa] = (result, m.jacobian_report(tokens, result, lin, n_vectors=1,
@@ -104,7 +105,8 @@ def long_prompt(m) -> None:  # noqa: ANN001 (a LoadedModel)
     print(f"{len(tokens)} tokens (sliding window {m.cfg.sliding_window})")
     for fa in (False, True):
         t0 = time.perf_counter()
-        engine = m.engine(anchor=m.anchor(tokens, settings=RunSettings(flash_attn='on' if fa else 'off'), reference=False))
+        settings = RunSettings(flash_attn="on" if fa else "off")
+        engine = m.engine(anchor=m.anchor(tokens, settings=settings, reference=False))
         summary = m.anchor_summary(engine.anchor, engine.forward(engine.embed(tokens)).output[-1])
         print(f"flash attention {'on' if fa else 'off'}: anchored logits nmse "
               f"{summary['anchor_logits_nmse']:.1e}, top-1 agree {summary['top1_agree']}, "

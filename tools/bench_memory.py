@@ -39,7 +39,7 @@ def child(model: str, directions: int, max_memory: str | None, device: str) -> N
     import torch
 
     from ggufjac.api import open_model
-    from ggufjac.engine import parse_size
+    from ggufjac.units import parse_size
     from ggufjac.costs import sweep_flop
     from ggufjac.layout import dims_of
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
-from ggufjac.llamacpp import RunSettings
+from ggufjac.llamacpp import RunSettings  # noqa: E402
 from ggufjac.api import nmse, open_model  # noqa: E402
 from tools.synthetic import TIED, Shape, write_synthetic_gguf  # noqa: E402
 
@@ -40,7 +40,8 @@ def row(path: Path, prompt: str) -> str:
     top1 = "yes" if z64.argmax() == ref.argmax() else "no (near-tie)"
     anchored = []
     for flash in (False, True):
-        engine = m64.engine(anchor=m64.anchor(tokens, settings=RunSettings(flash_attn='on' if flash else 'off'), reference=False))
+        settings = RunSettings(flash_attn="on" if flash else "off")
+        engine = m64.engine(anchor=m64.anchor(tokens, settings=settings, reference=False))
         summary = m64.anchor_summary(engine.anchor, engine.forward(engine.embed(tokens)).output[-1])
         anchored.append(summary)
     a_nmse = " / ".join(f"{s['anchor_logits_nmse']:.1e}" for s in anchored)
