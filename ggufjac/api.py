@@ -103,11 +103,14 @@ class LoadedModel:
 
     def engine(self, lin: Linearization | None = None, progress: bool = False,
                max_memory: int | None = None, prefetch: bool | None = None,
-               anchor: Anchor | None = None) -> StreamingEngine:
-        """The streaming engine over this file (one layer's weights in memory at a time);
+               anchor: Anchor | None = None, streaming: bool | None = None,
+               block_elements: int | None = None) -> StreamingEngine:
+        """The streaming engine over this file (at most one layer's weights in memory at a
+        time, or one row block of them: `streaming`, `block_elements`, see StreamingEngine);
         with an `anchor`, its coefficients are llama.cpp's (see `anchor`)."""
+        extra = {} if block_elements is None else {"block_elements": block_elements}
         return StreamingEngine(self.weights, lin or Linearization(), progress, max_memory,
-                               prefetch, anchor)
+                               prefetch, anchor, streaming, **extra)
 
     def anchor(self, tokens: list[int], lin: Linearization | None = None,
                settings: RunSettings = DEFAULT_SETTINGS, reference: bool = True) -> Anchor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,8 +50,15 @@ _BACKWARD_TEMPORARIES = 2.0
 # batch for the attention's VJPs (docs/benchmarks.md).
 MAX_CHUNK = 64
 MAX_BATCH_ROWS = 512
-# MLP columns multiplied at a time while forming an MLP matrix (a [d, chunk] temporary).
+# MLP columns multiplied at a time while forming an MLP matrix (a [d, chunk] temporary; a
+# multiple of 256 so that streamed columns start on quantization blocks).
 MLP_MATRIX_FFN_CHUNK = 1024
+# Values per row block when a layer's matrices are streamed. Dequantizing a block and
+# multiplying it while it is still in cache is faster on CPU than dequantizing the whole
+# matrix first (tools/bench_blocks.py), so a single pass over a layer always streams there.
+STREAM_BLOCK_ELEMENTS = 1 << 21
+# Dequantization's own temporaries (it works on quants.CHUNK_ELEMENTS values at a time).
+_DEQUANTIZE_TEMPORARIES = 16 << 20
 
 
 def max_chunk(n_tokens: int) -> int:
@@ -160,9 +168,10 @@ class ForwardRecord:
 @dataclass
 class MemoryPlan:
     budget: int
-    fixed: int  # process baseline + weights + record + result
+    fixed: int  # process baseline + weights (whole layer, or a row block) + record + result
     per_direction: int  # working memory of one direction in the batched backward
     chunk: int
+    block_elements: int | None  # values per streamed row block; None: whole layers held
 
 
 class StreamingEngine:
@@ -170,7 +179,11 @@ class StreamingEngine:
 
     def __init__(self, weights: GGUFWeights, lin: Linearization = DETACHED,
                  progress: bool = False, max_memory: int | None = None,
-                 prefetch: bool | None = None, anchor: Anchor | None = None) -> None:
+                 prefetch: bool | None = None, anchor: Anchor | None = None,
+                 streaming: bool | None = None, block_elements: int = STREAM_BLOCK_ELEMENTS
+                 ) -> None:
+        """`streaming`: whether layer matrices are read in row blocks of about
+        `block_elements` values (True), held whole (False), or as `plan` decides (None)."""
         if not lin.detach:
             raise GgufjacError("the streaming engine computes detached Jacobians only")
         if anchor is not None and anchor.gate_path != lin.gate_path:
@@ -181,6 +194,7 @@ class StreamingEngine:
         self.anchor = anchor  # coefficients given by llama.cpp's run (anchor.py), if any
         self.dtype, self.device = weights.dtype, weights.device
         self.progress, self.max_memory = progress, max_memory
+        self.streaming, self.block_elements = streaming, block_elements
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         # Layer weights are dequantized into reused buffers (two sets when prefetching: one
         # being read while the next layer is written into the other).
@@ -188,6 +202,7 @@ class StreamingEngine:
         self.output_norm = weights.output_norm()
         # per-layer tensors the reverse sweep reads: the linear path and the norm weights
         self.linear_path = linear_path(self.cfg.family, lin.gate_path)
+        self.sweeps: list[SweepTiming] = []  # one per forward pass and reverse sweep, in order
 
     def release(self, keep: Sequence[str] = ()) -> None:
         """Free the layer buffers (all but those of the stored tensors `keep`) and give the
@@ -225,19 +240,30 @@ class StreamingEngine:
             self._stream = torch.cuda.Stream(self.device)
         return self._stream
 
-    def layers(self, order: Sequence[int], names: Sequence[str] | None, desc: str
-               ) -> Iterator[tuple[int, LayerWeights]]:
+    def layers(self, order: Sequence[int], names: Sequence[str] | None, desc: str,
+               block_elements: int | None = None) -> Iterator[tuple[int, LayerWeights]]:
         """(layer, weights) in `order`, each loaded just before use (the next one meanwhile,
-        if prefetching); the progress bar counts layers and estimates the time left."""
-        bar = tqdm(total=len(order), desc=desc, unit="layer", disable=not self.progress,
-                   leave=False)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ggufjac-prefetch") if self.prefetch \
-            else None
+        if prefetching). `block_elements`: the matrices are read in row blocks of about this
+        many values at each use (weights.StreamedMatrix) instead of being dequantized whole;
+        the next layer's bytes are then read ahead into the page cache by a thread while the
+        current one computes. The progress bar counts the bytes of the file read and
+        estimates the time left."""
+        order = list(order)
+        sizes = [self._layer_file_bytes(layer, names) for layer in order]
+        bar = tqdm(total=sum(sizes), desc=desc, unit="B", unit_scale=True,
+                   disable=not self.progress, leave=False)
+        streaming = block_elements is not None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ggufjac-prefetch") \
+            if self.prefetch or streaming else None
         buffers, cuda = self._buffers, self.device.type == "cuda"
         try:
             pending: Future | None = None
             for k, layer in enumerate(order):
-                if pending is not None:
+                if streaming:
+                    w, done = self.weights.layer(layer, names, buffers[0], block_elements), None
+                    if pool is not None and k + 1 < len(order):
+                        pool.submit(self._read_ahead, order[k + 1], names)
+                elif pending is not None:
                     w, done = pending.result()
                 else:
                     w, done = self._load(layer, names, buffers[k % len(buffers)])
@@ -247,22 +273,35 @@ class StreamingEngine:
                     for t in w.values():  # the buffers are used on this stream too
                         t.record_stream(compute)
                 pending = None
-                if pool is not None and k + 1 < len(order):
+                if not streaming and self.prefetch and k + 1 < len(order):
                     after = None
                     if cuda:
                         after = torch.cuda.Event()
                         after.record(torch.cuda.current_stream(self.device))
-                    pending = pool.submit(self._load, order[k + 1], names,
+                    pending = pool.submit(self._load, order[k + 1], names,  # type: ignore[union-attr]
                                           buffers[(k + 1) % len(buffers)], after)
                 yield layer, w
                 del w
                 self.weights.gguf.release()  # pages mapped around the layer's tensors
-                bar.update(1)
+                bar.update(sizes[k])
             release_freed_memory()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+    def _layer_tensors(self, layer: int, names: Sequence[str] | None) -> list:
+        return [self.weights.gguf.tensor(f"blk.{layer}.{n}.weight")
+                for n in self.weights.layer_names(names)]
+
+    def _layer_file_bytes(self, layer: int, names: Sequence[str] | None) -> int:
+        return sum(t.n_bytes for t in self._layer_tensors(layer, names))
+
+    def _read_ahead(self, layer: int, names: Sequence[str] | None) -> None:
+        """Read layer `layer`'s bytes into the page cache (a thread: the reads release the
+        interpreter, and take no cores from the compute while they wait on the disk)."""
+        for info in self._layer_tensors(layer, names):
+            self.weights.gguf.read_ahead(info.offset, info.n_bytes)
 
     # -- forward -------------------------------------------------------------------------
 
@@ -274,7 +313,9 @@ class StreamingEngine:
         """Run all layers on the input embeddings [N, d], recording what the sweep needs."""
         residuals, coefficients = [inputs.detach()], []
         x = residuals[0]
-        for layer, w in self.layers(range(self.cfg.n_layer), None, "forward"):
+        blocks = self.plan(1, inputs.shape[0], forward=True).block_elements
+        timer = self._sweep_timer("forward", blocks)
+        for layer, w in self.layers(range(self.cfg.n_layer), None, "forward", blocks):
             store: Coefficients = {}
             given = self.anchor.layers[layer] if self.anchor is not None else None
             x = block(self.cfg, layer, w, x, self.lin.recording(store, given)).out
@@ -288,6 +329,7 @@ class StreamingEngine:
                     "help")
             residuals.append(x)
             coefficients.append(store)
+        timer.done()
         self.release(keep=self.weights.layer_names(self.linear_path))  # all the sweep reads
         out_store: Coefficients = {}
         y = final_norm(self.cfg, self.output_norm, x, self.lin.recording(out_store))
@@ -305,7 +347,7 @@ class StreamingEngine:
             final_norm(self.cfg, self.output_norm, residual, self.lin.recording(store))
         x = residual.detach().requires_grad_(True)
         with torch.enable_grad():
-            y = final_norm(self.cfg, self.output_norm, x, self.lin.replaying(store))[position]
+            y = final_norm(self.cfg, self.output_norm, x, self.lin.replaying(store, False))[position]
             result = residual.new_empty((directions.shape[0], *residual.shape))
             return _batched_vjp(y, x, directions, chunk or max_chunk(residual.shape[0]), result)
 
@@ -318,7 +360,7 @@ class StreamingEngine:
             return self._split_layer_vjp(layer, w, record, cotangents,
                                          chunk or cotangents.shape[0])
         x = record.residuals[layer].detach().requires_grad_(True)
-        lin = self.lin.replaying(record.coefficients[layer])
+        lin = self.lin.replaying(record.coefficients[layer], values=False)
         with torch.enable_grad():
             out = getattr(block(self.cfg, layer, w, x, lin), part)
             result = cotangents if part == "out" else torch.empty_like(cotangents)
@@ -350,7 +392,7 @@ class StreamingEngine:
             del k
         x = record.residuals[layer].detach().requires_grad_(True)
         with torch.enable_grad():
-            a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store))
+            a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store, values=False))
             for s in range(0, g.shape[0], chunk):
                 g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
         return g
@@ -365,13 +407,15 @@ class StreamingEngine:
         """
         top = max(cotangents)
         g = cotangents[top]
-        chunk = chunk or self.plan(sum(c.shape[0] for c in cotangents.values()),
-                                   record.inputs.shape[0], record.nbytes()).chunk
+        plan = self.plan(sum(c.shape[0] for c in cotangents.values()), record.inputs.shape[0],
+                         record.nbytes(), chunk=chunk)
         order = range(top - 1, to_residual - 1, -1)
-        for layer, w in self.layers(order, self.linear_path, "reverse"):
-            g = self.layer_vjp(layer, w, record, g, chunk=chunk)
+        timer = self._sweep_timer("reverse", plan.block_elements)
+        for layer, w in self.layers(order, self.linear_path, "reverse", plan.block_elements):
+            g = self.layer_vjp(layer, w, record, g, chunk=plan.chunk)
             if layer in cotangents and layer != top:
                 g = torch.cat((g, cotangents[layer]), dim=0)
+        timer.done()
         return g
 
     def pull_back_output(self, record: ForwardRecord, directions: torch.Tensor,
@@ -396,34 +440,103 @@ class StreamingEngine:
         return (cfg.n_layer * per_layer + 2 * n * d) * item
 
     def plan(self, n_directions: int, n_tokens: int, record_bytes: int | None = None,
-             anchored: bool = False) -> MemoryPlan:
-        """How many directions fit in the budget at once; refuse a budget that cannot hold one.
-        `anchored`: an anchor is still to be made for this run (one already made is part of
-        the process's resident memory)."""
+             anchored: bool = False, chunk: int | None = None, forward: bool = False
+             ) -> MemoryPlan:
+        """How many directions fit in the budget at once, and whether a layer's matrices are
+        held whole or streamed in row blocks; refuse a budget that cannot hold one direction
+        and one row block. `anchored`: an anchor is still to be made for this run (one
+        already made is part of the process's resident memory). `chunk`: directions per
+        batched backward, if the caller fixes it. `forward`: the plan of a forward pass.
+
+        Whole layers are held where each matrix is used several times per layer (several
+        chunks of directions, or the MLP as per-position matrices) or on a GPU, if they fit;
+        otherwise, and for any single pass on CPU, the matrices stream in row blocks."""
         cfg, item = self.cfg, torch.empty((), dtype=self.dtype).element_size()
         on_cpu = self.device.type == "cpu"
         baseline = resident_bytes() if on_cpu else torch.cuda.memory_allocated(self.device)
         budget = self.max_memory
         if budget is None:  # automatic: what is available now, with a margin
             budget = baseline + int(0.7 * available_bytes(self.device))
-        layer_bytes = max(self.weights.layer_bytes(), 0) * (2 if self.prefetch else 1)
         result = n_directions * n_tokens * cfg.d_model * item
         if record_bytes is None:
             record_bytes = self.record_bytes(n_tokens, anchored)
-        fixed = baseline + layer_bytes + record_bytes + result
-        if self.mlp_as_matrix(n_directions):  # one MLP matrix and its two temporaries
+        fixed = baseline + record_bytes + result
+        matrix = not forward and self.mlp_as_matrix(n_directions)
+        if matrix:  # one MLP matrix and its temporaries
             d = cfg.d_model
-            fixed += (d * d + d * min(cfg.d_ff, MLP_MATRIX_FFN_CHUNK)
+            fixed += (d * d + 2 * d * min(cfg.d_ff, MLP_MATRIX_FFN_CHUNK)
                       + min(n_directions, self._matrix_rows()) * d) * item
         width = 2 * cfg.d_ff + 4 * cfg.d_model + 2 * cfg.n_head * max(cfg.head_dim, cfg.head_dim_v)
         per_direction = int(_BACKWARD_TEMPORARIES * n_tokens * width * item)
-        room = budget - fixed
-        if room < per_direction:
+        limit = min(n_directions, max_chunk(n_tokens)) if chunk is None else chunk
+
+        whole = max(self.weights.layer_bytes(), 0) * (2 if self.prefetch else 1)
+        whole_chunk = min(limit, (budget - fixed - whole) // per_direction)
+        several_uses = matrix or (whole_chunk > 0 and whole_chunk < n_directions)
+        if self.streaming is False or (self.streaming is None and whole_chunk > 0
+                                       and (several_uses or not on_cpu)):
+            if whole_chunk < 1:
+                raise GgufjacError(
+                    f"--max-memory {format_size(budget)} cannot be met with whole layers: this "
+                    f"run needs at least {format_size(fixed + whole + per_direction)} (process "
+                    f"{format_size(baseline)}, one layer's weights {format_size(whole)}, "
+                    f"result {format_size(result)}, one direction {format_size(per_direction)})")
+            return MemoryPlan(budget, fixed + whole, per_direction, int(whole_chunk), None)
+
+        widest = max(self.weights.widest_row(), 1)
+        per_value = item + (4 if item != 4 else 0) + 1  # block, float32 scratch, raw copy
+        room = budget - fixed - per_direction - _DEQUANTIZE_TEMPORARIES
+        block = min(self.block_elements, room // per_value) // widest * widest
+        if block < widest:
+            need = fixed + per_direction + _DEQUANTIZE_TEMPORARIES + widest * per_value
             raise GgufjacError(
                 f"--max-memory {format_size(budget)} cannot be met: this run needs at least "
-                f"{format_size(fixed + per_direction)} (process {format_size(baseline)}, one "
-                f"layer's weights {format_size(layer_bytes)}, result {format_size(result)}, "
-                f"one direction {format_size(per_direction)})")
-        chunk = min(n_directions, room // per_direction, max_chunk(n_tokens))
-        return MemoryPlan(budget, fixed, per_direction, int(chunk))
+                f"{format_size(need)} (process {format_size(baseline)}, result "
+                f"{format_size(result)}, one direction {format_size(per_direction)}, one row "
+                f"of weights {format_size(widest * per_value)})")
+        streamed = block * per_value + _DEQUANTIZE_TEMPORARIES
+        n = min(limit, (budget - fixed - streamed) // per_direction)
+        return MemoryPlan(budget, fixed + streamed, per_direction, int(n), int(block))
 
+    # -- timing --------------------------------------------------------------------------
+
+    def _sweep_timer(self, name: str, block_elements: int | None) -> _SweepTimer:
+        return _SweepTimer(self, name, block_elements)
+
+
+@dataclass
+class SweepTiming:
+    """Where one sweep's time went: `read_s` of file reading ahead (a thread, overlapping the
+    rest), `dequantize_s` on the compute thread (waits for bytes not yet read included),
+    and the compute: `wall_s` less `dequantize_s`."""
+
+    name: str
+    streamed: bool
+    wall_s: float
+    read_s: float
+    bytes_read: int
+    dequantize_s: float
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.wall_s - self.dequantize_s, 0.0)
+
+    def as_dict(self) -> dict:
+        return {"sweep": self.name, "streamed": self.streamed, "wall_s": round(self.wall_s, 3),
+                "read_ahead_s": round(self.read_s, 3), "bytes_read": self.bytes_read,
+                "dequantize_s": round(self.dequantize_s, 3),
+                "compute_s": round(self.compute_s, 3)}
+
+
+class _SweepTimer:
+    def __init__(self, engine: StreamingEngine, name: str, block_elements: int | None) -> None:
+        self.engine, self.name, self.streamed = engine, name, block_elements is not None
+        g, w = engine.weights.gguf, engine.weights
+        self.start = (time.perf_counter(), g.read_seconds, g.bytes_read, w.dequantize_seconds)
+
+    def done(self) -> None:
+        g, w = self.engine.weights.gguf, self.engine.weights
+        t, r, b, d = self.start
+        self.engine.sweeps.append(SweepTiming(
+            self.name, self.streamed, time.perf_counter() - t, g.read_seconds - r,
+            g.bytes_read - b, w.dequantize_seconds - d))

@@ -77,6 +77,9 @@ class Linearization:
     replay: bool = False
     # Coefficients given from outside (llama.cpp's values, see anchor.py), used as computed.
     given: Coefficients | None = dataclasses.field(default=None, compare=False)
+    # False: only the shape of the linear path's values is wanted (a replay run for its
+    # vector-Jacobian products), so matrices read in row blocks skip their forward products.
+    values: bool = True
 
     def __post_init__(self) -> None:
         if self.gate_path not in GATE_PATHS:
@@ -85,10 +88,12 @@ class Linearization:
             raise ValueError("replaying coefficients needs a store and detach=True")
 
     def recording(self, store: Coefficients, given: Coefficients | None = None) -> Linearization:
-        return dataclasses.replace(self, store=store, replay=False, given=given)
+        return dataclasses.replace(self, store=store, replay=False, given=given, values=True)
 
-    def replaying(self, store: Coefficients) -> Linearization:
-        return dataclasses.replace(self, store=store, replay=True)
+    def replaying(self, store: Coefficients, values: bool = True) -> Linearization:
+        """Replay the recorded coefficients; `values=False` when only vector-Jacobian
+        products of the replay will be taken (its outputs' values are then not computed)."""
+        return dataclasses.replace(self, store=store, replay=True, values=values)
 
     def coefficient(self, site: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The coefficient at `site`: computed (and recorded), or replayed; frozen if detached."""

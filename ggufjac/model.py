@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocked import Weight, column_slice, linear, row_slice
 from .families import ModelConfig
 from .layout import LAYER_TENSORS
 from .linearize import (Coefficients, Linearization, attention_probs, frozen_rounding, gated_product,
@@ -68,18 +69,19 @@ def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.devic
 LAYER_TENSOR_NAMES = frozenset(t.name for t in LAYER_TENSORS)
 
 
-class LayerWeights(Mapping[str, torch.Tensor]):
+class LayerWeights(Mapping[str, Weight]):
     """One layer's tensors by their short names in the layout table (fused storage already
-    split), plus 'rope_factors' where the file has them. A name the table does not know is
+    split), plus 'rope_factors' where the file has them. Matrices are tensors or read in row
+    blocks (blocked.py); norm weights are tensors. A name the table does not know is
     refused when the container is made; a tensor not loaded is named when asked for."""
 
-    def __init__(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, layer: int, tensors: dict[str, Weight]) -> None:
         unknown = set(tensors) - LAYER_TENSOR_NAMES - {"rope_factors"}
         if unknown:
             raise ValueError(f"layer {layer}: no tensors {sorted(unknown)} in the layout table")
         self.layer, self._tensors = layer, tensors
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str) -> Weight:
         try:
             return self._tensors[name]
         except KeyError:
@@ -108,7 +110,7 @@ def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Ten
     attention weights, so a replaying reverse sweep never computes them (nor needs q, k)."""
     n = h.shape[0]
     eps, fam = cfg.norm_eps, cfg.family
-    q, k = h @ w["attn_q"].T, h @ w["attn_k"].T
+    q, k = linear(h, w["attn_q"]), linear(h, w["attn_k"])
     if fam.qk_norm == "full":
         q = rms_norm(q, w["attn_q_norm"], eps, lin, "attn_q_norm")
         k = rms_norm(k, w["attn_k_norm"], eps, lin, "attn_k_norm")
@@ -127,9 +129,9 @@ def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Ten
 
 def matmul(x: torch.Tensor, w: LayerWeights, name: str,
            lin: Linearization) -> torch.Tensor:
-    """x @ W_name.T; an anchored run first applies the runtime's rounding of x for that
-    weight's matmul (its activation quantization), frozen."""
-    return frozen_rounding(x, lin, "in:" + name) @ w[name].T
+    """x @ W_name.T (W held whole or read in row blocks); an anchored run first applies the
+    runtime's rounding of x for that weight's matmul (its activation quantization), frozen."""
+    return linear(frozen_rounding(x, lin, "in:" + name), w[name], lin.values)
 
 
 def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
@@ -195,8 +197,9 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
 
     layout = cfg.family.norm_layout
     name, c = glu_linear_branch(store, gate_path)
-    d = w["ffn_down"].shape[0]
-    one = w["ffn_down"].new_ones(d)
+    w_in, w_down = w[name], w["ffn_down"]
+    d = w_down.shape[0]
+    one = torch.ones(d, dtype=w_down.dtype, device=w_down.device)
     pre = one if layout == "post" else row(store["ffn_norm"]) * w["ffn_norm"]
     post = one if layout == "pre" else row(store["post_ffw_norm"]) * w["post_ffw_norm"]
     if (r := store.get("in:" + name)) is not None:
@@ -204,10 +207,10 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
     mid_scale = row(c)
     if (r := store.get("in:ffn_down")) is not None:
         mid_scale = mid_scale * row(r)
-    w_in, w_down = w[name], w["ffn_down"]
-    k = w_down.new_zeros((d, d))
-    for f in range(0, w_in.shape[0], ffn_chunk):  # a [d, chunk] temporary at a time
-        k.addmm_(w_down[:, f:f + ffn_chunk] * mid_scale[f:f + ffn_chunk], w_in[f:f + ffn_chunk])
+    k = torch.zeros((d, d), dtype=w_down.dtype, device=w_down.device)
+    for f in range(0, w_in.shape[0], ffn_chunk):  # [d, chunk] temporaries at a time
+        f_end = min(f + ffn_chunk, w_in.shape[0])
+        k.addmm_(column_slice(w_down, f, f_end) * mid_scale[f:f_end], row_slice(w_in, f, f_end))
     return k.mul_(post[:, None]).mul_(pre[None, :])
 
 

@@ -8,6 +8,7 @@ unembedding is walked in row chunks.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -16,9 +17,10 @@ from gguf.constants import GGML_QUANT_SIZES
 from .errors import GgufjacError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
+from .blocked import Weight
 from .model import LayerWeights
-from .layout import (check_tensor_index, dequantizable, layer_tensor_names, split_stored,
-                     stored_name, stored_shapes)
+from .layout import (check_tensor_index, dequantizable, dims_of, layer_tensor_names,
+                     split_stored, stored_members, stored_name, stored_shapes)
 from .quants import dequantize, raw_to_torch
 
 
@@ -26,6 +28,9 @@ from .quants import dequantize, raw_to_torch
 # peak by their dequantization temporaries (8-60 MB with 4096 rows on Gemma 3 270M) and are
 # no faster.
 ROWS_PER_CHUNK = 1024
+# Pages the kernel may map around the ones read (fault-around: 64 kB by default, up to a
+# large page-cache folio): released with a row block's own range.
+FAULT_AROUND_BYTES = 2 << 20
 
 
 class BufferPool:
@@ -50,6 +55,51 @@ class BufferPool:
         self._buffers = {k: t for k, t in self._buffers.items() if k in wanted}
 
 
+class StreamedMatrix:
+    """Rows [first, first + n_rows) of a matrix stored in the file (a whole tensor, or one
+    member of a fused one), dequantized on use `block_rows` rows at a time into one buffer
+    of `pool` (blocked.RowBlockMatrix). Each block's file pages are dropped from the process
+    once it is dequantized, so neither the weights nor their mapped bytes ever exceed a
+    block; the file is read again at every use."""
+
+    def __init__(self, weights: GGUFWeights, info: TensorInfo, first: int, n_rows: int,
+                 block_rows: int, pool: BufferPool) -> None:
+        self.weights, self.info, self.first = weights, info, first
+        self.shape = (n_rows, info.shape[0])
+        self.dtype, self.device = weights.dtype, weights.device
+        self.block_rows, self.pool = max(1, min(block_rows, n_rows)), pool
+
+    def row_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        n = self.shape[0]
+        for start in range(0, n, self.block_rows):
+            stop = min(n, start + self.block_rows)
+            yield start, self.weights._rows(self.info, self.first + start, self.first + stop,
+                                            pool=self.pool, key="block", release=(
+                                                self.first + start, self.first + stop))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.weights._rows(self.info, self.first + start, self.first + stop,
+                                  release=(self.first + start, self.first + stop))
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop): `start` on a quantization block boundary (and `stop` too,
+        or the row's end), gathered from every row's bytes."""
+        block, type_size = GGML_QUANT_SIZES[self.info.type]
+        cols = self.shape[1]
+        if start % block or (stop % block and stop != cols) or not 0 <= start < stop <= cols:
+            raise ValueError(f"columns [{start}, {stop}) of {self.info.name!r} do not fall on "
+                             f"its {block}-value quantization blocks")
+        row_bytes = cols // block * type_size
+        raw = self.weights.gguf.tensor_data(self.info.name).reshape(-1, row_bytes)
+        first_byte, last_byte = start // block * type_size, -(-stop // block) * type_size
+        part = raw[self.first:self.first + self.shape[0], first_byte:last_byte]
+        t = self.weights._dequantize(raw_to_torch(part.copy(), self.device), self.info,
+                                     (self.shape[0], stop - start), self.dtype, None, "columns")
+        self.weights.gguf.release(self.info.offset + self.first * row_bytes,
+                                  self.shape[0] * row_bytes)
+        return t
+
+
 class GGUFWeights:
     """Dequantizes the tensors of one GGUF model into `dtype` on `device`, on demand."""
 
@@ -58,15 +108,19 @@ class GGUFWeights:
         self.gguf, self.cfg, self.dtype, self.device = gguf, cfg, dtype, torch.device(device)
         self.rope_factors_name = check_tensor_index(gguf, cfg)
         self.unembedding_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        # Time spent dequantizing (waits for the disk included, where pages were not yet read)
+        self.dequantize_seconds = 0.0
 
     def tensor(self, name: str, pool: BufferPool | None = None,
                key: str | None = None) -> torch.Tensor:
         """Tensor `name` dequantized into this dtype; with a `pool`, written into the pool's
         buffer for `key` (reused layer after layer) instead of fresh memory."""
+        t0 = time.perf_counter()
         info = self.gguf.tensor(name)
         raw = raw_to_torch(self.gguf.tensor_data(name), self.device)
         t = self._dequantize(raw, info, info.torch_shape, self.dtype, pool, key or name)
         self.gguf.release(info.offset, info.n_bytes)
+        self.dequantize_seconds += time.perf_counter() - t0
         return t
 
     def _dequantize(self, raw: torch.Tensor, info: TensorInfo, shape: tuple[int, ...],
@@ -89,16 +143,28 @@ class GGUFWeights:
         return sorted({stored_name(self.cfg.family, n) for n in wanted})
 
     def layer(self, i: int, names: Iterable[str] | None = None,
-              pool: BufferPool | None = None) -> LayerWeights:
+              pool: BufferPool | None = None, block_elements: int | None = None) -> LayerWeights:
         """Tensors of layer `i` (all, or those in `names`), keyed by short name ('attn_q',
         'ffn_down', ...). Fused tensors are split; a rope-factor tensor, if the file has one,
         is 'rope_factors'. With a `pool` the tensors are views of its buffers: valid until
         the next layer is loaded into the same pool.
+
+        `block_elements`: the matrices are not dequantized now but read in row blocks of
+        about this many values each time they are used (`StreamedMatrix`, sharing one block
+        buffer of the pool, which is then required); norm weights are loaded as tensors.
         """
-        w: dict[str, torch.Tensor] = {}
+        w: dict[str, Weight] = {}
         for stored in self.layer_names(names):
-            w.update(split_stored(self.cfg, stored,
-                                  self.tensor(f"blk.{i}.{stored}.weight", pool, stored)))
+            full = f"blk.{i}.{stored}.weight"
+            info = self.gguf.tensor(full)
+            if block_elements is not None and len(info.shape) == 2 and pool is not None:
+                rows = max(1, block_elements // info.shape[0])
+                first = 0
+                for name, n_rows in stored_members(self.cfg.family, dims_of(self.cfg))[stored]:
+                    w[name] = StreamedMatrix(self, info, first, n_rows, rows, pool)
+                    first += n_rows
+                continue
+            w.update(split_stored(self.cfg, stored, self.tensor(full, pool, stored)))
         if self.rope_factors_name and names is None:
             w["rope_factors"] = self.tensor(self.rope_factors_name)
         return LayerWeights(i, w)
@@ -109,26 +175,39 @@ class GGUFWeights:
         shapes = stored_shapes(self.cfg)
         return sum(math.prod(shapes[n]) for n in self.layer_names(names)) * item
 
+    def widest_row(self) -> int:
+        """The most values in one row of a layer matrix (the smallest possible row block)."""
+        return max((s[-1] for s in stored_shapes(self.cfg).values() if len(s) == 2), default=0)
+
     def output_norm(self) -> torch.Tensor:
         return self.tensor("output_norm.weight")
 
     def _rows(self, info: TensorInfo, start: int, stop: int, dtype: torch.dtype | None = None,
-              pool: BufferPool | None = None) -> torch.Tensor:
-        """Rows [start, stop) dequantized; with a `pool`, into its reused buffers (valid until
-        the next call with that pool)."""
+              pool: BufferPool | None = None, key: str = "rows",
+              release: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [start, stop) dequantized; with a `pool`, into its buffer for `key` (valid
+        until the next call with that pool and key). `release`: drop only the mapped pages
+        of these rows (and the fault-around margin beside them), not the whole file's."""
         n_rows = math.prod(info.shape[1:])
         if not 0 <= start < stop <= n_rows:
             raise GgufjacError(f"{self.gguf.path}: rows [{start}, {stop}) of tensor "
                                f"{info.name!r} do not exist (it has {n_rows})")
+        t0 = time.perf_counter()
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
         raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
         t = self._dequantize(raw_to_torch(raw, self.device), info, (stop - start, info.shape[0]),
-                             dtype or self.dtype, pool, "rows")
-        # The whole file, not only these rows: reading a chunk maps pages of the chunks before
-        # it again (fault-around), and released per range those stay mapped, so the resident
-        # set would grow over a vocabulary walk (tests/test_gguf_file.py checks it stays flat).
-        self.gguf.release()
+                             dtype or self.dtype, pool, key)
+        if release is not None:
+            a, b = release
+            lo = max(info.offset + a * row_bytes - FAULT_AROUND_BYTES, 0)
+            self.gguf.release(lo, info.offset + b * row_bytes + FAULT_AROUND_BYTES - lo)
+        else:
+            # The whole file, not only these rows: reading a chunk maps pages of the chunks
+            # before it again (fault-around), and released per range those stay mapped, so the
+            # resident set would grow over a vocabulary walk (tests/test_gguf_file.py).
+            self.gguf.release()
+        self.dequantize_seconds += time.perf_counter() - t0
         return t
 
     def embedding_rows(self, token_ids: list[int]) -> torch.Tensor:

@@ -140,7 +140,7 @@ def test_budget_that_cannot_be_met_is_refused_up_front(tmp_path, gemma_path) -> 
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "--max-memory 64.0 MiB cannot be met" in r.stderr
-    assert "one layer's weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "one row of weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -200,11 +200,15 @@ def test_prefetching_the_next_layer_gives_the_same_jacobian(synthetic) -> None:
     assert torch.equal(plain.jacobian, prefetched.jacobian)
 
 
-def test_progress_bar_per_sweep_counts_layers_and_time_left(synthetic, tmp_path) -> None:
-    """`jacobian` shows one bar per sweep (forward, reverse) counting layers, with the time
-    left; TQDM_MININTERVAL=0 makes tqdm draw every update, so each step is in stderr."""
+def test_progress_bar_per_sweep_counts_bytes_read_and_time_left(synthetic, tmp_path) -> None:
+    """`jacobian` shows one bar per sweep (forward, reverse) counting the bytes of the file
+    its layers read, with the time left; TQDM_MININTERVAL=0 makes tqdm draw every update,
+    so each step (one per layer) is in stderr."""
     import os
     import re
+
+    import gguf
+    from tqdm import tqdm
 
     path = synthetic("llama", "Q8_0")
     r = subprocess.run([sys.executable, "-m", "ggufjac.cli", "jacobian", str(path), "-p", PROMPT,
@@ -212,11 +216,18 @@ def test_progress_bar_per_sweep_counts_layers_and_time_left(synthetic, tmp_path)
                        env={**os.environ, "TQDM_MININTERVAL": "0"})
     assert r.returncode == 0, r.stderr
     n_layer = open_model(path).cfg.n_layer
+    reader = gguf.GGUFReader(path)
+    layer_bytes = {t.name: int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.")}
+    read_back = {"attn_norm", "attn_v", "attn_output", "ffn_norm", "ffn_up", "ffn_down"}
+    totals = {"forward": sum(layer_bytes.values()),
+              "reverse": sum(n for name, n in layer_bytes.items()
+                             if name.split(".")[2] in read_back)}
     for sweep in ("forward", "reverse"):
-        steps = re.findall(rf"{sweep}:\s+\d+%\|[^|]*\| (\d+)/(\d+) \[(\d\d:\d\d)<(\d\d:\d\d|\?)",
-                           r.stderr)
-        assert [(int(k), int(n)) for k, n, _, _ in steps] == [(k, n_layer) for k in
-                                                              range(n_layer + 1)]
+        steps = re.findall(rf"{sweep}:\s+\d+%\|[^|]*\| ([\d.]+\w?)/([\d.]+\w?) "
+                           rf"\[(\d\d:\d\d)<(\d\d:\d\d|\?)", r.stderr)
+        assert len(steps) == n_layer + 1, (sweep, steps)
+        assert {n for _, n, _, _ in steps} == {tqdm.format_sizeof(totals[sweep])}
+        assert steps[-1][0] == steps[-1][1]
         assert all(left != "?" for *_, left in steps[1:])  # an estimate once a layer is done
 
 

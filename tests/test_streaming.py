@@ -1,0 +1,137 @@
+"""Row-block streaming: a layer's matrices read a few rows at a time give the results of
+whole-layer dequantization, and a layer larger than the memory budget runs within it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ggufjac.api import open_model
+from ggufjac.families import FAMILIES
+from ggufjac.linearize import Linearization
+from ggufjac.jacobian import streamed_jacobian
+PROMPT = "the bridge out of Marin"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def _odd_block(m, rows: int = 3) -> int:
+    """`rows` (odd) rows of the widest matrix per block, plus a remainder: the blocks divide
+    no row count of these models (their row counts are multiples of 16)."""
+    return rows * m.weights.widest_row() + 5
+
+
+def _jacobian_and_attribution(m, streaming: bool, gate_path: str = "up", anchor=None,
+                              block_elements: int | None = None, tokens=None,
+                              n_directions: int | None = None):
+    """The Jacobian (all d output directions, or `n_directions` random ones, 4 per batched
+    backward: several passes per layer) and two logits' rows of it (one pass per layer)."""
+    lin = Linearization(gate_path=gate_path)
+    engine = m.engine(lin, anchor=anchor, streaming=streaming, block_elements=block_elements)
+    x = engine.embed(tokens or m.tokenize(PROMPT))
+    if n_directions is None:
+        full = streamed_jacobian(engine, x).jacobian
+        record = engine.forward(x)
+    else:
+        dirs = torch.randn(n_directions, m.cfg.d_model, dtype=x.dtype,
+                           generator=torch.Generator().manual_seed(1))
+        record = engine.forward(x)
+        full = engine.pull_back_output(record, dirs, chunk=4)
+        record = engine.forward(x)
+    u = m.weights.unembedding_rows([3, 11])
+    one = engine.pull_back_output(record, u)  # two directions: a single pass per layer
+    assert [s.streamed for s in engine.sweeps] == [streaming] * 4
+    return full, one, record
+
+
+@pytest.mark.parametrize("arch,gate_path", [(a, "up") for a in sorted(FAMILIES)]
+                         + [("phi3", "gate"), ("gemma3", "gate")])
+def test_row_blocks_equal_whole_layers_every_family(synthetic, arch: str, gate_path: str) -> None:
+    m = open_model(synthetic(arch, "Q4_K_M"), dtype="float64")
+    whole, whole_one, whole_rec = _jacobian_and_attribution(m, False, gate_path)
+    blocks, blocks_one, blocks_rec = _jacobian_and_attribution(
+        m, True, gate_path, block_elements=_odd_block(m))
+    assert _rel(blocks, whole) <= 1e-12
+    assert _rel(blocks_one, whole_one) <= 1e-12
+    assert _rel(blocks_rec.output, whole_rec.output) <= 1e-12
+    # and both are the in-memory autograd reference's Jacobian
+    reference = m.jacobian(m.tokenize(PROMPT), Linearization(gate_path=gate_path),
+                           streaming=False)
+    assert _rel(blocks, reference.jacobian) <= 1e-12
+
+
+def test_row_blocks_equal_whole_layers_real_model_plain_and_anchored(gemma64, bridge_tokens) -> None:
+    kw = {"tokens": bridge_tokens, "n_directions": 8}
+    whole, whole_one, _ = _jacobian_and_attribution(gemma64, False, **kw)
+    blocks, blocks_one, _ = _jacobian_and_attribution(gemma64, True,
+                                                      block_elements=_odd_block(gemma64, 37), **kw)
+    assert _rel(blocks, whole) <= 1e-12
+    assert _rel(blocks_one, whole_one) <= 1e-12
+    anchor = gemma64.anchor(bridge_tokens, reference=False)
+    whole, whole_one, whole_rec = _jacobian_and_attribution(gemma64, False, anchor=anchor, **kw)
+    blocks, blocks_one, blocks_rec = _jacobian_and_attribution(
+        gemma64, True, anchor=anchor, block_elements=_odd_block(gemma64, 37), **kw)
+    assert _rel(blocks, whole) <= 1e-12
+    assert _rel(blocks_one, whole_one) <= 1e-12
+    # the anchored model still reproduces llama.cpp's logits when streamed
+    logits = gemma64.logit_input(blocks_rec.output[-1], anchor) @ \
+        gemma64.weights.unembedding_rows(list(range(64))).T
+    theirs = torch.as_tensor(anchor.logits[-1][:64], dtype=torch.float64)
+    assert _rel(logits, theirs) <= 1e-6
+
+
+def test_streamed_mlp_matrices_equal_whole(synthetic, monkeypatch) -> None:
+    """The MLP as per-position matrices (the full Jacobian's order) built from streamed
+    row and column blocks equals the whole-tensor one."""
+    m = open_model(synthetic("llama", "Q4_K_M"), dtype="float64")
+    engine_whole = m.engine(streaming=False)
+    engine_blocks = m.engine(streaming=True, block_elements=_odd_block(m))
+    monkeypatch.setattr(type(engine_whole), "mlp_as_matrix", lambda self, n: True)
+    x = engine_whole.embed(m.tokenize(PROMPT))
+    a = streamed_jacobian(engine_whole, x).jacobian
+    b = streamed_jacobian(engine_blocks, x).jacobian
+    assert _rel(b, a) <= 1e-12
+
+
+def _peak_run(args: list[str]) -> tuple[int, dict, str]:
+    from tools.peak_rss import measure_module
+
+    try:
+        out = measure_module("ggufjac.cli", *args)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    return out["peak"], out, ""
+
+
+def test_a_layer_larger_than_the_budget_completes_within_it(tmp_path) -> None:
+    """A model whose one layer, dequantized, is larger than what --max-memory leaves above
+    the process itself: attribute streams it in row blocks and the process's peak resident
+    set (VmHWM) stays within the budget; the contributions still sum to the logit."""
+    from tools.big_model import BigModel, write_big_gguf
+    from tools.synthetic import Shape
+
+    shape = Shape(n_layer=2, d_model=2048, d_ff=12288, n_head=16, n_kv_head=4, head_dim=128,
+                  context_length=512)
+    path = write_big_gguf(tmp_path / "wide.gguf", BigModel("llama", shape, 512, tied=False,
+                                                            rope_freqs=False))
+    m = open_model(path, dtype="float64")
+    layer = m.weights.layer_bytes()
+    assert layer >= 2048 * (2 * 2048 + 2 * 512 + 3 * 12288) * 8  # float64: 688 MB
+    budget = 900 * 2**20  # the process alone is ~0.55-0.65 GB: no room for a whole layer
+    out = tmp_path / "attr.json"
+    r = subprocess.run([sys.executable, "-m", "tools.peak_rss", str(tmp_path / "peak.txt"),
+                        "ggufjac.cli", "attribute", str(path), "-p", "the bridge",
+                        "--dtype", "float64", "--max-memory", str(budget), "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    peak = int((tmp_path / "peak.txt").read_text().split()[0])
+    assert peak <= budget, f"peak {peak / 2**20:.0f} MiB over the {budget / 2**20:.0f} MiB budget"
+    report = json.loads(out.read_text())
+    row = report["targets"][0]
+    assert abs(row["sum_of_contributions"] - row["logit"]) <= 1e-9 * max(1.0, abs(row["logit"]))
