@@ -18,7 +18,7 @@ import torch
 from . import llamacpp
 from .anchor import Anchor, ReferenceRun, anchor_from_run, capture_names
 from .analysis import top_tokens_by_unembedding
-from .errors import GGUFError, GgufjacError, PromptError
+from .errors import GGUFError, GgufjacError, LlamaCppError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .engine import StreamingEngine
@@ -225,8 +225,10 @@ class LoadedModel:
         finally:
             engine.release()
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
-        return reports.attribution_report(self, tokens, lin, x.dtype, targets, contributions,
-                                          u @ y, y, anchor)
+        report = reports.attribution_report(self, tokens, lin, x.dtype, targets, contributions,
+                                            u @ y, y, anchor)
+        report["sweeps"] = [s.as_dict() for s in engine.sweeps]
+        return report
 
     # -- reports -------------------------------------------------------------------------
 
@@ -266,10 +268,16 @@ class LoadedModel:
                     continue  # the reference run itself
                 other = settings.flipped(flash_attn=flash, repack=repack)
                 say(f"llama.cpp for the noise floor ({other.describe()})")
-                run = llamacpp.evaluate(self.path, tokens, other)
+                try:
+                    run = llamacpp.evaluate(self.path, tokens, other)
+                except LlamaCppError as e:  # e.g. repacked weights that do not fit in RAM
+                    report["noise_floor"].append({"llama_cpp_settings": other.describe(),
+                                                  "failed": str(e)})
+                    continue
                 report["noise_floor"].append({"llama_cpp_settings": other.describe(),
                                               "nmse": nmse(run.logits[-1], theirs)})
-            report["noise_floor_nmse"] = max(v["nmse"] for v in report["noise_floor"])
+            floor = [v["nmse"] for v in report["noise_floor"] if "nmse" in v]
+            report["noise_floor_nmse"] = max(floor) if floor else None
         if layers:
             report["layer_nmse"] = [nmse(h.to(torch.float64).cpu().numpy(), their_h)
                                     for h, their_h in zip(hidden, ref.layer_outputs(self.cfg.n_layer))]

