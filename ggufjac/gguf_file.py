@@ -156,6 +156,7 @@ class GGUFFile:
             self._mmap = mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_READ)
         self.file_size = size
         self.read_seconds, self.bytes_read = 0.0, 0  # by read_ahead
+        self._fd: int | None = None  # for read_into, opened on first use
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         try:
@@ -347,6 +348,21 @@ class GGUFFile:
         first = start // page * page
         self._mmap.madvise(mmap.MADV_DONTNEED, first, start + n_bytes - first)
 
+    def read_into(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Bytes [start, start + out.nbytes) of the file copied into `out` (a writable uint8
+        array) by system calls, not through the mapping: nothing of the file is mapped into
+        the process by it, so a streamed row block needs no page faults and no release."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], start + done)
+            if got <= 0:
+                raise GGUFError(self.path, "file", f"cannot read bytes at offset {start + done}: "
+                                "the file ends early (truncated?)")
+            done += got
+        return out
+
     def read_ahead(self, start: int, n_bytes: int, piece: int = 8 << 20) -> None:
         """Read [start, start + n_bytes) from the file so that it is in the page cache when
         the mapped bytes are used (for a thread to call: the reads release the interpreter).
@@ -370,6 +386,9 @@ class GGUFFile:
         return self.require("general.architecture", str)
 
     def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._fd = None
         mm = getattr(self, "_mmap", None)
         if mm is not None:
             try:

@@ -28,9 +28,6 @@ from .quants import dequantize, raw_to_torch
 # peak by their dequantization temporaries (8-60 MB with 4096 rows on Gemma 3 270M) and are
 # no faster.
 ROWS_PER_CHUNK = 1024
-# Pages the kernel may map around the ones read (fault-around: 64 kB by default, up to a
-# large page-cache folio): released with a row block's own range.
-FAULT_AROUND_BYTES = 2 << 20
 
 
 class BufferPool:
@@ -58,9 +55,10 @@ class BufferPool:
 class StreamedMatrix:
     """Rows [first, first + n_rows) of a matrix stored in the file (a whole tensor, or one
     member of a fused one), dequantized on use `block_rows` rows at a time into one buffer
-    of `pool` (blocked.RowBlockMatrix). Each block's file pages are dropped from the process
-    once it is dequantized, so neither the weights nor their mapped bytes ever exceed a
-    block; the file is read again at every use."""
+    of `pool` (blocked.RowBlockMatrix). A block's bytes are read into a reused buffer too
+    (not through the file's mapping, whose pages would count against the process until
+    released), so neither the weights nor their bytes in memory exceed a block; the file is
+    read again at every use."""
 
     def __init__(self, weights: GGUFWeights, info: TensorInfo, first: int, n_rows: int,
                  block_rows: int, pool: BufferPool) -> None:
@@ -74,12 +72,10 @@ class StreamedMatrix:
         for start in range(0, n, self.block_rows):
             stop = min(n, start + self.block_rows)
             yield start, self.weights._rows(self.info, self.first + start, self.first + stop,
-                                            pool=self.pool, key="block", release=(
-                                                self.first + start, self.first + stop))
+                                            pool=self.pool, key="block", copy=True)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.weights._rows(self.info, self.first + start, self.first + stop,
-                                  release=(self.first + start, self.first + stop))
+        return self.weights._rows(self.info, self.first + start, self.first + stop, copy=True)
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
         """Columns [start, stop): `start` on a quantization block boundary (and `stop` too,
@@ -183,11 +179,11 @@ class GGUFWeights:
         return self.tensor("output_norm.weight")
 
     def _rows(self, info: TensorInfo, start: int, stop: int, dtype: torch.dtype | None = None,
-              pool: BufferPool | None = None, key: str = "rows",
-              release: tuple[int, int] | None = None) -> torch.Tensor:
+              pool: BufferPool | None = None, key: str = "rows", copy: bool = False
+              ) -> torch.Tensor:
         """Rows [start, stop) dequantized; with a `pool`, into its buffer for `key` (valid
-        until the next call with that pool and key). `release`: drop only the mapped pages
-        of these rows (and the fault-around margin beside them), not the whole file's."""
+        until the next call with that pool and key). `copy`: the bytes are read into a
+        buffer (GGUFFile.read_into) instead of through the mapping."""
         n_rows = math.prod(info.shape[1:])
         if not 0 <= start < stop <= n_rows:
             raise GgufjacError(f"{self.gguf.path}: rows [{start}, {stop}) of tensor "
@@ -195,14 +191,16 @@ class GGUFWeights:
         t0 = time.perf_counter()
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
-        raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
+        n_bytes = (stop - start) * row_bytes
+        if copy:
+            buf = (pool.get(key + " bytes", n_bytes, torch.uint8, torch.device("cpu"))
+                   if pool is not None else torch.empty(n_bytes, dtype=torch.uint8))
+            raw = self.gguf.read_into(info.offset + start * row_bytes, buf.numpy())
+        else:
+            raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
         t = self._dequantize(raw_to_torch(raw, self.device), info, (stop - start, info.shape[0]),
                              dtype or self.dtype, pool, key)
-        if release is not None:
-            a, b = release
-            lo = max(info.offset + a * row_bytes - FAULT_AROUND_BYTES, 0)
-            self.gguf.release(lo, info.offset + b * row_bytes + FAULT_AROUND_BYTES - lo)
-        else:
+        if not copy:
             # The whole file, not only these rows: reading a chunk maps pages of the chunks
             # before it again (fault-around), and released per range those stay mapped, so the
             # resident set would grow over a vocabulary walk (tests/test_gguf_file.py).
