@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,9 @@ MLP_MATRIX_FFN_CHUNK = 1024
 # multiplying it while it is still in cache is faster on CPU than dequantizing the whole
 # matrix first (tools/bench_blocks.py), so a single pass over a layer always streams there.
 STREAM_BLOCK_ELEMENTS = 1 << 21
+# Layers read ahead of the one computing, when streaming: two keep the disk busy through a
+# layer whose compute is shorter than its read (the page cache holds them: ~1 GB at 70B).
+READ_AHEAD_LAYERS = 2
 # Dequantization's own temporaries (it works on quants.CHUNK_ELEMENTS values at a time).
 _DEQUANTIZE_TEMPORARIES = 16 << 20
 
@@ -146,12 +150,54 @@ def _batched_vjp(out: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, c
     return result
 
 
+class SpilledCoefficients(Sequence[Coefficients]):
+    """Layers' frozen coefficients kept in an (already unlinked) temporary file, not in
+    memory: each layer's are read back, as a fresh dict, when asked for. The MLP's [N, d_ff]
+    coefficients of every layer are the one part of a forward record that grows with the
+    model (147 MB for a 70B model and 16 tokens in float32); spilled, one layer's are resident
+    at a time. Writing and reading them back costs a few MB per layer, against the hundreds
+    of MB of weights that layer reads."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._file = tempfile.TemporaryFile(prefix="ggufjac-record-")
+        self._index: list[dict[str, tuple[int, tuple[int, ...], torch.dtype]]] = []
+        self._end = 0
+        self.largest = 0  # bytes of the largest layer's coefficients (one is loaded at a time)
+
+    def append(self, store: Coefficients) -> None:
+        entry, size = {}, 0
+        for site, t in store.items():
+            data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            self._file.write(memoryview(data))
+            entry[site] = (self._end, tuple(t.shape), t.dtype)
+            self._end += data.nbytes
+            size += data.nbytes
+        self._index.append(entry)
+        self.largest = max(self.largest, size)
+
+    def __getitem__(self, layer: int) -> Coefficients:  # type: ignore[override]
+        self._file.flush()
+        out: Coefficients = {}
+        for site, (offset, shape, dtype) in self._index[layer].items():
+            t = torch.empty(shape, dtype=dtype)
+            view, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
+            while done < len(view):
+                done += os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            out[site] = t.to(self.device)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
 @dataclass
 class ForwardRecord:
     """What the reverse sweep needs from the forward pass, per layer (small)."""
 
     residuals: list[torch.Tensor]  # residuals[l]: the stream entering layer l; [L]: the last output
-    coefficients: list[Coefficients]  # frozen coefficients of each layer
+    # frozen coefficients of each layer: in memory, or spilled to a temporary file
+    coefficients: list[Coefficients] | SpilledCoefficients
     output_coefficients: Coefficients  # of the final norm
     output: torch.Tensor  # final-norm output at every position [N, d]
 
@@ -160,9 +206,13 @@ class ForwardRecord:
         return self.residuals[0]
 
     def nbytes(self) -> int:
+        """Bytes the record holds in memory (a spilled record: one layer's coefficients)."""
         tensors = [*self.residuals, self.output, *self.output_coefficients.values()]
-        tensors += [t for c in self.coefficients for t in c.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        if isinstance(self.coefficients, SpilledCoefficients):
+            held = self.coefficients.largest
+        else:
+            held = sum(t.numel() * t.element_size() for c in self.coefficients for t in c.values())
+        return held + sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -261,8 +311,11 @@ class StreamingEngine:
             for k, layer in enumerate(order):
                 if streaming:
                     w, done = self.weights.layer(layer, names, buffers[0], block_elements), None
-                    if pool is not None and k + 1 < len(order):
-                        pool.submit(self._read_ahead, order[k + 1], names)
+                    # the next READ_AHEAD_LAYERS layers, each submitted once, in order
+                    ahead = order[1:1 + READ_AHEAD_LAYERS] if k == 0 else \
+                        order[k + READ_AHEAD_LAYERS:k + READ_AHEAD_LAYERS + 1]
+                    for j in ahead:
+                        pool.submit(self._read_ahead, j, names)  # type: ignore[union-attr]
                 elif pending is not None:
                     w, done = pending.result()
                 else:
@@ -311,9 +364,12 @@ class StreamingEngine:
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> ForwardRecord:
         """Run all layers on the input embeddings [N, d], recording what the sweep needs."""
-        residuals, coefficients = [inputs.detach()], []
-        x = residuals[0]
         blocks = self.plan(1, inputs.shape[0], forward=True).block_elements
+        residuals = [inputs.detach()]
+        # A streamed run keeps memory flat in the model's size: its record is spilled too.
+        coefficients: list[Coefficients] | SpilledCoefficients = \
+            SpilledCoefficients(self.device) if blocks is not None else []
+        x = residuals[0]
         timer = self._sweep_timer("forward", blocks)
         for layer, w in self.layers(range(self.cfg.n_layer), None, "forward", blocks):
             store: Coefficients = {}
@@ -426,18 +482,20 @@ class StreamingEngine:
 
     # -- memory --------------------------------------------------------------------------
 
-    def record_bytes(self, n_tokens: int, anchored: bool = False) -> int:
-        """Size of the forward record for `n_tokens` (residuals and frozen coefficients: the
-        gate path freezes two [N, d_ff] coefficients, the up path one); `anchored`: plus the
+    def record_bytes(self, n_tokens: int, anchored: bool = False, spilled: bool = False) -> int:
+        """Size in memory of the forward record for `n_tokens` (residuals and frozen
+        coefficients: the gate path freezes two [N, d_ff] coefficients, the up path one;
+        `spilled`: one layer's coefficients, the rest in a file); `anchored`: plus the
         llama.cpp coefficients and rounding ratios an anchor made for this run will hold."""
         cfg, item = self.cfg, torch.empty((), dtype=self.dtype).element_size()
         n, d = n_tokens, cfg.d_model
         ffn = cfg.d_ff * (2 if self.lin.gate_path == "gate" else 1)
-        per_layer = n * (d + ffn + cfg.n_head * n + 8)
+        per_layer = n * (ffn + cfg.n_head * n + 8)
+        held = (1 if spilled else cfg.n_layer) * per_layer + (cfg.n_layer + 2) * n * d
         if anchored:  # in:attn_v, in:ffn_up/gate, v_cache, attn_sum, in:attn_output, in:ffn_down
-            per_layer += n * (3 * d + cfg.n_kv_head * cfg.head_dim_v
-                              + 2 * cfg.n_head * cfg.head_dim_v + cfg.d_ff)
-        return (cfg.n_layer * per_layer + 2 * n * d) * item
+            held += cfg.n_layer * n * (3 * d + cfg.n_kv_head * cfg.head_dim_v
+                                       + 2 * cfg.n_head * cfg.head_dim_v + cfg.d_ff)
+        return held * item
 
     def plan(self, n_directions: int, n_tokens: int, record_bytes: int | None = None,
              anchored: bool = False, chunk: int | None = None, forward: bool = False
@@ -458,9 +516,12 @@ class StreamingEngine:
         if budget is None:  # automatic: what is available now, with a margin
             budget = baseline + int(0.7 * available_bytes(self.device))
         result = n_directions * n_tokens * cfg.d_model * item
-        if record_bytes is None:
-            record_bytes = self.record_bytes(n_tokens, anchored)
-        fixed = baseline + record_bytes + result
+        # the record: as made (given), or estimated (a streamed forward spills it)
+        record_whole = record_bytes if record_bytes is not None else \
+            self.record_bytes(n_tokens, anchored)
+        record_streamed = record_bytes if record_bytes is not None else \
+            self.record_bytes(n_tokens, anchored, spilled=True)
+        fixed = baseline + record_whole + result
         matrix = not forward and self.mlp_as_matrix(n_directions)
         if matrix:  # one MLP matrix and its temporaries
             d = cfg.d_model
@@ -483,6 +544,7 @@ class StreamingEngine:
                     f"result {format_size(result)}, one direction {format_size(per_direction)})")
             return MemoryPlan(budget, fixed + whole, per_direction, int(whole_chunk), None)
 
+        fixed += record_streamed - record_whole
         widest = max(self.weights.widest_row(), 1)
         per_value = item + (4 if item != 4 else 0) + 1  # block, float32 scratch, raw copy
         room = budget - fixed - per_direction - _DEQUANTIZE_TEMPORARIES

@@ -56,3 +56,20 @@ def test_attribution_on_cuda_equals_cpu(synthetic) -> None:
     assert got["id"] == expect["id"]
     assert np.allclose(got["contributions"], expect["contributions"], rtol=1e-12, atol=1e-12)
     assert abs(got["sum_of_contributions"] - expect["logit"]) <= 1e-12 * abs(expect["logit"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_row_block_streaming_on_cuda_equals_cpu(synthetic, arch: str) -> None:
+    """The matrices read in row blocks (bytes copied to the GPU block by block), as a model
+    whose layer does not fit the GPU's budget runs: the CPU's whole-layer Jacobian."""
+    path = synthetic(arch, "Q4_K_M")
+    cpu = open_model(path, dtype="float64")
+    gpu = open_model(path, dtype="float64", device="cuda")
+    tokens = cpu.tokenize(PROMPT)
+    reference = cpu.jacobian(tokens, streaming=False)
+    engine = gpu.engine(streaming=True, block_elements=3 * gpu.weights.widest_row() + 5)
+    result = streamed_jacobian(engine, engine.embed(tokens))
+    assert [s.streamed for s in engine.sweeps] == [True, True]
+    got = result.jacobian.cpu()
+    assert float(torch.linalg.vector_norm(got - reference.jacobian)
+                 / torch.linalg.vector_norm(reference.jacobian)) <= 1e-12

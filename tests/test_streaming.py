@@ -135,3 +135,25 @@ def test_a_layer_larger_than_the_budget_completes_within_it(tmp_path) -> None:
     report = json.loads(out.read_text())
     row = report["targets"][0]
     assert abs(row["sum_of_contributions"] - row["logit"]) <= 1e-9 * max(1.0, abs(row["logit"]))
+
+
+def test_a_streamed_forward_spills_its_record_to_a_file(synthetic) -> None:
+    """The MLP coefficients of every layer are the part of a record that grows with the
+    model: a streamed forward keeps them in a temporary file, one layer's in memory at a
+    time, and gives back exactly what a whole-layer forward holds in memory."""
+    from ggufjac.engine import SpilledCoefficients
+
+    m = open_model(synthetic("llama", "Q8_0"), dtype="float64")
+    x = m.engine().embed(m.tokenize(PROMPT))
+    spilled = m.engine(streaming=True).forward(x)
+    held = m.engine(streaming=False).forward(x)
+    assert isinstance(spilled.coefficients, SpilledCoefficients)
+    assert len(spilled.coefficients) == len(held.coefficients) == m.cfg.n_layer
+    for a, b in zip(spilled.coefficients, held.coefficients):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    def size(c) -> int:  # noqa: ANN001
+        return sum(t.numel() * t.element_size() for t in c.values())
+    in_memory = held.nbytes() - sum(size(c) for c in held.coefficients)
+    assert spilled.nbytes() == in_memory + max(size(c) for c in held.coefficients)
+    assert spilled.nbytes() < held.nbytes()

@@ -75,7 +75,7 @@ def cli(*args: str) -> list[str]:
     return ["ggufjac.cli", *args]
 
 
-def run_cases(path: Path, cases: list[str], prompt: str) -> list[dict]:
+def run_cases(path: Path, cases: list[str], prompt: str, device: str = "cpu") -> list[dict]:
     from ggufjac.llamacpp import tokenize
 
     tokens = tokenize(path, prompt)
@@ -119,8 +119,8 @@ def run_cases(path: Path, cases: list[str], prompt: str) -> list[dict]:
             if case not in cases:
                 continue
             out = Path(tmp) / f"{case}.json"
-            res = timed(cli("attribute", str(path), "-p", prompt, *args, "--json", str(out)),
-                        path)
+            res = timed(cli("attribute", str(path), "-p", prompt, *args, "--device", device,
+                            "--json", str(out)), path)
             extra = {}
             if out.exists():
                 rep = json.loads(out.read_text())
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for `attribute` (llama.cpp "
+                    "and `check` run on CPU: llama.cpp's CPU build is what this package installs)")
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers than the preset's (a quick trial of the benchmark)")
     args = ap.parse_args()
@@ -175,7 +177,7 @@ def main() -> None:
                 n += len(chunk)
         disk = n / (time.perf_counter() - t0)
         print(json.dumps({"preset": name, "file_bytes": size, "disk_read_MBps": round(disk / 1e6)}))
-        for row in run_cases(path, cases, args.prompt):
+        for row in run_cases(path, cases, args.prompt, args.device):
             table.append((name, size, disk, row))
         if not args.keep:
             path.unlink()
