@@ -351,8 +351,8 @@ class StreamingEngine:
         return sum(t.n_bytes for t in self._layer_tensors(layer, names))
 
     def _read_ahead(self, layer: int, names: Sequence[str] | None) -> None:
-        """Read layer `layer`'s bytes into the page cache (a thread: the reads release the
-        interpreter, and take no cores from the compute while they wait on the disk)."""
+        """Have layer `layer`'s bytes read into the page cache (on a thread: asking may wait
+        while the disk's queue is full)."""
         for info in self._layer_tensors(layer, names):
             self.weights.gguf.read_ahead(info.offset, info.n_bytes)
 
@@ -568,9 +568,9 @@ class StreamingEngine:
 
 @dataclass
 class SweepTiming:
-    """Where one sweep's time went: `read_s` of file reading ahead (a thread, overlapping the
-    rest), `dequantize_s` on the compute thread (waits for bytes not yet read included),
-    and the compute: `wall_s` less `dequantize_s`."""
+    """Where one sweep's time went on the compute thread: `read_s` reading the layers' bytes
+    (`bytes_read`; waits for the disk included: what read-ahead did not hide),
+    `dequantize_s`, and the rest, `compute_s`."""
 
     name: str
     streamed: bool
@@ -581,11 +581,11 @@ class SweepTiming:
 
     @property
     def compute_s(self) -> float:
-        return max(self.wall_s - self.dequantize_s, 0.0)
+        return max(self.wall_s - self.read_s - self.dequantize_s, 0.0)
 
     def as_dict(self) -> dict:
         return {"sweep": self.name, "streamed": self.streamed, "wall_s": round(self.wall_s, 3),
-                "read_ahead_s": round(self.read_s, 3), "bytes_read": self.bytes_read,
+                "read_s": round(self.read_s, 3), "bytes_read": self.bytes_read,
                 "dequantize_s": round(self.dequantize_s, 3),
                 "compute_s": round(self.compute_s, 3)}
 

@@ -28,6 +28,8 @@ from .quants import dequantize, raw_to_torch
 # peak by their dequantization temporaries (8-60 MB with 4096 rows on Gemma 3 270M) and are
 # no faster.
 ROWS_PER_CHUNK = 1024
+# Values per chunk of the NaN/Inf scan (one chunk's float32 and bytes are in memory).
+SCAN_CHUNK_VALUES = 1 << 22
 
 
 class BufferPool:
@@ -104,7 +106,7 @@ class GGUFWeights:
         self.gguf, self.cfg, self.dtype, self.device = gguf, cfg, dtype, torch.device(device)
         self.rope_factors_name = check_tensor_index(gguf, cfg)
         self.unembedding_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        # Time spent dequantizing (waits for the disk included, where pages were not yet read)
+        # Time spent dequantizing (and, for tensors read through the mapping, reading)
         self.dequantize_seconds = 0.0
 
     def tensor(self, name: str, pool: BufferPool | None = None,
@@ -192,10 +194,12 @@ class GGUFWeights:
         block, type_size = GGML_QUANT_SIZES[info.type]
         row_bytes = info.shape[0] // block * type_size
         n_bytes = (stop - start) * row_bytes
-        if copy:
+        if copy:  # read time is the file's (GGUFFile.read_seconds), not dequantization's
             buf = (pool.get(key + " bytes", n_bytes, torch.uint8, torch.device("cpu"))
                    if pool is not None else torch.empty(n_bytes, dtype=torch.uint8))
+            t_read = time.perf_counter()
             raw = self.gguf.read_into(info.offset + start * row_bytes, buf.numpy())
+            t0 += time.perf_counter() - t_read
         else:
             raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
         t = self._dequantize(raw_to_torch(raw, self.device), info, (stop - start, info.shape[0]),
@@ -217,18 +221,23 @@ class GGUFWeights:
         return torch.cat([self._rows(info, t, t + 1) for t in token_ids], dim=0)
 
     @torch.no_grad()
-    def nonfinite_counts(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, int]:
+    def nonfinite_counts(self, values_per_chunk: int = SCAN_CHUNK_VALUES) -> dict[str, int]:
         """{tensor name: number of NaN/Inf values} over every tensor of the file that
-        dequantizes to any, read in row chunks (memory stays one chunk)."""
+        dequantizes to any, read in chunks of rows of about `values_per_chunk` values into
+        reused buffers (memory stays one chunk), the next tensor's bytes read ahead."""
         found, pool = {}, BufferPool()
-        for name, info in self.gguf.tensors.items():
-            if not dequantizable(info.type):
-                continue
+        names = [n for n, info in self.gguf.tensors.items() if dequantizable(info.type)]
+        for k, name in enumerate(names):
+            info = self.gguf.tensor(name)
+            if k + 1 < len(names):
+                ahead = self.gguf.tensor(names[k + 1])
+                self.gguf.read_ahead(ahead.offset, ahead.n_bytes)
             rows = math.prod(info.shape[1:])
+            step = max(1, values_per_chunk // max(info.shape[0], 1))
             bad = 0
-            for start in range(0, rows, rows_per_chunk):
-                chunk = self._rows(info, start, min(rows, start + rows_per_chunk), torch.float32,
-                                   pool)
+            for start in range(0, rows, step):
+                chunk = self._rows(info, start, min(rows, start + step), torch.float32, pool,
+                                   copy=True)
                 bad += int((~torch.isfinite(chunk)).sum())
             if bad:
                 found[name] = bad

@@ -157,3 +157,24 @@ def test_a_streamed_forward_spills_its_record_to_a_file(synthetic) -> None:
     in_memory = held.nbytes() - sum(size(c) for c in held.coefficients)
     assert spilled.nbytes() == in_memory + max(size(c) for c in held.coefficients)
     assert spilled.nbytes() < held.nbytes()
+
+
+def test_sweep_timing_counts_the_bytes_each_sweep_reads(synthetic) -> None:
+    """A streamed forward reads every layer matrix's bytes once, the reverse sweep the linear
+    path's (sizes from gguf-py's reader); the time split adds up to the sweep's time."""
+    import gguf
+
+    path = synthetic("qwen3", "Q4_K_M")
+    m = open_model(path, dtype="float32")
+    engine = m.engine(streaming=True)
+    x = engine.embed(m.tokenize(PROMPT))
+    engine.pull_back_output(engine.forward(x), m.weights.unembedding_rows([5]))
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors
+             if t.name.startswith("blk.") and len(t.shape) == 2}
+    linear = {"attn_v", "attn_output", "ffn_up", "ffn_down"}
+    forward, reverse = engine.sweeps
+    assert forward.bytes_read == sum(sizes.values())
+    assert reverse.bytes_read == sum(n for k, n in sizes.items() if k.split(".")[2] in linear)
+    for s in engine.sweeps:
+        assert 0 < s.read_s + s.dequantize_s <= s.wall_s
+        assert abs(s.read_s + s.dequantize_s + s.compute_s - s.wall_s) < 1e-9
