@@ -351,8 +351,8 @@ class StreamingEngine:
         return sum(t.n_bytes for t in self._layer_tensors(layer, names))
 
     def _read_ahead(self, layer: int, names: Sequence[str] | None) -> None:
-        """Have layer `layer`'s bytes read into the page cache (on a thread: asking may wait
-        while the disk's queue is full)."""
+        """Read layer `layer`'s bytes into the page cache (on a thread: the reads release
+        the interpreter and wait on the disk, not on the cores)."""
         for info in self._layer_tensors(layer, names):
             self.weights.gguf.read_ahead(info.offset, info.n_bytes)
 
