@@ -46,7 +46,8 @@ class _RowBlockLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, matrix: RowBlockMatrix, values: bool) -> torch.Tensor:
-        out = x.new_zeros((*x.shape[:-1], matrix.shape[0]))
+        shape = (*x.shape[:-1], matrix.shape[0])
+        out = x.new_empty(shape) if values else x.new_zeros(shape)
         if values:
             for start, w in matrix.row_blocks():
                 out[..., start:start + w.shape[0]] = x @ w.T

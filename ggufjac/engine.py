@@ -11,10 +11,12 @@ same `block` replaying the recorded coefficients. Only the weights on the linear
 read for that (v, o, up or gate, down, and the norm weights): q, k and the frozen MLP branch
 never enter it. Directions are processed in chunks sized to a memory budget.
 
-At any moment one layer's dequantized weights are in memory (two with prefetching, which
-overlaps reading the next layer with the current layer's compute: on by default on CUDA, off
-on CPU, where the worker's dequantization competes with the compute for the cores and
-measured 0.80-0.98x as fast on 2 cores, tools/bench_prefetch.py).
+At any moment at most one layer's dequantized weights are in memory (two with prefetching,
+which overlaps reading the next layer with the current layer's compute: on by default on
+CUDA, off on CPU, where the worker's dequantization competes with the compute for the cores
+and measured 0.80-0.98x as fast on 2 cores, tools/bench_prefetch.py), or, when the matrices
+stream (`plan` decides), one row block of them (blocked.py), the next layers' bytes read
+ahead by a thread and the record's coefficients spilled to a file.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .anchor import Anchor
 from .errors import GgufjacError
+from .gguf_file import pread_fully
 from .units import format_size
 from .costs import mlp_as_matrix
 from .layout import dims_of, linear_path
@@ -181,9 +184,8 @@ class SpilledCoefficients(Sequence[Coefficients]):
         out: Coefficients = {}
         for site, (offset, shape, dtype) in self._index[layer].items():
             t = torch.empty(shape, dtype=dtype)
-            view, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
-            while done < len(view):
-                done += os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            pread_fully(self._file.fileno(), memoryview(t.reshape(-1).view(torch.uint8).numpy()),
+                        offset)
             out[site] = t.to(self.device)
         return out
 
@@ -370,7 +372,7 @@ class StreamingEngine:
         coefficients: list[Coefficients] | SpilledCoefficients = \
             SpilledCoefficients(self.device) if blocks is not None else []
         x = residuals[0]
-        timer = self._sweep_timer("forward", blocks)
+        timer = _SweepTimer(self, "forward", blocks)
         for layer, w in self.layers(range(self.cfg.n_layer), None, "forward", blocks):
             store: Coefficients = {}
             given = self.anchor.layers[layer] if self.anchor is not None else None
@@ -466,7 +468,7 @@ class StreamingEngine:
         plan = self.plan(sum(c.shape[0] for c in cotangents.values()), record.inputs.shape[0],
                          record.nbytes(), chunk=chunk)
         order = range(top - 1, to_residual - 1, -1)
-        timer = self._sweep_timer("reverse", plan.block_elements)
+        timer = _SweepTimer(self, "reverse", plan.block_elements)
         for layer, w in self.layers(order, self.linear_path, "reverse", plan.block_elements):
             g = self.layer_vjp(layer, w, record, g, chunk=plan.chunk)
             if layer in cotangents and layer != top:
@@ -559,11 +561,6 @@ class StreamingEngine:
         streamed = block * per_value + _DEQUANTIZE_TEMPORARIES
         n = min(limit, (budget - fixed - streamed) // per_direction)
         return MemoryPlan(budget, fixed + streamed, per_direction, int(n), int(block))
-
-    # -- timing --------------------------------------------------------------------------
-
-    def _sweep_timer(self, name: str, block_elements: int | None) -> _SweepTimer:
-        return _SweepTimer(self, name, block_elements)
 
 
 @dataclass

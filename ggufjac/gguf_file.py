@@ -139,6 +139,18 @@ class _Cursor:
         self.pos += n
 
 
+def pread_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Read into all of `view` from `fd` at `offset` (system calls may return less than
+    asked); the bytes read, fewer only where the file ends."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
 class GGUFFile:
     """A parsed, validated GGUF file. Metadata in `metadata`, tensor index in `tensors`."""
 
@@ -354,13 +366,11 @@ class GGUFFile:
         the process by it, so a streamed row block needs no page faults and no release. The
         time it takes (waits for the disk included) adds to `read_seconds`."""
         t0 = time.perf_counter()
-        view, done = memoryview(out).cast("B"), 0
-        while done < len(view):
-            got = os.preadv(self._reader(), [view[done:]], start + done)
-            if got <= 0:
-                raise GGUFError(self.path, "file", f"cannot read bytes at offset {start + done}: "
-                                "the file ends early (truncated?)")
-            done += got
+        view = memoryview(out).cast("B")
+        done = pread_fully(self._reader(), view, start)
+        if done < len(view):
+            raise GGUFError(self.path, "file", f"cannot read bytes at offset {start + done}: "
+                            "the file ends early (truncated?)")
         self.read_seconds += time.perf_counter() - t0
         self.bytes_read += done
         return out
@@ -368,15 +378,14 @@ class GGUFFile:
     def read_ahead(self, start: int, n_bytes: int, piece: int = 8 << 20) -> None:
         """Read [start, start + n_bytes) so that it is in the page cache when `read_into`
         asks for it (for a thread to call: the reads release the interpreter). Only one
-        `piece` of memory is used however long the range, and nothing is mapped. (Asking
-        the kernel instead, posix_fadvise WILLNEED, left the compute thread waiting on the
-        disk 68 s of a 70B forward pass's 234 s; this thread's reads hid nearly all of it.)"""
-        buf = bytearray(min(piece, max(n_bytes, 1)))
+        `piece` of memory is used however long the range, and nothing is mapped. Reading,
+        not posix_fadvise(WILLNEED): the kernel's asynchronous read-ahead hid the disk less
+        (docs/benchmarks.md)."""
+        buf = memoryview(bytearray(min(piece, max(n_bytes, 1))))
         done = 0
         while done < n_bytes:
-            view = memoryview(buf)[:min(len(buf), n_bytes - done)]
-            got = os.preadv(self._reader(), [view], start + done)
-            if got <= 0:
+            got = pread_fully(self._reader(), buf[:min(len(buf), n_bytes - done)], start + done)
+            if got == 0:
                 break
             done += got
 

@@ -63,7 +63,7 @@ class StreamedMatrix:
     read again at every use."""
 
     def __init__(self, weights: GGUFWeights, info: TensorInfo, first: int, n_rows: int,
-                 block_rows: int, pool: BufferPool) -> None:
+                 block_rows: int, pool: BufferPool | None) -> None:
         self.weights, self.info, self.first = weights, info, first
         self.shape = (n_rows, info.shape[0])
         self.dtype, self.device = weights.dtype, weights.device
@@ -148,14 +148,14 @@ class GGUFWeights:
         the next layer is loaded into the same pool.
 
         `block_elements`: the matrices are not dequantized now but read in row blocks of
-        about this many values each time they are used (`StreamedMatrix`, sharing one block
-        buffer of the pool, which is then required); norm weights are loaded as tensors.
+        about this many values each time they are used (`StreamedMatrix`, sharing the pool's
+        block buffer, or fresh memory without a pool); norm weights are loaded as tensors.
         """
         w: dict[str, Weight] = {}
         for stored in self.layer_names(names):
             full = f"blk.{i}.{stored}.weight"
             info = self.gguf.tensor(full)
-            if block_elements is not None and len(info.shape) == 2 and pool is not None:
+            if block_elements is not None and len(info.shape) == 2:
                 rows = max(1, block_elements // info.shape[0])
                 first = 0
                 for name, n_rows in stored_members(self.cfg.family, dims_of(self.cfg))[stored]:
@@ -224,14 +224,11 @@ class GGUFWeights:
     def nonfinite_counts(self, values_per_chunk: int = SCAN_CHUNK_VALUES) -> dict[str, int]:
         """{tensor name: number of NaN/Inf values} over every tensor of the file that
         dequantizes to any, read in chunks of rows of about `values_per_chunk` values into
-        reused buffers (memory stays one chunk), the next tensor's bytes read ahead."""
+        reused buffers (memory stays one chunk)."""
         found, pool = {}, BufferPool()
-        names = [n for n, info in self.gguf.tensors.items() if dequantizable(info.type)]
-        for k, name in enumerate(names):
-            info = self.gguf.tensor(name)
-            if k + 1 < len(names):
-                ahead = self.gguf.tensor(names[k + 1])
-                self.gguf.read_ahead(ahead.offset, ahead.n_bytes)
+        for name, info in self.gguf.tensors.items():
+            if not dequantizable(info.type):
+                continue
             rows = math.prod(info.shape[1:])
             step = max(1, values_per_chunk // max(info.shape[0], 1))
             bad = 0
