@@ -29,6 +29,8 @@ from . import reports
 from .reports import nmse  # noqa: F401 (part of the API)
 from .runner import Transformer, unembed
 from .resolve import resolve_model
+from .svd import (FROBENIUS_PROBES, PerTokenTriplets, TopSingularTriplets, default_block,
+                  per_token_triplets, top_singular_triplets, triplets_of_jacobian)
 from .vocab import Vocabulary
 from .weights import GGUFWeights
 
@@ -183,6 +185,43 @@ class LoadedModel:
             return streamed_jacobian(engine, engine.embed(tokens), directions)
         finally:
             engine.release()
+
+    def svd(self, tokens: list[int], k: int, lin: Linearization | None = None,
+            tol: float | None = None, max_iterations: int = 100, block: int | None = None,
+            progress: bool = False, max_memory: int | None = None,
+            anchor: Anchor | None = None, seed: int = 0,
+            on_iteration: Callable[[int, float, float], None] | None = None
+            ) -> TopSingularTriplets:
+        """The top `k` singular triplets of the detached Jacobian without forming it
+        (svd.py: block Lanczos on J Jᵀ by forward and reverse sweeps; `on_iteration` is told
+        each iteration's largest relative σ change and Ritz residual)."""
+        engine = self.engine(lin or Linearization(), progress, max_memory, anchor=anchor)
+        try:
+            self.plan_svd(engine, k, len(tokens), block)
+            record = engine.forward(engine.embed(tokens))
+            result = top_singular_triplets(engine, record, k, tol, max_iterations, block, seed,
+                                           on_iteration)
+        finally:
+            engine.release()
+        result.sweeps = list(engine.sweeps)
+        return result
+
+    @staticmethod
+    def plan_svd(engine: StreamingEngine, k: int, n_tokens: int, block: int | None = None,
+                 anchored: bool = False) -> None:
+        """Refuse, before any work, a budget the svd's widest sweep cannot meet."""
+        b = block or default_block(k)
+        engine.plan(k + b + FROBENIUS_PROBES, n_tokens, anchored=anchored)
+
+    def per_token_svd(self, tokens: list[int], k: int, lin: Linearization | None = None,
+                      progress: bool = False, max_memory: int | None = None,
+                      anchor: Anchor | None = None
+                      ) -> tuple[TopSingularTriplets, PerTokenTriplets, JacobianResult]:
+        """The top `k` triplets of every per-token block J_i, and of J itself, from the
+        formed Jacobian (svd.per_token_triplets says why it is formed)."""
+        result = self.jacobian(tokens, lin, progress, max_memory=max_memory, anchor=anchor)
+        return (triplets_of_jacobian(result, k),
+                per_token_triplets(result.jacobian, k, result.output), result)
 
     def token_for_text(self, text: str) -> int:
         """The vocabulary entry that is exactly `text` (e.g. " Paris")."""

@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian | attribute | layers`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ EXAMPLES = {
                  '--anchor llama.cpp'],
     "attribute": ['ggufjac attribute gemma3-270m -p "The capital of France is" --token " Paris"',
                   'ggufjac attribute model.gguf -p "2 + 2 =" --token-id 19 --json a.json'],
+    "svd": ['ggufjac svd gemma3-270m --prompt-file long.txt --top-k 16 --out out/svd',
+            'ggufjac svd model.gguf -p "The bridge out of Marin is the" --top-k 4 --per-token '
+            '--out out/tok --dtype float64'],
     "layers": ['ggufjac layers gemma3-270m -p "The bridge out of Marin is the" --out out/l',
                'ggufjac layers model.gguf -p "Hello" --out out/l --layers 0,5,10-17'],
 }
@@ -471,6 +474,130 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
         click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  cos(u,y) "
                    f"{v['cos_with_output']:+.3f}  {v['tokens']}")
     click.echo(f"wrote {out_dir}/jacobian.safetensors, report.json, singular_values.png")
+
+
+@main.command(short_help="The top singular triplets of J without forming it (long prompts).",
+              epilog=_epilog("svd"))
+@_model_argument
+@_prompt_options
+@click.option("--top-k", "top_k", type=int, default=8, show_default=True,
+              help="Number of singular triplets (at most d, J's largest possible rank).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output directory (must not exist or be empty, unless --overwrite).")
+@click.option("--per-token", is_flag=True,
+              help="Also the top-k triplets of every per-token block J_i (forms J: one "
+                   "reverse sweep of d directions gives every J_i).")
+@click.option("--tolerance", type=float, default=None,
+              help="Stop when no top-k singular value changes by more than this, relative, "
+                   "in an iteration (default 1e-10 in float64, 1e-5 in float32).")
+@click.option("--max-iterations", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--block", type=click.IntRange(min=1), default=None,
+              help="Vectors per Lanczos block (default: top-k, between 2 and 8).")
+@_engine_options
+@click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_threads_option
+@_errors_to_exit
+def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
+        top_k: int, out_dir: Path, per_token: bool, tolerance: float | None,
+        max_iterations: int, block: int | None, dtype: str, gate_path: str, device: str,
+        max_memory: str | None, anchor: str, overwrite: bool, **llama: Any) -> None:
+    """Top singular values and vectors of the detached Jacobian J (d x N·d), matrix free:
+    block Lanczos on J Jᵀ, each step one reverse sweep (Jᵀ·U) and one forward sweep of the
+    frozen linear network (J·V). Memory does not grow with d x N x d."""
+    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
+    if dtype not in ("float32", "float64"):
+        raise GgufjacError(f"svd runs in float32 or float64, not {dtype}")
+    if top_k < 1:
+        raise GgufjacError(f"--top-k must be at least 1, not {top_k}")
+    if tolerance is not None and not tolerance > 0:
+        raise GgufjacError(f"--tolerance must be positive, not {tolerance}")
+    model, started = _start_tokenizer(model, text)
+    from safetensors.torch import save_file
+
+    from .api import open_model
+    from .linearize import Linearization
+    from .outputs import json_to, prepare_output_dir, write_all
+    from .plots import plot_spectrum
+    from .reports import svd_report
+
+    m = open_model(model, dtype=dtype, device=device)
+    tokens = m.tokenize(text, max_tokens, started)
+    if top_k > m.cfg.d_model:
+        raise GgufjacError(f"--top-k {top_k} is more than J's rank can be: J is "
+                           f"{m.cfg.d_model} x {len(tokens)}·{m.cfg.d_model}, of rank at most "
+                           f"{m.cfg.d_model}")
+    lin = Linearization(detach=True, gate_path=gate_path)
+    engine = m.engine(lin, max_memory=budget)  # refuse a budget before writing anything
+    if per_token:
+        engine.plan(m.cfg.d_model, len(tokens), anchored=anchor != "none")
+    else:
+        m.plan_svd(engine, top_k, len(tokens), block, anchored=anchor != "none")
+    prepare_output_dir(out_dir, overwrite)
+    t0 = time.perf_counter()
+    anchored = _anchor(m, tokens, lin, anchor, llama)
+    per = None
+    if per_token:
+        result, per, _ = m.per_token_svd(tokens, top_k, lin, progress=True, max_memory=budget,
+                                         anchor=anchored)
+    else:
+        def told(i: int, change: float, residual: float) -> None:
+            click.echo(f"ggufjac: iteration {i}: largest relative change of s {change:.1e}, "
+                       f"Ritz residual {residual:.1e}", err=True)
+        result = m.svd(tokens, top_k, lin, tolerance, max_iterations, block, progress=True,
+                       max_memory=budget, anchor=anchored, on_iteration=told)
+    seconds = time.perf_counter() - t0
+    report = svd_report(m, tokens, result, lin, anchored, per)
+    report["seconds"] = seconds
+    report["device"] = device
+    tensors = {"singular_values": result.singular_values, "left": result.left,
+               "right": result.right, "inputs": result.inputs, "output": result.output}
+    if per is not None:
+        tensors.update({"per_token_singular_values": per.singular_values,
+                        "per_token_left": per.left, "per_token_right": per.right})
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    title = (f"{m.cfg.arch}: top {top_k} of J, {len(tokens)} tokens ({dtype}), predicted "
+             f"{report['predicted_token']!r}"
+             + (", anchored to llama.cpp" if anchored is not None else ""))
+    write_all(out_dir, {
+        "svd.safetensors": lambda p: save_file(tensors, str(p),
+                                               metadata={"tokens": json.dumps(tokens)}),
+        "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
+        "report.json": lambda p: json_to(p, report)})
+    click.echo(f"tokens                   {len(tokens)}")
+    click.echo(f"predicted token          {report['predicted_token']!r}")
+    if result.iterations:
+        state = "converged" if result.converged else "NOT converged"
+        click.echo(f"top {top_k} of J               {report['method']}: {state} after "
+                   f"{result.iterations} iterations (largest relative change of s "
+                   f"{result.sigma_change:.1e}, tolerance {result.tolerance:.0e}), "
+                   f"{seconds:.1f} s")
+    else:
+        click.echo(f"top {top_k} of J               {report['method']}, {seconds:.1f} s")
+    click.echo(f"largest residual         {float(result.residuals.max()):.2e} "
+               "(||J v - s u|| / s)")
+    click.echo(f"truncated reconstruction {report['truncated_reconstruction_rel_error']:.3e} "
+               f"(||y - sum_k s_k u_k (v_k . x)|| / ||y||)")
+    click.echo(f"stable rank              {report['stable_rank']:.2f} +- "
+               f"{report['stable_rank_std']:.2f} (||J||_F^2 / s1^2, ||J||_F^2 estimated)")
+    if anchored is not None:
+        _echo_anchor(report["anchor"])
+    click.echo("top singular vectors, decoded through the unembedding:")
+    for v in report["vectors"]:
+        reads = max(range(len(tokens)), key=lambda i: v["input_position_norms"][i])
+        click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  {v['tokens']}  (reads "
+                   f"most from position {reads}, {report['tokens'][reads]!r})")
+    if per is not None:
+        click.echo("per-token top singular value and its left vector's top token:")
+        for e in report["per_token"][:40]:
+            click.echo(f"  {e['position']:>4} {e['token']!r:>16} {e['singular_values'][0]:9.3f}"
+                       f"  {e['top_left_tokens'][0]!r}")
+        if len(tokens) > 40:
+            click.echo(f"  ... ({len(tokens) - 40} more positions in report.json)")
+    click.echo(f"wrote {out_dir}/svd.safetensors, report.json, singular_values.png")
+    if not result.converged:
+        click.echo(f"ggufjac: warning: not converged within {max_iterations} iterations "
+                   f"(raise --max-iterations or --tolerance)", err=True)
+        sys.exit(1)
 
 
 @main.command(short_help="Exact per-token contributions to one token's logit.", epilog=_epilog("attribute"))

@@ -482,6 +482,29 @@ class StreamingEngine:
         cot = self.output_cotangents(record.residuals[-1], directions)
         return self.pull_back(record, {self.cfg.n_layer: cot}, chunk=chunk)
 
+    # -- forward through the frozen linear map -------------------------------------------
+
+    @torch.no_grad()
+    def push_forward(self, record: ForwardRecord, probes: torch.Tensor,
+                     chunk: int | None = None) -> torch.Tensor:
+        """Probes [m, N, d] on the input embeddings -> J @ probes, [m, d]: the detached
+        network with the record's coefficients replayed is exactly linear, so running it
+        forward on the probes (the linear path's weights only, `chunk` probes at a time)
+        applies J to them. The transpose of `pull_back_output`."""
+        m, n = probes.shape[0], probes.shape[1]
+        plan = self.plan(m, n, record.nbytes(), chunk=chunk, forward=True)
+        x = probes.to(self.device, self.dtype, copy=True)
+        step = max(1, plan.chunk)
+        timer = _SweepTimer(self, "forward J·v", plan.block_elements)
+        for layer, w in self.layers(range(self.cfg.n_layer), self.linear_path, "J·v",
+                                    plan.block_elements):
+            lin = self.lin.replaying(record.coefficients[layer])
+            for s in range(0, m, step):
+                x[s:s + step] = block(self.cfg, layer, w, x[s:s + step], lin).out
+        timer.done()
+        lin = self.lin.replaying(record.output_coefficients)
+        return final_norm(self.cfg, self.output_norm, x, lin)[:, -1]
+
     # -- memory --------------------------------------------------------------------------
 
     def record_bytes(self, n_tokens: int, anchored: bool = False, spilled: bool = False) -> int:

@@ -136,12 +136,15 @@ def matmul(x: torch.Tensor, w: LayerWeights, name: str,
 
 def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
               lin: Linearization) -> torch.Tensor:
-    n = h.shape[0]
+    """Attention on h [..., N, d]. Leading dimensions are a batch of inputs sharing one set
+    of replayed coefficients (probes of the frozen linear map); a recording run is [N, d]."""
+    batch, n = h.shape[:-2], h.shape[-2]
     p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin), lin)
     v = frozen_rounding(matmul(h, w, "attn_v", lin), lin, "v_cache")
-    v = v.view(n, cfg.n_kv_head, cfg.head_dim_v).repeat_interleave(
-        cfg.n_head // cfg.n_kv_head, dim=1)
-    o = torch.einsum("hqk,khd->qhd", p, v).reshape(n, cfg.n_head * cfg.head_dim_v)
+    v = v.view(*batch, n, cfg.n_kv_head, cfg.head_dim_v).repeat_interleave(
+        cfg.n_head // cfg.n_kv_head, dim=-2)
+    o = torch.einsum("...hqk,...khd->...qhd", p, v).reshape(*batch, n,
+                                                            cfg.n_head * cfg.head_dim_v)
     return matmul(frozen_rounding(o, lin, "attn_sum"), w, "attn_output", lin)
 
 
@@ -173,7 +176,8 @@ def mlp_branch(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
 
 def block(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
           lin: Linearization) -> BlockOutput:
-    """One transformer layer on the residual stream x [N, d]."""
+    """One transformer layer on the residual stream x [N, d] (or a batch [..., N, d] of
+    inputs to the replayed, linear layer)."""
     a = attention_branch(cfg, layer, w, x, lin)
     mid = x + a
     m = mlp_branch(cfg, w, mid, lin)

@@ -22,6 +22,7 @@ from .runner import unembed
 if TYPE_CHECKING:
     from .anchor import Anchor
     from .api import LoadedModel
+    from .svd import PerTokenTriplets, TopSingularTriplets
 
 # `check` passes when our logits are this close to llama.cpp's (nmse), and the top-1 tokens
 # agree unless llama.cpp's own top two are within this many logits (a near-tie, which
@@ -129,6 +130,69 @@ def jacobian_report(m: LoadedModel, tokens: list[int], result: JacobianResult, l
     }
     if anchor is not None:
         report["anchor"] = m.anchor_summary(anchor, result.output, result)
+    return report
+
+
+def svd_report(m: LoadedModel, tokens: list[int], result: TopSingularTriplets,
+               lin: Linearization, anchor: Anchor | None = None,
+               per_token: PerTokenTriplets | None = None, n_tokens: int = 5) -> dict:
+    """`svd`'s report: the top-K triplets of J (σ, residuals, decoded left vectors, where
+    each right vector reads), the truncated reconstruction, ‖J‖²_F and the stable rank;
+    with `per_token`, every block J_i's top triplets and its top left vector decoded."""
+    k, y = result.singular_values.shape[0], result.output
+    columns = [result.left, m.logit_input(y, anchor)[:, None]]
+    if per_token is not None:
+        columns.append(per_token.left[:, :, 0].T)
+    decoded = top_tokens_by_unembedding(m.weights, torch.cat(columns, dim=1), n_tokens)
+    predicted = decoded[k][0][0]
+    s1 = float(result.singular_values[0])
+    positions = result.input_weights()
+    y_norm = torch.linalg.vector_norm(y)
+    report = {
+        "model": str(m.path), "architecture": m.cfg.arch,
+        "dtype": str(result.singular_values.dtype).removeprefix("torch."),
+        "gate_path": lin.gate_path,
+        "tokens": [m.token_text(t) for t in tokens], "token_ids": tokens,
+        "predicted_token": m.token_text(predicted), "predicted_token_id": predicted,
+        "method": "matrix-free block Lanczos on J J^T (forward and reverse sweeps), then the "
+                  "SVD of U^T J for the top Ritz vectors U" if result.iterations else
+                  "dense SVD of the formed Jacobian",
+        "top_k": k, "converged": result.converged, "iterations": result.iterations,
+        "sigma_relative_change": result.sigma_change, "tolerance": result.tolerance,
+        "krylov_dimension": result.krylov_dimension, "vectors_swept": result.vectors_swept,
+        "singular_values": result.singular_values.tolist(),
+        "residuals": result.residuals.tolist(),
+        "residual_definition": "||J v_k - s_k u_k|| / s_k (||J^T u_k - s_k v_k|| is zero by "
+                               "construction)",
+        "truncated_reconstruction_rel_error": result.truncated_reconstruction_rel_error(),
+        "truncated_reconstruction_definition": "||y - sum_k s_k u_k (v_k . x)|| / ||y||",
+        "frobenius_norm_sq": result.frobenius_sq,
+        "frobenius_norm_sq_std": result.frobenius_sq_std,
+        "frobenius_definition": "||J||_F^2: exact on the Krylov space, plus a Hutchinson "
+                                "estimate over its complement (std: its standard error)",
+        "stable_rank": result.stable_rank,
+        "stable_rank_std": result.frobenius_sq_std / (s1 * s1) if s1 > 0 else 0.0,
+        "stable_rank_definition": STABLE_RANK_DEFINITION,
+        "sign_convention": "each left singular vector u is negated if needed so that "
+                           "u . output > 0 (its right vector with it)",
+        "vectors": [
+            {"index": j, "singular_value": float(result.singular_values[j]),
+             "residual": float(result.residuals[j]),
+             "cos_with_output": float(result.left[:, j] @ y / y_norm),
+             "tokens": [m.token_text(t) for t, _ in decoded[j]],
+             "scores": [sc for _, sc in decoded[j]],
+             "input_position_norms": positions[j].tolist()}
+            for j in range(k)],
+        "sweeps": [t.as_dict() for t in result.sweeps],
+    }
+    if per_token is not None:
+        report["per_token"] = [
+            {"position": i, "token": m.token_text(tokens[i]),
+             "singular_values": per_token.singular_values[i].tolist(),
+             "top_left_tokens": [m.token_text(t) for t, _ in decoded[k + 1 + i]]}
+            for i in range(len(tokens))]
+    if anchor is not None:
+        report["anchor"] = m.anchor_summary(anchor, y)
     return report
 
 

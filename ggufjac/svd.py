@@ -1,0 +1,276 @@
+"""The top singular triplets of the detached Jacobian without forming it (long prompts).
+
+J is d × (N·d): at 1,024 tokens of a d = 640 model 1.6 GB in float32, at 8B scale tens of GB.
+With the forward record's coefficients frozen the network is exactly linear, so J and Jᵀ are
+available as sweeps of the streaming engine: Jᵀ·U is the reverse sweep with U's columns as
+output directions (`pull_back_output`, [m, N, d]), J·V the forward sweep of the replayed
+network with V as input (`push_forward`, [m, d]). Neither forms J.
+
+The method: block Lanczos on the d × d matrix A = J Jᵀ, with full reorthogonalization. Its
+basis lives in the output space (d values per vector, so a basis of hundreds of vectors costs
+nothing) and every step is one reverse and one forward sweep of a block of b vectors. The
+Rayleigh quotient T = Qᵀ A Q is read off the stored images A Q, and the top-K Ritz values of
+T converge to σ_k². Eigenvalues of A carry rounding of order eps·σ_1², so σ and the right
+vectors are not taken from them: a last reverse sweep gives B = U_sᵀ J for the top Ritz
+vectors U_s, and the SVD of B (σ and vectors, accurate to eps·σ_1 rather than eps·σ_1²) is the
+answer; a last forward sweep applies J to the right vectors for the residuals
+‖J v_k − σ_k u_k‖ / σ_k (‖Jᵀ u_k − σ_k v_k‖ is zero by construction).
+
+‖J‖²_F = tr(A) is tr(T) on the Krylov space plus, on its complement, a Hutchinson estimate
+from Gaussian probes projected off the basis (their reverse sweep rides along with the last
+one): the deflated estimate, whose variance is that of the complement's small part only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .analysis import spectrum
+from .engine import ForwardRecord, StreamingEngine, SweepTiming
+from .errors import GgufjacError
+from .jacobian import JacobianResult
+
+# Default convergence: the largest relative change of the top-K σ between two iterations.
+DEFAULT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Gaussian probes for the complement's part of ‖J‖²_F.
+FROBENIUS_PROBES = 8
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    return DEFAULT_TOLERANCE[dtype]
+
+
+def default_block(k: int) -> int:
+    """Vectors per Lanczos block: at least 2 (a pair of nearly equal σ is found together),
+    at most 8: a block costs one reverse and one forward sweep per vector, and a smaller
+    block raises the Krylov degree reached for the same number of sweeps."""
+    return max(2, min(k, 8))
+
+
+@dataclass
+class TopSingularTriplets:
+    """The top K singular triplets of J as a d × (N·d) matrix: J ≈ Σ_k σ_k u_k v_kᵀ."""
+
+    singular_values: torch.Tensor  # [K] descending
+    left: torch.Tensor  # [d, K]; each u_k signed so that u_k · output > 0
+    right: torch.Tensor  # [K, N, d]
+    residuals: torch.Tensor  # [K]: ‖J v_k − σ_k u_k‖ / σ_k
+    converged: bool
+    iterations: int
+    sigma_change: float  # the last iteration's largest relative change of the top-K σ
+    tolerance: float
+    krylov_dimension: int
+    frobenius_sq: float  # estimate of ‖J‖²_F
+    frobenius_sq_std: float  # its standard error (0 when the Krylov space is all of R^d)
+    vectors_swept: int  # directions and probes through the engine, all sweeps together
+    inputs: torch.Tensor  # x [N, d]
+    output: torch.Tensor  # y [d], the last position's final-norm output
+    sweeps: list[SweepTiming] = field(default_factory=list)  # the engine's, when it ran them
+
+    def truncated_reconstruction_rel_error(self) -> float:
+        """‖y − Σ_k σ_k u_k (v_k · x)‖ / ‖y‖: how much of y the top K directions explain."""
+        coords = torch.einsum("knd,nd->k", self.right, self.inputs)
+        approx = self.left @ (self.singular_values * coords)
+        return float(torch.linalg.vector_norm(self.output - approx)
+                     / torch.linalg.vector_norm(self.output))
+
+    def input_weights(self) -> torch.Tensor:
+        """‖v_k[i]‖ [K, N]: how much of each right vector lies on input position i (the
+        squares sum to 1 over positions): which tokens a direction reads."""
+        return torch.linalg.vector_norm(self.right, dim=2)
+
+    @property
+    def stable_rank(self) -> float:
+        """‖J‖²_F / σ_1², from the estimate of ‖J‖²_F."""
+        s1 = float(self.singular_values[0])
+        return self.frobenius_sq / (s1 * s1) if s1 > 0 else 0.0
+
+
+def _orthonormal_block(z: torch.Tensor, basis: torch.Tensor | None,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Columns of z [d, b] made orthonormal and orthogonal to `basis` [d, m] (classical
+    Gram–Schmidt twice, then QR). Columns that vanish against z's own size (the Krylov space
+    became invariant) are replaced by random directions orthogonal to everything so far."""
+    d = z.shape[0]
+    size = float(torch.linalg.vector_norm(z, dim=0).max())
+    for _ in range(2):
+        if basis is not None and basis.shape[1]:
+            z = z - basis @ (basis.T @ z)
+    q, r = torch.linalg.qr(z)
+    small = r.diagonal().abs() <= 1e3 * torch.finfo(z.dtype).eps * size
+    if bool(small.any()):
+        fresh = torch.randn(d, int(small.sum()), dtype=z.dtype, generator=generator).to(z.device)
+        keep = q[:, ~small]
+        full = keep if basis is None else torch.cat((basis, keep), dim=1)
+        for _ in range(2):
+            fresh = fresh - full @ (full.T @ fresh)
+        fresh, _ = torch.linalg.qr(fresh)
+        q = torch.cat((keep, fresh), dim=1)
+    return q
+
+
+def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int,
+                          tol: float | None = None, max_iterations: int = 100,
+                          block: int | None = None, seed: int = 0,
+                          on_iteration: Callable[[int, float, float], None] | None = None
+                          ) -> TopSingularTriplets:
+    """The top `k` singular triplets of the detached Jacobian recorded in `record`, matrix
+    free (see the module docstring). `tol`: stop when no top-k σ changed by more than this
+    (relative) in an iteration (default: 1e-10 in float64, 1e-5 in float32). Not converging
+    within `max_iterations` is reported in the result (`converged`), not raised.
+    `on_iteration(i, change, residual)` is told each iteration's figures."""
+    d, n = engine.cfg.d_model, record.inputs.shape[0]
+    dtype, device = record.inputs.dtype, record.inputs.device
+    if k < 1:
+        raise GgufjacError(f"--top-k must be at least 1, not {k}")
+    if k > d:
+        raise GgufjacError(f"--top-k {k} is more than J's rank can be: J is {d} x {n}·{d}, "
+                           f"of rank at most {d}")
+    if dtype not in DEFAULT_TOLERANCE:
+        raise GgufjacError(f"svd runs in float64 or float32, not "
+                           f"{str(dtype).removeprefix('torch.')} (the Lanczos iteration's "
+                           "eigenvalue problems have no half-precision LAPACK)")
+    tol = default_tolerance(dtype) if tol is None else tol
+    if not tol > 0:
+        raise GgufjacError(f"the tolerance must be positive, not {tol}")
+    b = min(block or default_block(k), d)
+    generator = torch.Generator().manual_seed(seed)
+    y = record.output[-1]
+
+    def jt(u: torch.Tensor) -> torch.Tensor:  # columns [d, m] -> rows of Uᵀ J, [m, N, d]
+        return engine.pull_back_output(record, u.T.contiguous())
+
+    def j(v: torch.Tensor) -> torch.Tensor:  # [m, N, d] -> J v, columns [d, m]
+        return engine.push_forward(record, v).T
+
+    swept = 0
+    q = _orthonormal_block(torch.randn(d, b, dtype=dtype, generator=generator).to(device),
+                           None, generator)
+    basis, images = q, None  # Q [d, m], A Q [d, m]
+    previous, change, converged, iterations = None, math.inf, False, 0
+    while iterations < max_iterations:
+        iterations += 1
+        image = j(jt(q))  # A q = J Jᵀ q
+        swept += 2 * q.shape[1]
+        images = image if images is None else torch.cat((images, image), dim=1)
+        t = basis.T @ images
+        theta, ritz = torch.linalg.eigh((t + t.T) / 2)
+        theta, ritz = theta.flip(0)[:k], ritz.flip(1)[:, :k]
+        sigma = theta.clamp_min(0).sqrt()
+        # ‖A y − θ y‖ / θ_1 for the top Ritz pairs (y = Q s, A y = (A Q) s: no sweep needed)
+        residual = float((torch.linalg.vector_norm(images @ ritz - (basis @ ritz) * theta, dim=0)
+                          / theta[0].clamp_min(torch.finfo(dtype).tiny)).max())
+        if previous is not None and previous.shape[0] == k:
+            change = float(((sigma - previous).abs() / sigma.clamp_min(
+                torch.finfo(dtype).tiny)).max())
+        if on_iteration is not None:
+            on_iteration(iterations, change, residual)
+        if change <= tol and residual <= tol:
+            converged = True
+            break
+        previous = sigma
+        if basis.shape[1] >= d:  # the Krylov space is all of R^d: T is A itself
+            converged, change = True, 0.0
+            break
+        width = min(b, d - basis.shape[1])
+        q = _orthonormal_block(image[:, :width], basis, generator)
+        basis = torch.cat((basis, q), dim=1)
+    if basis.shape[1] > images.shape[1]:  # the last block was never applied
+        basis = basis[:, :images.shape[1]]
+    t = basis.T @ images
+    theta, ritz = torch.linalg.eigh((t + t.T) / 2)
+    s = min(basis.shape[1], k + b)  # a few more Ritz vectors than asked: they sharpen B's SVD
+    u_s = basis @ ritz.flip(1)[:, :s]
+
+    # the complement of the Krylov space, for ‖J‖²_F
+    n_probe = 0 if basis.shape[1] >= d else FROBENIUS_PROBES
+    probes = torch.randn(d, n_probe, dtype=dtype, generator=generator).to(device)
+    for _ in range(2):
+        probes = probes - basis @ (basis.T @ probes)
+    rows = jt(torch.cat((u_s, probes), dim=1))  # [s + p, N, d]
+    swept += s + n_probe
+    b_rows, probe_rows = rows[:s].reshape(s, n * d), rows[s:].reshape(n_probe, n * d)
+    del rows
+    spec = spectrum(b_rows, None)
+    del b_rows
+    sv = spec.singular_values[:k]
+    left = u_s @ spec.left[:, :k]
+    right = spec.right[:k].reshape(k, n, d)
+    sign = torch.sign(y @ left)
+    sign[sign == 0] = 1
+    left, right = left * sign, right * sign[:, None, None]
+
+    applied = j(right)  # J v_k, [d, k]
+    swept += k
+    residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) / sv.clamp_min(
+        torch.finfo(dtype).tiny)
+
+    exact = float(torch.trace(t))
+    if n_probe:
+        tail = probe_rows.pow(2).sum(dim=1)  # ‖Jᵀ P⊥ g‖², one per probe
+        estimate = exact + float(tail.mean())
+        std = float(tail.std() / math.sqrt(n_probe)) if n_probe > 1 else math.inf
+    else:
+        estimate, std = exact, 0.0
+    return TopSingularTriplets(sv, left, right, residuals, converged, iterations, change, tol,
+                               int(basis.shape[1]), estimate, std, swept,
+                               record.inputs.detach(), y)
+
+
+def triplets_of_jacobian(result: JacobianResult, k: int) -> TopSingularTriplets:
+    """The same triplets from a formed Jacobian: its dense SVD, residuals from J itself and
+    ‖J‖²_F exactly (nothing estimated, nothing iterated)."""
+    jac = result.jacobian
+    d, n = jac.shape[0], jac.shape[1]
+    if not 1 <= k <= d:
+        raise GgufjacError(f"--top-k must be between 1 and {d} (J's rank is at most {d}), "
+                           f"not {k}")
+    flat = jac.reshape(d, n * d)
+    spec = spectrum(flat, result.output)
+    sv, left, right = spec.singular_values[:k], spec.left[:, :k], spec.right[:k]
+    residuals = torch.linalg.vector_norm(flat.to(right.dtype) @ right.T - left * sv, dim=0) \
+        / sv.clamp_min(torch.finfo(sv.dtype).tiny)
+    frob = float(flat.pow(2).sum())
+    return TopSingularTriplets(sv, left, right.reshape(k, n, d), residuals, True, 0, 0.0, 0.0,
+                               d, frob, 0.0, d, result.inputs, result.output)
+
+
+@dataclass
+class PerTokenTriplets:
+    """The top K singular triplets of every per-token block J_i = ∂y/∂x_i (d × d)."""
+
+    singular_values: torch.Tensor  # [N, K]
+    left: torch.Tensor  # [N, d, K]; u signed so that u · output > 0
+    right: torch.Tensor  # [N, K, d]
+
+
+def per_token_triplets(jacobian: torch.Tensor, k: int, output: torch.Tensor,
+                       positions_per_batch: int = 64) -> PerTokenTriplets:
+    """Top-k triplets of each block J[:, i, :] of a formed Jacobian [d, N, d], by LAPACK's
+    SVD batched over `positions_per_batch` positions at a time.
+
+    Why J is formed here: one reverse sweep with the d unit directions gives every J_i at
+    once, while a matrix-free iteration needs, per step, a reverse direction and a forward
+    probe for each position separately (the forward sweep sums over positions): 2N sweeps of
+    one vector per step against d once, more work as soon as N > d / 2."""
+    d, n, _ = jacobian.shape
+    if not 1 <= k <= d:
+        raise GgufjacError(f"--top-k must be between 1 and {d} (a block J_i is {d} x {d}), "
+                           f"not {k}")
+    values, lefts, rights = [], [], []
+    for start in range(0, n, positions_per_batch):
+        blocks = jacobian[:, start:start + positions_per_batch].permute(1, 0, 2)
+        if blocks.dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half SVD
+            blocks = blocks.float()
+        u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+        u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
+        sign = torch.sign(torch.einsum("pdk,d->pk", u, output.to(u.dtype)))
+        sign[sign == 0] = 1
+        values.append(s)
+        lefts.append(u * sign[:, None, :])
+        rights.append(vh * sign[:, :, None])
+    return PerTokenTriplets(torch.cat(values), torch.cat(lefts), torch.cat(rights))
