@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .jacobian import JacobianFile, position_blocks
 from .weights import GGUFWeights
 
 ENTROPY_RANK_DEFINITION = (
@@ -20,7 +21,8 @@ STABLE_RANK_DEFINITION = ("stable rank ||J||_F^2 / s_1^2 = sum_k s_k^2 / s_1^2, 
 class Spectrum:
     singular_values: torch.Tensor  # descending
     left: torch.Tensor  # [d_out, k] left singular vectors, signs fixed (see `orient`)
-    right: torch.Tensor  # [k, d_in_total] right singular vectors, same signs
+    # [k, d_in_total] right singular vectors, same signs (None: not computed, gram_spectrum)
+    right: torch.Tensor | None
 
     @property
     def stable_rank(self) -> float:
@@ -58,6 +60,23 @@ def spectrum(matrix: torch.Tensor, output: torch.Tensor | None = None) -> Spectr
         sign[sign == 0] = 1
         u, vh = u.mul_(sign), vh.mul_(sign[:, None])  # in place: vh is as large as the map
     return Spectrum(s, u, vh)
+
+
+def gram_spectrum(jacobian: torch.Tensor | JacobianFile, output: torch.Tensor) -> Spectrum:
+    """σ and left vectors of J [d, N, d] from its d × d Gram matrix J Jᵀ, accumulated over
+    blocks of positions (a J in a file is read once, a block at a time); the right vectors
+    are not formed. σ_k = sqrt(λ_k) carries an absolute error of order eps·σ_1²/σ_k: exact
+    enough in float64, coarse for the small σ of a float32 J (`spectrum` is not squared)."""
+    d = jacobian.shape[0]
+    gram = torch.zeros((d, d), dtype=output.dtype, device=output.device)
+    for _, block in position_blocks(jacobian):
+        flat = block.to(output.device).reshape(d, -1)
+        gram.addmm_(flat, flat.T)
+    lam, u = torch.linalg.eigh((gram + gram.T) / 2)
+    s, u = lam.flip(0).clamp_min(0).sqrt(), u.flip(1)
+    sign = torch.sign(output @ u)
+    sign[sign == 0] = 1
+    return Spectrum(s, u * sign, None)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from .errors import GGUFError, GgufjacError, LlamaCppError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .engine import StreamingEngine
-from .jacobian import JacobianResult, detached_jacobian, streamed_jacobian
+from .jacobian import JacobianResult, detached_jacobian, jacobian_to_file, streamed_jacobian
 from .linearize import Linearization
 from .llamacpp import DEFAULT_SETTINGS, RunSettings
 from . import reports
@@ -215,13 +215,35 @@ class LoadedModel:
 
     def per_token_svd(self, tokens: list[int], k: int, lin: Linearization | None = None,
                       progress: bool = False, max_memory: int | None = None,
-                      anchor: Anchor | None = None
+                      anchor: Anchor | None = None, scratch: Path | None = None,
+                      directions: int | None = None
                       ) -> tuple[TopSingularTriplets, PerTokenTriplets, JacobianResult]:
         """The top `k` triplets of every per-token block J_i, and of J itself, from the
-        formed Jacobian (svd.per_token_triplets says why it is formed)."""
-        result = self.jacobian(tokens, lin, progress, max_memory=max_memory, anchor=anchor)
+        formed Jacobian (svd.per_token_triplets says why it is formed). With `scratch`, J is
+        written to that file, `directions` rows per sweep, and read back from it."""
+        if scratch is not None:
+            result = self.jacobian_to_file(tokens, scratch, directions or self.cfg.d_model,
+                                           lin, progress, max_memory, anchor)
+        else:
+            result = self.jacobian(tokens, lin, progress, max_memory=max_memory, anchor=anchor)
         return (triplets_of_jacobian(result, k),
                 per_token_triplets(result.jacobian, k, result.output), result)
+
+    def jacobian_to_file(self, tokens: list[int], path: Path, directions: int,
+                         lin: Linearization | None = None, progress: bool = False,
+                         max_memory: int | None = None,
+                         anchor: Anchor | None = None) -> JacobianResult:
+        """The detached Jacobian written to the safetensors file `path` as it is made,
+        `directions` output rows per reverse sweep (`jacobian.directions_per_sweep`: the
+        most that fit), for a J larger than memory; the result reads it from the file."""
+        import json
+
+        engine = self.engine(lin or Linearization(), progress, max_memory, anchor=anchor)
+        try:
+            return jacobian_to_file(engine, engine.embed(tokens), path, directions,
+                                    {"tokens": json.dumps(tokens)})
+        finally:
+            engine.release()
 
     def token_for_text(self, text: str) -> int:
         """The vocabulary entry that is exactly `text` (e.g. " Paris")."""

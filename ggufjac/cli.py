@@ -433,37 +433,64 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from safetensors.torch import save_file
 
     from .api import open_model
+    from .jacobian import directions_per_sweep
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_spectrum
+    from .units import format_size
 
     m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens, started)
     lin = Linearization(detach=True, gate_path=gate_path)
-    m.engine(lin, max_memory=budget).plan(m.cfg.d_model, len(tokens),  # refuse before writing
-                                          anchored=anchor != "none")
+    d = m.cfg.d_model
+    # refuse before writing; a J larger than the budget is made a few rows at a time, on disk
+    directions = directions_per_sweep(m.engine(lin, max_memory=budget), len(tokens),
+                                      anchored=anchor != "none")
     prepare_output_dir(out_dir, overwrite)
-    t0 = time.perf_counter()
-    anchored = _anchor(m, tokens, lin, anchor, llama)
-    result = m.jacobian(tokens, lin, progress=True, max_memory=budget, anchor=anchored)
-    seconds = time.perf_counter() - t0
-    report = m.jacobian_report(tokens, result, lin, anchor=anchored)
-    report["jacobian_seconds"] = seconds
-    report["device"] = device
-    tensors = {"jacobian": result.jacobian.contiguous().cpu(),
-               "inputs": result.inputs.contiguous().cpu(), "output": result.output.contiguous().cpu()}
-    title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
-             f"{report['predicted_token']!r}"
-             + (", anchored to llama.cpp" if anchored is not None else ""))
-    write_all(out_dir, {
-        "jacobian.safetensors": lambda p: save_file(tensors, str(p),
-                                                    metadata={"tokens": json.dumps(tokens)}),
-        "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
-        "report.json": lambda p: json_to(p, report)})
+    scratch = out_dir / ".jacobian.safetensors.making" if directions < d else None
+    try:
+        if scratch is not None:
+            size = d * len(tokens) * d * m.weights.dtype.itemsize
+            click.echo(f"ggufjac: J ({format_size(size)}) is larger than the memory budget: "
+                       f"writing it to {out_dir}/jacobian.safetensors as it is made, in "
+                       f"{-(-d // directions)} reverse sweeps of {directions} directions",
+                       err=True)
+        t0 = time.perf_counter()
+        anchored = _anchor(m, tokens, lin, anchor, llama)
+        if scratch is None:
+            result = m.jacobian(tokens, lin, progress=True, max_memory=budget, anchor=anchored)
+        else:
+            result = m.jacobian_to_file(tokens, scratch, directions, lin, progress=True,
+                                        max_memory=budget, anchor=anchored)
+        seconds = time.perf_counter() - t0
+        report = m.jacobian_report(tokens, result, lin, anchor=anchored)
+        report["jacobian_seconds"] = seconds
+        report["device"] = device
+        report["jacobian_in_memory"] = scratch is None
+        title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
+                 f"{report['predicted_token']!r}"
+                 + (", anchored to llama.cpp" if anchored is not None else ""))
+        if scratch is None:
+            tensors = {"jacobian": result.jacobian.contiguous().cpu(),
+                       "inputs": result.inputs.contiguous().cpu(),
+                       "output": result.output.contiguous().cpu()}
+
+            def write_jacobian(p: Path) -> None:
+                save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)})
+        else:
+            def write_jacobian(p: Path) -> None:
+                os.replace(scratch, p)
+        write_all(out_dir, {
+            "jacobian.safetensors": write_jacobian,
+            "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
+            "report.json": lambda p: json_to(p, report)})
+    finally:
+        if scratch is not None and scratch.exists():
+            scratch.unlink()
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
-               f"in {seconds:.1f} s")
+               f"in {seconds:.1f} s" + ("" if scratch is None else ", written to disk"))
     click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
     if anchored is not None:
         _echo_anchor(report["anchor"])
@@ -492,7 +519,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
                    "in an iteration (default 1e-10 in float64, 1e-5 in float32).")
 @click.option("--max-iterations", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--block", type=click.IntRange(min=1), default=None,
-              help="Vectors per Lanczos block (default: top-k, between 2 and 8).")
+              help="Vectors per Lanczos block (default 2; larger blocks batch better on "
+                   "short prompts, smaller ones sweep fewer vectors on long ones).")
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_threads_option
@@ -515,6 +543,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     from safetensors.torch import save_file
 
     from .api import open_model
+    from .jacobian import directions_per_sweep
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_spectrum
@@ -528,8 +557,9 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
                            f"{m.cfg.d_model}")
     lin = Linearization(detach=True, gate_path=gate_path)
     engine = m.engine(lin, max_memory=budget)  # refuse a budget before writing anything
-    if per_token:
-        engine.plan(m.cfg.d_model, len(tokens), anchored=anchor != "none")
+    directions = m.cfg.d_model
+    if per_token:  # a J larger than the budget is made a few rows at a time, in a file
+        directions = directions_per_sweep(engine, len(tokens), anchored=anchor != "none")
     else:
         m.plan_svd(engine, top_k, len(tokens), block, anchored=anchor != "none")
     prepare_output_dir(out_dir, overwrite)
@@ -537,8 +567,17 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     anchored = _anchor(m, tokens, lin, anchor, llama)
     per = None
     if per_token:
-        result, per, _ = m.per_token_svd(tokens, top_k, lin, progress=True, max_memory=budget,
-                                         anchor=anchored)
+        scratch = out_dir / ".jacobian-scratch" if directions < m.cfg.d_model else None
+        if scratch is not None:
+            click.echo(f"ggufjac: J is larger than the memory budget: making it in a scratch "
+                       f"file, {directions} directions per reverse sweep", err=True)
+        try:
+            result, per, _ = m.per_token_svd(tokens, top_k, lin, progress=True,
+                                             max_memory=budget, anchor=anchored,
+                                             scratch=scratch, directions=directions)
+        finally:
+            if scratch is not None and scratch.exists():
+                scratch.unlink()
     else:
         def told(i: int, change: float, residual: float) -> None:
             click.echo(f"ggufjac: iteration {i}: largest relative change of s {change:.1e}, "

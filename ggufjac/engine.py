@@ -153,22 +153,25 @@ def _batched_vjp(out: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, c
     return result
 
 
-class SpilledCoefficients(Sequence[Coefficients]):
-    """Layers' frozen coefficients kept in an (already unlinked) temporary file, not in
-    memory: each layer's are read back, as a fresh dict, when asked for. The MLP's [N, d_ff]
-    coefficients of every layer are the one part of a forward record that grows with the
-    model (147 MB for a 70B model and 16 tokens in float32); spilled, one layer's are resident
-    at a time. Writing and reading them back costs a few MB per layer, against the hundreds
-    of MB of weights that layer reads."""
+class SpilledTensors(Sequence[dict[str, torch.Tensor]]):
+    """Groups of named tensors kept in an (already unlinked) temporary file, not in memory:
+    each group is read back, as a fresh dict, when asked for.
+
+    The forward record of a streamed run spills its layers' frozen coefficients here: the
+    MLP's [N, d_ff] coefficients of every layer are the one part of a record that grows
+    with the model (147 MB for a 70B model and 16 tokens in float32); spilled, one layer's
+    are resident at a time, and writing and reading them back costs a few MB per layer
+    against the hundreds of MB of weights that layer reads. svd.py spills its Lanczos
+    blocks' reverse-sweep rows here too."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._file = tempfile.TemporaryFile(prefix="ggufjac-record-")
         self._index: list[dict[str, tuple[int, tuple[int, ...], torch.dtype]]] = []
         self._end = 0
-        self.largest = 0  # bytes of the largest layer's coefficients (one is loaded at a time)
+        self.largest = 0  # bytes of the largest group (one is loaded at a time)
 
-    def append(self, store: Coefficients) -> None:
+    def append(self, store: dict[str, torch.Tensor]) -> None:
         entry, size = {}, 0
         for site, t in store.items():
             data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
@@ -179,10 +182,10 @@ class SpilledCoefficients(Sequence[Coefficients]):
         self._index.append(entry)
         self.largest = max(self.largest, size)
 
-    def __getitem__(self, layer: int) -> Coefficients:  # type: ignore[override]
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
         self._file.flush()
-        out: Coefficients = {}
-        for site, (offset, shape, dtype) in self._index[layer].items():
+        out: dict[str, torch.Tensor] = {}
+        for site, (offset, shape, dtype) in self._index[index].items():
             t = torch.empty(shape, dtype=dtype)
             pread_fully(self._file.fileno(), memoryview(t.reshape(-1).view(torch.uint8).numpy()),
                         offset)
@@ -199,7 +202,7 @@ class ForwardRecord:
 
     residuals: list[torch.Tensor]  # residuals[l]: the stream entering layer l; [L]: the last output
     # frozen coefficients of each layer: in memory, or spilled to a temporary file
-    coefficients: list[Coefficients] | SpilledCoefficients
+    coefficients: list[Coefficients] | SpilledTensors
     output_coefficients: Coefficients  # of the final norm
     output: torch.Tensor  # final-norm output at every position [N, d]
 
@@ -210,7 +213,7 @@ class ForwardRecord:
     def nbytes(self) -> int:
         """Bytes the record holds in memory (a spilled record: one layer's coefficients)."""
         tensors = [*self.residuals, self.output, *self.output_coefficients.values()]
-        if isinstance(self.coefficients, SpilledCoefficients):
+        if isinstance(self.coefficients, SpilledTensors):
             held = self.coefficients.largest
         else:
             held = sum(t.numel() * t.element_size() for c in self.coefficients for t in c.values())
@@ -369,8 +372,8 @@ class StreamingEngine:
         blocks = self.plan(1, inputs.shape[0], forward=True).block_elements
         residuals = [inputs.detach()]
         # A streamed run keeps memory flat in the model's size: its record is spilled too.
-        coefficients: list[Coefficients] | SpilledCoefficients = \
-            SpilledCoefficients(self.device) if blocks is not None else []
+        coefficients: list[Coefficients] | SpilledTensors = \
+            SpilledTensors(self.device) if blocks is not None else []
         x = residuals[0]
         timer = _SweepTimer(self, "forward", blocks)
         for layer, w in self.layers(range(self.cfg.n_layer), None, "forward", blocks):

@@ -1,28 +1,79 @@
 """The detached Jacobian of the output embedding with respect to every input embedding.
 
-Two paths: `streamed_jacobian` (the default: one layer in memory at a time, see engine.py),
-and the in-memory reference `detached_jacobian`: one forward pass through the whole model
-with gradients, then batched reverse mode (`autograd.grad(..., is_grads_batched=True)`, i.e. vmap over the
-backward pass) with the identity as cotangents, `chunk` output directions at a time.
+Three paths: `streamed_jacobian` (the default: one layer in memory at a time, see
+engine.py); `jacobian_to_file`, the same sweeps a few output directions at a time with J
+written to a safetensors file as it is made, for a J larger than the memory budget; and the
+in-memory reference `detached_jacobian`: one forward pass through the whole model with
+gradients, then batched reverse mode (`autograd.grad(..., is_grads_batched=True)`, i.e. vmap
+over the backward pass) with the identity as cotangents, `chunk` output directions at a time.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .errors import GgufjacError
+from .gguf_file import pread_fully
 from .linearize import DETACHED, Linearization
 from .engine import StreamingEngine
 from .runner import Transformer
+
+# Bytes of J read at a time from a Jacobian file (a block of positions, every row).
+FILE_BLOCK_BYTES = 64 << 20
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16"}
+
+
+@dataclass
+class JacobianFile:
+    """A Jacobian [d, N, d] stored in a safetensors file (`jacobian_to_file`), read a block
+    of positions at a time, so that it is never whole in memory."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: torch.dtype
+    offset: int  # of J's first byte in the file
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """J[:, start:stop, :] as a fresh tensor (one read per output row)."""
+        d, n, k = self.shape
+        out = torch.empty((d, stop - start, k), dtype=self.dtype)
+        item = out.element_size()
+        row, size = n * k * item, (stop - start) * k * item
+        with open(self.path, "rb") as f:
+            for o in range(d):
+                view = memoryview(out[o].reshape(-1).view(torch.uint8).numpy())
+                pread_fully(f.fileno(), view, self.offset + o * row + start * k * item)
+                del view
+        return out
+
+
+def position_blocks(jacobian: torch.Tensor | JacobianFile,
+                    block_bytes: int = FILE_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first position, J[:, block, :]) over blocks of positions, for a J in memory (views)
+    or in a file (reads of about `block_bytes`)."""
+    d, n, k = jacobian.shape
+    if isinstance(jacobian, torch.Tensor):
+        yield 0, jacobian
+        return
+    per_position = d * k * torch.empty((), dtype=jacobian.dtype).element_size()
+    step = max(1, block_bytes // per_position)
+    for start in range(0, n, step):
+        yield start, jacobian.positions(start, min(start + step, n))
 
 
 @dataclass
 class JacobianResult:
     """J [d_out, N, d_in] with y = Σ_i J[:, i, :] @ x_i for the detached model."""
 
-    jacobian: torch.Tensor
+    jacobian: torch.Tensor | JacobianFile  # in memory, or in a file (`jacobian_to_file`)
     inputs: torch.Tensor  # x [N, d], the rows fed into layer 0
     output: torch.Tensor  # y [d], last position after the final norm
     # If set [m, d]: `jacobian` is [m, N, d], the Jacobian of directions @ y (projected).
@@ -33,11 +84,65 @@ class JacobianResult:
         return reconstruction_rel_error(self.jacobian, self.inputs, target)
 
 
-def reconstruction_rel_error(jacobian: torch.Tensor, inputs: torch.Tensor,
+def reconstruction_rel_error(jacobian: torch.Tensor | JacobianFile, inputs: torch.Tensor,
                              output: torch.Tensor) -> float:
     """‖Σ_i J_i x_i − y‖ / ‖y‖: zero up to rounding when the map is exactly linear."""
-    recon = torch.einsum("onk,nk->o", jacobian, inputs)
+    recon = torch.zeros_like(output)
+    for start, block in position_blocks(jacobian):
+        recon += torch.einsum("onk,nk->o", block, inputs[start:start + block.shape[1]])
     return float(torch.linalg.vector_norm(recon - output) / torch.linalg.vector_norm(output))
+
+
+def directions_per_sweep(engine: StreamingEngine, n_tokens: int, anchored: bool = False) -> int:
+    """Most output directions whose rows of J fit in the memory budget at once (all d: J
+    fits, and `streamed_jacobian` makes it in one sweep); below one, the budget is refused."""
+    d, c = engine.cfg.d_model, engine.cfg.d_model
+    while True:
+        try:
+            engine.plan(c, n_tokens, anchored=anchored)
+            return c
+        except GgufjacError:
+            if c == 1:
+                raise
+            c = max(1, c // 2)
+
+
+def jacobian_to_file(engine: StreamingEngine, inputs: torch.Tensor, path: Path,
+                     directions: int, metadata: dict[str, str] | None = None
+                     ) -> JacobianResult:
+    """The detached Jacobian written to the safetensors file `path` as it is made: one
+    forward pass, then reverse sweeps of `directions` output directions each (every sweep
+    reads the layers again), each sweep's rows of J appended to the file. The file holds
+    `jacobian` [d, N, d], `inputs` and `output`, as `jacobian`'s in-memory result does."""
+    d, n = engine.cfg.d_model, inputs.shape[0]
+    dtype = inputs.dtype
+    item = inputs.element_size()
+    sizes = {"jacobian": d * n * d * item, "inputs": n * d * item, "output": d * item}
+    shapes = {"jacobian": [d, n, d], "inputs": [n, d], "output": [d]}
+    header: dict = {"__metadata__": metadata or {}}
+    start = 0
+    for name in ("jacobian", "inputs", "output"):
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shapes[name],
+                        "data_offsets": [start, start + sizes[name]]}
+        start += sizes[name]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    offset = 8 + len(text)
+    record = engine.forward(inputs)
+    y = record.output[-1]
+    eye = torch.eye(d, dtype=dtype, device=inputs.device)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for s in range(0, d, directions):
+            rows = engine.pull_back_output(record, eye[s:s + directions]).contiguous().cpu()
+            f.write(memoryview(rows.reshape(-1).view(torch.uint8).numpy()))
+            del rows
+        for t in (inputs, y):
+            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+                               .numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    return JacobianResult(JacobianFile(Path(path), (d, n, d), dtype, offset), inputs.detach(), y)
 
 
 def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,

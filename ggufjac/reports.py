@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, spectrum, \
-    top_tokens_by_unembedding
-from .jacobian import JacobianResult, reconstruction_rel_error
+from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, gram_spectrum, \
+    spectrum, top_tokens_by_unembedding
+from .jacobian import JacobianFile, JacobianResult, reconstruction_rel_error
 from .layers import KINDS
 from .linearize import Linearization
 from .llamacpp import RunSettings
@@ -94,7 +94,9 @@ def jacobian_report(m: LoadedModel, tokens: list[int], result: JacobianResult, l
     """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian
     (and, if anchored, how it matches llama.cpp's run)."""
     d, n = result.jacobian.shape[0], result.jacobian.shape[1]
-    spec = spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
+    on_disk = isinstance(result.jacobian, JacobianFile)
+    spec = gram_spectrum(result.jacobian, result.output) if on_disk else \
+        spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
     k = min(n_vectors, spec.left.shape[1])
     # One walk over the unembedding decodes the singular vectors and y itself (the
     # predicted token: a final soft-cap is monotone, so it does not change the argmax).
@@ -120,6 +122,9 @@ def jacobian_report(m: LoadedModel, tokens: list[int], result: JacobianResult, l
         "entropy_effective_rank_definition": ENTROPY_RANK_DEFINITION,
         "sign_convention": "each left singular vector u is negated if needed so that "
                            "u . output > 0 (its right vector with it)",
+        "spectrum_method": "eigenvalues of J J^T accumulated from the file (J was larger "
+                           "than the memory budget)" if on_disk else
+                           "SVD of J (Householder QR of J^T, then the SVD of R)",
         "top_singular_tokens": [
             {"index": j, "singular_value": float(spec.singular_values[j]),
              "cos_with_output": float(spec.left[:, j] @ result.output.to(spec.left.dtype)

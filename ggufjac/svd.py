@@ -11,14 +11,15 @@ basis lives in the output space (d values per vector, so a basis of hundreds of 
 nothing) and every step is one reverse and one forward sweep of a block of b vectors. The
 Rayleigh quotient T = Qᵀ A Q is read off the stored images A Q, and the top-K Ritz values of
 T converge to σ_k². Eigenvalues of A carry rounding of order eps·σ_1², so σ and the right
-vectors are not taken from them: a last reverse sweep gives B = U_sᵀ J for the top Ritz
-vectors U_s, and the SVD of B (σ and vectors, accurate to eps·σ_1 rather than eps·σ_1²) is the
-answer; a last forward sweep applies J to the right vectors for the residuals
-‖J v_k − σ_k u_k‖ / σ_k (‖Jᵀ u_k − σ_k v_k‖ is zero by construction).
+vectors are not taken from them: every block's reverse-sweep rows Qᵢᵀ J are kept (in a
+temporary file), B = U_sᵀ J for the top Ritz vectors U_s = Q S is combined from them
+(Sᵀ Qᵀ J) without another sweep, and the SVD of B (σ and vectors, accurate to eps·σ_1 rather
+than eps·σ_1²) is the answer; a last forward sweep applies J to the right vectors for the
+residuals ‖J v_k − σ_k u_k‖ / σ_k (‖Jᵀ u_k − σ_k v_k‖ is zero by construction).
 
 ‖J‖²_F = tr(A) is tr(T) on the Krylov space plus, on its complement, a Hutchinson estimate
-from Gaussian probes projected off the basis (their reverse sweep rides along with the last
-one): the deflated estimate, whose variance is that of the complement's small part only.
+from Gaussian probes projected off the basis (one reverse sweep of them): the deflated
+estimate, whose variance is that of the complement's small part only.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .analysis import spectrum
-from .engine import ForwardRecord, StreamingEngine, SweepTiming
+from .analysis import gram_spectrum, spectrum
+from .engine import ForwardRecord, SpilledTensors, StreamingEngine, SweepTiming
 from .errors import GgufjacError
-from .jacobian import JacobianResult
+from .jacobian import JacobianFile, JacobianResult, position_blocks
 
 # Default convergence: the largest relative change of the top-K σ between two iterations.
 DEFAULT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -45,10 +46,13 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 
 def default_block(k: int) -> int:
-    """Vectors per Lanczos block: at least 2 (a pair of nearly equal σ is found together),
-    at most 8: a block costs one reverse and one forward sweep per vector, and a smaller
-    block raises the Krylov degree reached for the same number of sweeps."""
-    return max(2, min(k, 8))
+    """Vectors per Lanczos block: 2. A block costs one reverse and one forward sweep per
+    vector, and a smaller block reaches a higher Krylov degree for the same number of
+    vectors: for the top 16 of a 256-token prompt on Gemma 3 270M, blocks of 1, 2, 3, 4, 8
+    swept 135, 154, 181, 204, 272 vectors (docs/benchmarks.md). A block of 1 sweeps the
+    fewest but pays each sweep's fixed cost (reading the weights) twice as often and finds
+    a nearly double σ only slowly, so 2 (at most k)."""
+    return max(1, min(k, 2))
 
 
 @dataclass
@@ -151,10 +155,14 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     q = _orthonormal_block(torch.randn(d, b, dtype=dtype, generator=generator).to(device),
                            None, generator)
     basis, images = q, None  # Q [d, m], A Q [d, m]
+    spilled = SpilledTensors(device)  # Jᵀ Q, block by block
     previous, change, converged, iterations = None, math.inf, False, 0
     while iterations < max_iterations:
         iterations += 1
-        image = j(jt(q))  # A q = J Jᵀ q
+        rows = jt(q)  # Qᵢᵀ J, kept (in a file) for the final B = U_sᵀ J
+        spilled.append({"rows": rows})
+        image = j(rows)  # A q = J Jᵀ q
+        del rows
         swept += 2 * q.shape[1]
         images = image if images is None else torch.cat((images, image), dim=1)
         t = basis.T @ images
@@ -184,17 +192,27 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     t = basis.T @ images
     theta, ritz = torch.linalg.eigh((t + t.T) / 2)
     s = min(basis.shape[1], k + b)  # a few more Ritz vectors than asked: they sharpen B's SVD
-    u_s = basis @ ritz.flip(1)[:, :s]
+    ritz = ritz.flip(1)[:, :s]
+    u_s = basis @ ritz
+    # B = U_sᵀ J = ritzᵀ (Qᵀ J), from the rows of every block's reverse sweep
+    b_rows = torch.zeros((s, n * d), dtype=dtype, device=device)
+    first = 0
+    for i in range(len(spilled)):
+        rows = spilled[i]["rows"].reshape(-1, n * d)
+        b_rows.addmm_(ritz[first:first + rows.shape[0]].T, rows)
+        first += rows.shape[0]
+        del rows
+    del spilled
 
     # the complement of the Krylov space, for ‖J‖²_F
     n_probe = 0 if basis.shape[1] >= d else FROBENIUS_PROBES
-    probes = torch.randn(d, n_probe, dtype=dtype, generator=generator).to(device)
-    for _ in range(2):
-        probes = probes - basis @ (basis.T @ probes)
-    rows = jt(torch.cat((u_s, probes), dim=1))  # [s + p, N, d]
-    swept += s + n_probe
-    b_rows, probe_rows = rows[:s].reshape(s, n * d), rows[s:].reshape(n_probe, n * d)
-    del rows
+    probe_rows = None
+    if n_probe:
+        probes = torch.randn(d, n_probe, dtype=dtype, generator=generator).to(device)
+        for _ in range(2):
+            probes = probes - basis @ (basis.T @ probes)
+        probe_rows = jt(probes).reshape(n_probe, n * d)
+        swept += n_probe
     spec = spectrum(b_rows, None)
     del b_rows
     sv = spec.singular_values[:k]
@@ -210,7 +228,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
         torch.finfo(dtype).tiny)
 
     exact = float(torch.trace(t))
-    if n_probe:
+    if probe_rows is not None:
         tail = probe_rows.pow(2).sum(dim=1)  # ‖Jᵀ P⊥ g‖², one per probe
         estimate = exact + float(tail.mean())
         std = float(tail.std() / math.sqrt(n_probe)) if n_probe > 1 else math.inf
@@ -222,21 +240,35 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
 
 
 def triplets_of_jacobian(result: JacobianResult, k: int) -> TopSingularTriplets:
-    """The same triplets from a formed Jacobian: its dense SVD, residuals from J itself and
-    ‖J‖²_F exactly (nothing estimated, nothing iterated)."""
-    jac = result.jacobian
+    """The same triplets from a formed Jacobian: its dense SVD (for a J in a file, the
+    eigenvectors of J Jᵀ, and v_k = Jᵀ u_k / σ_k read off the file), residuals from J
+    itself and ‖J‖²_F exactly (nothing estimated, nothing iterated)."""
+    jac, y = result.jacobian, result.output
     d, n = jac.shape[0], jac.shape[1]
     if not 1 <= k <= d:
         raise GgufjacError(f"--top-k must be between 1 and {d} (J's rank is at most {d}), "
                            f"not {k}")
-    flat = jac.reshape(d, n * d)
-    spec = spectrum(flat, result.output)
-    sv, left, right = spec.singular_values[:k], spec.left[:, :k], spec.right[:k]
-    residuals = torch.linalg.vector_norm(flat.to(right.dtype) @ right.T - left * sv, dim=0) \
+    if isinstance(jac, torch.Tensor):
+        spec = spectrum(jac.reshape(d, n * d), y)
+        sv, left, right = spec.singular_values[:k], spec.left[:, :k], spec.right[:k]
+        right = right.reshape(k, n, d)
+    else:
+        spec = gram_spectrum(jac, y)
+        sv, left = spec.singular_values[:k], spec.left[:, :k]
+        right = torch.empty((k, n, d), dtype=y.dtype, device=y.device)
+        for start, block in position_blocks(jac):
+            right[:, start:start + block.shape[1]] = torch.einsum(
+                "ok,onj->knj", left, block.to(y.device)) / sv[:, None, None]
+    applied = torch.zeros_like(left)
+    frob = 0.0
+    for start, block in position_blocks(jac):
+        block = block.to(y.device)
+        applied += torch.einsum("onj,knj->ok", block, right[:, start:start + block.shape[1]])
+        frob += float(block.pow(2).sum())
+    residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) \
         / sv.clamp_min(torch.finfo(sv.dtype).tiny)
-    frob = float(flat.pow(2).sum())
-    return TopSingularTriplets(sv, left, right.reshape(k, n, d), residuals, True, 0, 0.0, 0.0,
-                               d, frob, 0.0, d, result.inputs, result.output)
+    return TopSingularTriplets(sv, left, right, residuals, True, 0, 0.0, 0.0, d, frob, 0.0, d,
+                               result.inputs, y)
 
 
 @dataclass
@@ -248,29 +280,30 @@ class PerTokenTriplets:
     right: torch.Tensor  # [N, K, d]
 
 
-def per_token_triplets(jacobian: torch.Tensor, k: int, output: torch.Tensor,
+def per_token_triplets(jacobian: torch.Tensor | JacobianFile, k: int, output: torch.Tensor,
                        positions_per_batch: int = 64) -> PerTokenTriplets:
-    """Top-k triplets of each block J[:, i, :] of a formed Jacobian [d, N, d], by LAPACK's
-    SVD batched over `positions_per_batch` positions at a time.
+    """Top-k triplets of each block J[:, i, :] of a formed Jacobian [d, N, d] (in memory or
+    in a file), by LAPACK's SVD batched over `positions_per_batch` positions at a time.
 
     Why J is formed here: one reverse sweep with the d unit directions gives every J_i at
     once, while a matrix-free iteration needs, per step, a reverse direction and a forward
     probe for each position separately (the forward sweep sums over positions): 2N sweeps of
     one vector per step against d once, more work as soon as N > d / 2."""
-    d, n, _ = jacobian.shape
+    d = jacobian.shape[0]
     if not 1 <= k <= d:
         raise GgufjacError(f"--top-k must be between 1 and {d} (a block J_i is {d} x {d}), "
                            f"not {k}")
     values, lefts, rights = [], [], []
-    for start in range(0, n, positions_per_batch):
-        blocks = jacobian[:, start:start + positions_per_batch].permute(1, 0, 2)
-        if blocks.dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half SVD
-            blocks = blocks.float()
-        u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
-        u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-        sign = torch.sign(torch.einsum("pdk,d->pk", u, output.to(u.dtype)))
-        sign[sign == 0] = 1
-        values.append(s)
-        lefts.append(u * sign[:, None, :])
-        rights.append(vh * sign[:, :, None])
+    for _, read in position_blocks(jacobian):
+        for start in range(0, read.shape[1], positions_per_batch):
+            blocks = read[:, start:start + positions_per_batch].permute(1, 0, 2)
+            if blocks.dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half SVD
+                blocks = blocks.float()
+            u, s, vh = torch.linalg.svd(blocks.to(output.device), full_matrices=False)
+            u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
+            sign = torch.sign(torch.einsum("pdk,d->pk", u, output.to(u.dtype)))
+            sign[sign == 0] = 1
+            values.append(s)
+            lefts.append(u * sign[:, None, :])
+            rights.append(vh * sign[:, :, None])
     return PerTokenTriplets(torch.cat(values), torch.cat(lefts), torch.cat(rights))

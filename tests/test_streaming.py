@@ -141,13 +141,13 @@ def test_a_streamed_forward_spills_its_record_to_a_file(synthetic) -> None:
     """The MLP coefficients of every layer are the part of a record that grows with the
     model: a streamed forward keeps them in a temporary file, one layer's in memory at a
     time, and gives back exactly what a whole-layer forward holds in memory."""
-    from ggufjac.engine import SpilledCoefficients
+    from ggufjac.engine import SpilledTensors
 
     m = open_model(synthetic("llama", "Q8_0"), dtype="float64")
     x = m.engine().embed(m.tokenize(PROMPT))
     spilled = m.engine(streaming=True).forward(x)
     held = m.engine(streaming=False).forward(x)
-    assert isinstance(spilled.coefficients, SpilledCoefficients)
+    assert isinstance(spilled.coefficients, SpilledTensors)
     assert len(spilled.coefficients) == len(held.coefficients) == m.cfg.n_layer
     for a, b in zip(spilled.coefficients, held.coefficients):
         assert a.keys() == b.keys()
