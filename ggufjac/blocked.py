@@ -68,11 +68,24 @@ class _RowBlockLinear(torch.autograd.Function):
         return grad, None, None
 
 
+class _Whole:
+    """A matrix held whole, as a RowBlockMatrix of one block."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.shape = weight, tuple(weight.shape)
+        self.dtype, self.device = weight.dtype, weight.device
+
+    def row_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        yield 0, self.weight
+
+
 def linear(x: torch.Tensor, weight: Weight, values: bool = True) -> torch.Tensor:
-    """x @ weight.T, for a weight held whole or read in row blocks. `values=False` lets a
-    row-block matrix skip the product when only its vector-Jacobian product is wanted."""
+    """x @ weight.T, for a weight held whole or read in row blocks. `values=False`: only
+    the product's vector-Jacobian product is wanted (a replayed, linear layer), so the
+    forward product is skipped and its output is zeros of the right shape; the backward
+    multiplies by the weight as usual."""
     if isinstance(weight, torch.Tensor):
-        return x @ weight.T
+        return x @ weight.T if values else _RowBlockLinear.apply(x, _Whole(weight), False)
     return _RowBlockLinear.apply(x, weight, values)
 
 
