@@ -311,5 +311,10 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
             f"{'/'.join(sorted(q8_1_weights))} weights: llama.cpp also rounds each activation "
             "block's sum to F16 (Q8_1) and multiplies it by the weight's block minimum; that "
             "term is not a per-element ratio and is not reproduced (logits nmse ~1e-6)")
+    if "AMX" in run.resolved.get("weight_buffers_mib", {}):
+        approximations.append(
+            "weights in llama.cpp's AMX buffer type (a CPU with AMX, repacking on): the "
+            "activation rounding of its kernels is not emulated (verified: the CPU and "
+            "CPU_REPACK kernels; --no-repack runs those)")
     return Anchor(flash_attn, gate_path, layers, None if out_ratio is None else t(out_ratio),
                   t(y), run.logits, run.settings, run.resolved, sources, approximations)

@@ -155,7 +155,7 @@ def _llama_cpp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--no-repack", is_flag=True, default=False,
                       help="Run llama.cpp without repacking weights into its extra buffer "
                            "types (--no-repack in llama.cpp's tools; default: repacked, as "
-                           "llama.cpp does).")(fn)
+                           "llama.cpp does, unless GGUFJAC_NO_REPACK=1 is set).")(fn)
     fn = click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default=None,
                       help="llama.cpp's flash attention (-fa; default auto: what llama.cpp "
                            "decides, on for CPU).")(fn)
@@ -178,9 +178,10 @@ def _threads_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _settings(flash_attn: str | None, no_repack: bool, batch_size: int | None,
               ubatch_size: int | None, threads: int | None = None) -> RunSettings:
-    from .llamacpp import RunSettings
+    from .llamacpp import RunSettings, repack_by_default
 
-    return RunSettings(repack=not no_repack, flash_attn=flash_attn or "auto",  # type: ignore
+    return RunSettings(repack=not no_repack and repack_by_default(),
+                       flash_attn=flash_attn or "auto",  # type: ignore
                        n_batch=batch_size, n_ubatch=ubatch_size, threads=threads)
 
 
@@ -517,7 +518,9 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 @click.option("--tolerance", type=float, default=None,
               help="Stop when no top-k singular value changes by more than this, relative, "
                    "in an iteration (default 1e-10 in float64, 1e-5 in float32).")
-@click.option("--max-iterations", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--max-iterations", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Lanczos iterations at most (at least those that reach top-k vectors); "
+                   "not converging is reported and exits with status 1.")
 @click.option("--block", type=click.IntRange(min=1), default=None,
               help="Vectors per Lanczos block (default 2; larger blocks batch better on "
                    "short prompts, smaller ones sweep fewer vectors on long ones).")

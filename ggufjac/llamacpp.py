@@ -13,6 +13,7 @@ matched.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import signal
 import subprocess
@@ -34,7 +35,9 @@ FLASH_ATTN_CHOICES: tuple[FlashAttn, ...] = ("auto", "on", "off")
 class RunSettings:
     """How llama.cpp is run; `None` means llama.cpp's own default for that setting."""
 
-    repack: bool = True  # extra buffer types (repacked weights, their own GEMM kernels)
+    # extra buffer types (repacked weights, their own GEMM kernels); default on, as in
+    # llama.cpp, unless the environment says GGUFJAC_NO_REPACK=1 (`repack_by_default`)
+    repack: bool = dataclasses.field(default_factory=lambda: repack_by_default())
     flash_attn: FlashAttn = "auto"
     n_batch: int | None = None  # tokens per llama_decode call (llama.cpp: 2048)
     n_ubatch: int | None = None  # tokens per graph evaluation (llama.cpp: 512)
@@ -65,6 +68,14 @@ class RunSettings:
         if self.threads is not None:
             parts.append(f"{self.threads} threads")
         return ", ".join(parts)
+
+
+def repack_by_default() -> bool:
+    """llama.cpp's default is to repack; GGUFJAC_NO_REPACK=1 makes --no-repack the default,
+    for machines where llama.cpp's repacked kernels cannot run (docs/anchoring.md: its AMX
+    path crashed on a virtual machine whose CPU advertises AMX)."""
+    value = os.environ.get("GGUFJAC_NO_REPACK", "").strip().lower()
+    return value in ("", "0", "false", "no", "off")
 
 
 DEFAULT_SETTINGS = RunSettings()

@@ -125,7 +125,8 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     """The top `k` singular triplets of the detached Jacobian recorded in `record`, matrix
     free (see the module docstring). `tol`: stop when no top-k σ changed by more than this
     (relative) in an iteration (default: 1e-10 in float64, 1e-5 in float32). Not converging
-    within `max_iterations` is reported in the result (`converged`), not raised.
+    within `max_iterations` (at least ⌈k / block⌉, which a basis of k vectors takes) is
+    reported in the result (`converged`), not raised.
     `on_iteration(i, change, residual)` is told each iteration's figures."""
     d, n = engine.cfg.d_model, record.inputs.shape[0]
     dtype, device = record.inputs.dtype, record.inputs.device
@@ -157,6 +158,8 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     basis, images = q, None  # Q [d, m], A Q [d, m]
     spilled = SpilledTensors(device)  # Jᵀ Q, block by block
     previous, change, converged, iterations = None, math.inf, False, 0
+    # at least the iterations that make a Krylov space of k vectors, whatever the limit
+    max_iterations = max(max_iterations, -(-k // b))
     while iterations < max_iterations:
         iterations += 1
         rows = jt(q)  # Qᵢᵀ J, kept (in a file) for the final B = U_sᵀ J

@@ -28,9 +28,12 @@ def _dense(jacobian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def _largest_angle(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest principal angle between the column spaces of a and b (orthonormal columns)."""
-    c = torch.linalg.svdvals(a.double().T @ b.double()).clamp(max=1.0)
-    return float(torch.arccos(c.min()))
+    """Largest principal angle between the column spaces of a and b (orthonormal columns,
+    as many): arcsin of ‖b − a aᵀb‖₂, which resolves small angles (arccos of the cosines
+    cannot below ~1.5e-8 in float64)."""
+    a, b = a.double(), b.double()
+    sine = torch.linalg.matrix_norm(b - a @ (a.T @ b), ord=2).clamp(max=1.0)
+    return float(torch.arcsin(sine))
 
 
 def _separated(s: torch.Tensor, k: int, gap: float = 1e-3) -> list[int]:
