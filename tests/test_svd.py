@@ -251,8 +251,13 @@ def test_jacobian_larger_than_budget_is_written_to_disk(tmp_path, synthetic, mon
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == \
         ["jacobian.safetensors", "report.json", "singular_values.png"]
     mem, disk = (load_file(tmp_path / n / "jacobian.safetensors") for n in ("mem", "disk"))
-    for name in ("jacobian", "inputs", "output"):
+    for name in ("inputs", "output"):
         assert torch.equal(mem[name], disk[name])
+    # 37 directions per sweep cross the MLP by autograd, all 256 at once through its
+    # per-position matrices: the same J to float64 rounding
+    rel = torch.linalg.vector_norm(mem["jacobian"] - disk["jacobian"]) \
+        / torch.linalg.vector_norm(mem["jacobian"])
+    assert float(rel) <= 1e-12
     rm, rd = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("mem", "disk"))
     assert not rd["jacobian_in_memory"] and rm["jacobian_in_memory"]
     assert abs(rd["reconstruction_rel_error"] - rm["reconstruction_rel_error"]) <= 1e-12
