@@ -517,7 +517,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
                    "reverse sweep of d directions gives every J_i).")
 @click.option("--tolerance", type=float, default=None,
               help="Stop when no top-k singular value changes by more than this, relative, "
-                   "in an iteration (default 1e-10 in float64, 1e-5 in float32).")
+                   "in an iteration, and every top-k Ritz residual of J Jᵀ is below it "
+                   "times s1² (default 1e-10 in float64, 1e-5 in float32).")
 @click.option("--max-iterations", type=click.IntRange(min=1), default=100, show_default=True,
               help="Lanczos iterations at most (at least those that reach top-k vectors); "
                    "not converging is reported and exits with status 1.")

@@ -124,7 +124,8 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
                           ) -> TopSingularTriplets:
     """The top `k` singular triplets of the detached Jacobian recorded in `record`, matrix
     free (see the module docstring). `tol`: stop when no top-k σ changed by more than this
-    (relative) in an iteration (default: 1e-10 in float64, 1e-5 in float32). Not converging
+    (relative) in an iteration and every top-k Ritz residual ‖Ay − θy‖ is below tol·σ_1²
+    (default: 1e-10 in float64, 1e-5 in float32). Not converging
     within `max_iterations` (at least ⌈k / block⌉, which a basis of k vectors takes) is
     reported in the result (`converged`), not raised.
     `on_iteration(i, change, residual)` is told each iteration's figures."""
