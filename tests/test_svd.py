@@ -280,3 +280,16 @@ def test_jacobian_larger_than_budget_is_written_to_disk(tmp_path, synthetic, mon
         assert torch.allclose(t["per_token_singular_values"][i], s[:2], rtol=1e-12, atol=0)
     s = torch.linalg.svdvals(jac.reshape(jac.shape[0], -1))
     assert torch.allclose(t["singular_values"], s[:2], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("arch,gate_path", [("llama", "gate"), ("qwen3", "up")])
+def test_anchored_top_k_equals_dense_svd_synthetic(synthetic, arch: str, gate_path: str) -> None:
+    """Anchored to llama.cpp's run (its coefficients and roundings frozen), the matrix-free
+    triplets are still those of the anchored J's dense SVD."""
+    m = open_model(synthetic(arch, "Q4_K_M"), dtype="float64")
+    tokens, lin, k = m.tokenize(PROMPT), Linearization(gate_path=gate_path), 4
+    anchor = m.anchor(tokens, lin, reference=False)
+    full = m.jacobian(tokens, lin, anchor=anchor)
+    result = m.svd(tokens, k, lin, anchor=anchor)
+    _check_against_dense(result, full.jacobian, k, 1e-10, 1e-8)
+    assert _identity_error(result) <= 1e-10
