@@ -157,14 +157,15 @@ def test_check_noise_floor_over_the_settings_users_flip(gemma32) -> None:
 def test_crash_names_the_setting_and_the_flag(monkeypatch, synthetic) -> None:
     """A llama.cpp code path that kills its process (the AMX repack path once did) becomes
     one error naming repacking and --no-repack; no silent switch to another run."""
+    path = synthetic("llama", "Q4_0")  # made (by llama.cpp's quantizer) before the patch
     crash = ("import os, signal, sys; print('ggml_backend_amx_mul_mat', file=sys.stderr); "
              "os.kill(os.getpid(), signal.SIGSEGV)")
     monkeypatch.setattr(llamacpp, "WORKER_COMMAND", (sys.executable, "-c", crash))
     with pytest.raises(LlamaCppError, match="SIGSEGV") as e:
-        llamacpp.evaluate(synthetic("llama", "Q4_0"), [1, 2, 3])
+        llamacpp.evaluate(path, [1, 2, 3], RunSettings(repack=True))
     assert "repacking on" in str(e.value) and "--no-repack" in str(e.value)
     with pytest.raises(LlamaCppError, match="SIGSEGV") as e:
-        llamacpp.evaluate(synthetic("llama", "Q4_0"), [1, 2, 3], RunSettings(repack=False))
+        llamacpp.evaluate(path, [1, 2, 3], RunSettings(repack=False))
     assert "repacking off" in str(e.value) and "--no-repack runs" not in str(e.value)
 
 

@@ -107,6 +107,15 @@ def test_push_forward_is_j_times_probes(synthetic) -> None:
     expected = torch.einsum("onk,mnk->mo", reference, probes)
     assert float(torch.linalg.vector_norm(applied - expected)
                  / torch.linalg.vector_norm(expected)) <= 1e-12
+    # the same with the layers' matrices read in row blocks (3 rows of the widest and a
+    # remainder per block: the blocks divide no row count)
+    streamed = m.engine(Linearization(gate_path="gate"), streaming=True,
+                        block_elements=3 * m.weights.widest_row() + 5)
+    record_streamed = streamed.forward(streamed.embed(tokens))
+    applied_streamed = streamed.push_forward(record_streamed, probes, chunk=2)
+    assert all(t.streamed for t in streamed.sweeps)
+    assert float(torch.linalg.vector_norm(applied_streamed - expected)
+                 / torch.linalg.vector_norm(expected)) <= 1e-12
     # J applied to the inputs themselves is y (the map is exactly linear)
     y = engine.push_forward(record, record.inputs[None])[0]
     assert float(torch.linalg.vector_norm(y - record.output[-1])
