@@ -539,7 +539,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
     if dtype not in ("float32", "float64"):
         raise GgufjacError(f"svd runs in float32 or float64, not {dtype}")
-    if top_k < 1:
+    if top_k < 1:  # before the slow imports; K > d is known once the model is open
         raise GgufjacError(f"--top-k must be at least 1, not {top_k}")
     if tolerance is not None and not tolerance > 0:
         raise GgufjacError(f"--tolerance must be positive, not {tolerance}")
@@ -552,13 +552,11 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_spectrum
     from .reports import svd_report
+    from .svd import check_top_k
 
     m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens, started)
-    if top_k > m.cfg.d_model:
-        raise GgufjacError(f"--top-k {top_k} is more than J's rank can be: J is "
-                           f"{m.cfg.d_model} x {len(tokens)}·{m.cfg.d_model}, of rank at most "
-                           f"{m.cfg.d_model}")
+    check_top_k(top_k, m.cfg.d_model, len(tokens))
     lin = Linearization(detach=True, gate_path=gate_path)
     engine = m.engine(lin, max_memory=budget)  # refuse a budget before writing anything
     directions = m.cfg.d_model

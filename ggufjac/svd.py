@@ -41,6 +41,15 @@ DEFAULT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 FROBENIUS_PROBES = 8
 
 
+def check_top_k(k: int, d: int, n_tokens: int) -> None:
+    """One error for a K that no J of this model and prompt has: J is d × N·d (rank ≤ d)."""
+    if k < 1:
+        raise GgufjacError(f"--top-k must be at least 1, not {k}")
+    if k > d:
+        raise GgufjacError(f"--top-k {k} is more than J's rank can be: J is {d} x "
+                           f"{n_tokens}·{d}, of rank at most {d}")
+
+
 def default_tolerance(dtype: torch.dtype) -> float:
     return DEFAULT_TOLERANCE[dtype]
 
@@ -131,11 +140,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     `on_iteration(i, change, residual)` is told each iteration's figures."""
     d, n = engine.cfg.d_model, record.inputs.shape[0]
     dtype, device = record.inputs.dtype, record.inputs.device
-    if k < 1:
-        raise GgufjacError(f"--top-k must be at least 1, not {k}")
-    if k > d:
-        raise GgufjacError(f"--top-k {k} is more than J's rank can be: J is {d} x {n}·{d}, "
-                           f"of rank at most {d}")
+    check_top_k(k, d, n)
     if dtype not in DEFAULT_TOLERANCE:
         raise GgufjacError(f"svd runs in float64 or float32, not "
                            f"{str(dtype).removeprefix('torch.')} (the Lanczos iteration's "
@@ -249,25 +254,23 @@ def triplets_of_jacobian(result: JacobianResult, k: int) -> TopSingularTriplets:
     itself and ‖J‖²_F exactly (nothing estimated, nothing iterated)."""
     jac, y = result.jacobian, result.output
     d, n = jac.shape[0], jac.shape[1]
-    if not 1 <= k <= d:
-        raise GgufjacError(f"--top-k must be between 1 and {d} (J's rank is at most {d}), "
-                           f"not {k}")
-    if isinstance(jac, torch.Tensor):
+    check_top_k(k, d, n)
+    in_memory = isinstance(jac, torch.Tensor)
+    if in_memory:
         spec = spectrum(jac.reshape(d, n * d), y)
-        sv, left, right = spec.singular_values[:k], spec.left[:, :k], spec.right[:k]
-        right = right.reshape(k, n, d)
+        right = spec.right[:k].reshape(k, n, d)
     else:
         spec = gram_spectrum(jac, y)
-        sv, left = spec.singular_values[:k], spec.left[:, :k]
         right = torch.empty((k, n, d), dtype=y.dtype, device=y.device)
-        for start, block in position_blocks(jac):
-            right[:, start:start + block.shape[1]] = torch.einsum(
-                "ok,onj->knj", left, block.to(y.device)) / sv[:, None, None]
+    sv, left = spec.singular_values[:k], spec.left[:, :k]
     applied = torch.zeros_like(left)
     frob = 0.0
-    for start, block in position_blocks(jac):
+    for start, block in position_blocks(jac):  # one pass over a J in a file
         block = block.to(y.device)
-        applied += torch.einsum("onj,knj->ok", block, right[:, start:start + block.shape[1]])
+        part = right[:, start:start + block.shape[1]]
+        if not in_memory:  # v_k = Jᵀ u_k / σ_k, block by block
+            part[:] = torch.einsum("ok,onj->knj", left, block) / sv[:, None, None]
+        applied += torch.einsum("onj,knj->ok", block, part)
         frob += float(block.pow(2).sum())
     residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) \
         / sv.clamp_min(torch.finfo(sv.dtype).tiny)
@@ -294,9 +297,7 @@ def per_token_triplets(jacobian: torch.Tensor | JacobianFile, k: int, output: to
     probe for each position separately (the forward sweep sums over positions): 2N sweeps of
     one vector per step against d once, more work as soon as N > d / 2."""
     d = jacobian.shape[0]
-    if not 1 <= k <= d:
-        raise GgufjacError(f"--top-k must be between 1 and {d} (a block J_i is {d} x {d}), "
-                           f"not {k}")
+    check_top_k(k, d, jacobian.shape[1])
     values, lefts, rights = [], [], []
     for _, read in position_blocks(jacobian):
         for start in range(0, read.shape[1], positions_per_batch):
