@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ EXAMPLES = {
     "svd": ['ggufjac svd gemma3-270m --prompt-file long.txt --top-k 16 --out out/svd',
             'ggufjac svd model.gguf -p "The bridge out of Marin is the" --top-k 4 --per-token '
             '--out out/tok --dtype float64'],
+    "compare": ['ggufjac compare gemma3-270m model-Q8_0.gguf -p "The capital of France is"',
+                'ggufjac compare a.gguf b.gguf --prompts prompts.txt --analyses jacobian,attribute '
+                '--out out/cmp'],
     "layers": ['ggufjac layers gemma3-270m -p "The bridge out of Marin is the" --out out/l',
                'ggufjac layers model.gguf -p "Hello" --out out/l --layers 0,5,10-17'],
 }
@@ -796,6 +799,117 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     click.echo(layers_markdown(report))
     click.echo(f"({seconds:.1f} s) wrote {out_dir}/layers.json, layers.safetensors, "
                "stable_rank.png, top_singular_value.png, README.md")
+
+
+def _parse_analyses(text: str) -> tuple[str, ...]:
+    from .compare import ANALYSES
+
+    chosen = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in chosen if a not in ANALYSES]
+    if unknown or not chosen:
+        raise GgufjacError(f"--analyses {text!r}: choose from {', '.join(ANALYSES)} "
+                           "(comma-separated)")
+    return chosen
+
+
+@main.command(short_help="Two GGUFs of one model (two quantizations): do their reasons agree?",
+              epilog=_epilog("compare"))
+@click.argument("model_a", metavar="A")
+@click.argument("model_b", metavar="B")
+@_prompt_options
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="A file of prompts: one per line, or JSONL ({\"prompt\": ...} per line).")
+@click.option("--analyses", default="jacobian,attribute,lens", show_default=True,
+              help="Which to compare, comma-separated: jacobian (J, its top-k subspaces, "
+                   "stable rank), attribute (per-token contributions), lens (every layer's "
+                   "exact logit lens).")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Singular subspaces compared: the top k.")
+@click.option("--token", "token_text", default=None, metavar="TEXT",
+              help="The token whose logit is attributed (default: A's prediction).")
+@click.option("--no-llama-cpp", is_flag=True,
+              help="Skip each file's own llama.cpp run (its logits next to ours).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Write comparison.json, README.md and plots to this directory.")
+@_engine_options
+@click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_threads_option
+@_errors_to_exit
+def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | None,
+            max_tokens: int | None, prompts_file: Path | None, analyses: str, top_k: int,
+            token_text: str | None, no_llama_cpp: bool, out_dir: Path | None, dtype: str,
+            gate_path: str, device: str, max_memory: str | None, anchor: str,
+            overwrite: bool, **llama: Any) -> None:
+    """Compare two GGUF files of one model on the same prompts: predictions, logits (and
+    each file against its own llama.cpp run), the detached Jacobians, their top singular
+    subspaces, the attributions and every layer's logit lens.
+
+    A and B must have the same architecture, sizes and tokenizer (two quantizations of one
+    model, or a model and its fine-tune); the first difference is named otherwise.
+    """
+    chosen = _parse_analyses(analyses)
+    if [prompt, prompt_file, prompts_file].count(None) != 2:
+        raise GgufjacError("give one of --prompt, --prompt-file and --prompts")
+    if prompts_file is not None:
+        from .compare import read_prompts
+
+        prompts = read_prompts(prompts_file)
+    else:
+        prompts = [_read_prompt(prompt, prompt_file)]
+    budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory)[1]
+    if anchor != "none" and no_llama_cpp:
+        raise GgufjacError("--anchor llama.cpp needs llama.cpp's runs (drop --no-llama-cpp)")
+    from .layout import validate_file
+    from .resolve import resolve_model
+
+    paths = []
+    for name in (model_a, model_b):
+        path = resolve_model(name)
+        validate_file(path)[0].close()
+        paths.append(path)
+    from .api import open_model
+    from .compare import compare_prompts
+    from .linearize import Linearization
+    from .outputs import json_to, prepare_output_dir, write_all
+    from .plots import plot_comparison_distributions, plot_lens_differences
+    from .reports import comparison_markdown, comparison_report
+
+    settings = None if no_llama_cpp else _settings(**llama)
+    lin = Linearization(detach=True, gate_path=gate_path)
+    with open_model(paths[0], dtype=dtype, device=device) as a, \
+            open_model(paths[1], dtype=dtype, device=device) as b:
+        target = a.token_for_text(token_text) if token_text is not None else None
+        if out_dir is not None:
+            prepare_output_dir(out_dir, overwrite)
+        t0 = time.perf_counter()
+
+        def on_prompt(i: int, text: str) -> None:
+            if len(prompts) > 1:
+                click.echo(f"prompt {i + 1}/{len(prompts)}: {text[:60]!r}", err=True)
+
+        entries = compare_prompts(a, b, prompts, chosen, top_k, target, lin, settings,
+                                  anchor != "none", budget, max_tokens, on_prompt)
+        report = comparison_report(a, b, {"analyses": list(chosen), "top_k": top_k,
+                                          "dtype": dtype, "gate_path": gate_path,
+                                          "anchored": anchor != "none",
+                                          "llama_cpp": None if settings is None
+                                          else settings.describe(),
+                                          "seconds": time.perf_counter() - t0}, entries)
+    text = comparison_markdown(report)
+    if out_dir is not None:
+        title = f"{Path(report['a']['path']).name} vs {Path(report['b']['path']).name}"
+        writers = {"comparison.json": lambda p: json_to(p, report),
+                   "README.md": lambda p: p.write_text(text)}
+        if "lens" in chosen:
+            writers["lens.png"] = lambda p: plot_lens_differences(p, entries, title)
+        if len(entries) > 1:
+            writers["distributions.png"] = lambda p: plot_comparison_distributions(
+                p, entries, ("jacobian_rel_difference", "largest_left_angle",
+                             "attribution_spearman", "logits_nmse"), title)
+        write_all(out_dir, writers)
+    click.echo(text)
+    if out_dir is not None:
+        click.echo(f"wrote {out_dir}/" + ", ".join(writers))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import nearest_input_embeddings, spectrum, top_tokens_by_unembedding
-from .engine import StreamingEngine
+from .engine import ForwardRecord, StreamingEngine
 from .jacobian import reconstruction_rel_error
 from .linearize import Coefficients
 from .model import BlockOutput, LayerWeights, block, final_norm
@@ -53,29 +53,33 @@ def _part_outputs(engine: StreamingEngine, layer: int, w: LayerWeights,
     return block(engine.cfg, layer, w, x, engine.lin.replaying(store))
 
 
+def lens_maps(engine: StreamingEngine, record: ForwardRecord, inputs: torch.Tensor,
+              layers: list[int], chunk: int) -> list[LayerMap]:
+    """The cumulative maps (an exact logit lens) of `layers`, last layer first: cotangents
+    injected at residual l + 1 (the output of layer l), all targets stacked as one reverse
+    sweep passes them; each map's output is the frozen final norm of that residual."""
+    cfg, d = engine.cfg, engine.cfg.d_model
+    eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
+    injected = {l + 1: engine.output_cotangents(record.residuals[l + 1], eye) for l in layers}
+    outputs = {l: final_norm(cfg, engine.output_norm, record.residuals[l + 1], engine.lin)[-1]
+               for l in layers}
+    stacked = engine.pull_back(record, injected, chunk=chunk)
+    return [LayerMap(l, "cumulative", stacked[k * d:(k + 1) * d], inputs, outputs[l])
+            for k, l in enumerate(sorted(layers, reverse=True))]
+
+
 def layer_maps(engine: StreamingEngine, inputs: torch.Tensor, layers: list[int],
                chunk: int | None = None) -> tuple[list[LayerMap], torch.Tensor]:
     """All five maps for each layer in `layers` (sorted, unique), and the model's output y
-    (last position). One forward pass, one reverse sweep for the cumulative maps (all
-    targets stacked as the sweep passes them), one pass over the chosen layers for the rest."""
+    (last position). One forward pass, one reverse sweep for the cumulative maps, one pass
+    over the chosen layers for the rest."""
     cfg, d, n = engine.cfg, engine.cfg.d_model, inputs.shape[0]
     layers = sorted(set(layers))
     eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
     plan = engine.plan(d * len(layers), n)
     chunk = chunk or plan.chunk
     record = engine.forward(inputs)
-    maps: list[LayerMap] = []
-
-    # cumulative: cotangents injected at residual l + 1 (the output of layer l)
-    injected = {l + 1: engine.output_cotangents(record.residuals[l + 1], eye) for l in layers}
-    outputs = {}
-    for l in layers:  # the lens output at that residual: the frozen final norm, last position
-        outputs[l] = final_norm(cfg, engine.output_norm, record.residuals[l + 1],
-                                engine.lin)[-1]
-    stacked = engine.pull_back(record, injected, chunk=chunk)
-    for k, l in enumerate(sorted(layers, reverse=True)):
-        maps.append(LayerMap(l, "cumulative", stacked[k * d:(k + 1) * d], inputs, outputs[l]))
-    del stacked
+    maps = lens_maps(engine, record, inputs, layers, chunk)
 
     # per layer: a single layer's VJPs with its own recorded coefficients
     for l, w in engine.layers(layers, engine.linear_path, "per-layer"):

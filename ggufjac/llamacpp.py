@@ -218,10 +218,13 @@ def tokenize(model: str | Path, prompt: str, timeout: float = 300) -> list[int]:
     return out["tokens"].tolist()
 
 
-def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float = 600) -> None:
-    """llama.cpp's own quantizer (`llama_model_quantize`): source GGUF -> target GGUF."""
-    _call({"action": "quantize", "model": str(source), "out": str(target), "ftype": ftype},
-          timeout)
+def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float = 600,
+             allow_requantize: bool = False) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`): source GGUF -> target GGUF.
+    `allow_requantize`: also from a quantized source (its tensors are dequantized first:
+    the result is a requantization, not a quantization of the original weights)."""
+    _call({"action": "quantize", "model": str(source), "out": str(target), "ftype": ftype,
+           "allow_requantize": allow_requantize}, timeout)
 
 
 def evaluate(model: str | Path, tokens: list[int], settings: RunSettings = DEFAULT_SETTINGS,

@@ -63,6 +63,7 @@ def quantize(llama_cpp: object, req: dict) -> dict[str, np.ndarray]:
     params = llama_cpp.llama_model_quantize_default_params()  # type: ignore[attr-defined]
     params.ftype = int(req["ftype"])
     params.nthread = os.cpu_count() or 1
+    params.allow_requantize = bool(req.get("allow_requantize", False))
     rc = llama_cpp.llama_model_quantize(req["model"].encode(), req["out"].encode(),  # type: ignore
                                         ctypes.byref(params))
     if rc != 0:

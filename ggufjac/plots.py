@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,6 +63,46 @@ def plot_top_singular_value(path: Path, entries: list[dict], kinds: tuple[str, .
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_lens_differences(path: Path, entries: list[dict], title: str) -> None:
+    """Per layer, the two files' lens maps' relative difference: one thin line per prompt,
+    the median bold (where in depth the explanations part)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rows = [[r["lens_rel_difference"] for r in e["lens"]] for e in entries]
+    layers = [r["layer"] for r in entries[0]["lens"]]
+    for row in rows:
+        ax.plot(layers, row, color="0.6", lw=0.7, alpha=0.6)
+    median = np.median(np.asarray(rows), axis=0)
+    ax.plot(layers, median, color="C0", lw=2, marker=".", label="median over prompts")
+    if any(v > 0 for row in rows for v in row):
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("lens map $\\|L_B - L_A\\|_F / \\|L_A\\|_F$")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_comparison_distributions(path: Path, entries: list[dict], keys: tuple[str, ...],
+                                  title: str) -> None:
+    """One histogram per figure over the prompt set."""
+    keys = tuple(k for k in keys if any(e.get(k) is not None for e in entries))
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3),
+                             squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.hist([e[key] for e in entries if e.get(key) is not None], bins=20, color="C0")
+        ax.set_xlabel(key, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("prompts")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -360,3 +360,116 @@ def layers_markdown(report: dict) -> str:
               "(singular values; the matrices with --save-matrices), `stable_rank.png`, "
               "`top_singular_value.png`.", ""]
     return "\n".join(lines)
+
+
+# -- compare: two files of one model ------------------------------------------------------
+
+# The per-prompt figures summarized over a prompt set (compare.DEFINITIONS defines them);
+# for angle lists, the largest angle stands for the prompt.
+COMPARISON_FIGURES = ("logits_nmse", "llama_cpp_logits_nmse", "a_vs_own_llama_cpp_nmse",
+                      "b_vs_own_llama_cpp_nmse", "jacobian_rel_difference",
+                      "largest_left_angle", "largest_right_angle", "top_left_cosine",
+                      "top_right_cosine", "delta_stable_rank", "attribution_spearman",
+                      "attribution_top3_overlap")
+
+
+def file_summary(m: LoadedModel) -> dict:
+    """What a compared file is: its path, size, file type and tensor types."""
+    from gguf.constants import GGMLQuantizationType, LlamaFileType
+
+    counts: dict[str, int] = {}
+    for info in m.gguf.tensors.values():
+        name = GGMLQuantizationType(info.type).name
+        counts[name] = counts.get(name, 0) + 1
+    ftype = m.gguf.get("general.file_type")
+    try:
+        ftype_name = LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None \
+            else None
+    except ValueError:
+        ftype_name = str(ftype)
+    return {"path": str(m.path), "bytes": m.gguf.file_size, "file_type": ftype_name,
+            "tensor_types": dict(sorted(counts.items()))}
+
+
+def comparison_entry(a: LoadedModel, prompt: str, tokens: list[int], target: int | None,
+                     top_a: list[tuple[int, float]], top_b: list[tuple[int, float]],
+                     figures: dict) -> dict:
+    """One prompt's comparison: the figures (compare.compare_sides) with tokens named."""
+    entry = {"prompt": prompt, "tokens": [a.token_text(t) for t in tokens],
+             "n_tokens": len(tokens),
+             "top5_a": [{"token": a.token_text(t), "id": t, "logit": z} for t, z in top_a],
+             "top5_b": [{"token": a.token_text(t), "id": t, "logit": z} for t, z in top_b]}
+    if target is not None:
+        entry["attribution_target"] = {"token": a.token_text(target), "id": target}
+    entry.update(figures)
+    if "left_angles" in figures:
+        entry["largest_left_angle"] = max(figures["left_angles"])
+        entry["largest_right_angle"] = max(figures["right_angles"])
+    for row in entry.get("lens", []):
+        row["top_token_a"] = a.token_text(row["top_token_a"])
+        row["top_token_b"] = a.token_text(row["top_token_b"])
+    return entry
+
+
+def comparison_summary(entries: list[dict]) -> dict:
+    """The distributions of the figures over the prompt set, and per layer the lens's."""
+    from .compare import distribution
+
+    summary: dict = {"prompts": len(entries),
+                     "same_prediction": sum(e["same_prediction"] for e in entries)}
+    for key in COMPARISON_FIGURES:
+        if any(key in e for e in entries):
+            summary[key] = distribution([e.get(key) for e in entries])
+    lens = [e["lens"] for e in entries if "lens" in e]
+    if lens:
+        summary["lens"] = [{"layer": rows[0]["layer"],
+                            "lens_rel_difference": distribution(
+                                [r["lens_rel_difference"] for r in rows]),
+                            "lens_tokens_agree": sum(r["lens_tokens_agree"] for r in rows),
+                            "lens_top_left_cosine": distribution(
+                                [r["lens_top_left_cosine"] for r in rows])}
+                           for rows in zip(*lens)]
+    return summary
+
+
+def comparison_report(a: LoadedModel, b: LoadedModel, settings: dict, entries: list[dict]
+                      ) -> dict:
+    """`compare`'s report: both files, the settings, every prompt's figures, the summary."""
+    from .compare import DEFINITIONS
+
+    return {"a": file_summary(a), "b": file_summary(b), "architecture": a.cfg.arch,
+            "settings": settings, "definitions": DEFINITIONS, "prompts": entries,
+            "summary": comparison_summary(entries)}
+
+
+def comparison_markdown(report: dict) -> str:
+    """DIR/README.md and the command's output: the summary table, per figure and per layer."""
+    a, b, s = report["a"], report["b"], report["summary"]
+    n = s["prompts"]
+    lines = [f"# ggufjac compare: {Path(a['path']).name} (A) vs {Path(b['path']).name} (B)", "",
+             f"A: {a['file_type']}, {a['bytes'] / 2**20:.1f} MiB; B: {b['file_type']}, "
+             f"{b['bytes'] / 2**20:.1f} MiB; {report['architecture']}, dtype "
+             f"{report['settings']['dtype']}"
+             + (", each anchored to its own llama.cpp run" if report["settings"]["anchored"]
+                else "") + ".", "",
+             f"{n} prompt{'s' * (n != 1)}; the same top-1 prediction in {s['same_prediction']}.",
+             "", "| figure | median | p90 | max |", "|---|---|---|---|"]
+    for key in COMPARISON_FIGURES:
+        if key in s and s[key]["n"]:
+            d = s[key]
+            lines.append(f"| {key} | {d['median']:.3g} | {d['p90']:.3g} | {d['max']:.3g} |")
+    if "lens" in s:
+        lines += ["", "Per layer, the exact logit lens (median over prompts):", "",
+                  "| layer no. | lens rel difference | top tokens agree | top left cosine |",
+                  "|---|---|---|---|"]
+        for row in s["lens"]:
+            lines.append(f"| {row['layer']} | {row['lens_rel_difference']['median']:.3g} | "
+                         f"{row['lens_tokens_agree']}/{n} | "
+                         f"{row['lens_top_left_cosine']['median']:.4f} |")
+    if n == 1:
+        e = report["prompts"][0]
+        lines += ["", f"Prompt tokens: {' '.join(repr(t) for t in e['tokens'])}  ",
+                  f"A predicts {e['top5_a'][0]['token']!r}, B predicts "
+                  f"{e['top5_b'][0]['token']!r}."]
+    lines += ["", "Definitions of the figures: `comparison.json` (`definitions`).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""Two GGUF files of one model (two quantizations, say) compared by their detached Jacobians.
+
+Per prompt, each file gets the same tokens and the same analyses (`analyse`): its logits and
+its own llama.cpp run's, the full Jacobian J with its spectrum, the exact attribution of one
+target token's logit to the input tokens, and the exact logit lens (the cumulative map of
+every layer). `compare_sides` then reduces the two to figures that are zero for a file
+compared with itself: logits nmse, J's relative Frobenius difference, principal angles
+between the top-k singular subspaces, Spearman correlation and top-3 overlap of the
+attributions, and per layer the lens maps' difference. The figures' definitions are in
+`DEFINITIONS`; reports.comparison_report writes them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import llamacpp
+from .analysis import Spectrum, spectrum, top_tokens_by_unembedding
+from .errors import GgufjacError
+from .layers import lens_maps
+from .linearize import Linearization
+from .llamacpp import RunSettings
+from .reports import nmse
+from .runner import unembed
+
+if TYPE_CHECKING:
+    from .api import LoadedModel
+
+ANALYSES = ("jacobian", "attribute", "lens")
+TOP_OVERLAP = 3  # the attribution's top positions compared
+
+DEFINITIONS = {
+    "logits_nmse": "Σ(z_B − z_A)² / Σ z_A² over the vocabulary, last position (z: logits)",
+    "jacobian_rel_difference": "‖J_B − J_A‖_F / ‖J_A‖_F, J as a d × (N·d) matrix",
+    "left_angles": "principal angles (radians) between the spans of the top-k left singular "
+                   "vectors of J_A and J_B (output space), ascending",
+    "right_angles": "principal angles between the spans of the top-k right singular vectors "
+                    "(input space, all positions), ascending",
+    "top_left_cosine": "|u_A·u_B| of the top left singular vectors (a singular pair's sign is "
+                       "arbitrary)",
+    "top_right_cosine": "|v_A·v_B| of the top right singular vectors",
+    "delta_stable_rank": "stable rank of J_B minus that of J_A (‖J‖_F² / σ_1²)",
+    "attribution_spearman": "Spearman rank correlation of the two files' per-token "
+                            "contributions to the same target logit (average ranks for ties)",
+    "attribution_top3_overlap": "shared positions among each file's 3 largest |contributions|,"
+                                " over 3 (over N for prompts of fewer tokens)",
+    "lens_rel_difference": "per layer l: ‖L_B − L_A‖_F / ‖L_A‖_F of the exact logit lens maps "
+                           "(input embeddings → final norm of the residual after layer l)",
+    "lens_top_left_cosine": "per layer: |cos| of the lens maps' top left singular vectors",
+    "lens_tokens_agree": "per layer: whether the two lens outputs decode to the same top token",
+}
+
+
+def check_comparable(a: LoadedModel, b: LoadedModel) -> None:
+    """Refuse two files that are not two versions of one model: the first difference in
+    architecture, sizes, settings or tokenizer, named."""
+    names = f"{a.path.name} and {b.path.name}"
+    for f in dataclasses.fields(a.cfg):
+        if f.name == "family":
+            continue
+        va, vb = getattr(a.cfg, f.name), getattr(b.cfg, f.name)
+        if va != vb:
+            raise GgufjacError(f"{names} are not two files of one model: {f.name} is "
+                               f"{va!r} in the first and {vb!r} in the second")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.add_bos_token"):
+        va, vb = a.gguf.get(key), b.gguf.get(key)
+        if va != vb:
+            raise GgufjacError(f"{names} have different tokenizers: {key} is {va!r} in the "
+                               f"first and {vb!r} in the second")
+    pa, pb = a.vocab.pieces, b.vocab.pieces
+    if len(pa) != len(pb):
+        raise GgufjacError(f"{names} have different vocabularies: {len(pa)} and {len(pb)} "
+                           "tokens")
+    for i in range(len(pa)):
+        if pa[i] != pb[i]:
+            raise GgufjacError(f"{names} have different vocabularies: token {i} is "
+                               f"{pa[i]!r} in the first and {pb[i]!r} in the second")
+
+
+@dataclass
+class LensLayer:
+    layer: int
+    jacobian: torch.Tensor  # [d, N, d]
+    spectrum: Spectrum
+    top_token: int  # the lens output's top token through the unembedding
+
+
+@dataclass
+class Side:
+    """One file's results on one prompt."""
+
+    logits: np.ndarray  # ours, last position [vocab], float64
+    llama_cpp_logits: np.ndarray | None  # its own llama.cpp run's
+    inputs: torch.Tensor  # x [N, d]
+    output: torch.Tensor  # y [d]
+    jacobian: torch.Tensor | None  # [d, N, d]
+    spectrum: Spectrum | None  # of J as d × (N·d)
+    contributions: torch.Tensor | None  # [N] to the target's logit
+    lens: list[LensLayer]
+
+    def top(self, k: int = 5) -> list[tuple[int, float]]:
+        order = np.argsort(-self.logits, kind="stable")[:k]
+        return [(int(t), float(self.logits[t])) for t in order]
+
+
+def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
+            target: int | None, lin: Linearization, settings: RunSettings | None,
+            anchored: bool = False, max_memory: int | None = None) -> Side:
+    """One file's side of a comparison. `target`: the token whose logit is attributed (None:
+    this file's own prediction, for the first file); `settings`: how its llama.cpp run is
+    made (None: no llama.cpp run); `anchored`: coefficients from that run (anchor.py)."""
+    anchor = m.anchor(tokens, lin, settings) if anchored else None
+    engine = m.engine(lin, max_memory=max_memory, anchor=anchor)
+    d, n = m.cfg.d_model, len(tokens)
+    try:
+        x = engine.embed(tokens)
+        want_j = "jacobian" in analyses or "attribute" in analyses
+        plan = engine.plan(d if want_j else 1, n)
+        record = engine.forward(x)
+        y = record.output[-1]
+        logits = unembed(m.weights, m.logit_input(y, anchor)[None])[0]
+        logits_np = logits.to(torch.float64).cpu().numpy()
+        jac = engine.pull_back_output(record, torch.eye(d, dtype=x.dtype, device=x.device),
+                                      plan.chunk) if want_j else None
+        lens: list[LensLayer] = []
+        if "lens" in analyses:
+            layers = list(range(m.cfg.n_layer))
+            lens_plan = engine.plan(d * len(layers), n)
+            maps = sorted(lens_maps(engine, record, x, layers, lens_plan.chunk),
+                          key=lambda mp: mp.layer)
+            outputs = torch.stack([mp.output for mp in maps], dim=1)  # [d, L]
+            tops = top_tokens_by_unembedding(m.weights, outputs, 1)
+            for mp, top in zip(maps, tops):
+                lens.append(LensLayer(mp.layer, mp.jacobian,
+                                      spectrum(mp.jacobian.reshape(d, -1), mp.output),
+                                      top[0][0]))
+    finally:
+        engine.release()
+    spec = spectrum(jac.reshape(d, -1), y) if jac is not None and "jacobian" in analyses \
+        else None
+    contributions = None
+    if "attribute" in analyses:
+        t = int(np.argmax(logits_np)) if target is None else target
+        u = m.weights.unembedding_rows([t])[0]
+        if anchor is not None and anchor.output_ratio is not None:
+            u = u * anchor.output_ratio[-1]
+        contributions = ((u @ jac.reshape(d, -1)).reshape(n, d) * x).sum(dim=1)
+        if "jacobian" not in analyses:
+            jac = None
+    if anchor is not None:
+        theirs = anchor.reference.logits if anchor.reference is not None else anchor.logits[-1]
+    elif settings is not None:
+        theirs = llamacpp.evaluate(m.path, tokens, settings, last_only=True).logits[-1]
+    else:
+        theirs = None
+    return Side(logits_np, None if theirs is None else np.asarray(theirs, np.float64), x, y,
+                jac, spec, contributions, lens)
+
+
+# -- figures --------------------------------------------------------------------------------
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖b − a‖_F / ‖a‖_F (0 when both are zero)."""
+    num = float(torch.linalg.vector_norm(b - a))
+    den = float(torch.linalg.vector_norm(a))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The principal angles (radians, ascending) between the column spans of a [n, k] and
+    b [n, k], in float64. Small angles from their sines, the singular values of the part
+    of b's basis outside a's span (arccos of the cosines loses half the digits near 0);
+    large ones from their cosines (Knyazev & Argentati, SIAM J. Sci. Comput. 2002)."""
+    qa = torch.linalg.qr(a.to(torch.float64)).Q
+    qb = torch.linalg.qr(b.to(torch.float64)).Q
+    cross = qa.T @ qb
+    cos = torch.linalg.svdvals(cross).clamp(max=1.0)  # descending: smallest angle first
+    sin = torch.linalg.svdvals(qb - qa @ cross).flip(0).clamp(max=1.0)  # ascending
+    return torch.where(cos.pow(2) >= 0.5, torch.arcsin(sin), torch.arccos(cos))
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x, ties given the mean of the ranks they span."""
+    s = np.sort(x)
+    return (np.searchsorted(s, x, "left") + np.searchsorted(s, x, "right") + 1) / 2
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation (None when either side is constant, e.g. one token)."""
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    den = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else None
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, k: int = TOP_OVERLAP) -> float:
+    """Shared positions among the k largest |a| and the k largest |b|, over k."""
+    k = min(k, len(a))
+    top_a = set(np.argsort(-np.abs(a), kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-np.abs(b), kind="stable")[:k].tolist())
+    return len(top_a & top_b) / k
+
+
+def _subspace_figures(sa: Spectrum, sb: Spectrum, k: int, n: int, d: int,
+                      right: bool) -> dict:
+    k = min(k, sa.left.shape[1], sb.left.shape[1])
+    out = {"left_angles": principal_angles(sa.left[:, :k], sb.left[:, :k]).tolist(),
+           "top_left_cosine": abs(float(sa.left[:, 0].to(torch.float64)
+                                        @ sb.left[:, 0].to(torch.float64)))}
+    if right:
+        va, vb = sa.right[:k].reshape(k, n * d), sb.right[:k].reshape(k, n * d)
+        out["right_angles"] = principal_angles(va.T, vb.T).tolist()
+        out["top_right_cosine"] = abs(float(va[0].to(torch.float64) @ vb[0].to(torch.float64)))
+    return out
+
+
+def compare_sides(a: Side, b: Side, k: int) -> dict:
+    """The figures of `DEFINITIONS` for one prompt (reports.comparison_report adds tokens)."""
+    n, d = a.inputs.shape
+    out: dict = {"logits_nmse": nmse(b.logits, a.logits),
+                 "same_prediction": int(np.argmax(a.logits)) == int(np.argmax(b.logits))}
+    if a.llama_cpp_logits is not None and b.llama_cpp_logits is not None:
+        out["llama_cpp_logits_nmse"] = nmse(b.llama_cpp_logits, a.llama_cpp_logits)
+        out["a_vs_own_llama_cpp_nmse"] = nmse(a.logits, a.llama_cpp_logits)
+        out["b_vs_own_llama_cpp_nmse"] = nmse(b.logits, b.llama_cpp_logits)
+    if a.jacobian is not None and b.jacobian is not None:
+        out["jacobian_rel_difference"] = relative_difference(a.jacobian, b.jacobian)
+        out.update(_subspace_figures(a.spectrum, b.spectrum, k, n, d, right=True))
+        out["stable_rank_a"], out["stable_rank_b"] = a.spectrum.stable_rank, b.spectrum.stable_rank
+        out["delta_stable_rank"] = b.spectrum.stable_rank - a.spectrum.stable_rank
+        out["singular_values_a"] = a.spectrum.singular_values[:k].tolist()
+        out["singular_values_b"] = b.spectrum.singular_values[:k].tolist()
+    if a.contributions is not None and b.contributions is not None:
+        ca = a.contributions.to(torch.float64).cpu().numpy()
+        cb = b.contributions.to(torch.float64).cpu().numpy()
+        out["attribution_spearman"] = spearman(ca, cb)
+        out["attribution_top3_overlap"] = top_overlap(ca, cb)
+        out["contributions_a"], out["contributions_b"] = ca.tolist(), cb.tolist()
+    if a.lens and b.lens:
+        layers = []
+        for la, lb in zip(a.lens, b.lens):
+            row = {"layer": la.layer,
+                   "lens_rel_difference": relative_difference(la.jacobian, lb.jacobian),
+                   "top_token_a": la.top_token, "top_token_b": lb.top_token,
+                   "lens_tokens_agree": la.top_token == lb.top_token}
+            sub = _subspace_figures(la.spectrum, lb.spectrum, k, n, d, right=False)
+            row["lens_top_left_cosine"] = sub["top_left_cosine"]
+            row["lens_largest_left_angle"] = max(sub["left_angles"])
+            layers.append(row)
+        out["lens"] = layers
+        differ = [r["layer"] for r in layers if not r["lens_tokens_agree"]]
+        out["first_layer_lens_tokens_differ"] = differ[0] if differ else None
+    return out
+
+
+def distribution(values: list[float]) -> dict:
+    """Summary statistics of one figure over a prompt set."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"n": 0}
+    return {"n": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
+            "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90)),
+            "min": float(v.min()), "max": float(v.max())}
+
+
+# -- a prompt set ---------------------------------------------------------------------------
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a file: one per line (blank lines skipped), or with a .jsonl suffix one
+    JSON object per line with a "prompt" string. A bad line is named by its number."""
+    import json
+
+    from .errors import PromptError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PromptError(f"--prompts {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PromptError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{path}, line {number}: not JSON ({e.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise PromptError(f"{path}, line {number}: expected an object with a "
+                                  "\"prompt\" string")
+            line = item["prompt"]
+            if not line.strip():
+                raise PromptError(f"{path}, line {number}: the prompt is empty")
+        prompts.append(line)
+    if not prompts:
+        raise PromptError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
+                    analyses: tuple[str, ...], k: int, target: int | None,
+                    lin: Linearization, settings: RunSettings | None, anchored: bool = False,
+                    max_memory: int | None = None, max_tokens: int | None = None,
+                    on_prompt: Callable[[int, str], None] | None = None) -> list[dict]:
+    """Every prompt's comparison entry (reports.comparison_entry). The attribution target
+    is `target`, or else file A's prediction, for both files."""
+    from .reports import comparison_entry
+
+    check_comparable(a, b)
+    entries = []
+    for i, prompt in enumerate(prompts):
+        if on_prompt is not None:
+            on_prompt(i, prompt)
+        tokens = a.tokenize(prompt, max_tokens)
+        tokens_b = b.tokenize(prompt, max_tokens)
+        if tokens != tokens_b:
+            raise GgufjacError(f"{a.path.name} and {b.path.name} tokenize the prompt "
+                               f"{prompt[:40]!r} differently ({len(tokens)} and "
+                               f"{len(tokens_b)} tokens)")
+        side_a = analyse(a, tokens, analyses, target, lin, settings, anchored, max_memory)
+        t = None
+        if "attribute" in analyses:
+            t = target if target is not None else int(np.argmax(side_a.logits))
+        side_b = analyse(b, tokens, analyses, t, lin, settings, anchored, max_memory)
+        entries.append(comparison_entry(a, prompt, tokens, t, side_a.top(), side_b.top(),
+                                        compare_sides(side_a, side_b, k)))
+        del side_a, side_b
+    return entries
