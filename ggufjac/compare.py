@@ -308,15 +308,21 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
-                    analyses: tuple[str, ...], k: int, target: int | None,
-                    lin: Linearization, settings: RunSettings | None, anchored: bool = False,
+                    analyses: tuple[str, ...] = ANALYSES, k: int = 8,
+                    target: int | None = None, lin: Linearization | None = None,
+                    settings: RunSettings | None = None, anchored: bool = False,
                     max_memory: int | None = None, max_tokens: int | None = None,
                     on_prompt: Callable[[int, str], None] | None = None) -> list[dict]:
-    """Every prompt's comparison entry (reports.comparison_entry). The attribution target
-    is `target`, or else file A's prediction, for both files."""
+    """Every prompt's comparison entry (reports.comparison_entry): the top-`k` subspaces;
+    the attribution target is `target`, or else file A's prediction, for both files;
+    `settings`: each file's own llama.cpp run (None: none); `anchored`: each file's
+    coefficients from that run."""
     from .reports import comparison_entry
 
     check_comparable(a, b)
+    lin = lin or Linearization()
+    if anchored and settings is None:
+        raise GgufjacError("anchoring needs llama.cpp's run settings")
     entries = []
     for i, prompt in enumerate(prompts):
         if on_prompt is not None:

@@ -241,3 +241,25 @@ def test_real_model_against_its_requantizations(gemma_path, tmp_path) -> None:
         assert e["a_vs_own_llama_cpp_nmse"] < CHECK_NMSE_BOUND
         assert e["b_vs_own_llama_cpp_nmse"] < CHECK_NMSE_BOUND
         assert len(e["contributions_a"]) == len(e["tokens"])
+
+
+def test_anchored_comparison_explains_each_files_own_llama_cpp_run(synthetic) -> None:
+    """--anchor llama.cpp: each file's coefficients from its own llama.cpp run, so each
+    file's logits reproduce that run (an independent one: `reference`) to anchoring's
+    rounding, far below what separates the two files."""
+    pa, pb = synthetic("llama", "F32"), synthetic("llama", "Q8_0")
+    with open_model(pa, dtype="float64") as a, open_model(pb, dtype="float64") as b:
+        plain = compare_prompts(a, b, [PROMPT], ("jacobian",), settings=llamacpp.RunSettings())
+        anchored = compare_prompts(a, b, [PROMPT], ("jacobian",),
+                                   settings=llamacpp.RunSettings(), anchored=True)
+        with pytest.raises(GgufjacError, match="anchoring needs"):
+            compare_prompts(a, b, [PROMPT], anchored=True)
+    e = anchored[0]
+    assert e["a_vs_own_llama_cpp_nmse"] < 1e-8 and e["b_vs_own_llama_cpp_nmse"] < 1e-8
+    assert e["a_vs_own_llama_cpp_nmse"] < plain[0]["a_vs_own_llama_cpp_nmse"]
+    assert e["logits_nmse"] > 100 * max(e["a_vs_own_llama_cpp_nmse"],
+                                        e["b_vs_own_llama_cpp_nmse"])
+    # B's anchored map carries llama.cpp's rounding of Q8_0 matmul inputs as frozen
+    # per-element ratios (A's F32 matmuls round nothing): the maps part further than the
+    # plain ones, though both outputs are reproduced (docs/quantization.md)
+    assert e["jacobian_rel_difference"] > plain[0]["jacobian_rel_difference"] > 0
