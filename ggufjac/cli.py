@@ -857,8 +857,12 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     else:
         prompts = [_read_prompt(prompt, prompt_file)]
     budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory)[1]
-    if anchor != "none" and no_llama_cpp:
-        raise GgufjacError("--anchor llama.cpp needs llama.cpp's runs (drop --no-llama-cpp)")
+    if no_llama_cpp:
+        given = [f"--{k.replace('_', '-')}" for k, v in llama.items()
+                 if v not in (None, False) and k != "threads"]
+        if anchor != "none" or given:
+            raise GgufjacError(f"{given[0] if given else '--anchor llama.cpp'} needs "
+                               "llama.cpp's runs (drop --no-llama-cpp)")
     from .layout import validate_file
     from .resolve import resolve_model
 
@@ -879,8 +883,6 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     with open_model(paths[0], dtype=dtype, device=device) as a, \
             open_model(paths[1], dtype=dtype, device=device) as b:
         target = a.token_for_text(token_text) if token_text is not None else None
-        if out_dir is not None:
-            prepare_output_dir(out_dir, overwrite)
         t0 = time.perf_counter()
 
         def on_prompt(i: int, text: str) -> None:
@@ -906,6 +908,7 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
             writers["distributions.png"] = lambda p: plot_comparison_distributions(
                 p, entries, ("jacobian_rel_difference", "largest_left_angle",
                              "attribution_spearman", "logits_nmse"), title)
+        prepare_output_dir(out_dir, overwrite)  # only now: a failed run leaves nothing
         write_all(out_dir, writers)
     click.echo(text)
     if out_dir is not None:

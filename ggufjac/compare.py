@@ -23,7 +23,7 @@ import torch
 
 from . import llamacpp
 from .analysis import Spectrum, spectrum, top_tokens_by_unembedding
-from .errors import GgufjacError
+from .errors import GgufjacError, PromptError
 from .layers import lens_maps
 from .linearize import Linearization
 from .llamacpp import RunSettings
@@ -277,8 +277,6 @@ def read_prompts(path: Path) -> list[str]:
     JSON object per line with a "prompt" string. A bad line is named by its number."""
     import json
 
-    from .errors import PromptError
-
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -327,12 +325,15 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
     for i, prompt in enumerate(prompts):
         if on_prompt is not None:
             on_prompt(i, prompt)
-        tokens = a.tokenize(prompt, max_tokens)
-        tokens_b = b.tokenize(prompt, max_tokens)
+        which = f"prompt {i + 1} ({prompt[:40]!r})" if len(prompts) > 1 else "the prompt"
+        try:
+            tokens = a.tokenize(prompt, max_tokens)
+            tokens_b = b.tokenize(prompt, max_tokens)
+        except PromptError as e:
+            raise PromptError(f"{which}: {e}") from None
         if tokens != tokens_b:
-            raise GgufjacError(f"{a.path.name} and {b.path.name} tokenize the prompt "
-                               f"{prompt[:40]!r} differently ({len(tokens)} and "
-                               f"{len(tokens_b)} tokens)")
+            raise GgufjacError(f"{a.path.name} and {b.path.name} tokenize {which} "
+                               f"differently ({len(tokens)} and {len(tokens_b)} tokens)")
         side_a = analyse(a, tokens, analyses, target, lin, settings, anchored, max_memory)
         t = None
         if "attribute" in analyses:

@@ -204,6 +204,12 @@ def test_cli_prompt_set_files_and_errors(synthetic, tmp_path) -> None:
         assert e["attribution_target"]["token"] == e["top5_a"][0]["token"]
     assert "jacobian_rel_difference" in (out / "README.md").read_text()
 
+    long = tmp_path / "long.txt"
+    long.write_text("short one\n" + "fox " * 40 + "\n")
+    r = CliRunner().invoke(main, ["compare", a, b, "--prompts", str(long), "--max-tokens",
+                                  "20", "--out", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "prompt 2 ('fox fox" in r.output and "20" in r.output
+    assert not (tmp_path / "none").exists()  # a failed run leaves nothing behind
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
     cases = [(["--prompts", str(bad)], "bad.jsonl, line 2: not JSON"),
@@ -211,7 +217,9 @@ def test_cli_prompt_set_files_and_errors(synthetic, tmp_path) -> None:
              ([], "give one of --prompt, --prompt-file and --prompts"),
              (["-p", PROMPT, "--prompts", str(prompts)], "give one of"),
              (["-p", PROMPT, "--token", "not-a-token-here"], "not a single token"),
-             (["-p", PROMPT, "--out", str(out)], "not empty")]
+             (["-p", PROMPT, "--out", str(out)], "not empty"),
+             (["-p", PROMPT, "--no-llama-cpp", "--flash-attn", "off"],
+              "--flash-attn needs llama.cpp's runs")]
     for args, message in cases:
         r = CliRunner().invoke(main, ["compare", a, b, *args])
         assert r.exit_code == 2 and message in r.output, (args, r.output)
