@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare | report`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ EXAMPLES = {
                 '--out out/cmp'],
     "layers": ['ggufjac layers gemma3-270m -p "The bridge out of Marin is the" --out out/l',
                'ggufjac layers model.gguf -p "Hello" --out out/l --layers 0,5,10-17'],
+    "report": ["ggufjac report out/l", "ggufjac report a.json --out a.html"],
 }
 
 
@@ -165,6 +166,18 @@ def _llama_cpp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _html_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--html", "html", is_flag=True,
+                        help="Also write report.html: the result as one self-contained page "
+                             "(needs ggufjac[html]).")(fn)
+
+
+def _write_html(path: Path) -> None:
+    from .html import write_report
+
+    click.echo(f"wrote {write_report(path)}")
+
+
 def _threads_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--threads N: torch's threads and llama.cpp's (default: the cores this process may
     run on)."""
@@ -258,12 +271,17 @@ def _start_tokenizer(model: str, text: str) -> tuple[str, Any]:
 
 def _early_checks(prompt: str | None, prompt_file: Path | None, device: str = "cpu",
                   out_dir: Path | None = None, overwrite: bool = False,
-                  max_memory: str | None = None) -> tuple[str, int | None]:
+                  max_memory: str | None = None, html: bool = False) -> tuple[str, int | None]:
     """Mistakes that need no model, refused before the slow imports: the prompt, the
-    output directory, the device, the memory budget. Returns the prompt and the budget."""
+    output directory, the device, the memory budget, --html without Jinja2. Returns the
+    prompt and the budget."""
     from .outputs import check_output_dir
 
     text = _read_prompt(prompt, prompt_file)
+    if html:
+        from .html import require_html
+
+        require_html()
     if out_dir is not None:
         check_output_dir(out_dir, overwrite)
     _precheck_device(device)
@@ -423,16 +441,18 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
               help="Output directory (must not exist or be empty, unless --overwrite).")
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_html_option
 @_threads_option
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
              out_dir: Path, dtype: str, gate_path: str, device: str, max_memory: str | None,
-             anchor: str, overwrite: bool, **llama: Any) -> None:
+             anchor: str, overwrite: bool, html: bool, **llama: Any) -> None:
     """Detached Jacobian of the output embedding w.r.t. every input embedding.
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
     """
-    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
+    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
+                                 html)
     model, started = _start_tokenizer(model, text)
     from safetensors.torch import save_file
 
@@ -505,6 +525,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
         click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  cos(u,y) "
                    f"{v['cos_with_output']:+.3f}  {v['tokens']}")
     click.echo(f"wrote {out_dir}/jacobian.safetensors, report.json, singular_values.png")
+    if html:
+        _write_html(out_dir)
 
 
 @main.command(short_help="The top singular triplets of J without forming it (long prompts).",
@@ -530,16 +552,19 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
                    "short prompts, smaller ones sweep fewer vectors on long ones).")
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_html_option
 @_threads_option
 @_errors_to_exit
 def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
         top_k: int, out_dir: Path, per_token: bool, tolerance: float | None,
         max_iterations: int, block: int | None, dtype: str, gate_path: str, device: str,
-        max_memory: str | None, anchor: str, overwrite: bool, **llama: Any) -> None:
+        max_memory: str | None, anchor: str, overwrite: bool, html: bool,
+        **llama: Any) -> None:
     """Top singular values and vectors of the detached Jacobian J (d x N·d), matrix free:
     block Lanczos on J Jᵀ, each step one reverse sweep (Jᵀ·U) and one forward sweep of the
     frozen linear network (J·V). Memory does not grow with d x N x d."""
-    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
+    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
+                                 html)
     if dtype not in ("float32", "float64"):
         raise GgufjacError(f"svd runs in float32 or float64, not {dtype}")
     if top_k < 1:  # before the slow imports; K > d is known once the model is open
@@ -638,6 +663,8 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
         if len(tokens) > 40:
             click.echo(f"  ... ({len(tokens) - 40} more positions in report.json)")
     click.echo(f"wrote {out_dir}/svd.safetensors, report.json, singular_values.png")
+    if html:
+        _write_html(out_dir)
     if not result.converged:
         click.echo(f"ggufjac: warning: not converged within {max_iterations} iterations "
                    f"(raise --max-iterations or --tolerance)", err=True)
@@ -655,18 +682,21 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
 @_engine_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the contributions to this JSON file.")
+@_html_option
 @_threads_option
 @_errors_to_exit
 def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
               token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
               gate_path: str, device: str, max_memory: str | None, anchor: str,
-              json_path: Path | None, **llama: Any) -> None:
+              json_path: Path | None, html: bool, **llama: Any) -> None:
     """Each input token's exact additive contribution to a token's logit.
 
     One reverse sweep of the detached model along the token's unembedding row u_t gives
     u_tᵀ J_i for every input position i; the contributions (u_tᵀ J_i) · x_i sum to the logit.
     """
-    text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory)
+    if html and json_path is None:  # the page is made from, and written next to, the JSON
+        raise GgufjacError("--html needs --json FILE (report.html is written next to it)")
+    text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory, html=html)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
     from .linearize import Linearization
@@ -703,6 +733,8 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
                        f"--token {alt['token']!r} explains that one")
     if json_path is not None:
         write_json(json_path, report)
+        if html:
+            _write_html(json_path)
 
 
 def _parse_layers(text: str | None, n_layer: int, syntax_only: bool = False) -> list[int]:
@@ -739,19 +771,21 @@ def _parse_layers(text: str | None, n_layer: int, syntax_only: bool = False) -> 
 @_engine_options
 @click.option("--save-matrices", is_flag=True, help="Also save every Jacobian matrix.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_html_option
 @_threads_option
 @_errors_to_exit
 def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
            out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
            max_memory: str | None, anchor: str, save_matrices: bool,
-           overwrite: bool, **llama: Any) -> None:
+           overwrite: bool, html: bool, **llama: Any) -> None:
     """Each layer, its attention and its MLP as exact linear maps, with their SVDs.
 
     Per layer: the cumulative map (inputs -> final norm of the residual after the layer, an
     exact logit lens), the layer's own map with and without the residual, and its attention
     and MLP parts; reconstruction errors, spectra, stable ranks, decoded singular vectors.
     """
-    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory)
+    text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
+                                 html)
     if layer_list is not None:  # its syntax, before the model is opened
         _parse_layers(layer_list, sys.maxsize, syntax_only=True)
     model, started = _start_tokenizer(model, text)
@@ -799,6 +833,24 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     click.echo(layers_markdown(report))
     click.echo(f"({seconds:.1f} s) wrote {out_dir}/layers.json, layers.safetensors, "
                "stable_rank.png, top_singular_value.png, README.md")
+    if html:
+        _write_html(out_dir)
+
+
+@main.command(short_help="One self-contained HTML page of a result (report.html).",
+              epilog="\b\nExamples:\n" + "\n".join(f"  {e}" for e in EXAMPLES["report"]))
+@click.argument("path", type=click.Path(path_type=Path), metavar="RESULT")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="Write the page here (default: RESULT/report.html, or report.html next "
+                   "to an attribution JSON).")
+@_errors_to_exit
+def report(path: Path, out_path: Path | None) -> None:
+    """RESULT: a directory written by `jacobian`, `svd` or `layers`, or the JSON file of
+    `attribute --json`. The page opens from disk in any current browser, loads nothing from
+    the network, and embeds no large arrays (the spectra and decoded vectors only)."""
+    from .html import write_report
+
+    click.echo(f"wrote {write_report(path, out_path)}")
 
 
 def _parse_analyses(text: str) -> tuple[str, ...]:
