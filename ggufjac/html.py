@@ -241,6 +241,9 @@ def layer_values_svg(maps: list[dict], key: str, ylabel: str, log: bool) -> str:
                     lw=1, label=kind)
     if log:
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)

@@ -1,0 +1,205 @@
+"""The HTML report in a real browser: Debian's Chromium driven by Playwright (no browser
+download). Results come from the CLI on a small synthetic model; each view's screenshot is
+written to tests-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ggufjac.cli import main
+
+PROMPT = "the bridge is"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "tests-artifacts"
+
+
+def _browser_path() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:  # a failure, not a skip: CI must run these tests (.ci/run installs it)
+        pytest.fail("no Chromium on PATH (chromium or chromium-browser): install Debian's "
+                    "chromium package (apt-get install chromium) to run the HTML report tests")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = _browser_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+class Page:
+    """A page opened from a file:// URL, with everything it logged and requested."""
+
+    def __init__(self, browser, html: Path) -> None:
+        self.url = html.resolve().as_uri()
+        self.page = browser.new_page(viewport={"width": 1100, "height": 900})
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error"
+                     else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(self.url)
+        self.page.wait_for_load_state("load")
+
+    def check_clean(self) -> None:
+        assert self.errors == [], self.errors
+        assert self.requests == [self.url], self.requests  # the file itself, nothing else
+
+    def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"report-{name}.png"), full_page=True)
+
+
+def _run(args: list[str]) -> None:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+
+
+@pytest.fixture(scope="module")
+def results(synthetic, tmp_path_factory) -> dict[str, Path]:
+    """Each command's result, its page written by --html (`report` is tested on its own)."""
+    model = str(synthetic("llama", "Q4_K_M"))
+    root = tmp_path_factory.mktemp("html")
+    _run(["attribute", model, "-p", PROMPT, "--json", str(root / "a.json"), "--html"])
+    _run(["jacobian", model, "-p", PROMPT, "--out", str(root / "j"), "--dtype", "float64",
+          "--html"])
+    _run(["svd", model, "-p", PROMPT, "--top-k", "3", "--out", str(root / "v"), "--html"])
+    _run(["layers", model, "-p", PROMPT, "--out", str(root / "l"), "--html"])
+    return {"attribute": root / "report.html", "jacobian": root / "j" / "report.html",
+            "svd": root / "v" / "report.html", "layers": root / "l" / "report.html",
+            "a.json": root / "a.json", "l": root / "l", "j": root / "j"}
+
+
+@pytest.mark.parametrize("kind", ["attribute", "jacobian", "svd", "layers"])
+def test_page_loads_offline_without_errors(browser, results, kind):
+    html = results[kind]
+    text = html.read_text()
+    assert "<script src" not in text and "<link" not in text  # nothing fetched at view time
+    p = Page(browser, html)
+    assert p.page.locator("h1").inner_text().startswith(f"ggufjac {kind}")
+    assert p.page.locator(".tok").count() > 0
+    if kind in ("jacobian", "svd"):
+        assert p.page.locator("svg.chart").count() >= 1  # the spectrum, inline
+    p.check_clean()
+    p.screenshot(kind)
+
+
+def test_attribution_tokens_sum_to_the_logit(browser, results):
+    report = json.loads(results["a.json"].read_text())
+    target = report["targets"][0]
+    p = Page(browser, results["attribute"])
+    section = p.page.locator("section.target").first
+    toks = section.locator(".tok")
+    values = [float(v) for v in toks.evaluate_all("els => els.map(e => e.dataset.contribution)")]
+    texts = [json.loads(t) for t in toks.evaluate_all("els => els.map(e => e.dataset.text)")]
+    assert texts == report["tokens"]
+    assert values == pytest.approx(target["contributions"], rel=0, abs=0)  # exact, repr'd
+    shown_logit = float(section.locator(".logit").get_attribute("data-value"))
+    shown_sum = float(section.locator(".sum").get_attribute("data-value"))
+    assert shown_logit == target["logit"]
+    # the page's numbers themselves: the tokens' values add up to the logit it shows
+    assert math.isclose(math.fsum(values), shown_logit, rel_tol=1e-6)
+    assert math.isclose(shown_sum, shown_logit, rel_tol=1e-6)
+    assert f"{target['logit']:.6f}" in section.locator(".logit").inner_text()
+    # signed values get the two ends of the diverging map: not all tokens look alike
+    colours = set(toks.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)"))
+    assert len(colours) > 1
+    p.check_clean()
+
+
+def test_hover_shows_the_value(browser, results):
+    report = json.loads(results["a.json"].read_text())
+    p = Page(browser, results["attribute"])
+    tip = p.page.locator("#tooltip")
+    assert not tip.is_visible()
+    i = max(range(len(report["tokens"])),
+            key=lambda k: abs(report["targets"][0]["contributions"][k]))
+    p.page.locator("section.target").first.locator(".tok").nth(i).hover()
+    assert tip.is_visible()
+    assert f"{report['targets'][0]['contributions'][i]:.6f}" in tip.inner_text()
+    assert f"position {i}" in tip.inner_text()
+    p.page.mouse.move(1, 1)
+    assert not tip.is_visible()
+
+
+def test_clicking_a_layer_shows_its_decoded_tokens(browser, results):
+    report = json.loads((results["l"] / "layers.json").read_text())
+    p = Page(browser, results["layers"])
+    layers = sorted({e["layer"] for e in report["maps"]})
+    assert p.page.locator(".layer-row").count() == len(layers)
+    assert p.page.locator(".panel:visible").count() == 0
+    for layer in (layers[-1], layers[0]):
+        p.page.locator(f".layer-row[data-layer='{layer}']").click()
+        panel = p.page.locator(f"#layer-panel-{layer}")
+        assert panel.is_visible()
+        assert p.page.locator(".panel:visible").count() == 1  # the other layers' are hidden
+        for e in (e for e in report["maps"] if e["layer"] == layer):
+            for v in e["vectors"]:
+                cell = panel.locator(f"tr.map-vector[data-kind='{e['kind']}']"
+                                     f"[data-index='{v['index']}'] td.left-tokens .dtok")
+                shown = [json.loads(t) for t in
+                         cell.evaluate_all("els => els.map(e => e.dataset.text)")]
+                assert shown == v["left_tokens"], (layer, e["kind"], v["index"])
+        # the heat map's cells carry the stable ranks of layers.json
+        ranks = {e["kind"]: e["stable_rank"] for e in report["maps"] if e["layer"] == layer}
+        for kind, rank in ranks.items():
+            cell = p.page.locator(f".layer-row[data-layer='{layer}'] td[data-kind='{kind}']")
+            assert float(cell.get_attribute("data-stable-rank")) == rank
+    p.check_clean()
+
+
+def test_jacobian_tokens_coloured_by_the_top_right_vector(browser, results):
+    p = Page(browser, results["jacobian"])
+    weights = [float(w) for w in
+               p.page.locator(".tok").evaluate_all("els => els.map(e => e.dataset.weight)")]
+    assert all(w >= 0 for w in weights)
+    assert math.isclose(math.fsum(w * w for w in weights), 1.0, rel_tol=1e-9)  # ‖v_1‖ = 1
+
+
+def test_report_command_rewrites_the_page(results, tmp_path):
+    out = tmp_path / "a.html"
+    r = CliRunner().invoke(main, ["report", str(results["a.json"]), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_text() == results["attribute"].read_text()  # the page --html wrote
+
+
+def test_bad_inputs_exit_2_and_leave_no_page(tmp_path):
+    cases = []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((empty, "not a ggufjac result directory"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "layers.json").write_text("{\"tokens\": [")
+    cases.append((bad, "not valid JSON"))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"tokens": ["a"], "targets": [{"token": "a"}]}))
+    cases.append((wrong, "not a well-formed ggufjac attribute report"))
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    cases.append((other, "not a ggufjac report"))
+    for path, message in cases:
+        r = CliRunner().invoke(main, ["report", str(path)])
+        assert r.exit_code == 2, (path, r.output)
+        assert r.output.count("\n") == 1 and "Traceback" not in r.output
+        assert message in r.output and str(path.name) in r.output
+        folder = path if path.is_dir() else path.parent
+        assert not any(f.name.endswith("report.html") or f.name.endswith(".partial")
+                       for f in folder.iterdir()), list(folder.iterdir())
+
+
+def test_attribute_html_needs_json():
+    r = CliRunner().invoke(main, ["attribute", "model.gguf", "-p", PROMPT, "--html"])
+    assert r.exit_code == 2
+    assert "--html needs --json" in r.output
