@@ -222,6 +222,9 @@ def spectrum_svg(singular_values: list[float], title: str) -> str:
     s = [v for v in singular_values if v > 0]
     ax.semilogy(range(1, len(s) + 1), s, marker="." if len(s) < 80 else None, lw=1.2,
                 color="#5e3c99")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # k is a whole number
     ax.set_xlabel("index k")
     ax.set_ylabel("singular value σ_k")
     ax.set_title(title, fontsize=9)

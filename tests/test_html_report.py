@@ -203,3 +203,14 @@ def test_attribute_html_needs_json():
     r = CliRunner().invoke(main, ["attribute", "model.gguf", "-p", PROMPT, "--html"])
     assert r.exit_code == 2
     assert "--html needs --json" in r.output
+
+
+def test_print_view_is_light_and_shows_every_layer(browser, results):
+    p = Page(browser, results["layers"])
+    p.page.emulate_media(media="print")
+    assert p.page.evaluate("getComputedStyle(document.body).backgroundColor") in (
+        "rgb(255, 255, 255)", "rgba(0, 0, 0, 0)")
+    panels = p.page.locator(".panel")
+    assert panels.count() > 0 and all(panels.nth(i).is_visible()
+                                      for i in range(panels.count()))
+    assert not p.page.locator("#tooltip").is_visible()
