@@ -214,3 +214,22 @@ def test_print_view_is_light_and_shows_every_layer(browser, results):
     assert panels.count() > 0 and all(panels.nth(i).is_visible()
                                       for i in range(panels.count()))
     assert not p.page.locator("#tooltip").is_visible()
+
+
+def test_notebook_view_and_missing_jinja2(results, monkeypatch):
+    import sys
+
+    from ggufjac.errors import GgufjacError
+    from ggufjac.html import HTMLReport, render
+
+    report = json.loads(results["a.json"].read_text())
+    page = HTMLReport(report, "attribute")._repr_html_()
+    assert page == render(report, "attribute")
+    assert page.count("data-contribution=") == len(report["tokens"]) * len(report["targets"])
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # as if it were not installed
+    with pytest.raises(GgufjacError, match=r"pip install 'ggufjac\[html\]'"):
+        render(report, "attribute")
+    r = CliRunner().invoke(main, ["report", str(results["a.json"]), "--out",
+                                  str(results["a.json"].with_name("x.html"))])
+    assert r.exit_code == 2 and "ggufjac[html]" in r.output
+    assert not results["a.json"].with_name("x.html").exists()
