@@ -148,6 +148,14 @@ class LoadedModel:
             return y
         return y * anchor.output_ratio[-1]
 
+    def logit_rows(self, targets: list[int], anchor: Anchor | None) -> torch.Tensor:
+        """The unembedding rows u_t [m, d] of `targets`, such that u_t · y is the logit;
+        anchored, with llama.cpp's rounding of the matmul's input folded in (`logit_input`)."""
+        u = self.weights.unembedding_rows(targets)
+        if anchor is not None and anchor.output_ratio is not None:
+            u = u * anchor.output_ratio[-1]
+        return u
+
     def anchor_summary(self, anchor: Anchor, y: torch.Tensor,
                        result: JacobianResult | None = None) -> dict:
         """How closely the anchored model reproduces llama.cpp's run (reports.py)."""
@@ -279,9 +287,7 @@ class LoadedModel:
             if not targets:
                 targets = [top_tokens_by_unembedding(
                     self.weights, self.logit_input(y, anchor)[:, None], 1)[0][0][0]]
-            u = self.weights.unembedding_rows(targets)
-            if anchor is not None and anchor.output_ratio is not None:
-                u = u * anchor.output_ratio[-1]
+            u = self.logit_rows(targets, anchor)
             jac = engine.pull_back_output(record, u, plan.chunk)
         finally:
             engine.release()

@@ -201,12 +201,17 @@ def _settings(flash_attn: str | None, no_repack: bool, batch_size: int | None,
                        n_batch=batch_size, n_ubatch=ubatch_size, threads=threads)
 
 
+def _given_llama_options(llama: dict[str, Any]) -> list[str]:
+    """The llama.cpp options the user set (as flags), --threads aside (it is torch's too)."""
+    return [f"--{k.replace('_', '-')}" for k, v in llama.items()
+            if v not in (None, False) and k != "threads"]
+
+
 def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization, anchor: str,
             llama: dict[str, Any]) -> Anchor | None:
     """The llama.cpp anchor asked for by --anchor and the llama.cpp options, or None."""
     if anchor == "none":
-        given = [f"--{k.replace('_', '-')}" for k, v in llama.items()
-                 if v not in (None, False) and k != "threads"]
+        given = _given_llama_options(llama)
         if given:
             raise GgufjacError(f"{given[0]} applies to --anchor llama.cpp only")
         return None
@@ -910,8 +915,7 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
         prompts = [_read_prompt(prompt, prompt_file)]
     budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory)[1]
     if no_llama_cpp:
-        given = [f"--{k.replace('_', '-')}" for k, v in llama.items()
-                 if v not in (None, False) and k != "threads"]
+        given = _given_llama_options(llama)
         if anchor != "none" or given:
             raise GgufjacError(f"{given[0] if given else '--anchor llama.cpp'} needs "
                                "llama.cpp's runs (drop --no-llama-cpp)")

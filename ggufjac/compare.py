@@ -149,9 +149,7 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
     contributions = None
     if "attribute" in analyses:
         t = int(np.argmax(logits_np)) if target is None else target
-        u = m.weights.unembedding_rows([t])[0]
-        if anchor is not None and anchor.output_ratio is not None:
-            u = u * anchor.output_ratio[-1]
+        u = m.logit_rows([t], anchor)[0]
         contributions = ((u @ jac.reshape(d, -1)).reshape(n, d) * x).sum(dim=1)
         if "jacobian" not in analyses:
             jac = None

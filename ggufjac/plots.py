@@ -48,6 +48,19 @@ def plot_stable_rank_heatmap(path: Path, entries: list[dict], kinds: tuple[str, 
     plt.close(fig)
 
 
+def _save_by_layer(fig: plt.Figure, ax: plt.Axes, path: Path, ylabel: str, title: str) -> None:
+    """Label a plot over layers (integer ticks, legend, grid, title) and save it as PNG."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
 def plot_top_singular_value(path: Path, entries: list[dict], kinds: tuple[str, ...],
                             title: str) -> None:
     layers, grid = _grid(entries, kinds, "top_singular_value")
@@ -57,15 +70,7 @@ def plot_top_singular_value(path: Path, entries: list[dict], kinds: tuple[str, .
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1, 1, 1)))]
     for (kind, row), (marker, dash) in zip(zip(kinds, grid), styles * len(kinds)):
         ax.semilogy(layers, row, marker=marker, ls=dash, lw=1.2, ms=5, mfc="none", label=kind)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("top singular value $\\sigma_1$")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    _save_by_layer(fig, ax, path, "top singular value $\\sigma_1$", title)
 
 
 def plot_lens_differences(path: Path, entries: list[dict], title: str) -> None:
@@ -80,15 +85,7 @@ def plot_lens_differences(path: Path, entries: list[dict], title: str) -> None:
     ax.plot(layers, median, color="C0", lw=2, marker=".", label="median over prompts")
     if any(v > 0 for row in rows for v in row):
         ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("lens map $\\|L_B - L_A\\|_F / \\|L_A\\|_F$")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    _save_by_layer(fig, ax, path, "lens map $\\|L_B - L_A\\|_F / \\|L_A\\|_F$", title)
 
 
 def plot_comparison_distributions(path: Path, entries: list[dict], keys: tuple[str, ...],
