@@ -79,22 +79,35 @@ class LoadedModel:
         try:
             if not prompt or not prompt.strip():
                 raise PromptError("the prompt is empty (or only whitespace)")
-            kind = self.gguf.get("tokenizer.ggml.model")
-            if kind in (None, "none"):  # llama.cpp aborts the process on tokenize() for these
-                raise GGUFError(self.path, "tokenizer.ggml.model",
-                                f"the file has no tokenizer ({kind!r}); prompts cannot be "
-                                "tokenized")
+            self._check_tokenizer()
             tokens = started.result(300)["tokens"].tolist() if started is not None else \
                 llamacpp.tokenize(self.path, prompt)
         finally:
             if started is not None:
                 started.close()
+        self.check_length(tokens, max_tokens)
+        return tokens
+
+    def tokenize_many(self, prompts: list[str]) -> list[list[int]]:
+        """llama.cpp's tokens of each prompt, from one llama.cpp start (lengths unchecked:
+        `check_length`)."""
+        self._check_tokenizer()
+        return llamacpp.tokenize_many(self.path, prompts)
+
+    def _check_tokenizer(self) -> None:
+        kind = self.gguf.get("tokenizer.ggml.model")
+        if kind in (None, "none"):  # llama.cpp aborts the process on tokenize() for these
+            raise GGUFError(self.path, "tokenizer.ggml.model",
+                            f"the file has no tokenizer ({kind!r}); prompts cannot be "
+                            "tokenized")
+
+    def check_length(self, tokens: list[int], max_tokens: int | None = None) -> None:
+        """Refuse a prompt longer than the context length or `max_tokens`."""
         limit = min(self.cfg.context_length, max_tokens or self.cfg.context_length)
         if len(tokens) > limit:
             which = "--max-tokens" if max_tokens and max_tokens < self.cfg.context_length \
                 else "the model's context length"
             raise PromptError(f"the prompt is {len(tokens)} tokens, more than {which} ({limit})")
-        return tokens
 
     def nonfinite_weights(self) -> dict[str, int]:
         """{tensor name: count} of weights that dequantize to NaN or Inf (empty if none)."""

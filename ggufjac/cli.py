@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare | report`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare | batch | export | report`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ EXAMPLES = {
     "layers": ['ggufjac layers gemma3-270m -p "The bridge out of Marin is the" --out out/l',
                'ggufjac layers model.gguf -p "Hello" --out out/l --layers 0,5,10-17'],
     "report": ["ggufjac report out/l", "ggufjac report a.json --out a.html"],
+    "batch": ["ggufjac batch gemma3-270m prompts.jsonl --out results.db",
+              "ggufjac batch model.gguf prompts.csv --out results.db --analyses attribute,svd,lens "
+              "--concepts words.txt --ray auto"],
+    "export": ["ggufjac export results.db --parquet results/"],
 }
 
 
@@ -908,9 +912,9 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     if [prompt, prompt_file, prompts_file].count(None) != 2:
         raise GgufjacError("give one of --prompt, --prompt-file and --prompts")
     if prompts_file is not None:
-        from .compare import read_prompts
+        from .prompt_sets import read_prompt_set
 
-        prompts = read_prompts(prompts_file)
+        prompts = [item.prompt for item in read_prompt_set(prompts_file)]
     else:
         prompts = [_read_prompt(prompt, prompt_file)]
     budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory)[1]
@@ -969,6 +973,162 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     click.echo(text)
     if out_dir is not None:
         click.echo(f"wrote {out_dir}/" + ", ".join(writers))
+
+
+@main.command(short_help="Many prompts into a results store (SQLite), resumable; Ray optional.",
+              epilog=_epilog("batch"))
+@_model_argument
+@click.argument("prompts_file", type=click.Path(path_type=Path), metavar="PROMPTS")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="The results store (an SQLite file; created, or resumed).")
+@click.option("--analyses", default="attribute,svd", show_default=True,
+              help="Comma-separated, from attribute, svd, lens (lens: every layer's exact "
+                   "logit-lens map; the slowest).")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Singular values (and decoded vectors) kept per prompt.")
+@click.option("--max-tokens", type=int, default=None,
+              help="Prompts longer than this many tokens are stored as failed.")
+@click.option("--llama-cpp", "with_llama_cpp", is_flag=True,
+              help="Also run llama.cpp on each prompt and store its top-1 (implied by "
+                   "--anchor llama.cpp).")
+@click.option("--concepts", "concepts_file", type=click.Path(path_type=Path), default=None,
+              help="Words, one per line: prompts whose decoded singular vectors or lens "
+                   "outputs include one are flagged (view concept_hits).")
+@click.option("--extend", is_flag=True,
+              help="Add this run to a store holding another model's or other settings' runs.")
+@click.option("--retry-failed", is_flag=True, help="Run the prompts stored as failed again.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run on the Ray cluster at ADDRESS (or auto); needs ggufjac[ray].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors (default: one per node).")
+@_engine_options
+@_threads_option
+@_errors_to_exit
+def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: int,
+          max_tokens: int | None, with_llama_cpp: bool, concepts_file: Path | None,
+          extend: bool, retry_failed: bool, ray_address: str | None, workers: int | None,
+          dtype: str, gate_path: str, device: str, max_memory: str | None, anchor: str,
+          **llama: Any) -> None:
+    """Run the analyses on every prompt of PROMPTS into the results store --out.
+
+    PROMPTS: JSONL ({"id": ..., "prompt": ..., "target": " Paris"}; id and target
+    optional), CSV or Parquet with a prompt column (id, target optional), or text with one
+    prompt per line. The model is opened once. Each prompt's results are committed in one
+    transaction: rerunning the command skips the prompts already done with the same settings,
+    and a kill loses at most the prompt in flight. A prompt that fails is stored with its
+    error and the run goes on (exit status 1 at the end). Query the store with any SQLite
+    client (view summary); docs/batch.md has the schema.
+    """
+    from tqdm.auto import tqdm
+
+    from .batch import BatchSettings
+    from .prompt_sets import read_prompt_set
+
+    chosen = tuple(a.strip() for a in analyses.split(",") if a.strip())
+    items = read_prompt_set(prompts_file)
+    concepts = None
+    if concepts_file is not None:
+        from .prompt_sets import read_words
+
+        concepts = read_words(concepts_file)
+    budget = _max_memory(max_memory)
+    _precheck_device(device)
+    threads = llama.pop("threads", None)
+    if anchor == "none" and not with_llama_cpp:
+        given = _given_llama_options(llama)
+        if given:
+            raise GgufjacError(f"{given[0]} applies to --llama-cpp or --anchor llama.cpp only")
+    run_settings = _settings(**llama, threads=threads) \
+        if with_llama_cpp or anchor != "none" else None
+    settings = BatchSettings(chosen, top_k, dtype, gate_path, anchor != "none", run_settings,
+                             max_tokens, budget)
+    from .resolve import resolve_model
+    from .layout import validate_file
+
+    if ray_address is None:
+        path = resolve_model(model)
+        validate_file(path)[0].close()
+        model = str(path)
+    from .store import ResultStore
+
+    if out_path.exists():  # a store from elsewhere is refused before the model is opened
+        ResultStore(out_path).close()
+    elif not out_path.parent.is_dir():
+        raise GgufjacError(f"--out {out_path}: its directory {out_path.parent} does not exist")
+    if ray_address is not None:
+        from .ray_batch import RayExecutor
+
+        executor = RayExecutor(ray_address, model, settings, workers, device)
+    else:
+        from .batch import LocalExecutor
+
+        executor = LocalExecutor(model, settings, device)
+    try:
+        executor.check_targets(items)
+        provenance = executor.provenance()
+        store = ResultStore(out_path)
+        try:
+            run_id = store.run_for(provenance, settings, extend)
+            stored = store.stored(run_id)
+            for item in items:
+                if item.id in stored and stored[item.id][1] != item.prompt:
+                    raise GgufjacError(f"{out_path}: prompt id {item.id!r} (line {item.line}) "
+                                       "is stored with another prompt text; give it another "
+                                       "id, or choose another --out")
+        except BaseException:
+            store.discard()
+            raise
+        if concepts is not None:
+            store.set_concepts(concepts)
+        skip = {i for i, (status, _) in stored.items()
+                if status == "done" or not retry_failed}
+        todo = [it for it in items if it.id not in skip]
+        counts = Counter(status for i, (status, _) in stored.items()
+                         if i in skip and i in {it.id for it in items})
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="prompt",
+                   desc="batch", dynamic_ncols=True)
+        t0 = time.perf_counter()
+
+        def write(result: Any) -> None:
+            store.write(run_id, result)
+            counts[result.status] += 1
+            bar.set_postfix(failed=counts["failed"], refresh=False)
+            bar.update(1)
+
+        try:
+            executor.run(todo, write)
+        finally:
+            bar.close()
+            store.close()
+    finally:
+        executor.close()
+    seconds = time.perf_counter() - t0
+    ran = len(todo)
+    rate = f", {60 * ran / seconds:.1f} prompts/min" if ran and seconds > 0 else ""
+    click.echo(f"{out_path}: run {run_id}: {counts['done']} done, {counts['failed']} failed "
+               f"of {len(items)} prompts ({ran} run now in {seconds:.1f} s{rate}; "
+               f"{len(items) - ran} already stored)")
+    if counts["failed"]:
+        click.echo("failed prompts: SELECT id, error FROM summary WHERE status = 'failed' "
+                   "(--retry-failed runs them again)", err=True)
+        sys.exit(1)
+
+
+@main.command(short_help="A results store's tables as Parquet files.", epilog=_epilog("export"))
+@click.argument("store_path", type=click.Path(path_type=Path), metavar="RESULTS.db")
+@click.option("--parquet", "parquet_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory for one NAME.parquet per table and view.")
+@_errors_to_exit
+def export(store_path: Path, parquet_dir: Path) -> None:
+    """Write every table and view of a results store as Parquet (pandas, DuckDB, Polars)."""
+    from .store import ResultStore
+
+    if not store_path.is_file():
+        raise GgufjacError(f"{store_path}: no such results store")
+    with ResultStore(store_path) as store:
+        written = store.export_parquet(parquet_dir)
+    click.echo(f"wrote {len(written)} files to {parquet_dir}/: "
+               + ", ".join(p.name for p in written))
 
 
 if __name__ == "__main__":

@@ -270,39 +270,6 @@ def distribution(values: list[float]) -> dict:
 
 # -- a prompt set ---------------------------------------------------------------------------
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a file: one per line (blank lines skipped), or with a .jsonl suffix one
-    JSON object per line with a "prompt" string. A bad line is named by its number."""
-    import json
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PromptError(f"--prompts {path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise PromptError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte "
-                          f"{e.start})") from None
-    prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{path}, line {number}: not JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise PromptError(f"{path}, line {number}: expected an object with a "
-                                  "\"prompt\" string")
-            line = item["prompt"]
-            if not line.strip():
-                raise PromptError(f"{path}, line {number}: the prompt is empty")
-        prompts.append(line)
-    if not prompts:
-        raise PromptError(f"--prompts {path}: no prompts in the file")
-    return prompts
-
-
 def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
                     analyses: tuple[str, ...] = ANALYSES, k: int = 8,
                     target: int | None = None, lin: Linearization | None = None,

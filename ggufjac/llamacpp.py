@@ -218,6 +218,15 @@ def tokenize(model: str | Path, prompt: str, timeout: float = 300) -> list[int]:
     return out["tokens"].tolist()
 
 
+def tokenize_many(model: str | Path, prompts: list[str], timeout: float = 600) -> list[list[int]]:
+    """`tokenize` of every prompt in one llama.cpp start (a prompt set pays it once)."""
+    if not prompts:
+        return []
+    out = _call({"model": str(model), "prompts": list(prompts), "evaluate": False}, timeout)
+    tokens, ends = out["tokens"].tolist(), out["ends"].tolist()
+    return [tokens[s:e] for s, e in zip([0, *ends[:-1]], ends)]
+
+
 def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float = 600,
              allow_requantize: bool = False) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`): source GGUF -> target GGUF.

@@ -133,6 +133,10 @@ def run(req: dict) -> dict[str, np.ndarray]:
                     "the machine's RAM can fail to load: --no-repack maps it")
         raise RuntimeError(why)
     vocab = llama_cpp.llama_model_get_vocab(model)
+    if "prompts" in req:  # many prompts in one start: all tokens, and where each one's end
+        lists = [_tokenize(llama_cpp, vocab, text) for text in req["prompts"]]
+        return {"tokens": np.asarray([t for ts in lists for t in ts], dtype=np.int64),
+                "ends": np.cumsum([len(ts) for ts in lists], dtype=np.int64)}
     tokens = req.get("tokens") or _tokenize(llama_cpp, vocab, req["prompt"])
     out: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int64)}
     if not req["evaluate"]:

@@ -1,0 +1,131 @@
+"""Prompt sets read from files: JSONL, CSV, Parquet, or plain text with one prompt per line.
+
+Every prompt gets an id (the file's own, or its line or row number) so that a results store
+can tell which prompts it already holds. A bad entry is named by its line (row) number and
+nothing is run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PromptError
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    id: str
+    prompt: str
+    target: str | None  # the token whose logit is attributed (None: the predicted one)
+    line: int  # where it is in the file (1-based line, or row for CSV / Parquet)
+
+
+def _item(path: Path, line: int, row: object, where: str) -> PromptItem:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise PromptError(f"{path}, {where} {line}: expected a \"prompt\" string")
+    prompt = row["prompt"]
+    if not prompt.strip():
+        raise PromptError(f"{path}, {where} {line}: the prompt is empty")
+    ident = row.get("id")
+    if ident is None or ident == "":
+        ident = str(line)
+    elif isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise PromptError(f"{path}, {where} {line}: \"id\" must be a string or an integer, "
+                          f"not {ident!r}")
+    target = row.get("target")
+    if target == "":
+        target = None
+    if target is not None and not isinstance(target, str):
+        raise PromptError(f"{path}, {where} {line}: \"target\" must be a string (a token "
+                          f"such as \" Paris\"), not {target!r}")
+    return PromptItem(str(ident), prompt, target, line)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PromptError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl(path: Path) -> list[PromptItem]:
+    items = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path}, line {number}: not JSON ({e.msg})") from None
+        items.append(_item(path, number, row, "line"))
+    return items
+
+
+def _csv(path: Path) -> list[PromptItem]:
+    rows = csv.DictReader(_read_text(path).splitlines())
+    if rows.fieldnames is None or "prompt" not in rows.fieldnames:
+        raise PromptError(f"{path}: a CSV file needs a \"prompt\" column (its header has "
+                          f"{', '.join(rows.fieldnames or []) or 'no columns'})")
+    try:
+        # line 1 is the header; a quoted prompt may span lines, so rows are numbered
+        return [_item(path, number, row, "row") for number, row in enumerate(rows, start=1)]
+    except csv.Error as e:
+        raise PromptError(f"{path}: not valid CSV ({e})") from None
+
+
+def _parquet(path: Path) -> list[PromptItem]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PromptError(f"{path}: reading Parquet needs pyarrow "
+                          "(pip install 'ggufjac[parquet]')") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own types for a damaged file
+        raise PromptError(f"{path}: not a readable Parquet file ({e})") from None
+    if "prompt" not in table.column_names:
+        raise PromptError(f"{path}: a Parquet file needs a \"prompt\" column (it has "
+                          f"{', '.join(table.column_names)})")
+    return [_item(path, number, row, "row")
+            for number, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _lines(path: Path) -> list[PromptItem]:
+    return [PromptItem(str(number), line, None, number)
+            for number, line in enumerate(_read_text(path).splitlines(), start=1)
+            if line.strip()]
+
+
+def read_prompt_set(path: Path) -> list[PromptItem]:
+    """The prompts of `path` by its suffix: .jsonl (objects with "prompt", optional "id" and
+    "target"), .csv and .parquet (a "prompt" column, optional "id" and "target" columns),
+    anything else one prompt per line (blank lines skipped; the id is the line number).
+    Refuses an unreadable file, a bad entry, a duplicate id or a file without prompts."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    reader = {".jsonl": _jsonl, ".csv": _csv, ".parquet": _parquet}.get(suffix, _lines)
+    items = reader(path)
+    if not items:
+        raise PromptError(f"{path}: no prompts in the file")
+    where = "row" if suffix in (".csv", ".parquet") else "line"
+    seen: dict[str, int] = {}
+    for item in items:
+        if item.id in seen:
+            raise PromptError(f"{path}: id {item.id!r} is used twice ({where}s "
+                              f"{seen[item.id]} and {item.line})")
+        seen[item.id] = item.line
+    return items
+
+
+def read_words(path: Path) -> list[str]:
+    """Concept words, one per line (blank lines and lines starting with # skipped)."""
+    words = [line.strip() for line in _read_text(Path(path)).splitlines()]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        raise PromptError(f"{path}: no words in the file")
+    return words
