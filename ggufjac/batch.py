@@ -31,7 +31,10 @@ from .llamacpp import RunSettings
 from .prompt_sets import PromptItem
 
 if TYPE_CHECKING:
+    import torch
+
     from .api import LoadedModel
+    from .linearize import Linearization
 
 ANALYSES = ("attribute", "svd", "lens")
 DEFAULT_ANALYSES = ("attribute", "svd")
@@ -72,8 +75,8 @@ class BatchSettings:
         """The settings a stored run is matched on (JSON-able, stable key order)."""
         return {"analyses": sorted(self.analyses), "top_k": self.top_k, "dtype": self.dtype,
                 "gate_path": self.gate_path, "anchored": self.anchored,
-                "llama_cpp": None if self.llama_cpp is None
-                else dataclasses.asdict(self.llama_cpp),
+                "llama_cpp": None if self.llama_cpp is None else  # threads: not a result's
+                {k: v for k, v in dataclasses.asdict(self.llama_cpp).items() if k != "threads"},
                 "max_tokens": self.max_tokens}
 
 
@@ -231,7 +234,7 @@ def _token_logit(m: LoadedModel, token: int, logit: float) -> TokenLogit:
     return TokenLogit(int(token), m.token_text(int(token)), float(logit))
 
 
-def _decoded(m: LoadedModel, source: str, columns, layers: list[int | None],
+def _decoded(m: LoadedModel, source: str, columns: torch.Tensor, layers: list[int | None],
              vectors: list[int | None]) -> list[DecodedToken]:
     from .analysis import top_tokens_by_unembedding
 
@@ -245,7 +248,7 @@ def _decoded(m: LoadedModel, source: str, columns, layers: list[int | None],
 
 
 def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
-                   settings: BatchSettings, lin, result: PromptResult) -> None:
+                   settings: BatchSettings, lin: Linearization, result: PromptResult) -> None:
     """Fill `result` with the analyses of `settings` on `tokens` (one forward pass, then a
     reverse sweep per analysis; the engine streams the layers as every command does)."""
     import torch
@@ -310,7 +313,7 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
             plan = engine.plan(d * len(layers), n)
             maps = sorted(lens_maps(engine, record, x, layers, plan.chunk),
                           key=lambda mp: mp.layer)
-            outputs = torch.stack([m.logit_input(mp.output, anchor) for mp in maps], dim=1)
+            outputs = torch.stack([mp.output for mp in maps], dim=1)
             decoded = _decoded(m, "lens", outputs, layers, [None] * len(layers))
             for mp in maps:
                 spec = spectrum(mp.jacobian.reshape(d, -1), mp.output)

@@ -1097,6 +1097,11 @@ def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: 
 
         try:
             executor.run(todo, write)
+        except KeyboardInterrupt:
+            bar.close()
+            click.echo(f"ggufjac: interrupted; {out_path} keeps the {sum(counts.values())} "
+                       "prompts stored so far: rerun the command to go on", err=True)
+            sys.exit(130)
         finally:
             bar.close()
             store.close()
