@@ -1,4 +1,4 @@
-"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare | batch | export | report`. Errors print one line and exit 2."""
+"""Command line: `ggufjac info | check | jacobian | svd | attribute | layers | compare | batch | export | report | steer | cvector`. Errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ EXAMPLES = {
               "ggufjac batch model.gguf prompts.csv --out results.db --analyses attribute,svd,lens "
               "--concepts words.txt --ray auto"],
     "export": ["ggufjac export results.db --parquet results/"],
+    "steer": ['ggufjac steer gemma3-270m --source "The bridge out of Marin is the Golden" '
+              '-p "Here is a painting of the"',
+              'ggufjac steer gemma3-270m --source "The bridge out of Marin is the Golden" '
+              '--eval neutral.txt --scales 0.25,0.5,1 --json steer.json'],
+    "cvector": ['ggufjac cvector gemma3-270m --source "The bridge out of Marin is the Golden" '
+                '--layers 8-12 --out golden.gguf'],
 }
 
 
@@ -1138,3 +1144,180 @@ def export(store_path: Path, parquet_dir: Path) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _finite_scales(text: str) -> list[float]:
+    from .cvector import check_scale
+
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise GgufjacError(f"--scales {text!r}: expected numbers like 0.25,0.5,1") from None
+    return [check_scale(v) for v in scales]
+
+
+def _source_tokens(m: LoadedModel, source: str) -> list[int]:
+    try:
+        return m.tokenize(source)
+    except GgufjacError as e:
+        raise GgufjacError(f"--source: {e}") from None
+
+
+@main.command(short_help="Steer generation with a source prompt's detached Jacobian.",
+              epilog=_epilog("steer"))
+@_model_argument
+@click.option("--source", required=True, help="The source prompt whose maps steer.")
+@click.option("--prompt", "-p", default=None, help="The prompt to continue, unsteered and steered.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), default=None,
+              help="A prompt set (as `batch` reads) to measure steering on, per --scales.")
+@click.option("--layer", type=int, default=None,
+              help="Block whose output is steered (0-based). Default: 2/3 of the depth.")
+@click.option("--operator", type=click.Choice(["jacobian", "cumulative-direction",
+                                               "layer-direction"]), default="jacobian",
+              show_default=True, help="How the source's maps steer (docs/steering.md).")
+@click.option("--control-vector", "control_vector", type=click.Path(path_type=Path),
+              default=None, help="Steer with this control vector file instead (its blocks).")
+@click.option("--scale", type=float, default=None,
+              help="λ (default 0.5; 1 for --control-vector, as llama.cpp applies one).")
+@click.option("--scales", default="0.25,0.5,1,2", show_default=True,
+              help="The scales --eval measures.")
+@click.option("--tokens", "n_new", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Tokens to generate.")
+@click.option("--concept", "concept_texts", multiple=True, metavar="TEXT",
+              help="A concept token by its text (repeatable). Default: the source's top 3 "
+                   "next tokens.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random control direction (--eval).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the results to this JSON file.")
+@_threads_option
+@_errors_to_exit
+def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
+          layer: int | None, operator: str, control_vector: Path | None, scale: float | None,
+          scales: str, n_new: int, concept_texts: tuple[str, ...], seed: int, dtype: str,
+          json_path: Path | None, threads: int | None) -> None:
+    """Greedy continuations of a prompt, unsteered and steered by the source prompt's maps.
+
+    The default operator is the paper's: the source's cumulative Jacobian at the block,
+    applied to the new prompt's input embeddings, summed over positions and added to the
+    residual stream with a norm λ‖h‖/2. Generation uses a KV cache.
+    """
+    from .cvector import check_scale, read_control_vector
+    from .prompt_sets import read_prompt_set
+    from .reports import steer_report
+
+    if (prompt is None) == (eval_path is None):
+        raise GgufjacError("give --prompt, or --eval PROMPTS (not both)")
+    scale = check_scale(scale if scale is not None else 1.0 if control_vector else 0.5)
+    eval_scales = _finite_scales(scales) if eval_path is not None else []
+    items = read_prompt_set(eval_path) if eval_path is not None else []
+    cv = read_control_vector(control_vector) if control_vector is not None else None
+    from . import steer as steering
+    from .api import open_model
+
+    m = open_model(model, dtype=dtype)
+    cfg = m.cfg
+    src = _source_tokens(m, source)
+    if cv is not None:
+        cv.check_fits(cfg, str(control_vector))
+        layers = sorted(cv.directions)
+    else:
+        layer = steering.default_layer(cfg.n_layer) if layer is None else layer
+        if not 0 <= layer < cfg.n_layer:
+            raise GgufjacError(f"--layer {layer}: the model has blocks 0..{cfg.n_layer - 1}")
+        layers = [layer]
+    prompts = [m.tokenize(prompt)] if prompt is not None else \
+        [m.tokenize(it.prompt) for it in items]
+    for tokens in prompts:
+        m.check_length(tokens + [0] * n_new)
+    if cv is not None:
+        def make(s: float) -> steering.Steering:
+            return steering.DirectionSteering({n: s * v for n, v in cv.directions.items()},
+                                              relative=False)
+    else:
+        click.echo(f"source maps at block {layers[0]} ({operator}) ...", err=True)
+        maps = steering.source_maps(m, src, layers, operator)
+
+        def make(s: float) -> steering.Steering:
+            return steering.operator_steering(operator, maps, s)
+    net = m.model
+    concepts = [m.token_for_text(t) for t in concept_texts] or \
+        steering.top_next_tokens(net, src, 3)
+    eos = m.gguf.get("tokenizer.ggml.eos_token_id")
+    stop = [] if eos is None else [int(eos)]
+    click.echo("concept tokens: " + ", ".join(repr(m.token_text(t)) for t in concepts))
+    settings = {"source": source, "operator": "control-vector" if cv else operator,
+                "control_vector": str(control_vector) if cv else None, "layers": layers,
+                "scale": scale, "tokens": n_new, "seed": seed, "dtype": dtype,
+                "concepts": [m.token_text(t) for t in concepts]}
+    if prompt is not None:
+        plain = steering.generate(net, prompts[0], n_new, None, concepts, stop)
+        steered = steering.generate(net, prompts[0], n_new, make(scale), concepts, stop)
+        report = steer_report(m, settings, prompt=prompt, unsteered=plain, steered=steered)
+        click.echo(f"unsteered: {prompt}{report['unsteered']['text']}")
+        click.echo(f"steered:   {prompt}{report['steered']['text']}")
+        click.echo(f"P(concepts) per step, mean: unsteered {report['unsteered']['mean_concept_probability']:.3g}, "
+                   f"steered {report['steered']['mean_concept_probability']:.3g}")
+    else:
+        results = steering.evaluate(net, prompts, make, eval_scales, concepts, n_new, seed, stop)
+        report = steer_report(m, settings, evaluation=results, n_prompts=len(prompts))
+        click.echo(f"{'scale':>6}  {'Δlog P(concepts)':>17}  {'random':>8}  {'contains':>8}  "
+                   f"{'random':>6}  {'ppl':>7}  {'random':>7}  (unsteered: contains "
+                   f"{results[0].unsteered_contains_rate:.2f}, ppl {results[0].unsteered_perplexity:.2f})")
+        for r in results:
+            click.echo(f"{r.scale:>6g}  {r.concept_logprob_rise:>17.3f}  {r.control_logprob_rise:>8.3f}  "
+                       f"{r.contains_rate:>8.2f}  {r.control_contains_rate:>6.2f}  "
+                       f"{r.perplexity:>7.2f}  {r.control_perplexity:>7.2f}")
+    if json_path is not None:
+        from .outputs import write_json
+
+        write_json(json_path, report)
+
+
+@main.command(short_help="A llama.cpp control vector from the source's top singular directions.",
+              epilog=_epilog("cvector"))
+@_model_argument
+@click.option("--source", required=True, help="The source prompt.")
+@click.option("--layers", "layer_range", required=True, metavar="A-B",
+              help="Blocks to steer (1..n_layer-1: llama.cpp has no slot for block 0).")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="The control vector file to write (GGUF).")
+@click.option("--operator", type=click.Choice(["cumulative-direction", "layer-direction",
+                                               "jacobian"]),
+              default="cumulative-direction", show_default=True,
+              help="Which map's top left singular vector each block gets.")
+@click.option("--scale", type=float, default=0.5, show_default=True,
+              help="λ: direction.N = λ ‖h_N‖ u_N (‖h_N‖: the source's residual norm there).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@_threads_option
+@_errors_to_exit
+def cvector(model: str, source: str, layer_range: str, out_path: Path, operator: str,
+            scale: float, dtype: str, overwrite: bool, threads: int | None) -> None:
+    """Write a control vector (`llama-cli --control-vector FILE`): per block N in --layers,
+    direction.N = λ ‖h_N‖ u_N, u_N the top left singular vector of the source's map at
+    block N's output, stored as direction.N so llama.cpp adds it where it was measured."""
+    from .cvector import check_scale, parse_layer_range
+
+    if operator == "jacobian":
+        raise GgufjacError("--operator jacobian is position-dependent (it reads each "
+                           "position's input embedding): no control vector can express it; "
+                           "use cumulative-direction or layer-direction")
+    check_scale(scale)
+    if out_path.exists() and not overwrite:
+        raise GgufjacError(f"{out_path} exists (--overwrite replaces it)")
+    if not out_path.parent.is_dir():
+        raise GgufjacError(f"{out_path.parent}: no such directory")
+    from . import steer as steering
+    from .api import open_model
+
+    m = open_model(model, dtype=dtype)
+    layers = parse_layer_range(layer_range, m.cfg.n_layer)
+    src = _source_tokens(m, source)
+    maps = steering.source_maps(m, src, layers, operator)
+    cv = steering.control_vector(maps, scale, m.cfg.arch)
+    cv.write(out_path)
+    for n, v in sorted(cv.directions.items()):
+        click.echo(f"direction.{n}: norm {float(v.norm()):.4g}")
+    click.echo(f"wrote {out_path} ({len(cv.directions)} directions, n_embd {m.cfg.d_model})")

@@ -238,14 +238,18 @@ def quantize(source: str | Path, target: str | Path, ftype: int, timeout: float 
 
 def evaluate(model: str | Path, tokens: list[int], settings: RunSettings = DEFAULT_SETTINGS,
              *, capture: list[str] | None = None, list_names: bool = False,
-             last_only: bool = False, timeout: float = 600) -> LlamaCppRun:
+             last_only: bool = False, control_vector: str | Path | None = None,
+             timeout: float = 600) -> LlamaCppRun:
     """Run llama.cpp (CPU) on `tokens` with `settings`: logits at every position and the
     named graph tensors (F32 and F16 ones); `list_names` also returns the name of every node
     of the graph. `last_only`: logits of the last position only ([1, vocab]), as llama.cpp's
-    tools decode a prompt; captured tensors are then the last micro-batch's."""
+    tools decode a prompt; captured tensors are then the last micro-batch's.
+    `control_vector`: a control vector file (cvector.py) applied to every block."""
     out = _call({"model": str(model), "tokens": list(tokens), "evaluate": True,
                  "settings": dataclasses.asdict(settings), "capture": capture or [],
-                 "list_names": list_names, "outputs": "last" if last_only else "all"}, timeout)
+                 "list_names": list_names, "outputs": "last" if last_only else "all",
+                 "control_vector": None if control_vector is None else str(control_vector)},
+                timeout)
     captured = {k.removeprefix("capture:"): v for k, v in out.items() if k.startswith("capture:")}
     names = out["names"].tolist() if "names" in out else []
     resolved = json.loads(str(out["resolved"]))

@@ -102,6 +102,32 @@ def _join(name: str, pieces: list[tuple[np.ndarray, int]]) -> np.ndarray:
     return np.concatenate(arrays, axis=axis)
 
 
+def _apply_control_vector(llama_cpp: object, model: object, ctx: object, path: str) -> None:
+    """Load a control vector file as llama.cpp's common loader does (direction.N, N >= 1,
+    F32 [n_embd]; layer N's row at offset n_embd * (N - 1)) and apply it to every block."""
+    from gguf import GGUFReader
+
+    n_embd = llama_cpp.llama_model_n_embd(model)  # type: ignore[attr-defined]
+    n_layer = llama_cpp.llama_model_n_layer(model)  # type: ignore[attr-defined]
+    rows: dict[int, np.ndarray] = {}
+    for t in GGUFReader(path).tensors:
+        m = re.fullmatch(r"direction\.(\d+)", t.name)
+        if m is None or int(m.group(1)) == 0:
+            raise RuntimeError(f"{path}: tensor {t.name!r} is not a direction.N (N >= 1)")
+        if int(t.tensor_type) != _GGML_TYPE_F32 or t.data.size != n_embd:
+            raise RuntimeError(f"{path}: {t.name} is not F32 with n_embd = {n_embd} values")
+        rows[int(m.group(1))] = np.asarray(t.data, dtype=np.float32)
+    data = np.zeros((max(rows), n_embd), dtype=np.float32)
+    for n, row in rows.items():
+        data[n - 1] = row
+    # llama-cpp-python 0.3.17 renamed llama_apply_adapter_cvec to llama_set_adapter_cvec
+    apply = getattr(llama_cpp, "llama_set_adapter_cvec", None) or \
+        getattr(llama_cpp, "llama_apply_adapter_cvec")
+    pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    if apply(ctx, pointer, data.size, n_embd, 1, n_layer) != 0:
+        raise RuntimeError(f"llama.cpp refused the control vector {path}")
+
+
 def run(req: dict) -> dict[str, np.ndarray]:
     import llama_cpp
 
@@ -193,6 +219,8 @@ def run(req: dict) -> dict[str, np.ndarray]:
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context")
+    if req.get("control_vector"):
+        _apply_control_vector(llama_cpp, model, ctx, req["control_vector"])
     n_batch, n_ubatch = int(cparams.n_batch), int(cparams.n_ubatch)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     # Every position's logits (what anchoring needs), or the last one's only, as llama.cpp's

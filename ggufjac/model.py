@@ -56,10 +56,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
     return torch.cat((rot, rest), dim=-1)
 
 
-def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.device) -> torch.Tensor:
-    """[N, N] boolean: query i may attend to key j (causal, and within the sliding window)."""
-    i = torch.arange(n_pos, device=device)[:, None]
-    j = torch.arange(n_pos, device=device)[None, :]
+def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.device,
+                   start: int = 0) -> torch.Tensor:
+    """[N, start + N] boolean: query start + i may attend to key j (causal, and within the
+    sliding window); `start` positions come before the queries (a KV cache)."""
+    i = torch.arange(start, start + n_pos, device=device)[:, None]
+    j = torch.arange(start + n_pos, device=device)[None, :]
     allowed = j <= i
     if cfg.swa_layers[layer] and cfg.sliding_window:
         allowed &= (i - j) < cfg.sliding_window
@@ -96,6 +98,32 @@ class LayerWeights(Mapping[str, Weight]):
 
 
 @dataclass
+class KVCache:
+    """One layer's keys (after RoPE, before the grouped-query repeat) and values of the
+    positions seen so far, for generation a few positions at a time: new rows continue at
+    position `length`. Only the plain model uses it; detached runs see the whole prompt."""
+
+    keys: torch.Tensor | None = None  # [positions, kv heads, head_dim]
+    values: torch.Tensor | None = None  # [positions, kv heads, head_dim_v]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    @staticmethod
+    def _joined(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        return new if old is None else torch.cat((old, new), dim=0)
+
+    def add_keys(self, k: torch.Tensor) -> torch.Tensor:
+        self.keys = self._joined(self.keys, k)
+        return self.keys
+
+    def add_values(self, v: torch.Tensor) -> torch.Tensor:
+        self.values = self._joined(self.values, v)
+        return self.values
+
+
+@dataclass
 class BlockOutput:
     """A layer's output and its two additive parts: out = x + attn + mlp."""
 
@@ -105,10 +133,12 @@ class BlockOutput:
 
 
 def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
-                     lin: Linearization) -> torch.Tensor:
-    """Scaled q·k scores [heads, N, N], -inf where masked. They only shape the frozen
-    attention weights, so a replaying reverse sweep never computes them (nor needs q, k)."""
+                     lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
+    """Scaled q·k scores [heads, N, N] (N + the cache's positions as keys), -inf where
+    masked. They only shape the frozen attention weights, so a replaying reverse sweep never
+    computes them (nor needs q, k)."""
     n = h.shape[0]
+    start = 0 if cache is None else cache.length
     eps, fam = cfg.norm_eps, cfg.family
     q, k = linear(h, w["attn_q"]), linear(h, w["attn_k"])
     if fam.qk_norm == "full":
@@ -119,12 +149,15 @@ def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Ten
     if fam.qk_norm == "head":
         q = rms_norm(q, w["attn_q_norm"], eps, lin, "attn_q_norm")
         k = rms_norm(k, w["attn_k_norm"], eps, lin, "attn_k_norm")
-    cos, sin = rope_tables(cfg, layer, n, h.dtype, h.device, w.get("rope_factors"))
+    cos, sin = rope_tables(cfg, layer, start + n, h.dtype, h.device, w.get("rope_factors"))
+    cos, sin = cos[start:], sin[start:]
     q = apply_rope(q, cos, sin, fam.rope_neox) * cfg.attn_scale
     k = apply_rope(k, cos, sin, fam.rope_neox)
+    if cache is not None:
+        k = cache.add_keys(k)
     k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)  # grouped-query attention
     scores = torch.einsum("qhd,khd->hqk", q, k)
-    return scores.masked_fill(~attention_mask(cfg, layer, n, h.device), float("-inf"))
+    return scores.masked_fill(~attention_mask(cfg, layer, n, h.device, start), float("-inf"))
 
 
 def matmul(x: torch.Tensor, w: LayerWeights, name: str,
@@ -135,13 +168,16 @@ def matmul(x: torch.Tensor, w: LayerWeights, name: str,
 
 
 def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
-              lin: Linearization) -> torch.Tensor:
+              lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
     """Attention on h [..., N, d]. Leading dimensions are a batch of inputs sharing one set
     of replayed coefficients (probes of the frozen linear map); a recording run is [N, d]."""
     batch, n = h.shape[:-2], h.shape[-2]
-    p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin), lin)
+    p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin, cache), lin)
     v = frozen_rounding(matmul(h, w, "attn_v", lin), lin, "v_cache")
-    v = v.view(*batch, n, cfg.n_kv_head, cfg.head_dim_v).repeat_interleave(
+    v = v.view(*batch, n, cfg.n_kv_head, cfg.head_dim_v)
+    if cache is not None:
+        v = cache.add_values(v)
+    v = v.repeat_interleave(
         cfg.n_head // cfg.n_kv_head, dim=-2)
     o = torch.einsum("...hqk,...khd->...qhd", p, v).reshape(*batch, n,
                                                             cfg.n_head * cfg.head_dim_v)
@@ -156,11 +192,11 @@ def mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
 
 
 def attention_branch(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
-                     lin: Linearization) -> torch.Tensor:
+                     lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
     """What a layer's attention adds to the residual stream x [N, d] (its norms included)."""
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
     h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin, "attn_norm")
-    a = attention(cfg, layer, w, h, lin)
+    a = attention(cfg, layer, w, h, lin, cache)
     return a if layout == "pre" else rms_norm(a, w["post_attention_norm"], eps, lin,
                                               "post_attention_norm")
 
@@ -175,10 +211,11 @@ def mlp_branch(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
 
 
 def block(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
-          lin: Linearization) -> BlockOutput:
+          lin: Linearization, cache: KVCache | None = None) -> BlockOutput:
     """One transformer layer on the residual stream x [N, d] (or a batch [..., N, d] of
-    inputs to the replayed, linear layer)."""
-    a = attention_branch(cfg, layer, w, x, lin)
+    inputs to the replayed, linear layer); with a `cache`, x holds the positions after the
+    cached ones, whose keys and values it gains."""
+    a = attention_branch(cfg, layer, w, x, lin, cache)
     mid = x + a
     m = mlp_branch(cfg, w, mid, lin)
     return BlockOutput(out=mid + m, attn=a, mlp=m)

@@ -473,3 +473,27 @@ def comparison_markdown(report: dict) -> str:
                   f"{e['top5_b'][0]['token']!r}."]
     lines += ["", "Definitions of the figures: `comparison.json` (`definitions`).", ""]
     return "\n".join(lines)
+
+
+def _continuation(m: LoadedModel, c: object) -> dict:
+    probs = c.concept_probability  # type: ignore[attr-defined]
+    return {"tokens": [m.token_text(t) for t in c.tokens],  # type: ignore[attr-defined]
+            "token_ids": list(c.tokens),  # type: ignore[attr-defined]
+            "text": "".join(m.token_text(t) for t in c.tokens),  # type: ignore[attr-defined]
+            "concept_probability": probs,
+            "mean_concept_probability": sum(probs) / len(probs) if probs else float("nan")}
+
+
+def steer_report(m: LoadedModel, settings: dict, prompt: str | None = None,
+                 unsteered: object = None, steered: object = None,
+                 evaluation: list | None = None, n_prompts: int = 0) -> dict:
+    """`ggufjac steer`: the settings, and either one prompt's two continuations or the
+    measured effect per scale over a prompt set (steer.ScaleResult rows)."""
+    report: dict = {"model": file_summary(m), "settings": settings}
+    if prompt is not None:
+        report.update(prompt=prompt, unsteered=_continuation(m, unsteered),
+                      steered=_continuation(m, steered))
+    if evaluation is not None:
+        report["n_prompts"] = n_prompts
+        report["evaluation"] = [dataclasses.asdict(r) for r in evaluation]
+    return report

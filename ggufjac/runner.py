@@ -4,10 +4,12 @@ streaming engine (engine.py) is the other runner, one layer at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .linearize import Linearization
-from .model import LayerWeights, block, final_norm
+from .linearize import PLAIN, Linearization
+from .model import KVCache, LayerWeights, block, final_norm
 from .weights import ROWS_PER_CHUNK, GGUFWeights
 
 
@@ -16,6 +18,11 @@ def input_embeddings(weights: GGUFWeights, token_ids: list[int]) -> torch.Tensor
     x = weights.embedding_rows(token_ids)
     scale = weights.cfg.embed_scale
     return x * scale if scale != 1.0 else x
+
+
+# (layer, its output residual rows [m, d], position of the first row) -> the rows to go on
+# with: how steering changes the residual stream after a layer (llama.cpp's l_out-N).
+ResidualEdit = Callable[[int, torch.Tensor, int], torch.Tensor]
 
 
 class Transformer:
@@ -34,16 +41,33 @@ class Transformer:
         return input_embeddings(self.weights, token_ids)
 
     def forward(self, x: torch.Tensor, lin: Linearization,
-                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+                hidden: list[torch.Tensor] | None = None, edit: ResidualEdit | None = None,
+                caches: list[KVCache] | None = None) -> torch.Tensor:
         """Input embeddings [N, d] -> final-norm hidden states [N, d] (all positions).
 
-        If `hidden` is a list, every layer's output residual stream is appended to it.
+        If `hidden` is a list, every layer's output residual stream is appended to it (after
+        `edit`, which may change each layer's output). With `caches` (one per layer, plain
+        model only), x holds the positions after the cached ones, which the caches gain.
         """
+        start = 0 if caches is None else caches[0].length
         for i in range(self.cfg.n_layer):
-            x = block(self.cfg, i, self.layer_weights(i), x, lin).out
+            x = block(self.cfg, i, self.layer_weights(i), x, lin,
+                      None if caches is None else caches[i]).out
+            if edit is not None:
+                x = edit(i, x, start)
             if hidden is not None:
                 hidden.append(x)
         return final_norm(self.cfg, self.output_norm, x, lin)
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in range(self.cfg.n_layer)]
+
+    @torch.no_grad()
+    def next_logits(self, token_ids: list[int], caches: list[KVCache],
+                    edit: ResidualEdit | None = None) -> torch.Tensor:
+        """The plain model on the positions after the cached ones: the last one's logits."""
+        y = self.forward(self.embed(token_ids), PLAIN, edit=edit, caches=caches)
+        return self.logits(y[-1])
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         return unembed(self.weights, y)
