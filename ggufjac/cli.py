@@ -1172,13 +1172,15 @@ def _source_tokens(m: LoadedModel, source: str) -> list[int]:
               help="A prompt set (as `batch` reads) to measure steering on, per --scales.")
 @click.option("--layer", type=int, default=None,
               help="Block whose output is steered (0-based). Default: 2/3 of the depth.")
-@click.option("--operator", type=click.Choice(["jacobian", "cumulative-direction",
-                                               "layer-direction"]), default="jacobian",
-              show_default=True, help="How the source's maps steer (docs/steering.md).")
+@click.option("--operator", type=click.Choice(["jacobian", "concept-direction",
+                                               "cumulative-direction", "layer-direction"]),
+              default="jacobian", show_default=True,
+              help="How the source's maps steer (docs/steering.md).")
 @click.option("--control-vector", "control_vector", type=click.Path(path_type=Path),
               default=None, help="Steer with this control vector file instead (its blocks).")
 @click.option("--scale", type=float, default=None,
-              help="λ (default 0.5; 1 for --control-vector, as llama.cpp applies one).")
+              help="λ (default by operator: jacobian 0.17, the paper's Gemma 3 value; "
+                   "concept-direction 0.02; the others 0.03; --control-vector 1).")
 @click.option("--scales", default="0.25,0.5,1,2", show_default=True,
               help="The scales --eval measures.")
 @click.option("--tokens", "n_new", type=click.IntRange(min=1), default=20, show_default=True,
@@ -1206,10 +1208,12 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
     from .cvector import check_scale, read_control_vector
     from .prompt_sets import read_prompt_set
     from .reports import steer_report
+    from .steer import DEFAULT_SCALES
 
     if (prompt is None) == (eval_path is None):
         raise GgufjacError("give --prompt, or --eval PROMPTS (not both)")
-    scale = check_scale(scale if scale is not None else 1.0 if control_vector else 0.5)
+    scale = check_scale(scale if scale is not None else 1.0 if control_vector else
+                        DEFAULT_SCALES[operator])
     eval_scales = _finite_scales(scales) if eval_path is not None else []
     items = read_prompt_set(eval_path) if eval_path is not None else []
     cv = read_control_vector(control_vector) if control_vector is not None else None
@@ -1231,19 +1235,18 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
         [m.tokenize(it.prompt) for it in items]
     for tokens in prompts:
         m.check_length(tokens + [0] * n_new)
-    if cv is not None:
-        def make(s: float) -> steering.Steering:
-            return steering.DirectionSteering({n: s * v for n, v in cv.directions.items()},
-                                              relative=False)
-    else:
-        click.echo(f"source maps at block {layers[0]} ({operator}) ...", err=True)
-        maps = steering.source_maps(m, src, layers, operator)
-
-        def make(s: float) -> steering.Steering:
-            return steering.operator_steering(operator, maps, s)
     net = m.model
     concepts = [m.token_for_text(t) for t in concept_texts] or \
         steering.top_next_tokens(net, src, 3)
+    if cv is None:
+        click.echo(f"source maps at block {layers[0]} ({operator}) ...", err=True)
+        maps = steering.source_maps(m, src, layers, operator, concepts)
+
+    def make(s: float) -> steering.Steering:
+        if cv is not None:  # the file's vectors, times λ (llama.cpp's --control-vector-scaled)
+            return steering.DirectionSteering({n: s * v for n, v in cv.directions.items()},
+                                              relative=False)
+        return steering.operator_steering(operator, maps, s)
     eos = m.gguf.get("tokenizer.ggml.eos_token_id")
     stop = [] if eos is None else [int(eos)]
     click.echo("concept tokens: " + ", ".join(repr(m.token_text(t)) for t in concepts))
@@ -1283,21 +1286,26 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
               help="Blocks to steer (1..n_layer-1: llama.cpp has no slot for block 0).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
               help="The control vector file to write (GGUF).")
-@click.option("--operator", type=click.Choice(["cumulative-direction", "layer-direction",
-                                               "jacobian"]),
-              default="cumulative-direction", show_default=True,
-              help="Which map's top left singular vector each block gets.")
-@click.option("--scale", type=float, default=0.5, show_default=True,
+@click.option("--operator", type=click.Choice(["concept-direction", "cumulative-direction",
+                                               "layer-direction", "jacobian"]),
+              default="concept-direction", show_default=True,
+              help="Which direction each block gets (docs/steering.md).")
+@click.option("--concept", "concept_texts", multiple=True, metavar="TEXT",
+              help="Concept token for concept-direction (repeatable). Default: the source's "
+                   "predicted token.")
+@click.option("--scale", type=float, default=0.02, show_default=True,
               help="λ: direction.N = λ ‖h_N‖ u_N (‖h_N‖: the source's residual norm there).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @_threads_option
 @_errors_to_exit
 def cvector(model: str, source: str, layer_range: str, out_path: Path, operator: str,
-            scale: float, dtype: str, overwrite: bool, threads: int | None) -> None:
+            concept_texts: tuple[str, ...], scale: float, dtype: str, overwrite: bool,
+            threads: int | None) -> None:
     """Write a control vector (`llama-cli --control-vector FILE`): per block N in --layers,
-    direction.N = λ ‖h_N‖ u_N, u_N the top left singular vector of the source's map at
-    block N's output, stored as direction.N so llama.cpp adds it where it was measured."""
+    direction.N = λ ‖h_N‖ u_N, u_N the source's direction at block N's output (by default
+    the concept's logit row pulled back through the source's detached map), stored as
+    direction.N so llama.cpp adds it where it was measured."""
     from .cvector import check_scale, parse_layer_range
 
     if operator == "jacobian":
@@ -1315,7 +1323,9 @@ def cvector(model: str, source: str, layer_range: str, out_path: Path, operator:
     m = open_model(model, dtype=dtype)
     layers = parse_layer_range(layer_range, m.cfg.n_layer)
     src = _source_tokens(m, source)
-    maps = steering.source_maps(m, src, layers, operator)
+    concepts = [m.token_for_text(t) for t in concept_texts] or \
+        steering.top_next_tokens(m.model, src, 1)
+    maps = steering.source_maps(m, src, layers, operator, concepts)
     cv = steering.control_vector(maps, scale, m.cfg.arch)
     cv.write(out_path)
     for n, v in sorted(cv.directions.items()):

@@ -7,9 +7,13 @@ Operators, each a change of the residual stream after block L (llama.cpp's `l_ou
   input embeddings e_k: s_k = J[:, k mod n_src, :] e_k, a_i = Σ_{k≤i} s_k, and the residual
   h_i gains λ a_i ‖h_i‖ / (2 ‖a_i‖) at every position i. Position-dependent: no control
   vector can express it.
-- "cumulative-direction" / "layer-direction": one unit vector u per steered block, the top
-  left singular vector of the source's cumulative map at that block (or of the block's own
-  map, input -> output with the residual), signed so u·(map output) > 0; h_i gains λ ‖h_i‖ u.
+- "concept-direction": one unit vector u per steered block, the concept tokens' logit rows
+  pulled back through the source's detached map from that block's output (last position)
+  to the output: the direction the source's own linear map reads as the concept (the
+  exact attribution sweep, stopped at block L); h_i gains λ ‖h_i‖ u.
+- "cumulative-direction" / "layer-direction": u is the top left singular vector of the
+  source's cumulative map at that block (or of the block's own map, input -> output with
+  the residual), signed so u·(map output) > 0; h_i gains λ ‖h_i‖ u.
 - a control vector (cvector.py): fixed vectors v_N added after block N, as llama.cpp adds
   them. `control_vector` makes one from a direction operator: v_N = λ ‖h_src‖ u_N, ‖h_src‖
   the source's residual norm after block N at its last position.
@@ -34,7 +38,11 @@ from .layers import layer_maps, lens_maps
 from .linearize import PLAIN, Linearization
 from .runner import ResidualEdit, Transformer
 
-OPERATORS = ("jacobian", "cumulative-direction", "layer-direction")
+OPERATORS = ("jacobian", "concept-direction", "cumulative-direction", "layer-direction")
+# λ by operator: the paper's Gemma 3 value for its operator; for the directions, a fraction
+# of ‖h‖ that moves Gemma 3 270M's next-token logits by a few units (docs/steering.md)
+DEFAULT_SCALES = {"jacobian": 0.17, "concept-direction": 0.02, "cumulative-direction": 0.03,
+                  "layer-direction": 0.03}
 
 
 def default_layer(n_layer: int) -> int:
@@ -47,19 +55,34 @@ class SourceMap:
     """What steering takes from the source prompt at one block."""
 
     layer: int
-    cumulative: torch.Tensor  # [d, n_src, d]
+    cumulative: torch.Tensor | None  # [d, n_src, d] (not made for concept-direction)
     direction: torch.Tensor  # [d] unit: top left singular vector of the chosen map
     residual_norm: float  # ‖h‖ after this block, the source's last position
 
 
 def source_maps(m: object, tokens: list[int], layers: Sequence[int], operator: str,
-                lin: Linearization | None = None) -> dict[int, SourceMap]:
-    """The source's maps at `layers` on the streaming engine (`m`: an api.LoadedModel)."""
+                concepts: Sequence[int] = (), lin: Linearization | None = None
+                ) -> dict[int, SourceMap]:
+    """The source's maps at `layers` on the streaming engine (`m`: an api.LoadedModel);
+    "concept-direction" needs the concept tokens."""
     if operator not in OPERATORS:
         raise GgufjacError(f"operator {operator!r} is not one of {', '.join(OPERATORS)}")
     engine = m.engine(lin or Linearization())  # type: ignore[attr-defined]
     inputs = engine.embed(tokens)
     layers = sorted(set(layers))
+    if operator == "concept-direction":
+        if not concepts:
+            raise GgufjacError("concept-direction needs concept tokens")
+        record = engine.forward(inputs)
+        rows = m.logit_rows(list(concepts), None)  # type: ignore[attr-defined]
+        cot = engine.output_cotangents(record.residuals[-1], rows)
+        out = {}
+        for l in layers:  # the concepts' logit rows pulled back to the residual after l
+            g = engine.pull_back(record, {engine.cfg.n_layer: cot}, to_residual=l + 1)[:, -1]
+            u = g.sum(dim=0)
+            out[l] = SourceMap(l, None, u / torch.linalg.vector_norm(u),
+                               float(torch.linalg.vector_norm(record.residuals[l + 1][-1])))
+        return out
     if operator == "layer-direction":
         maps, _ = layer_maps(engine, inputs, layers)
         residuals = None
