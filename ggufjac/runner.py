@@ -33,6 +33,7 @@ class Transformer:
         self.dtype, self.device = weights.dtype, weights.device
         self._layers = [weights.layer(i) for i in range(self.cfg.n_layer)] if keep_weights else None
         self.output_norm = weights.output_norm()
+        self._unembedding: torch.Tensor | None = None
 
     def layer_weights(self, i: int) -> LayerWeights:
         return self._layers[i] if self._layers is not None else self.weights.layer(i)
@@ -70,7 +71,21 @@ class Transformer:
         return self.logits(y[-1])
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
+        if self._unembedding is not None:
+            with torch.no_grad():
+                return softcapped(self.cfg.final_logit_softcap, y @ self._unembedding.T)
         return unembed(self.weights, y)
+
+    def hold_unembedding(self) -> None:
+        """Keep the unembedding table dequantized (vocab × d) for many `logits` calls, as
+        generation makes: dequantizing it per call costs more than the step itself."""
+        if self._unembedding is None:
+            table = None
+            for start, w in self.weights.unembedding_chunks(ROWS_PER_CHUNK):
+                if table is None:
+                    table = w.new_empty((self.cfg.vocab_size, w.shape[1]))
+                table[start:start + w.shape[0]] = w  # a chunk's buffer is reused: copied
+            self._unembedding = table
 
 
 @torch.no_grad()
@@ -79,5 +94,9 @@ def unembed(weights: GGUFWeights, y: torch.Tensor, rows_per_chunk: int = ROWS_PE
     """Unembedding of hidden states y [..., d] -> logits [..., vocab], in row chunks (the
     table is never held whole), then the family's final soft-cap if it has one."""
     z = torch.cat([y @ w.T for _, w in weights.unembedding_chunks(rows_per_chunk)], dim=-1)
-    cap = weights.cfg.final_logit_softcap
+    return softcapped(weights.cfg.final_logit_softcap, z)
+
+
+def softcapped(cap: float | None, z: torch.Tensor) -> torch.Tensor:
+    """The family's final logit soft-cap, cap · tanh(z / cap), if it has one."""
     return z if cap is None else torch.tanh(z / cap) * cap

@@ -207,6 +207,7 @@ def generate(model: Transformer, prompt: list[int], n_new: int,
              steering: Steering | None = None, concepts: Sequence[int] = (),
              stop: Sequence[int] = ()) -> Continuation:
     """Greedy generation with a KV cache: the prompt once, then one position per step."""
+    model.hold_unembedding()
     caches = model.new_caches()
     inputs = [model.embed(prompt)]
     edit = _edit(steering, inputs)
@@ -238,6 +239,7 @@ def perplexity(model: Transformer, prompt: list[int], continuation: list[int]) -
     """The unsteered model's perplexity of `continuation` after `prompt` (teacher-forced)."""
     if not continuation:
         return float("nan")
+    model.hold_unembedding()
     seq = prompt + continuation
     y = model.forward(model.embed(seq[:-1]), PLAIN)[len(prompt) - 1:]
     logp = torch.log_softmax(model.logits(y).to(torch.float64), dim=-1)
