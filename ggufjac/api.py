@@ -284,9 +284,11 @@ class LoadedModel:
 
     def attribute(self, tokens: list[int], targets: list[int] | None = None,
                   lin: Linearization | None = None, progress: bool = False,
-                  max_memory: int | None = None, anchor: Anchor | None = None) -> dict:
+                  max_memory: int | None = None, anchor: Anchor | None = None,
+                  llama_cpp: bool = False) -> dict:
         """Each input token's exact additive contribution (u_tᵀ J_i) · x_i to the logit of
-        each target token t (default: the predicted one), from one reverse sweep.
+        each target token t (default: the predicted one), from one reverse sweep; with the
+        top-5 next tokens, and with `llama_cpp` llama.cpp's own on the same tokens.
 
         Anchored, the logit is llama.cpp's: u_t · (r ⊙ y) with r the frozen rounding of the
         unembedding matmul's input, so the contributions sum to llama.cpp's logit."""
@@ -308,6 +310,7 @@ class LoadedModel:
         report = reports.attribution_report(self, tokens, lin, x.dtype, targets, contributions,
                                             u @ y, y, anchor)
         report["sweeps"] = [s.as_dict() for s in engine.sweeps]
+        report.update(reports.prediction_figures(self, tokens, y, anchor, llama_cpp))
         return report
 
     # -- reports -------------------------------------------------------------------------

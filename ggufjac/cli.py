@@ -60,7 +60,8 @@ EXAMPLES = {
                 '--out out/cmp'],
     "layers": ['ggufjac layers gemma3-270m -p "The bridge out of Marin is the" --out out/l',
                'ggufjac layers model.gguf -p "Hello" --out out/l --layers 0,5,10-17'],
-    "report": ["ggufjac report out/l", "ggufjac report a.json --out a.html"],
+    "report": ["ggufjac report out/l", "ggufjac report a.json --out a.html",
+               "ggufjac report results.db"],
     "batch": ["ggufjac batch gemma3-270m prompts.jsonl --out results.db",
               "ggufjac batch model.gguf prompts.csv --out results.db --analyses attribute,svd,lens "
               "--concepts words.txt --ray auto"],
@@ -476,6 +477,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_spectrum
+    from .reports import prediction_figures
     from .units import format_size
 
     m = open_model(model, dtype=dtype, device=device)
@@ -503,6 +505,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
                                         max_memory=budget, anchor=anchored)
         seconds = time.perf_counter() - t0
         report = m.jacobian_report(tokens, result, lin, anchor=anchored)
+        report.update(prediction_figures(m, tokens, result.output, anchored,
+                                         html and anchored is None))
         report["jacobian_seconds"] = seconds
         report["device"] = device
         report["jacobian_in_memory"] = scratch is None
@@ -594,7 +598,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_spectrum
-    from .reports import svd_report
+    from .reports import prediction_figures, svd_report
     from .svd import check_top_k
 
     m = open_model(model, dtype=dtype, device=device)
@@ -631,6 +635,8 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
                        max_memory=budget, anchor=anchored, on_iteration=told)
     seconds = time.perf_counter() - t0
     report = svd_report(m, tokens, result, lin, anchored, per)
+    report.update(prediction_figures(m, tokens, result.output, anchored,
+                                     html and anchored is None))
     report["seconds"] = seconds
     report["device"] = device
     tensors = {"singular_values": result.singular_values, "left": result.left,
@@ -727,7 +733,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     lin = Linearization(gate_path=gate_path)
     anchored = _anchor(m, tokens, lin, anchor, llama)
     report = m.attribute(tokens, targets or None, lin, progress=True, max_memory=budget,
-                         anchor=anchored)
+                         anchor=anchored, llama_cpp=html and anchored is None)
     if anchored is not None:
         _echo_anchor(report["anchor"])
     for row in report["targets"]:
@@ -810,7 +816,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     from .analysis import top_tokens_by_unembedding
     from .api import open_model
     from .layers import KINDS, describe_maps, layer_maps
-    from .reports import layers_markdown, layers_report
+    from .reports import layers_markdown, layers_report, prediction_figures
     from .linearize import Linearization
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_stable_rank_heatmap, plot_top_singular_value
@@ -830,6 +836,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     seconds = time.perf_counter() - t0
     predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None], 1)[0][0][0]
     report = layers_report(m, tokens, chosen, lin, device, seconds, predicted, entries, anchored, y)
+    report.update(prediction_figures(m, tokens, y, anchored, html and anchored is None))
     spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
     tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
                torch.tensor(e["singular_values"], dtype=spectrum_dtype)
@@ -860,9 +867,10 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
                    "to an attribution JSON).")
 @_errors_to_exit
 def report(path: Path, out_path: Path | None) -> None:
-    """RESULT: a directory written by `jacobian`, `svd` or `layers`, or the JSON file of
-    `attribute --json`. The page opens from disk in any current browser, loads nothing from
-    the network, and embeds no large arrays (the spectra and decoded vectors only)."""
+    """RESULT: a directory written by `jacobian`, `svd` or `layers`, the JSON file of
+    `attribute --json`, or a `batch` results store (the page: RESULTS.html beside it). The
+    page opens from disk in any current browser, loads nothing from the network, and
+    embeds no large arrays (the spectra and decoded vectors only)."""
     from .html import write_report
 
     click.echo(f"wrote {write_report(path, out_path)}")
@@ -1264,7 +1272,8 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
                    f"steered {report['steered']['mean_concept_probability']:.3g}")
     else:
         results = steering.evaluate(net, prompts, make, eval_scales, concepts, n_new, seed, stop)
-        report = steer_report(m, settings, evaluation=results, n_prompts=len(prompts))
+        report = steer_report(m, settings, evaluation=results,
+                              eval_prompts=[it.prompt for it in items])
         click.echo(f"{'scale':>6}  {'Δlog P(concepts)':>17}  {'random':>8}  {'contains':>8}  "
                    f"{'random':>6}  {'ppl':>7}  {'random':>7}  (unsteered: contains "
                    f"{results[0].unsteered_contains_rate:.2f}, ppl {results[0].unsteered_perplexity:.2f})")

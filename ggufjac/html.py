@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import GgufjacError
 
-KINDS = ("attribute", "jacobian", "svd", "layers")
+KINDS = ("attribute", "jacobian", "svd", "layers", "batch")
 # The layer maps in `layers.json`, in the order of layers.KINDS (repeated here so that
 # rendering a page needs no torch import).
 LAYER_KINDS = ("cumulative", "layer", "layer_no_residual", "attention", "mlp")
@@ -66,7 +66,7 @@ def _read_json(path: Path) -> dict:
 
 def detect(path: Path) -> tuple[Path, str]:
     """The JSON file of a result and its kind: a `jacobian`, `svd` or `layers` directory,
-    or the file written by `attribute --json`."""
+    the file written by `attribute --json`, or a `batch` results store (SQLite)."""
     if path.is_dir():
         if (path / "layers.json").is_file():
             return path / "layers.json", "layers"
@@ -78,7 +78,9 @@ def detect(path: Path) -> tuple[Path, str]:
         raise GgufjacError(f"{path}: not a ggufjac result directory (no layers.json, or "
                            "report.json with jacobian.safetensors or svd.safetensors)")
     if path.is_file():
-        return path, "attribute"
+        with open(path, "rb") as f:
+            is_sqlite = f.read(16) == b"SQLite format 3\x00"
+        return path, "batch" if is_sqlite else "attribute"
     raise GgufjacError(f"{path}: no such file or directory")
 
 
@@ -92,6 +94,10 @@ def load(path: Path) -> tuple[dict, str, list[float] | None]:
     """The report at `path` (a result directory or an attribution JSON), its kind, and
     per-position weights of the top right singular vector where they can be had."""
     source, kind = detect(path)
+    if kind == "batch":
+        from .store import read_store
+
+        return read_store(source), kind, None
     report = _read_json(source)
     _check(report, kind, source)
     weights = None
@@ -287,8 +293,17 @@ def _anchor(report: dict) -> list[tuple[str, str]] | None:
     return rows
 
 
+def _right_norms(entry: dict | None) -> list[float] | None:
+    """The top right vector's norm per input position (layers.json from ggufjac with
+    per-position norms; older files keep only the largest position)."""
+    if entry is None or not entry["vectors"]:
+        return None
+    return entry["vectors"][0].get("right_position_norms")
+
+
 def _layers_view(report: dict) -> dict:
     maps = report["maps"]
+    tokens = report["tokens"]
     by = {(e["layer"], e["kind"]): e for e in maps}
     layers = sorted({e["layer"] for e in maps})
     ranks = [e["stable_rank"] for e in maps if math.isfinite(e["stable_rank"])]
@@ -308,8 +323,11 @@ def _layers_view(report: dict) -> dict:
             t = (math.log(e["stable_rank"]) - math.log(lo)) / (math.log(hi) - math.log(lo)) \
                 if hi > lo > 0 and e["stable_rank"] > 0 else 0.5
             rgba = cmap(min(max(t, 0.0), 1.0))
+            norms = _right_norms(e)
+            heat = token_row(tokens, norms, False, "weight") \
+                if norms is not None and len(norms) == len(tokens) else None
             cells.append({"kind": kind, "stable_rank": e["stable_rank"], "bg": _rgb_hex(rgba),
-                          "fg": _ink(rgba), "entry": e})
+                          "fg": _ink(rgba), "entry": e, "heat": heat})
         cum = by.get((layer, "cumulative"))
         top = cum["vectors"][0]["left_tokens"] if cum and cum["vectors"] else []
         rows.append({"layer": layer, "cells": cells, "top_tokens": top})
@@ -355,6 +373,10 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
                                            "singular values of J")
     elif kind == "layers":
         ctx["layers_view"] = _layers_view(report)
+        last = max((e for e in report["maps"] if e["kind"] == "cumulative"),
+                   key=lambda e: e["layer"], default=None)
+        if position_weights is None:
+            position_weights = _right_norms(last)
     if position_weights is not None and len(position_weights) != len(tokens):
         position_weights = None
     ctx["position_weights"] = position_weights is not None
@@ -368,8 +390,48 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
     return ctx
 
 
+# The batch page's table: (store column, heading, numeric)
+BATCH_COLUMNS = (("id", "id", False), ("prompt", "prompt", False), ("status", "status", False),
+                 ("n_tokens", "tokens", True), ("predicted_token", "predicted", False),
+                 ("logit", "logit", True), ("attribution_sum", "attribution sum", True),
+                 ("top_singular_value", "σ₁", True), ("stable_rank", "stable rank", True),
+                 ("concepts", "concepts", False))
+
+
+def _batch_context(store: dict) -> dict:
+    prompts, counts = [], {}
+    for i, p in enumerate(store["prompts"]):
+        for c in p["concepts"]:
+            counts[c] = counts.get(c, 0) + 1
+        texts = [t["token"] for t in p["tokens"]]
+        values = [t["attribution"] for t in p["tokens"]]
+        attributed = bool(values) and all(v is not None for v in values)
+        vectors: dict[int, list[str]] = {}
+        for d in p["svd_tokens"]:
+            vectors.setdefault(d["vector"], []).append(d["token"])
+        sort = {k: ("" if p.get(k) is None else p[k]) for k, _, _ in BATCH_COLUMNS if k != "concepts"}
+        sort["concepts"] = len(p["concepts"])
+        prompts.append({**p, "view": f"p-{p['run_id']}-{i}", "sort": sort,
+                        "shown": {k: _fmt(p[k]) if p.get(k) is not None else ""
+                                  for k, _, _ in BATCH_COLUMNS if k in p},
+                        "attribution_tokens": token_row(texts, values, True, "contribution")
+                        if attributed else None,
+                        "plain_tokens": token_row(texts, None, False, "weight"),
+                        "svd_vectors": sorted(vectors.items())})
+    runs = [[(k, _fmt(v)) for k, v in r.items()] for r in store["runs"]]
+    model = Path(str(store["runs"][0]["model_path"])).name if store["runs"] else "?"
+    return {"title": f"ggufjac batch: {model}", "store": store, "prompts": prompts,
+            "runs": runs, "columns": BATCH_COLUMNS,
+            "concept_counts": sorted(counts.items()),
+            "n_done": sum(p["status"] == "done" for p in prompts),
+            "n_failed": sum(p["status"] == "failed" for p in prompts),
+            "legend": _legend(True, "contribution to the logit"),
+            "show": show_token, "fmt": _fmt, "json": json.dumps}
+
+
 def render(report: dict, kind: str, position_weights: list[float] | None = None) -> str:
-    """The HTML page of one result. `kind`: attribute, jacobian, svd or layers;
+    """The HTML page of one result. `kind`: attribute, jacobian, svd, layers, or batch
+    (`report`: what store.read_store gives);
     `position_weights`: per input position, the top right singular vector's norm (the
     colouring of the tokens when the report carries none)."""
     if kind not in KINDS:
@@ -378,6 +440,8 @@ def render(report: dict, kind: str, position_weights: list[float] | None = None)
     env = jinja2.Environment(loader=jinja2.PackageLoader("ggufjac", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
+    if kind == "batch":
+        return env.get_template("batch.html.j2").render(**_batch_context(report))
     ctx = _context(report, kind, position_weights)
     return env.get_template("report.html.j2").render(**ctx)
 
@@ -397,7 +461,8 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         raise GgufjacError(f"{source}: not a well-formed ggufjac {kind} report "
                            f"({type(e).__name__}: {e})") from None
     if out is None:
-        out = (path if path.is_dir() else path.parent) / "report.html"
+        out = path.with_suffix(".html") if kind == "batch" else \
+            (path if path.is_dir() else path.parent) / "report.html"
     atomic_write(out, lambda p: p.write_text(page, encoding="utf-8"))
     return out
 

@@ -104,22 +104,24 @@ def describe_maps(maps: list[LayerMap], weights: GGUFWeights, token_text: Callab
     """Per map: reconstruction error, singular values, stable rank, and the top singular
     vectors decoded — left vectors through the unembedding (sign: u·output > 0), right
     vectors to the nearest input-embedding rows by cosine, at the input position where the
-    right vector is largest. All maps' vectors are decoded in one walk over each table."""
-    spectra, lefts, rights, positions = [], [], [], []
+    right vector is largest (and its norm at every position). All maps' vectors are decoded in one walk over each table."""
+    spectra, lefts, rights, positions, norms = [], [], [], [], []
     for mp in maps:
         d, n, d_in = mp.jacobian.shape
         spec = spectrum(mp.jacobian.reshape(d, n * d_in), mp.output)
         k = min(n_vectors, spec.left.shape[1])
         right = spec.right[:k].reshape(k, n, d_in)
-        pos = torch.linalg.vector_norm(right, dim=2).argmax(dim=1)  # [k]
+        position_norms = torch.linalg.vector_norm(right, dim=2)  # [k, N]: squares sum to 1
+        pos = position_norms.argmax(dim=1)  # [k]
         spectra.append(spec)
+        norms.append(position_norms)
         lefts.append(spec.left[:, :k])
         rights.append(right[torch.arange(k), pos].T)  # [d_in, k]
         positions.append(pos.tolist())
     left_tokens = top_tokens_by_unembedding(weights, torch.cat(lefts, dim=1), n_tokens)
     right_tokens = nearest_input_embeddings(weights, torch.cat(rights, dim=1), n_tokens)
     out, col = [], 0
-    for mp, spec, pos in zip(maps, spectra, positions):
+    for mp, spec, pos, position_norms in zip(maps, spectra, positions, norms):
         s = spec.singular_values
         y_norm = torch.linalg.vector_norm(mp.output.to(spec.left.dtype))
         vectors = []
@@ -130,6 +132,7 @@ def describe_maps(maps: list[LayerMap], weights: GGUFWeights, token_text: Callab
                                          / y_norm) if y_norm > 0 else 0.0,
                 "left_tokens": [token_text(t) for t, _ in left_tokens[col + j]],
                 "right_position": pos[j],
+                "right_position_norms": [round(float(v), 6) for v in position_norms[j]],
                 "right_tokens": [token_text(t) for t, _ in right_tokens[col + j]],
                 "right_cosines": [round(c, 4) for _, c in right_tokens[col + j]]})
         col += len(pos)

@@ -486,7 +486,8 @@ def _continuation(m: LoadedModel, c: object) -> dict:
 
 def steer_report(m: LoadedModel, settings: dict, prompt: str | None = None,
                  unsteered: object = None, steered: object = None,
-                 evaluation: list | None = None, n_prompts: int = 0) -> dict:
+                 evaluation: list | None = None, eval_prompts: list[str] | None = None
+                 ) -> dict:
     """`ggufjac steer`: the settings, and either one prompt's two continuations or the
     measured effect per scale over a prompt set (steer.ScaleResult rows)."""
     report: dict = {"model": file_summary(m), "settings": settings}
@@ -494,6 +495,34 @@ def steer_report(m: LoadedModel, settings: dict, prompt: str | None = None,
         report.update(prompt=prompt, unsteered=_continuation(m, unsteered),
                       steered=_continuation(m, steered))
     if evaluation is not None:
-        report["n_prompts"] = n_prompts
+        report["n_prompts"] = len(eval_prompts or [])
+        report["eval_prompts"] = eval_prompts
         report["evaluation"] = [dataclasses.asdict(r) for r in evaluation]
     return report
+
+
+def prediction_figures(m: LoadedModel, tokens: list[int], y: torch.Tensor,
+                       anchor: Anchor | None = None, llama_cpp: bool = False, k: int = 5
+                       ) -> dict:
+    """Our top-k next tokens (logits of y, the final soft-cap applied) and, with
+    `llama_cpp`, llama.cpp's own run on the same tokens (its default, last position): its
+    top-k, the logits nmse between the two and whether the top-1 tokens agree."""
+    z = unembed(m.weights, m.logit_input(y, anchor)).to(torch.float64)
+    top = torch.topk(z, min(k, z.numel()))
+    out: dict = {"top_logits": [{"token": m.token_text(int(t)), "id": int(t), "logit": float(v)}
+                                for v, t in zip(top.values, top.indices)]}
+    if llama_cpp:
+        from . import llamacpp
+
+        run = llamacpp.evaluate(m.path, tokens, last_only=True)
+        theirs = run.logits[-1].astype(np.float64)
+        order = np.argsort(-theirs)[:k]
+        ours = z.cpu().numpy()
+        out["llama_cpp"] = {
+            "settings": run.settings.describe(), "flash_attn": run.flash_attn,
+            "top_logits": [{"token": m.token_text(int(t)), "id": int(t),
+                            "logit": float(theirs[t])} for t in order],
+            "logits_nmse": nmse(ours, theirs),
+            "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+            "top1_agree": bool(int(ours.argmax()) == int(order[0]))}
+    return out

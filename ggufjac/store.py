@@ -288,3 +288,53 @@ class ResultStore:
             written.append(atomic_write(directory / f"{name}.parquet",
                                         lambda p, t=table: pq.write_table(t, p)))
         return written
+
+
+def read_store(path: Path) -> dict:
+    """Everything a results page shows, read-only: the runs with their provenance, and per
+    prompt its summary row, tokens with attributions, top logits, singular values, the top
+    singular vectors' decoded tokens, the lens rows and the concept hits."""
+    path = Path(path)
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as e:
+        raise GgufjacError(f"{path}: not a results store ({e})") from None
+    try:
+        if "meta" not in names or not set(TABLES) <= names:
+            raise GgufjacError(f"{path}: an SQLite file, but not a ggufjac results store")
+
+        def rows(sql: str, *args: object) -> list[dict]:
+            return [dict(r) for r in db.execute(sql, args)]
+
+        def grouped(sql: str) -> dict[tuple, list[dict]]:
+            out: dict[tuple, list[dict]] = {}
+            for r in rows(sql):
+                out.setdefault((r.pop("run_id"), r.pop("id")), []).append(r)
+            return out
+        tokens = grouped("SELECT run_id, id, position, token, attribution FROM tokens "
+                         "ORDER BY run_id, id, position")
+        top = grouped("SELECT run_id, id, rank, token, logit FROM top_logits "
+                      "ORDER BY run_id, id, rank")
+        sv = grouped("SELECT run_id, id, k, value FROM singular_values ORDER BY run_id, id, k")
+        svd = grouped("SELECT run_id, id, vector, rank, token, score FROM decoded "
+                      "WHERE source = 'svd' ORDER BY run_id, id, vector, rank")
+        lens = grouped("SELECT run_id, id, layer, stable_rank, top_singular_value, top_token "
+                       "FROM lens ORDER BY run_id, id, layer")
+        hits = grouped("SELECT DISTINCT run_id, id, concept FROM concept_hits "
+                       "ORDER BY run_id, id, concept")
+        prompts = []
+        for p in rows("SELECT p.*, s.concept_hits FROM prompts p JOIN summary s "
+                      "ON s.run_id = p.run_id AND s.id = p.id ORDER BY p.run_id, p.rowid"):
+            key = (p["run_id"], p["id"])
+            p.update(tokens=tokens.get(key, []), top_logits=top.get(key, []),
+                     singular_values=[r["value"] for r in sv.get(key, [])],
+                     svd_tokens=svd.get(key, []), lens=lens.get(key, []),
+                     concepts=[r["concept"] for r in hits.get(key, [])])
+            prompts.append(p)
+        return {"path": str(path), "runs": rows("SELECT * FROM runs ORDER BY run_id"),
+                "concepts": [r["text"] for r in rows("SELECT text FROM concepts ORDER BY text")],
+                "prompts": prompts}
+    finally:
+        db.close()
