@@ -78,7 +78,8 @@ def results(synthetic, tmp_path_factory) -> dict[str, Path]:
     _run(["layers", model, "-p", PROMPT, "--out", str(root / "l"), "--html"])
     return {"attribute": root / "report.html", "jacobian": root / "j" / "report.html",
             "svd": root / "v" / "report.html", "layers": root / "l" / "report.html",
-            "a.json": root / "a.json", "l": root / "l", "j": root / "j"}
+            "a.json": root / "a.json", "l": root / "l", "j": root / "j", "v": root / "v",
+            "model": Path(model)}
 
 
 @pytest.mark.parametrize("kind", ["attribute", "jacobian", "svd", "layers"])
@@ -233,3 +234,160 @@ def test_notebook_view_and_missing_jinja2(results, monkeypatch):
                                   str(results["a.json"].with_name("x.html"))])
     assert r.exit_code == 2 and "ggufjac[html]" in r.output
     assert not results["a.json"].with_name("x.html").exists()
+
+
+@pytest.mark.parametrize("kind", ["attribute", "jacobian", "svd", "layers"])
+def test_top_five_and_llama_cpp_run_on_the_page(browser, results, kind):
+    """The top-5 next tokens against the in-memory reference model's logits, and llama.cpp's
+    top-5 and logits nmse against a llama.cpp run of our own on the same tokens."""
+    import numpy as np
+    import torch
+
+    from ggufjac import llamacpp
+    from ggufjac.api import open_model
+    from ggufjac.linearize import PLAIN
+    from ggufjac.reports import nmse
+
+    json_path = {"attribute": results["a.json"], "jacobian": results["j"] / "report.json",
+                 "svd": results["v"] / "report.json", "layers": results["l"] / "layers.json"}[kind]
+    report = json.loads(json_path.read_text())
+    m = open_model(results["model"], dtype=report["dtype"])
+    tokens = report["token_ids"]
+    with torch.no_grad():
+        z = m.model.logits(m.model.forward(m.model.embed(tokens), PLAIN)[-1]).double()
+    top = torch.topk(z, 5)
+    assert [e["id"] for e in report["top_logits"]] == top.indices.tolist()
+    assert [e["logit"] for e in report["top_logits"]] == pytest.approx(top.values.tolist(),
+                                                                        rel=1e-4, abs=1e-4)
+    theirs = llamacpp.evaluate(m.path, tokens, last_only=True).logits[-1].astype(np.float64)
+    ll = report["llama_cpp"]
+    assert [e["id"] for e in ll["top_logits"]] == np.argsort(-theirs)[:5].tolist()
+    assert ll["logits_nmse"] == pytest.approx(nmse(z.numpy(), theirs), rel=0.05)
+    assert ll["top1_agree"] == (int(z.argmax()) == int(theirs.argmax()))
+    p = Page(browser, results[kind])
+    rows = p.page.locator("#top-logits tbody tr")
+    assert rows.count() == 5
+    shown = [json.loads(t) for t in p.page.locator("#top-logits tbody tr td:nth-child(2) .dtok")
+             .evaluate_all("els => els.map(e => e.dataset.text)")]
+    assert shown == [e["token"] for e in report["top_logits"]]
+    assert f"{ll['logits_nmse']:.2e}" in p.page.locator("#llama-fidelity").inner_text()
+    p.check_clean()
+
+
+def test_layers_page_colours_tokens_per_position(browser, results):
+    """Each map's top right vector's norm per input position: a unit vector's blocks (their
+    squares sum to 1), largest at the position layers.json names; for the last layer's
+    cumulative map (= the full J), equal to the jacobian page's weights, which come from
+    J itself by another route (the eigenvector of J Jᵀ). Clicking a layer shows the rows."""
+    from ggufjac.html import jacobian_position_weights
+
+    report = json.loads((results["l"] / "layers.json").read_text())
+    for e in report["maps"]:
+        for v in e["vectors"]:
+            norms = v["right_position_norms"]
+            assert len(norms) == len(report["tokens"])
+            assert math.isclose(math.fsum(x * x for x in norms), 1.0, rel_tol=1e-4)
+            assert norms.index(max(norms)) == v["right_position"]
+    last = max((e for e in report["maps"] if e["kind"] == "cumulative"), key=lambda e: e["layer"])
+    from_j = jacobian_position_weights(results["j"] / "jacobian.safetensors")
+    assert last["vectors"][0]["right_position_norms"] == pytest.approx(from_j, abs=2e-3)
+    p = Page(browser, results["layers"])
+    main_row = [float(w) for w in p.page.locator(".tokens").first.locator(".tok")
+                .evaluate_all("els => els.map(e => e.dataset.weight)")]
+    assert main_row == pytest.approx(last["vectors"][0]["right_position_norms"], abs=1e-12)
+    layer = report["maps"][0]["layer"]
+    p.page.locator(f".layer-row[data-layer='{layer}']").click()
+    panel = p.page.locator(f"#layer-panel-{layer}")
+    for e in (e for e in report["maps"] if e["layer"] == layer):
+        row = panel.locator(f"table.heat-rows tr[data-kind='{e['kind']}'] .tok")
+        assert row.first.is_visible()
+        weights = [float(w) for w in row.evaluate_all("els => els.map(e => e.dataset.weight)")]
+        assert weights == pytest.approx(e["vectors"][0]["right_position_norms"], abs=1e-12)
+    p.check_clean()
+    p.screenshot("layers-panel")
+
+
+@pytest.fixture(scope="module")
+def store(synthetic, tmp_path_factory) -> tuple[Path, Path]:
+    """A batch store of five prompts (one too long: failed), concepts chosen among the
+    words its top singular vectors decode to, and its page."""
+    import sqlite3
+
+    from ggufjac.store import ResultStore
+
+    model = str(synthetic("llama", "Q4_K_M"))
+    root = tmp_path_factory.mktemp("batch-html")
+    prompts = root / "p.jsonl"
+    texts = ["the bridge", "the fox", "a dog", "the lazy dog", "dog " * 60]
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": t}) + "\n"
+                               for i, t in enumerate(texts)))
+    db = root / "r.db"
+    r = CliRunner().invoke(main, ["batch", model, str(prompts), "--out", str(db),
+                                  "--analyses", "attribute,svd,lens", "--max-tokens", "24"])
+    assert r.exit_code == 1, r.output  # the long prompt failed
+    with sqlite3.connect(db) as con:
+        words = [w for (w,) in con.execute(
+            "SELECT word FROM decoded WHERE source = 'svd' AND vector = 0 AND rank = 0 "
+            "AND id IN ('q0', 'q1') AND length(word) > 0")]
+    with ResultStore(db) as s:
+        s.set_concepts(words)
+    _run(["report", str(db)])
+    return db, db.with_suffix(".html")
+
+
+def test_batch_page_sorts_filters_and_links_each_prompt(browser, store):
+    import sqlite3
+
+    db, html = store
+    con = sqlite3.connect(db)
+    p = Page(browser, html)
+    rows = p.page.locator("#prompts tbody tr")
+    n = con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+    assert rows.count() == n == 5
+
+    def shown_ids() -> list[str]:
+        return [t.strip() for t in p.page.locator("#prompts tbody tr:visible td[data-key='id']")
+                .all_inner_texts()]
+    p.page.locator("#prompts th[data-key='n_tokens']").click()
+    assert shown_ids() == [i for (i,) in con.execute(
+        "SELECT id FROM prompts ORDER BY n_tokens, rowid")]
+    p.page.locator("#prompts th[data-key='n_tokens']").click()  # again: descending
+    assert shown_ids() == [i for (i,) in con.execute(
+        "SELECT id FROM prompts ORDER BY n_tokens DESC, rowid")]
+    p.page.locator("#prompts th[data-key='logit']").click()
+    done = [i for (i,) in con.execute(
+        "SELECT id FROM prompts WHERE status = 'done' ORDER BY logit")]
+    assert shown_ids()[:len(done)] == done  # the failed prompt (no logit) last
+
+    concepts = [c for (c,) in con.execute("SELECT DISTINCT concept FROM concept_hits")]
+    assert concepts
+    for c in concepts:
+        p.page.locator("#concept-filter").select_option(c)
+        flagged = {i for (i,) in con.execute(
+            "SELECT DISTINCT id FROM concept_hits WHERE concept = ?", (c,))}
+        assert set(shown_ids()) == flagged, c
+    p.page.locator("#concept-filter").select_option("")
+    assert len(shown_ids()) == n
+
+    pid, total, logit = con.execute("SELECT id, attribution_sum, attribution_logit FROM "
+                                    "prompts WHERE status = 'done' LIMIT 1").fetchone()
+    assert p.page.locator(".prompt-view:visible").count() == 0
+    p.page.locator(f"#prompts td[data-key='id'] a:text-is('{pid}')").click()
+    view = p.page.locator(".prompt-view:visible")
+    assert view.count() == 1 and view.get_attribute("data-id") == pid
+    values = [float(v) for v in view.locator(".tok").evaluate_all(
+        "els => els.map(e => e.dataset.contribution)")]
+    stored = [a for (a,) in con.execute(
+        "SELECT attribution FROM tokens WHERE id = ? ORDER BY position", (pid,))]
+    assert values == stored
+    assert math.isclose(math.fsum(values), logit, rel_tol=1e-5)
+    assert float(view.locator(".sum").get_attribute("data-value")) == total
+    top = [t for (t,) in con.execute("SELECT token FROM top_logits WHERE id = ? ORDER BY rank",
+                                     (pid,))]
+    assert [json.loads(t) for t in view.locator(".top-logits .dtok").evaluate_all(
+        "els => els.map(e => e.dataset.text)")] == top
+    failed = con.execute("SELECT id, error FROM prompts WHERE status = 'failed'").fetchone()
+    p.page.locator(f"#prompts td[data-key='id'] a:text-is('{failed[0]}')").click()
+    assert failed[1] in p.page.locator(".prompt-view:visible").inner_text()
+    p.check_clean()
+    p.screenshot("batch")
