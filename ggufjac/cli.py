@@ -1268,8 +1268,11 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
         report = steer_report(m, settings, prompt=prompt, unsteered=plain, steered=steered)
         click.echo(f"unsteered: {prompt}{report['unsteered']['text']}")
         click.echo(f"steered:   {prompt}{report['steered']['text']}")
-        click.echo(f"P(concepts) per step, mean: unsteered {report['unsteered']['mean_concept_probability']:.3g}, "
-                   f"steered {report['steered']['mean_concept_probability']:.3g}")
+        for name in ("unsteered", "steered"):
+            c = report[name]
+            click.echo(f"P(concepts) by step, {name}: "
+                       + " ".join(f"{q:.2g}" for q in c["concept_probability"])
+                       + f" (mean {c['mean_concept_probability']:.3g})")
     else:
         results = steering.evaluate(net, prompts, make, eval_scales, concepts, n_new, seed, stop)
         report = steer_report(m, settings, evaluation=results,

@@ -102,6 +102,16 @@ def _join(name: str, pieces: list[tuple[np.ndarray, int]]) -> np.ndarray:
     return np.concatenate(arrays, axis=axis)
 
 
+def control_vector_setter(llama_cpp: object) -> object:
+    """llama-cpp-python's function that applies a control vector to a context: named
+    llama_set_adapter_cvec from 0.3.17, llama_apply_adapter_cvec before (same arguments)."""
+    for name in ("llama_set_adapter_cvec", "llama_apply_adapter_cvec"):
+        if hasattr(llama_cpp, name):
+            return getattr(llama_cpp, name)
+    raise RuntimeError("this llama-cpp-python has neither llama_set_adapter_cvec nor "
+                       "llama_apply_adapter_cvec: control vectors cannot be applied")
+
+
 def _apply_control_vector(llama_cpp: object, model: object, ctx: object, path: str) -> None:
     """Load a control vector file as llama.cpp's common loader does (direction.N, N >= 1,
     F32 [n_embd]; layer N's row at offset n_embd * (N - 1)) and apply it to every block."""
@@ -120,9 +130,7 @@ def _apply_control_vector(llama_cpp: object, model: object, ctx: object, path: s
     data = np.zeros((max(rows), n_embd), dtype=np.float32)
     for n, row in rows.items():
         data[n - 1] = row
-    # llama-cpp-python 0.3.17 renamed llama_apply_adapter_cvec to llama_set_adapter_cvec
-    apply = getattr(llama_cpp, "llama_set_adapter_cvec", None) or \
-        getattr(llama_cpp, "llama_apply_adapter_cvec")
+    apply = control_vector_setter(llama_cpp)
     pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     if apply(ctx, pointer, data.size, n_embd, 1, n_layer) != 0:
         raise RuntimeError(f"llama.cpp refused the control vector {path}")

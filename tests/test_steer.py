@@ -228,6 +228,8 @@ def test_steer_prompt_prints_both_continuations(synthetic) -> None:
              "--tokens", "3", "--operator", "concept-direction", "--layer", "1")
     assert r.exit_code == 0, r.output
     assert "unsteered: the quick" in r.output and "steered:   the quick" in r.output
+    steps = [ln for ln in r.output.splitlines() if ln.startswith("P(concepts) by step, steered")]
+    assert len(steps) == 1 and len(steps[0].split(":")[1].split("(mean")[0].split()) == 3
 
 
 def test_bad_input_gets_one_clear_error(tmp_path, synthetic, gemma_path) -> None:
@@ -267,3 +269,18 @@ def test_bad_input_gets_one_clear_error(tmp_path, synthetic, gemma_path) -> None
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
     with pytest.raises(GgufjacError, match="at least one direction"):
         ControlVector({}, "llama").write(tmp_path / "empty.gguf")
+
+
+def test_both_names_of_llama_cpp_pythons_control_vector_function() -> None:
+    from types import SimpleNamespace
+
+    from ggufjac.llamacpp_worker import control_vector_setter
+
+    def new(*a): return 0
+    def old(*a): return 0
+    assert control_vector_setter(SimpleNamespace(llama_set_adapter_cvec=new)) is new
+    assert control_vector_setter(SimpleNamespace(llama_apply_adapter_cvec=old)) is old  # < 0.3.17
+    assert control_vector_setter(SimpleNamespace(llama_set_adapter_cvec=new,
+                                                 llama_apply_adapter_cvec=old)) is new
+    with pytest.raises(RuntimeError, match="neither"):
+        control_vector_setter(SimpleNamespace())
