@@ -22,6 +22,7 @@ from .runner import unembed
 if TYPE_CHECKING:
     from .anchor import Anchor
     from .api import LoadedModel
+    from .steer import Continuation, ScaleResult
     from .svd import PerTokenTriplets, TopSingularTriplets
 
 # `check` passes when our logits are this close to llama.cpp's (nmse), and the top-1 tokens
@@ -475,23 +476,22 @@ def comparison_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _continuation(m: LoadedModel, c: object) -> dict:
-    probs = c.concept_probability  # type: ignore[attr-defined]
-    return {"tokens": [m.token_text(t) for t in c.tokens],  # type: ignore[attr-defined]
-            "token_ids": list(c.tokens),  # type: ignore[attr-defined]
-            "text": "".join(m.token_text(t) for t in c.tokens),  # type: ignore[attr-defined]
+def _continuation(m: LoadedModel, c: Continuation) -> dict:
+    probs = c.concept_probability
+    return {"tokens": [m.token_text(t) for t in c.tokens], "token_ids": list(c.tokens),
+            "text": "".join(m.token_text(t) for t in c.tokens),
             "concept_probability": probs,
             "mean_concept_probability": sum(probs) / len(probs) if probs else float("nan")}
 
 
 def steer_report(m: LoadedModel, settings: dict, prompt: str | None = None,
-                 unsteered: object = None, steered: object = None,
-                 evaluation: list | None = None, eval_prompts: list[str] | None = None
-                 ) -> dict:
+                 unsteered: Continuation | None = None, steered: Continuation | None = None,
+                 evaluation: list[ScaleResult] | None = None,
+                 eval_prompts: list[str] | None = None) -> dict:
     """`ggufjac steer`: the settings, and either one prompt's two continuations or the
     measured effect per scale over a prompt set (steer.ScaleResult rows)."""
     report: dict = {"model": file_summary(m), "settings": settings}
-    if prompt is not None:
+    if prompt is not None and unsteered is not None and steered is not None:
         report.update(prompt=prompt, unsteered=_continuation(m, unsteered),
                       steered=_continuation(m, steered))
     if evaluation is not None:

@@ -26,17 +26,21 @@ token as it comes equals recomputing the steered prefix at every step.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .analysis import spectrum
 from .cvector import ControlVector
 from .errors import GgufjacError
-from .layers import layer_maps, lens_maps
+from .layers import LayerMap, layer_maps, lens_maps
 from .linearize import PLAIN, Linearization
 from .runner import ResidualEdit, Transformer
+
+if TYPE_CHECKING:
+    from .api import LoadedModel
 
 OPERATORS = ("jacobian", "concept-direction", "cumulative-direction", "layer-direction")
 # λ by operator: the paper's Gemma 3 value for its operator; for the directions, a fraction
@@ -60,21 +64,21 @@ class SourceMap:
     residual_norm: float  # ‖h‖ after this block, the source's last position
 
 
-def source_maps(m: object, tokens: list[int], layers: Sequence[int], operator: str,
+def source_maps(m: LoadedModel, tokens: list[int], layers: Sequence[int], operator: str,
                 concepts: Sequence[int] = (), lin: Linearization | None = None
                 ) -> dict[int, SourceMap]:
-    """The source's maps at `layers` on the streaming engine (`m`: an api.LoadedModel);
-    "concept-direction" needs the concept tokens."""
+    """The source's maps at `layers` on the streaming engine; "concept-direction" needs the
+    concept tokens."""
     if operator not in OPERATORS:
         raise GgufjacError(f"operator {operator!r} is not one of {', '.join(OPERATORS)}")
-    engine = m.engine(lin or Linearization())  # type: ignore[attr-defined]
+    engine = m.engine(lin or Linearization())
     inputs = engine.embed(tokens)
     layers = sorted(set(layers))
     if operator == "concept-direction":
         if not concepts:
             raise GgufjacError("concept-direction needs concept tokens")
         record = engine.forward(inputs)
-        rows = m.logit_rows(list(concepts), None)  # type: ignore[attr-defined]
+        rows = m.logit_rows(list(concepts), None)
         cot = engine.output_cotangents(record.residuals[-1], rows)
         out = {}
         for l in layers:  # the concepts' logit rows pulled back to the residual after l
@@ -92,18 +96,18 @@ def source_maps(m: object, tokens: list[int], layers: Sequence[int], operator: s
                          engine.plan(engine.cfg.d_model * len(layers), len(tokens)).chunk)
         residuals = {l: float(torch.linalg.vector_norm(record.residuals[l + 1][-1]))
                      for l in layers}
-    by_layer: dict[int, dict[str, object]] = {}
+    by_layer: dict[int, dict[str, LayerMap]] = {}
     for mp in maps:
         by_layer.setdefault(mp.layer, {})[mp.kind] = mp
     out = {}
     for l in layers:
         cum = by_layer[l]["cumulative"]
         chosen = by_layer[l]["layer" if operator == "layer-direction" else "cumulative"]
-        d, n, d_in = chosen.jacobian.shape  # type: ignore[attr-defined]
-        u = spectrum(chosen.jacobian.reshape(d, n * d_in), chosen.output).left[:, 0]  # type: ignore
+        d, n, d_in = chosen.jacobian.shape
+        u = spectrum(chosen.jacobian.reshape(d, n * d_in), chosen.output).left[:, 0]
         norm = residuals[l] if residuals is not None else \
-            float(torch.linalg.vector_norm(chosen.output))  # type: ignore[attr-defined]
-        out[l] = SourceMap(l, cum.jacobian, u, norm)  # type: ignore[attr-defined]
+            float(torch.linalg.vector_norm(chosen.output))
+        out[l] = SourceMap(l, cum.jacobian, u, norm)
     return out
 
 
@@ -271,7 +275,8 @@ def _geometric_mean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def evaluate(model: Transformer, prompts: list[list[int]], make_steering, scales: Sequence[float],
+def evaluate(model: Transformer, prompts: list[list[int]],
+             make_steering: Callable[[float], Steering], scales: Sequence[float],
              concepts: Sequence[int], n_new: int, seed: int, stop: Sequence[int] = ()
              ) -> list[ScaleResult]:
     """For each scale: the steered, the random-control and the unsteered continuation of
