@@ -1242,10 +1242,11 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
     prompts = [m.tokenize(prompt)] if prompt is not None else \
         [m.tokenize(it.prompt) for it in items]
     for tokens in prompts:
-        m.check_length(tokens + [0] * n_new)
+        steering.check_context(m, tokens, n_new)
+    steering.check_memory(m)
     net = m.model
     concepts = [m.token_for_text(t) for t in concept_texts] or \
-        steering.top_next_tokens(net, src, 3)
+        steering.top_next_tokens(m, src, 3)
     if cv is None:
         click.echo(f"source maps at block {layers[0]} ({operator}) ...", err=True)
         maps = steering.source_maps(m, src, layers, operator, concepts)
@@ -1336,7 +1337,7 @@ def cvector(model: str, source: str, layer_range: str, out_path: Path, operator:
     layers = parse_layer_range(layer_range, m.cfg.n_layer)
     src = _source_tokens(m, source)
     concepts = [m.token_for_text(t) for t in concept_texts] or \
-        steering.top_next_tokens(m.model, src, 1)
+        steering.top_next_tokens(m, src, 1)
     maps = steering.source_maps(m, src, layers, operator, concepts)
     cv = steering.control_vector(maps, scale, m.cfg.arch)
     cv.write(out_path)

@@ -49,6 +49,28 @@ DEFAULT_SCALES = {"jacobian": 0.17, "concept-direction": 0.02, "cumulative-direc
                   "layer-direction": 0.03}
 
 
+def check_memory(m: LoadedModel) -> None:
+    """Generation runs the in-memory model (every layer dequantized, and the unembedding
+    table held): refuse a model that does not fit the memory available, before loading it."""
+    from .engine import available_bytes
+    from .units import format_size
+
+    itemsize = torch.empty((), dtype=m.weights.dtype).element_size()
+    need = itemsize * sum(info.n_elements for info in m.gguf.tensors.values())
+    have = available_bytes(m.weights.device)
+    if need > 0.9 * have:
+        raise GgufjacError(f"steering holds the whole model in memory: {format_size(need)} in "
+                           f"{str(m.weights.dtype).removeprefix('torch.')}, and "
+                           f"{format_size(have)} is available")
+
+
+def check_context(m: LoadedModel, prompt: list[int], n_new: int) -> None:
+    if len(prompt) + n_new > m.cfg.context_length:
+        raise GgufjacError(f"the prompt's {len(prompt)} tokens and --tokens {n_new} make "
+                           f"{len(prompt) + n_new}, more than the model's context length "
+                           f"({m.cfg.context_length})")
+
+
 def default_layer(n_layer: int) -> int:
     """Two thirds of the depth, as the paper's notebooks steer (e.g. 22 of 32 layers)."""
     return min(n_layer - 1, (2 * n_layer) // 3)
@@ -232,10 +254,14 @@ def generate(model: Transformer, prompt: list[int], n_new: int,
     return out
 
 
-@torch.no_grad()
-def top_next_tokens(model: Transformer, tokens: list[int], k: int) -> list[int]:
-    """The plain model's k most likely next tokens after `tokens`."""
-    return model.logits(model.forward(model.embed(tokens), PLAIN)[-1]).topk(k).indices.tolist()
+def top_next_tokens(m: LoadedModel, tokens: list[int], k: int) -> list[int]:
+    """The k most likely next tokens after `tokens`, on the streaming engine (no whole
+    model in memory: `cvector` runs on files larger than RAM)."""
+    from .analysis import top_tokens_by_unembedding
+
+    engine = m.engine()
+    y = engine.forward(engine.embed(tokens)).output[-1]
+    return [t for t, _ in top_tokens_by_unembedding(m.weights, y[:, None], k)[0]]
 
 
 @torch.no_grad()

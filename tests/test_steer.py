@@ -259,6 +259,8 @@ def test_bad_input_gets_one_clear_error(tmp_path, synthetic, gemma_path) -> None
          "the model has blocks 0..1"),
         (["steer", str(small), "--source", " ".join(["dog"] * 600), "-p", "the"],
          "--source: the prompt is"),
+        (["steer", str(small), "--source", "the dog", "-p", "the dog", "--tokens", "600"],
+         "and --tokens 600 make"),
         (["cvector", str(small), "--source", " ".join(["dog"] * 600), "--layers", "1",
           "--out", str(tmp_path / "x.gguf")], "--source: the prompt is"),
     ]
@@ -284,3 +286,19 @@ def test_both_names_of_llama_cpp_pythons_control_vector_function() -> None:
                                                  llama_apply_adapter_cvec=old)) is new
     with pytest.raises(RuntimeError, match="neither"):
         control_vector_setter(SimpleNamespace())
+
+
+def test_steer_refuses_a_model_larger_than_memory(synthetic, monkeypatch) -> None:
+    """Generation holds every layer: with less memory available than the model's float32
+    weights (the file's element count × 4 bytes), one clear error before loading them."""
+    import ggufjac.engine
+
+    path = synthetic("llama", "Q8_0")
+    m = open_model(path)
+    need = 4 * sum(t.n_elements for t in m.gguf.tensors.values())
+    monkeypatch.setattr(ggufjac.engine, "available_bytes", lambda device: need // 2)
+    r = _cli("steer", str(path), "--source", "the dog", "-p", "the", "--tokens", "2")
+    assert r.exit_code == 2 and "steering holds the whole model in memory" in r.output, r.output
+    monkeypatch.setattr(ggufjac.engine, "available_bytes", lambda device: 64 << 30)
+    assert _cli("steer", str(path), "--source", "the dog", "-p", "the", "--tokens", "2"
+                ).exit_code == 0
