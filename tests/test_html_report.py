@@ -190,13 +190,20 @@ def test_bad_inputs_exit_2_and_leave_no_page(tmp_path):
     other = tmp_path / "other.json"
     other.write_text("[1, 2]")
     cases.append((other, "not a ggufjac report"))
+    import sqlite3
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE t (x)")
+    con.close()
+    cases.append((foreign, "not a ggufjac results store"))
     for path, message in cases:
         r = CliRunner().invoke(main, ["report", str(path)])
         assert r.exit_code == 2, (path, r.output)
         assert r.output.count("\n") == 1 and "Traceback" not in r.output
         assert message in r.output and str(path.name) in r.output
         folder = path if path.is_dir() else path.parent
-        assert not any(f.name.endswith("report.html") or f.name.endswith(".partial")
+        assert not any(f.name.endswith(("report.html", ".partial")) or f.suffix == ".html"
                        for f in folder.iterdir()), list(folder.iterdir())
 
 
