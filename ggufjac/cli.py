@@ -908,13 +908,14 @@ def _parse_analyses(text: str) -> tuple[str, ...]:
               help="Write comparison.json, README.md and plots to this directory.")
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
+@_html_option
 @_threads_option
 @_errors_to_exit
 def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | None,
             max_tokens: int | None, prompts_file: Path | None, analyses: str, top_k: int,
             token_text: str | None, no_llama_cpp: bool, out_dir: Path | None, dtype: str,
             gate_path: str, device: str, max_memory: str | None, anchor: str,
-            overwrite: bool, **llama: Any) -> None:
+            overwrite: bool, html: bool, **llama: Any) -> None:
     """Compare two GGUF files of one model on the same prompts: predictions, logits (and
     each file against its own llama.cpp run), the detached Jacobians, their top singular
     subspaces, the attributions and every layer's logit lens.
@@ -931,7 +932,9 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
         prompts = [item.prompt for item in read_prompt_set(prompts_file)]
     else:
         prompts = [_read_prompt(prompt, prompt_file)]
-    budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory)[1]
+    if html and out_dir is None:
+        raise GgufjacError("--html needs --out DIR (report.html is written there)")
+    budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory, html)[1]
     if no_llama_cpp:
         given = _given_llama_options(llama)
         if anchor != "none" or given:
@@ -987,6 +990,8 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     click.echo(text)
     if out_dir is not None:
         click.echo(f"wrote {out_dir}/" + ", ".join(writers))
+        if html:
+            _write_html(out_dir)
 
 
 @main.command(short_help="Many prompts into a results store (SQLite), resumable; Ray optional.",

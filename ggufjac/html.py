@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import GgufjacError
 
-KINDS = ("attribute", "jacobian", "svd", "layers", "batch")
+KINDS = ("attribute", "jacobian", "svd", "layers", "batch", "compare")
 # The layer maps in `layers.json`, in the order of layers.KINDS (repeated here so that
 # rendering a page needs no torch import).
 LAYER_KINDS = ("cumulative", "layer", "layer_no_residual", "attention", "mlp")
@@ -49,6 +49,7 @@ _REQUIRED = {
     "jacobian": ("tokens", "singular_values", "top_singular_tokens", "predicted_token"),
     "svd": ("tokens", "singular_values", "vectors", "predicted_token"),
     "layers": ("tokens", "maps", "layers", "predicted_token"),
+    "compare": ("a", "b", "prompts", "summary", "settings"),
 }
 
 
@@ -70,6 +71,8 @@ def detect(path: Path) -> tuple[Path, str]:
     if path.is_dir():
         if (path / "layers.json").is_file():
             return path / "layers.json", "layers"
+        if (path / "comparison.json").is_file():
+            return path / "comparison.json", "compare"
         if (path / "report.json").is_file():
             if (path / "svd.safetensors").is_file():
                 return path / "report.json", "svd"
@@ -429,6 +432,20 @@ def _batch_context(store: dict) -> dict:
             "show": show_token, "fmt": _fmt, "json": json.dumps}
 
 
+def _compare_context(report: dict) -> dict:
+    s = report["summary"]
+    # the summary holds each figure's distribution, in reports.COMPARISON_FIGURES's order
+    figures = [(k, d) for k, d in s.items() if isinstance(d, dict) and d.get("n")]
+    return {"title": f"ggufjac compare: {Path(str(report['a']['path'])).name} (A) vs "
+                     f"{Path(str(report['b']['path'])).name} (B)",
+            "report": report, "s": s, "figures": figures,
+            "figure_keys": [k for k, _ in figures],
+            "token_rows": [token_row(e["tokens"], None, False, "weight")
+                           for e in report["prompts"]],
+            "settings": [(k, _fmt(v)) for k, v in report["settings"].items()],
+            "show": show_token, "fmt": _fmt, "json": json.dumps}
+
+
 def render(report: dict, kind: str, position_weights: list[float] | None = None) -> str:
     """The HTML page of one result. `kind`: attribute, jacobian, svd, layers, or batch
     (`report`: what store.read_store gives);
@@ -442,6 +459,8 @@ def render(report: dict, kind: str, position_weights: list[float] | None = None)
                              trim_blocks=True, lstrip_blocks=True)
     if kind == "batch":
         return env.get_template("batch.html.j2").render(**_batch_context(report))
+    if kind == "compare":
+        return env.get_template("compare.html.j2").render(**_compare_context(report))
     ctx = _context(report, kind, position_weights)
     return env.get_template("report.html.j2").render(**ctx)
 

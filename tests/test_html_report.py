@@ -398,3 +398,39 @@ def test_batch_page_sorts_filters_and_links_each_prompt(browser, store):
     assert failed[1] in p.page.locator(".prompt-view:visible").inner_text()
     p.check_clean()
     p.screenshot("batch")
+
+
+def test_compare_page_shows_the_summary_and_each_prompt(browser, synthetic, tmp_path):
+    """`compare --html` of two quantizations: the summary's medians, the lens rows and each
+    prompt's top-5 and figures on the page are comparison.json's."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the bridge\nthe quick fox\n")
+    out = tmp_path / "cmp"
+    _run(["compare", str(synthetic("llama", "Q8_0")), str(synthetic("llama", "Q4_K_M")),
+          "--prompts", str(prompts), "--out", str(out), "--html"])
+    report = json.loads((out / "comparison.json").read_text())
+    p = Page(browser, out / "report.html")
+    assert int(p.page.locator("#same-prediction").inner_text()) == \
+        report["summary"]["same_prediction"]
+    for key, d in report["summary"].items():
+        if isinstance(d, dict) and d.get("n"):
+            cell = p.page.locator(f"#summary tr[data-figure='{key}'] td").first
+            assert float(cell.get_attribute("data-value")) == d["median"], key
+    assert p.page.locator("#lens tbody tr").count() == len(report["summary"]["lens"])
+    sections = p.page.locator("section.compared")
+    assert sections.count() == len(report["prompts"])
+    for i, e in enumerate(report["prompts"]):
+        sec = sections.nth(i)
+        texts = [json.loads(t) for t in sec.locator(".tok").evaluate_all(
+            "els => els.map(e => e.dataset.text)")]
+        assert texts == e["tokens"]
+        shown = [json.loads(t) for t in sec.locator(".top5 td:nth-child(2) .dtok").evaluate_all(
+            "els => els.map(e => e.dataset.text)")]
+        assert shown == [x["token"] for x in e["top5_a"]]
+        v = float(sec.locator("tr[data-figure='jacobian_rel_difference'] td")
+                  .get_attribute("data-value"))
+        assert v == e["jacobian_rel_difference"] and v > 0  # two quantizations differ
+    p.check_clean()
+    p.screenshot("compare")
+    r = CliRunner().invoke(main, ["compare", "a.gguf", "b.gguf", "-p", "x", "--html"])
+    assert r.exit_code == 2 and "--html needs --out" in r.output
