@@ -1187,8 +1187,8 @@ def _source_tokens(m: LoadedModel, source: str) -> list[int]:
               help="Block whose output is steered (0-based). Default: 2/3 of the depth.")
 @click.option("--operator", type=click.Choice(["jacobian", "concept-direction",
                                                "cumulative-direction", "layer-direction"]),
-              default="jacobian", show_default=True,
-              help="How the source's maps steer (docs/steering.md).")
+              default=None, help="How the source's maps steer (docs/steering.md). "
+                                 "[default: jacobian]")
 @click.option("--control-vector", "control_vector", type=click.Path(path_type=Path),
               default=None, help="Steer with this control vector file instead (its blocks).")
 @click.option("--scale", type=float, default=None,
@@ -1209,7 +1209,8 @@ def _source_tokens(m: LoadedModel, source: str) -> list[int]:
 @_threads_option
 @_errors_to_exit
 def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
-          layer: int | None, operator: str, control_vector: Path | None, scale: float | None,
+          layer: int | None, operator: str | None, control_vector: Path | None,
+          scale: float | None,
           scales: str, n_new: int, concept_texts: tuple[str, ...], seed: int, dtype: str,
           json_path: Path | None, threads: int | None) -> None:
     """Greedy continuations of a prompt, unsteered and steered by the source prompt's maps.
@@ -1225,6 +1226,10 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
 
     if (prompt is None) == (eval_path is None):
         raise GgufjacError("give --prompt, or --eval PROMPTS (not both)")
+    if control_vector is not None and (operator is not None or layer is not None):
+        raise GgufjacError("--control-vector steers the file's own blocks with its own "
+                           "vectors: drop --operator and --layer")
+    operator = operator or "jacobian"
     scale = check_scale(scale if scale is not None else 1.0 if control_vector else
                         DEFAULT_SCALES[operator])
     eval_scales = _finite_scales(scales) if eval_path is not None else []

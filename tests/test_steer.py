@@ -253,6 +253,8 @@ def test_bad_input_gets_one_clear_error(tmp_path, synthetic, gemma_path) -> None
           "jacobian", "--out", str(tmp_path / "x.gguf")], "no control vector can express it"),
         (["steer", str(small), "--source", "the dog", "-p", "the", "--scale", "inf"],
          "must be a finite number"),
+        (["steer", str(small), "--source", "the dog", "-p", "the", "--control-vector",
+          str(too_deep), "--layer", "1"], "drop --operator and --layer"),
         (["steer", str(small), "--source", "the dog", "--eval", str(tmp_path / "none.txt"),
           "--scales", "0.5,nan"], "must be a finite number"),
         (["steer", str(small), "--source", "the dog", "-p", "the", "--layer", "2"],
