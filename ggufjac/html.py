@@ -304,6 +304,12 @@ def _right_norms(entry: dict | None) -> list[float] | None:
     return entry["vectors"][0].get("right_position_norms")
 
 
+def _last_cumulative(report: dict) -> dict | None:
+    """The deepest layer's cumulative map (= the full J) that has decoded vectors."""
+    return max((e for e in report["maps"] if e["kind"] == "cumulative" and e["vectors"]),
+               key=lambda e: e["layer"], default=None)
+
+
 def _layers_view(report: dict) -> dict:
     maps = report["maps"]
     tokens = report["tokens"]
@@ -376,17 +382,14 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
                                            "singular values of J")
     elif kind == "layers":
         ctx["layers_view"] = _layers_view(report)
-        last = max((e for e in report["maps"] if e["kind"] == "cumulative"),
-                   key=lambda e: e["layer"], default=None)
         if position_weights is None:
-            position_weights = _right_norms(last)
+            position_weights = _right_norms(_last_cumulative(report))
     if position_weights is not None and len(position_weights) != len(tokens):
         position_weights = None
     ctx["position_weights"] = position_weights is not None
     ctx["tokens"] = token_row(tokens, position_weights, False, "weight")
     if kind == "layers" and position_weights is None:
-        last = max((e for e in report["maps"] if e["kind"] == "cumulative" and e["vectors"]),
-                   key=lambda e: e["layer"], default=None)
+        last = _last_cumulative(report)
         if last is not None and 0 <= last["vectors"][0]["right_position"] < len(tokens):
             ctx["tokens"][last["vectors"][0]["right_position"]]["marked"] = True
     ctx["legend"] = _legend(False, "share of the top right singular vector at each position")
