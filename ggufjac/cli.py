@@ -1346,8 +1346,7 @@ def cvector(model: str, source: str, layer_range: str, out_path: Path, operator:
     m = open_model(model, dtype=dtype)
     layers = parse_layer_range(layer_range, m.cfg.n_layer)
     src = _source_tokens(m, source)
-    concepts = [m.token_for_text(t) for t in concept_texts] or \
-        steering.top_next_tokens(m, src, 1)
+    concepts = [m.token_for_text(t) for t in concept_texts]  # default: the source's next token
     maps = steering.source_maps(m, src, layers, operator, concepts)
     cv = steering.control_vector(maps, scale, m.cfg.arch)
     cv.write(out_path)

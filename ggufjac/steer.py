@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .analysis import spectrum
+from .analysis import spectrum, top_tokens_by_unembedding
 from .cvector import ControlVector
 from .errors import GgufjacError
 from .layers import LayerMap, layer_maps, lens_maps
@@ -87,19 +87,20 @@ class SourceMap:
 
 
 def source_maps(m: LoadedModel, tokens: list[int], layers: Sequence[int], operator: str,
-                concepts: Sequence[int] = (), lin: Linearization | None = None
+                concepts: Sequence[int] | None = None, lin: Linearization | None = None
                 ) -> dict[int, SourceMap]:
-    """The source's maps at `layers` on the streaming engine; "concept-direction" needs the
-    concept tokens."""
+    """The source's maps at `layers` on the streaming engine; "concept-direction" reads the
+    concept tokens (default: the source's own next token, from the same forward pass)."""
     if operator not in OPERATORS:
         raise GgufjacError(f"operator {operator!r} is not one of {', '.join(OPERATORS)}")
     engine = m.engine(lin or Linearization())
     inputs = engine.embed(tokens)
     layers = sorted(set(layers))
     if operator == "concept-direction":
-        if not concepts:
-            raise GgufjacError("concept-direction needs concept tokens")
         record = engine.forward(inputs)
+        if not concepts:
+            concepts = [t for t, _ in top_tokens_by_unembedding(
+                m.weights, record.output[-1][:, None], 1)[0]]
         rows = m.logit_rows(list(concepts), None)
         cot = engine.output_cotangents(record.residuals[-1], rows)
         out = {}
@@ -257,8 +258,6 @@ def generate(model: Transformer, prompt: list[int], n_new: int,
 def top_next_tokens(m: LoadedModel, tokens: list[int], k: int) -> list[int]:
     """The k most likely next tokens after `tokens`, on the streaming engine (no whole
     model in memory: `cvector` runs on files larger than RAM)."""
-    from .analysis import top_tokens_by_unembedding
-
     engine = m.engine()
     y = engine.forward(engine.embed(tokens)).output[-1]
     return [t for t, _ in top_tokens_by_unembedding(m.weights, y[:, None], k)[0]]
