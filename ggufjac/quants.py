@@ -17,6 +17,7 @@ tensor name across layers).
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from .native_quants import native
 
 QK_K = 256
 _IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -289,7 +292,28 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
     With `out` (float32, as many elements, contiguous) the values are written into it and
     it is returned: reusing one buffer per tensor shape avoids the page faults of a fresh
     allocation, which cost more than the arithmetic (tools/bench_dequant.py measures both).
+    On CPU, llama.cpp's own dequantizer writes the values where it gives the same ones
+    (native_quants.py); otherwise the torch path below.
     """
+    engine = native()
+    if engine is not None and raw.device.type == "cpu" and engine.supports(qtype):
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n = math.prod(shape)
+        if out is None:
+            out = torch.empty(n, dtype=torch.float32)
+        # C writes where it is told: only sizes and layouts that match exactly go there
+        if raw.is_contiguous() and raw.dtype == torch.uint8 and out.is_contiguous() \
+                and out.dtype == torch.float32 and out.device.type == "cpu" \
+                and out.numel() == n and n % block == 0 \
+                and raw.numel() == n // block * type_size:
+            engine.dequantize(raw, qtype, out, torch.get_num_threads())
+            return out.view(shape)
+    return dequantize_torch(raw, qtype, shape, out)
+
+
+def dequantize_torch(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """`dequantize` by the torch functions above (or gguf-py for the types they lack)."""
     block, type_size = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(-1, type_size)
     fn = DEQUANTIZERS.get(qtype)

@@ -1,4 +1,5 @@
-"""Torch dequantizers vs gguf-py's reference (`gguf.quants.dequantize`), element for element."""
+"""Both dequantization paths (torch's, and llama.cpp's own through native_quants) vs gguf-py's
+reference (`gguf.quants.dequantize`), element for element."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from ggufjac import quants
+from ggufjac import native_quants, quants
 from ggufjac.quants import DEQUANTIZERS, dequantize, raw_to_torch
 
 # Byte offsets of the float16 scale fields in each block layout (see ggml-common.h).
@@ -36,6 +37,17 @@ def _random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> np.ndar
     return raw.reshape(-1)
 
 
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch) -> str:
+    """`dequantize` by llama.cpp's dequantizer (which must load: llama-cpp-python is a
+    dependency) or by the torch functions alone."""
+    if request.param == "torch":
+        monkeypatch.setattr(quants, "native", lambda: None)
+    else:
+        assert native_quants.native() is not None, "libggml-base from llama_cpp did not load"
+    return request.param
+
+
 def _assert_bitwise_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
     ours_np = ours.numpy().astype(np.float32)
     ref = np.asarray(ref, dtype=np.float32)
@@ -46,12 +58,14 @@ def _assert_bitwise_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
-def test_random_blocks_match_gguf_py(qtype: Q, monkeypatch) -> None:
+def test_random_blocks_match_gguf_py(qtype: Q, path: str, monkeypatch) -> None:
     rng = np.random.default_rng(1234 + qtype.value)
     block, _ = GGML_QUANT_SIZES[qtype]
     n_blocks = 300
     raw = _random_blocks(qtype, n_blocks, rng)
     ref = gguf_quants.dequantize(raw, qtype).reshape(-1)
+    if path == "native" and qtype in native_quants.NATIVE_TYPES:
+        assert native_quants.native().supports(qtype)
     ours = dequantize(raw_to_torch(raw), qtype, (n_blocks * block,))
     _assert_bitwise_equal(ours, ref)
     # into a reused buffer (holding stale values): the same bits, in that buffer
@@ -67,7 +81,7 @@ def test_random_blocks_match_gguf_py(qtype: Q, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
-def test_single_block_is_read_not_written(qtype: Q) -> None:
+def test_single_block_is_read_not_written(qtype: Q, path: str) -> None:
     """One block (its fields are then contiguous views of the input, not copies) from
     read-only memory, as a memory-mapped file gives it: right values, input untouched."""
     raw = _random_blocks(qtype, 1, np.random.default_rng(7 + qtype.value))
@@ -78,7 +92,7 @@ def test_single_block_is_read_not_written(qtype: Q) -> None:
     assert frozen.tobytes() == raw.tobytes()
 
 
-def test_real_tensors_match_gguf_py(gemma32) -> None:
+def test_real_tensors_match_gguf_py(gemma32, path: str) -> None:
     """Every tensor type of the real file, on real tensors (the embedding: its first rows)."""
     g = gemma32.gguf
     seen: dict[Q, int] = {}
@@ -98,6 +112,32 @@ def test_real_tensors_match_gguf_py(gemma32) -> None:
     raw = g.tensor_data(emb.name)[: rows * emb.shape[0] // block * type_size]
     ref = gguf_quants.dequantize(raw, emb.type).reshape(rows, emb.shape[0])
     _assert_bitwise_equal(dequantize(raw_to_torch(raw), emb.type, (rows, emb.shape[0])), ref)
+
+
+@pytest.mark.parametrize("qtype", native_quants.NATIVE_TYPES, ids=lambda q: q.name)
+def test_native_threads_split_blocks_exactly(qtype: Q) -> None:
+    """llama.cpp's dequantizer on 3 threads over a block count that 3 does not divide (and
+    above the size where threads start): the same bits as one call, every value written."""
+    engine = native_quants.native()
+    block, _ = GGML_QUANT_SIZES[qtype]
+    n_blocks = native_quants.PARALLEL_MIN_VALUES // block + 301
+    raw = raw_to_torch(_random_blocks(qtype, n_blocks, np.random.default_rng(qtype.value)))
+    one = torch.full((n_blocks * block,), float("nan"))
+    three = torch.full((n_blocks * block,), float("nan"))
+    engine.dequantize(raw, qtype, one, 1)
+    engine.dequantize(raw, qtype, three, 3)
+    assert not one.isnan().any()
+    assert torch.equal(one.view(torch.int32), three.view(torch.int32))
+
+
+def test_native_refuses_what_does_not_match() -> None:
+    """Sizes that do not match the bytes never reach C: the torch path takes them and
+    raises its own error, rather than writing out of bounds."""
+    raw = raw_to_torch(_random_blocks(Q.Q4_K, 2, np.random.default_rng(3)))
+    with pytest.raises(RuntimeError):
+        dequantize(raw, Q.Q4_K, (3 * 256,))
+    with pytest.raises(RuntimeError):
+        dequantize(raw, Q.Q4_K, (2 * 256,), out=torch.empty(3 * 256))
 
 
 def test_embedding_rows_match_full_table_rows(gemma32) -> None:
