@@ -14,8 +14,9 @@ T converge to σ_k². Eigenvalues of A carry rounding of order eps·σ_1², so �
 vectors are not taken from them: every block's reverse-sweep rows Qᵢᵀ J are kept (in a
 temporary file), B = U_sᵀ J for the top Ritz vectors U_s = Q S is combined from them
 (Sᵀ Qᵀ J) without another sweep, and the SVD of B (σ and vectors, accurate to eps·σ_1 rather
-than eps·σ_1²) is the answer; a last forward sweep applies J to the right vectors for the
-residuals ‖J v_k − σ_k u_k‖ / σ_k (‖Jᵀ u_k − σ_k v_k‖ is zero by construction).
+than eps·σ_1²) is the answer. Its residuals ‖J v_k − σ_k u_k‖ / σ_k need no sweep either:
+with B = W Σ Vᵀ, v_k = Bᵀ w_k / σ_k = Jᵀ U_s w_k / σ_k, so J v_k = A U_s w_k / σ_k =
+(A Q) S w_k / σ_k, from the stored images (‖Jᵀ u_k − σ_k v_k‖ is zero by construction).
 
 ‖J‖²_F = tr(A) is tr(T) on the Krylov space plus, on its complement, a Hutchinson estimate
 from Gaussian probes projected off the basis (one reverse sweep of them): the deflated
@@ -224,15 +225,15 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
         swept += n_probe
     spec = spectrum(b_rows, None)
     del b_rows
-    sv = spec.singular_values[:k]
-    left = u_s @ spec.left[:, :k]
+    sv, w = spec.singular_values[:k], spec.left[:, :k]
+    left = u_s @ w
     right = spec.right[:k].reshape(k, n, d)
     sign = torch.sign(y @ left)
     sign[sign == 0] = 1
     left, right = left * sign, right * sign[:, None, None]
 
-    applied = j(right)  # J v_k, [d, k]
-    swept += k
+    # J v_k = (A Q) S w_k / σ_k (module docstring), [d, k]
+    applied = images @ (ritz @ w) * (sign / sv.clamp_min(torch.finfo(dtype).tiny))
     residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) / sv.clamp_min(
         torch.finfo(dtype).tiny)
 
