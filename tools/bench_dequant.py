@@ -1,9 +1,10 @@
-"""Dequantization speed: ggufjac's torch dequantizers vs gguf-py's numpy path, same tensors.
+"""Dequantization speed: ggufjac's torch dequantizers and llama.cpp's own (native_quants.py,
+what `dequantize` uses on CPU) vs gguf-py's numpy path, same tensors.
 
     python tools/bench_dequant.py [--model gemma3-270m] [--device cpu|cuda] [--repeat 3]
 
 For each tensor type in the file (and synthetic random blocks of the types it lacks), prints
-GB/s of float32 output for both and the ratio, measured in this one run.
+GB/s of float32 output for each and the ratios, measured in this one run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac.gguf_file import GGUFFile  # noqa: E402
-from ggufjac.quants import DEQUANTIZERS, dequantize, raw_to_torch  # noqa: E402
+from ggufjac.native_quants import native  # noqa: E402
+from ggufjac.quants import DEQUANTIZERS, dequantize_torch, raw_to_torch  # noqa: E402
 from ggufjac.resolve import resolve_model  # noqa: E402
 
 TARGET_BYTES = 64 << 20  # ~64 MiB of float32 output per type
@@ -70,8 +72,10 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    engine = native() if device.type == "cpu" else None
     print(f"{'type':<8}{'MB out':>8}{'gguf-py GB/s':>14}{'torch GB/s':>12}{'ratio':>8}"
-          f"{'torch, reused buffer GB/s':>27}{'ratio':>8}  source")
+          f"{'torch, reused buffer GB/s':>27}{'ratio':>8}{'llama.cpp, reused GB/s':>24}"
+          f"{'vs torch':>10}  source")
     path = resolve_model(args.model)
     real = {info.type for info in GGUFFile(path).tensors.values()}
     for qtype, raw in sorted(samples(path).items(), key=lambda kv: kv[0].value):
@@ -83,14 +87,14 @@ def main() -> None:
         dev_raw = raw_to_torch(raw, device)
 
         def ours() -> None:
-            dequantize(dev_raw, qtype, (n_out,))
+            dequantize_torch(dev_raw, qtype, (n_out,))
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
         buffer = torch.empty(n_out, dtype=torch.float32, device=device)
 
         def ours_reused() -> None:  # what the streaming engine does, layer after layer
-            dequantize(dev_raw, qtype, (n_out,), out=buffer)
+            dequantize_torch(dev_raw, qtype, (n_out,), out=buffer)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
@@ -98,9 +102,16 @@ def main() -> None:
         t_ours = _best_of(ours, args.repeat)
         ours_reused()
         t_reused = _best_of(ours_reused, args.repeat)
+        native_cols = f"{'-':>24}{'-':>10}"
+        if engine is not None and engine.supports(qtype):
+            threads = torch.get_num_threads()
+            t_native = _best_of(lambda: engine.dequantize(dev_raw, qtype, buffer, threads),
+                                args.repeat)
+            native_cols = f"{gb / t_native:>24.2f}{t_reused / t_native:>10.1f}"
         src = "file" if qtype in real else "random"
         print(f"{qtype.name:<8}{n_out * 4 / 1e6:>8.0f}{gb / t_ref:>14.2f}{gb / t_ours:>12.2f}"
-              f"{t_ref / t_ours:>8.1f}{gb / t_reused:>27.2f}{t_ref / t_reused:>8.1f}  {src}")
+              f"{t_ref / t_ours:>8.1f}{gb / t_reused:>27.2f}{t_ref / t_reused:>8.1f}"
+              f"{native_cols}  {src}")
 
 
 if __name__ == "__main__":
