@@ -107,7 +107,7 @@ class NativeDequantizer:
                                                dtype=np.uint8))
         ours = dequantize_torch(blocks, qtype, (n_blocks * block,))
         theirs = torch.empty(n_blocks * block, dtype=torch.float32)
-        self._run(qtype, blocks, theirs, 1)
+        self.dequantize(blocks, qtype, theirs, 1)
         same = (ours.view(torch.int32) == theirs.view(torch.int32)) | (ours.isnan() & theirs.isnan())
         return bool(same.all())
 
@@ -115,9 +115,6 @@ class NativeDequantizer:
                    threads: int) -> None:
         """Contiguous CPU bytes `blocks` [n_blocks, type_size] -> float32 into contiguous
         `out` (as many values), on `threads` threads."""
-        self._run(qtype, blocks, out, threads)
-
-    def _run(self, qtype: Q, blocks: torch.Tensor, out: torch.Tensor, threads: int) -> None:
         fn = self._functions[qtype]
         block, type_size = GGML_QUANT_SIZES[qtype]
         n_blocks = blocks.numel() // type_size
@@ -127,6 +124,8 @@ class NativeDequantizer:
             return
         with self._lock:  # the calling thread takes one part: threads - 1 helpers
             if self._pool is None or self._pool_size < threads - 1:
+                if self._pool is not None:  # its queued parts still run; then its threads end
+                    self._pool.shutdown(wait=False)
                 self._pool_size = threads - 1
                 self._pool = ThreadPoolExecutor(self._pool_size,
                                                 thread_name_prefix="ggufjac-dequantize")

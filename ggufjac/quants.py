@@ -296,19 +296,24 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
     (native_quants.py); otherwise the torch path below.
     """
     engine = native()
-    if engine is not None and raw.device.type == "cpu" and engine.supports(qtype):
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        n = math.prod(shape)
+    if engine is not None and _fits_native(raw, qtype, shape, out) and engine.supports(qtype):
         if out is None:
-            out = torch.empty(n, dtype=torch.float32)
-        # C writes where it is told: only sizes and layouts that match exactly go there
-        if raw.is_contiguous() and raw.dtype == torch.uint8 and out.is_contiguous() \
-                and out.dtype == torch.float32 and out.device.type == "cpu" \
-                and out.numel() == n and n % block == 0 \
-                and raw.numel() == n // block * type_size:
-            engine.dequantize(raw, qtype, out, torch.get_num_threads())
-            return out.view(shape)
+            out = torch.empty(math.prod(shape), dtype=torch.float32)
+        engine.dequantize(raw, qtype, out, torch.get_num_threads())
+        return out.view(shape)
     return dequantize_torch(raw, qtype, shape, out)
+
+
+def _fits_native(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
+                 out: torch.Tensor | None) -> bool:
+    """Whether C may write `shape`'s values from `raw` into `out`: it writes where it is
+    told, so only CPU tensors whose sizes and layouts match exactly go there."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n = math.prod(shape)
+    return raw.device.type == "cpu" and raw.dtype == torch.uint8 and raw.is_contiguous() \
+        and n % block == 0 and raw.numel() == n // block * type_size \
+        and (out is None or (out.device.type == "cpu" and out.dtype == torch.float32
+                             and out.is_contiguous() and out.numel() == n))
 
 
 def dequantize_torch(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],

@@ -233,9 +233,9 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     left, right = left * sign, right * sign[:, None, None]
 
     # J v_k = (A Q) S w_k / σ_k (module docstring), [d, k]
-    applied = images @ (ritz @ w) * (sign / sv.clamp_min(torch.finfo(dtype).tiny))
-    residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) / sv.clamp_min(
-        torch.finfo(dtype).tiny)
+    sv_safe = sv.clamp_min(torch.finfo(dtype).tiny)
+    applied = images @ (ritz @ w) * (sign / sv_safe)
+    residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) / sv_safe
 
     exact = float(torch.trace(t))
     if probe_rows is not None:
