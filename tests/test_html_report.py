@@ -342,6 +342,12 @@ def store(synthetic, tmp_path_factory) -> tuple[Path, Path]:
     return db, db.with_suffix(".html")
 
 
+def shown(p: Page, prompt_id: str) -> None:
+    """Wait (at most 5 s, else fail) until the view of `prompt_id` is the page's visible one."""
+    p.page.locator(f".prompt-view[data-id='{prompt_id}']").wait_for(state="visible",
+                                                                     timeout=5000)
+
+
 def test_batch_page_sorts_filters_and_links_each_prompt(browser, store):
     import sqlite3
 
@@ -380,6 +386,8 @@ def test_batch_page_sorts_filters_and_links_each_prompt(browser, store):
                                     "prompts WHERE status = 'done' LIMIT 1").fetchone()
     assert p.page.locator(".prompt-view:visible").count() == 0
     p.page.locator(f"#prompts td[data-key='id'] a:text-is('{pid}')").click()
+    # the view follows the URL's fragment: a hashchange event, dispatched after the click
+    shown(p, pid)
     view = p.page.locator(".prompt-view:visible")
     assert view.count() == 1 and view.get_attribute("data-id") == pid
     values = [float(v) for v in view.locator(".tok").evaluate_all(
@@ -395,6 +403,7 @@ def test_batch_page_sorts_filters_and_links_each_prompt(browser, store):
         "els => els.map(e => e.dataset.text)")] == top
     failed = con.execute("SELECT id, error FROM prompts WHERE status = 'failed'").fetchone()
     p.page.locator(f"#prompts td[data-key='id'] a:text-is('{failed[0]}')").click()
+    shown(p, failed[0])
     assert failed[1] in p.page.locator(".prompt-view:visible").inner_text()
     p.check_clean()
     p.screenshot("batch")
