@@ -2,15 +2,19 @@
 
     python -m tools.bench_svd gemma --tokens 1024 --top-k 16          # vs full J + dense SVD
     python -m tools.bench_svd per-token --tokens 427 --top-k 1        # every J_i's top triplet
-    python -m tools.bench_svd big --dir /data --tokens 512 --top-k 8  # 8B shapes, 6 layers
+    python -m tools.bench_svd big --dir /data --tokens 512 --top-k 8 --layers 6  # 8B shapes
+    python -m tools.bench_svd big --dir /data --preset llama-3.3-70b --tokens 16 --top-k 8
 
 `gemma`: Gemma 3 270M (the real file), a prompt of the first N tokens of this repository's
 docs; `ggufjac`'s svd (block Lanczos, never forming J) and, in the same run on the same
 tokens, the full Jacobian by the streaming engine followed by its dense SVD: wall time, peak
 RSS (VmHWM of each process) and how closely the two agree (σ, subspace angles). `per-token`:
-the top-K triplets of every block J_i (svd --per-token). `big`: a synthetic GGUF with
-Llama 3.1 8B's shapes (tools/big_model.py) and few layers; its J would not fit in RAM, so
-there is no baseline, only our time and peak. Results print as JSON lines.
+the top-K triplets of every block J_i (svd --per-token). `big`: a synthetic GGUF with a
+preset's shapes (tools/big_model.py; Llama 3.1 8B unless --preset), all its layers or
+--layers of them, evicted from the page cache first; its J would not fit in RAM, so there is
+no baseline, only our time, peak and each iteration's σ change and largest Ritz residual.
+`--max-iterations` bounds the iteration (not converging is then reported, not an error).
+Results print as JSON lines.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def prompt_tokens(model: str, n: int) -> list[int]:
     return tokens[:n]
 
 
-def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str) -> None:
+def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str,
+           max_iterations: int) -> None:
     """One measured case, in this (fresh) process; prints a JSON line."""
     import torch
 
@@ -49,11 +54,17 @@ def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str
     m = open_model(model, dtype=dtype)
     t0 = time.perf_counter()
     if case == "svd":
-        r = m.svd(tokens, k)
+        trace: list[list[float]] = []  # per iteration: seconds so far, σ change, residual
+
+        def progress(_: int, change: float, residual: float) -> None:
+            trace.append([round(time.perf_counter() - t0, 1), change, residual])
+        r = m.svd(tokens, k, max_iterations=max_iterations, on_iteration=progress)
         seconds = time.perf_counter() - t0
         result = {"converged": r.converged, "iterations": r.iterations,
                   "vectors_swept": r.vectors_swept, "max_residual": float(r.residuals.max()),
-                  "stable_rank": r.stable_rank}
+                  "singular_values": r.singular_values.tolist(),
+                  "residuals": r.residuals.tolist(), "stable_rank": r.stable_rank,
+                  "per_iteration": trace}
         torch.save({"s": r.singular_values, "u": r.left, "v": r.right.reshape(k, -1)}, out)
     elif case == "dense":
         jac = m.jacobian(tokens)
@@ -74,14 +85,16 @@ def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str
     print(json.dumps({"case": case, "seconds": round(seconds, 2), **result}))
 
 
-def measure(case: str, model: str, tokens: list[int], k: int, dtype: str, out: str) -> dict:
+def measure(case: str, model: str, tokens: list[int], k: int, dtype: str, out: str,
+            max_iterations: int = 100) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as tf, \
             tempfile.NamedTemporaryFile(suffix=".txt") as peak:
         tf.write(json.dumps(tokens))
         tf.flush()
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "tools.peak_rss", peak.name, "tools.bench_svd",
-                            "--worker", case, model, tf.name, str(k), dtype, out],
+                            "--worker", case, model, tf.name, str(k), dtype, out,
+                            str(max_iterations)],
                            capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t0
         if r.returncode:
@@ -110,7 +123,7 @@ def compare(ours: str, dense: str) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:8])
+        worker(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:8], int(sys.argv[8]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("case", choices=["gemma", "per-token", "big"])
@@ -119,18 +132,24 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                     help="where `big` writes its synthetic file")
-    ap.add_argument("--layers", type=int, default=6, help="layers of the `big` file")
+    ap.add_argument("--preset", default="llama-3.1-8b", help="big: tools/big_model.py's preset")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="big: this many of the preset's layers (default: all)")
+    ap.add_argument("--max-iterations", type=int, default=100)
     ap.add_argument("--no-baseline", action="store_true", help="gemma: skip the full J")
     args = ap.parse_args()
 
     if args.case == "big":
+        from tools.bench_big import evict
         from tools.big_model import PRESETS, write_big_gguf
 
-        preset = PRESETS["llama-3.1-8b"]
-        preset = replace(preset, shape=replace(preset.shape, n_layer=args.layers))
-        path = args.dir / f"llama-3.1-8b-shapes-{args.layers}-layers.gguf"
+        preset = PRESETS[args.preset]
+        layers = args.layers or preset.shape.n_layer
+        preset = replace(preset, shape=replace(preset.shape, n_layer=layers))
+        path = args.dir / f"{args.preset}-shapes-{layers}-layers.gguf"
         if not path.exists():
             write_big_gguf(path, preset)
+        evict(path)
         model = str(path)
     else:
         from ggufjac.resolve import resolve_model
@@ -140,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, dense = f"{tmp}/ours.pt", f"{tmp}/dense.pt"
         case = "per-token" if args.case == "per-token" else "svd"
-        r = measure(case, model, tokens, args.top_k, args.dtype, ours)
+        r = measure(case, model, tokens, args.top_k, args.dtype, ours, args.max_iterations)
         print(json.dumps({"model": Path(model).name, "tokens": len(tokens),
                           "top_k": args.top_k, "dtype": args.dtype, **r}), flush=True)
         if args.case == "gemma" and not args.no_baseline:
