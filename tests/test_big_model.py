@@ -46,3 +46,21 @@ def test_type_mix_is_llama_cpps_q4_k_m(tmp_path, arch: str) -> None:
                   if ours.tensors[n].type != ref.tensors[n].type}
         assert not differ, differ
         assert np.any([ours.tensors[n].type.name == "Q6_K" for n in names if ".attn_v." in n])
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch) -> None:
+    """The benchmarks reuse an existing file: a half-written one must not exist to be reused."""
+    import tools.big_model as big_model
+
+    write = big_model.GGUFWriter.write_tensor_data
+    calls = []
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the third tensor is written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return write(self, *args, **kwargs)
+    monkeypatch.setattr(big_model.GGUFWriter, "write_tensor_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_big_gguf(tmp_path / "big.gguf", MODELS["llama"])
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []

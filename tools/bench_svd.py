@@ -58,6 +58,7 @@ def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str
 
         def progress(_: int, change: float, residual: float) -> None:
             trace.append([round(time.perf_counter() - t0, 1), change, residual])
+            print(json.dumps({"iteration": trace[-1]}), file=sys.stderr, flush=True)  # live
         r = m.svd(tokens, k, max_iterations=max_iterations, on_iteration=progress)
         seconds = time.perf_counter() - t0
         result = {"converged": r.converged, "iterations": r.iterations,
@@ -95,10 +96,10 @@ def measure(case: str, model: str, tokens: list[int], k: int, dtype: str, out: s
         r = subprocess.run([sys.executable, "-m", "tools.peak_rss", peak.name, "tools.bench_svd",
                             "--worker", case, model, tf.name, str(k), dtype, out,
                             str(max_iterations)],
-                           capture_output=True, text=True, cwd=ROOT)
+                           stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: shown
         wall = time.perf_counter() - t0
         if r.returncode:
-            raise SystemExit(f"{case} failed:\n{r.stderr[-2000:]}")
+            raise SystemExit(f"{case} failed (its messages are above)")
         result = json.loads(r.stdout.strip().splitlines()[-1])
         result.update(wall_s=round(wall, 2), peak_gib=round(int(Path(peak.name).read_text())
                                                             / 2**30, 3))

@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -127,7 +128,21 @@ def write_big_gguf(path: str | os.PathLike[str], model: BigModel, seed: int = 0,
                 qtype = q4_k_m_type(name, i, shape.n_layer)
                 tensors.append((f"blk.{i}.{name}.weight", (*s, qtype), qtype))
 
-    w = GGUFWriter(str(path), model.arch)
+    # written under another name and renamed when complete: an interrupted run leaves no
+    # file that a later run (which reuses an existing file) would take for a whole one
+    partial = path.with_name(path.name + ".partial")
+    try:
+        _write(GGUFWriter(str(partial), model.arch), model, tensors, matrix, progress)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    return path
+
+
+def _write(w: GGUFWriter, model: BigModel, tensors: list[tuple[str, object, Q | None]],
+           matrix: Callable[[int, int, Q], np.ndarray], progress: bool) -> None:
+    shape, vocab = model.shape, model.vocab_size
     add_model_metadata(w, model.arch, shape, vocab_size=vocab)
     w.add_uint32("general.file_type", 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     for name, data, qtype in tensors:
@@ -151,7 +166,6 @@ def write_big_gguf(path: str | os.PathLike[str], model: BigModel, seed: int = 0,
     w.close()
     if progress:
         print()
-    return path
 
 
 def main() -> None:
