@@ -235,7 +235,8 @@ def test_progress_bar_per_sweep_counts_bytes_read_and_time_left(synthetic, tmp_p
 def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, prefetch) -> None:
     """With prefetching, layer k+1 is read and dequantized (into the other buffer set) while
     the caller still computes with layer k, whose weights stay intact, and layer k+2 only once
-    the caller is done with k; without it, layer k+1 is read only after. (On CUDA the read runs on a side stream as well: no GPU here.)"""
+    the caller is done with k; without it, layer k+1 is read only after. (On CUDA the read
+    runs on a side stream as well: no GPU here.)"""
     import time
 
     shape = Shape(n_layer=5, d_model=128, d_ff=256, n_head=2, n_kv_head=1)

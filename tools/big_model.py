@@ -34,6 +34,7 @@ from gguf.constants import GGMLQuantizationType as Q
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac.families import FAMILIES  # noqa: E402
 from ggufjac.layout import stored_shapes_of  # noqa: E402
+from ggufjac.outputs import atomic_write  # noqa: E402
 from tools.synthetic import Shape, add_model_metadata, dims, random_q4_k  # noqa: E402
 
 
@@ -128,16 +129,10 @@ def write_big_gguf(path: str | os.PathLike[str], model: BigModel, seed: int = 0,
                 qtype = q4_k_m_type(name, i, shape.n_layer)
                 tensors.append((f"blk.{i}.{name}.weight", (*s, qtype), qtype))
 
-    # written under another name and renamed when complete: an interrupted run leaves no
-    # file that a later run (which reuses an existing file) would take for a whole one
-    partial = path.with_name(path.name + ".partial")
-    try:
-        _write(GGUFWriter(str(partial), model.arch), model, tensors, matrix, progress)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
-    return path
+    # renamed into place when complete: an interrupted run leaves no file that a later run
+    # (the benchmarks reuse an existing one) would take for a whole one
+    return atomic_write(path, lambda tmp: _write(GGUFWriter(str(tmp), model.arch), model,
+                                                 tensors, matrix, progress))
 
 
 def _write(w: GGUFWriter, model: BigModel, tensors: list[tuple[str, object, Q | None]],
