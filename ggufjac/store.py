@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .batch import BatchSettings, PromptResult, Provenance
 from .errors import GgufjacError
+from .outputs import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -112,6 +113,21 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
 
 
+def _create_schema(db: sqlite3.Connection) -> None:
+    with db:
+        db.executescript("BEGIN;" + SCHEMA + f"INSERT INTO meta VALUES ('schema_version', "
+                         f"'{SCHEMA_VERSION}'); COMMIT;")
+
+
+def _new_store(path: Path) -> None:
+    path.unlink(missing_ok=True)  # left by a creation that was killed
+    db = sqlite3.connect(path)
+    try:
+        _create_schema(db)
+    finally:
+        db.close()
+
+
 class ResultStore:
     """An open results file. `ResultStore(path)` opens or creates it (creation is one
     transaction: the file is a complete store or none)."""
@@ -124,6 +140,8 @@ class ResultStore:
         if not self.path.parent.is_dir():
             raise GgufjacError(f"{self.path}: its directory {self.path.parent} does not exist")
         self.created = not self.path.exists()  # `discard` removes a file this made
+        if self.created:  # made whole under another name, then renamed: a kill leaves none
+            atomic_write(self.path, _new_store)
         try:
             self.db = sqlite3.connect(self.path, timeout=30)
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -131,11 +149,8 @@ class ResultStore:
                 "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
         except sqlite3.DatabaseError as e:
             raise GgufjacError(f"{self.path}: not a results store ({e})") from None
-        if not names:
-            with self.db:
-                self.db.executescript("BEGIN;" + SCHEMA +
-                                      f"INSERT INTO meta VALUES ('schema_version', "
-                                      f"'{SCHEMA_VERSION}'); COMMIT;")
+        if not names:  # an empty SQLite file
+            _create_schema(self.db)
         elif "meta" not in names or not set(TABLES) <= names:
             self.db.close()
             raise GgufjacError(f"{self.path}: an SQLite file, but not a ggufjac results store")

@@ -303,3 +303,26 @@ def test_ray_cluster_results_equal_a_local_run(synthetic, tmp_path, ray_cluster)
         assert _same(_rows(remote, query), _rows(local, query), rel=1e-6), query
     assert _rows(remote, "SELECT model_sha256 FROM runs") == _rows(local, "SELECT model_sha256 "
                                                                          "FROM runs")
+
+
+def test_a_store_killed_while_it_is_created_leaves_no_file(tmp_path) -> None:
+    """kill -9 in the middle of writing a new store's schema: no file at its path (a later
+    run would find an empty SQLite file there), and a later creation completes."""
+    db = tmp_path / "r.db"
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "import ggufjac.store as store\n"
+        "def killed(db):\n"
+        "    db.execute('CREATE TABLE half (x)')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "store._create_schema = killed\n"
+        "store.ResultStore(Path(sys.argv[1]))\n")
+    r = subprocess.run([sys.executable, "-c", script, str(db)], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert not db.exists()
+    from ggufjac.store import TABLES, ResultStore
+
+    ResultStore(db).close()
+    names = {n for (n,) in _rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert set(TABLES) <= names and "half" not in names
