@@ -283,6 +283,11 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         else:  # [1, heads, N, n_kv padded]: the first N cells hold this prompt's keys
             p = run.captured[f"kq_soft_max-{i}"].reshape(cfg.n_head, n, -1)[:, :, :n]
             p = _round_f16(p.astype(np.float32)).astype(np.float64)
+            # our attention products skip the masked weights (model.attention_band)
+            if np.any(p[:, ~attention_mask(cfg, i, n, torch.device("cpu")).numpy()]):
+                raise LlamaCppError(f"llama.cpp's layer {i} attends outside the causal and "
+                                    "sliding-window mask ggufjac applies, so it cannot be "
+                                    "anchored")
         c["attn_probs"] = p
         v_heads = v16.astype(np.float64).reshape(n, cfg.n_kv_head, cfg.head_dim_v)
         v_heads = np.repeat(v_heads, cfg.n_head // cfg.n_kv_head, axis=1)

@@ -11,6 +11,7 @@ every block again (nothing of the matrix is kept between the two).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -98,3 +99,100 @@ def column_slice(weight: Weight, start: int, stop: int) -> torch.Tensor:
     """Columns [start, stop) of a weight (a view of a whole tensor)."""
     return weight[:, start:stop] if isinstance(weight, torch.Tensor) else \
         weight.columns(start, stop)
+
+
+# Queries (or keys) per block of an attention product: small enough that a block's key range
+# follows the causal and sliding-window mask closely, large enough for efficient products.
+BAND_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Band:
+    """Which keys an attention's queries see: query i (position start + i) sees the keys
+    j ≤ start + i, and, with a sliding window, only those with start + i − j < window."""
+
+    n_queries: int
+    start: int = 0  # positions before the queries (a KV cache)
+    window: int | None = None
+    block: int = BAND_BLOCK  # queries, or keys, per product
+
+    @property
+    def n_keys(self) -> int:
+        return self.start + self.n_queries
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """[n_queries, n_keys] boolean: True where query i sees key j."""
+        i = torch.arange(self.start, self.n_keys, device=device)[:, None]
+        j = torch.arange(self.n_keys, device=device)[None, :]
+        allowed = j <= i
+        if self.window:
+            allowed &= (i - j) < self.window
+        return allowed
+
+    def query_blocks(self) -> Iterator[tuple[int, int, int, int]]:
+        """(q0, q1, k0, k1): queries [q0, q1) see no key outside [k0, k1)."""
+        for q0 in range(0, self.n_queries, self.block):
+            q1 = min(q0 + self.block, self.n_queries)
+            k0 = max(0, self.start + q0 - self.window + 1) if self.window else 0
+            yield q0, q1, k0, self.start + q1
+
+    def key_blocks(self) -> Iterator[tuple[int, int, int, int]]:
+        """(k0, k1, q0, q1): keys [k0, k1) are seen by no query outside [q0, q1) (empty
+        when no query sees them)."""
+        for k0 in range(0, self.n_keys, self.block):
+            k1 = min(k0 + self.block, self.n_keys)
+            q0 = max(0, k0 - self.start)
+            q1 = self.n_queries if not self.window else \
+                max(q0, min(self.n_queries, k1 - 1 + self.window - self.start))
+            yield k0, k1, q0, q1
+
+
+def _mix_block(p: torch.Tensor, v: torch.Tensor, q0: int, q1: int, k0: int, k1: int
+               ) -> torch.Tensor:
+    return torch.einsum("hqk,...khd->...qhd", p[:, q0:q1, k0:k1], v[..., k0:k1, :, :])
+
+
+class _BandedMix(torch.autograd.Function):
+    """The attention product for frozen weights p (no gradient): the forward a block of
+    queries at a time, the backward (v's cotangent) a block of keys at a time, each over
+    the band only; `values=False` skips the forward product (a replay for its VJPs)."""
+
+    @staticmethod
+    def forward(p: torch.Tensor, v: torch.Tensor, band: Band, values: bool) -> torch.Tensor:
+        shape = (*v.shape[:-3], band.n_queries, *v.shape[-2:])
+        if not values:
+            return v.new_zeros(shape)
+        out = v.new_empty(shape)
+        for q0, q1, k0, k1 in band.query_blocks():
+            out[..., q0:q1, :, :] = _mix_block(p, v, q0, q1, k0, k1)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        ctx.p, ctx.band = inputs[0], inputs[2]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[no-untyped-def]
+        # matmul, not einsum: under a batched backward (vmap) `g` carries a batch dimension,
+        # and matmul's batching neither fails nor copies p once per batch entry as bmm's does
+        p, parts = ctx.p, []
+        g_heads = g.transpose(-3, -2)  # [..., heads, queries, d]
+        for k0, k1, q0, q1 in ctx.band.key_blocks():
+            if q0 == q1:
+                parts.append(g.new_zeros((*g.shape[:-3], k1 - k0, *g.shape[-2:])))
+                continue
+            part = torch.matmul(p[:, q0:q1, k0:k1].transpose(-1, -2),
+                                g_heads.narrow(-2, q0, q1 - q0))
+            parts.append(part.transpose(-3, -2))
+        return None, torch.cat(parts, dim=-3), None, None
+
+
+def banded_mix(p: torch.Tensor, v: torch.Tensor, band: Band, values: bool = True
+               ) -> torch.Tensor:
+    """o[..., q, h, :] = Σ_k p[h, q, k] · v[..., k, h, :], attention weights p [heads, queries,
+    keys] applied to values v [..., keys, heads, d], over `band` only (p is zero outside
+    it, so the masked products are skipped). The same blocks in every mode, so values agree
+    bit for bit whether or not p carries a gradient (the plain model's does)."""
+    if p.requires_grad:
+        return torch.cat([_mix_block(p, v, *b) for b in band.query_blocks()], dim=-3)
+    return _BandedMix.apply(p, v, band, values)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocked import Weight, column_slice, linear, row_slice
+from .blocked import BAND_BLOCK, Band, Weight, banded_mix, column_slice, linear, row_slice
 from .families import ModelConfig
 from .layout import LAYER_TENSORS
 from .linearize import (Coefficients, Linearization, attention_probs, frozen_rounding, gated_product,
@@ -56,16 +56,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool
     return torch.cat((rot, rest), dim=-1)
 
 
+def attention_band(cfg: ModelConfig, layer: int, n_pos: int, start: int = 0) -> Band:
+    """Which keys layer `layer`'s queries see (causal, and within the sliding window);
+    `start` positions come before the queries (a KV cache)."""
+    window = cfg.sliding_window if cfg.swa_layers[layer] and cfg.sliding_window else None
+    return Band(n_pos, start, window, BAND_BLOCK)
+
+
 def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.device,
                    start: int = 0) -> torch.Tensor:
-    """[N, start + N] boolean: query start + i may attend to key j (causal, and within the
-    sliding window); `start` positions come before the queries (a KV cache)."""
-    i = torch.arange(start, start + n_pos, device=device)[:, None]
-    j = torch.arange(start + n_pos, device=device)[None, :]
-    allowed = j <= i
-    if cfg.swa_layers[layer] and cfg.sliding_window:
-        allowed &= (i - j) < cfg.sliding_window
-    return allowed
+    """[N, start + N] boolean: query start + i may attend to key j."""
+    return attention_band(cfg, layer, n_pos, start).mask(device)
 
 
 LAYER_TENSOR_NAMES = frozenset(t.name for t in LAYER_TENSORS)
@@ -179,8 +180,8 @@ def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
         v = cache.add_values(v)
     v = v.repeat_interleave(
         cfg.n_head // cfg.n_kv_head, dim=-2)
-    o = torch.einsum("...hqk,...khd->...qhd", p, v).reshape(*batch, n,
-                                                            cfg.n_head * cfg.head_dim_v)
+    band = attention_band(cfg, layer, n, 0 if cache is None else cache.length - n)
+    o = banded_mix(p, v, band, lin.values).reshape(*batch, n, cfg.n_head * cfg.head_dim_v)
     return matmul(frozen_rounding(o, lin, "attn_sum"), w, "attn_output", lin)
 
 

@@ -18,6 +18,7 @@ PROMPT = "the bridge out of Marin"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
@@ -178,3 +179,77 @@ def test_sweep_timing_counts_the_bytes_each_sweep_reads(synthetic) -> None:
     for s in engine.sweeps:
         assert 0 < s.read_s + s.dequantize_s <= s.wall_s
         assert abs(s.read_s + s.dequantize_s + s.compute_s - s.wall_s) < 1e-9
+
+
+@pytest.mark.parametrize("n,start,window,block", [
+    (300, 0, None, 64), (300, 0, 100, 64), (37, 5, 16, 8), (10, 0, 3, 128), (50, 0, 1, 7),
+    (40, 30, 8, 16)])
+def test_banded_attention_product_is_the_dense_masked_product(n, start, window, block) -> None:
+    """banded_mix skips the masked attention weights: its product, v's cotangent (plain and
+    batched, as the engine's sweeps take it) and, for a p with a gradient, p's cotangent
+    are those of the dense einsum over softmax weights masked by the formula here."""
+    from ggufjac.blocked import Band, banded_mix
+    from ggufjac.engine import _vjp_rows
+
+    gen = torch.Generator().manual_seed(n + start)
+    i = torch.arange(start, start + n)[:, None]
+    j = torch.arange(start + n)[None, :]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    scores = torch.randn(3, n, start + n, dtype=torch.float64, generator=gen)
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    v = torch.randn(2, start + n, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    band = Band(n, start, window, block)
+    assert torch.equal(band.mask(torch.device("cpu")), mask)
+
+    dense = torch.einsum("hqk,...khd->...qhd", p, v)
+    ours = banded_mix(p, v, band)
+    assert _rel(ours, dense) <= 1e-14
+    g = torch.randn(dense.shape, dtype=torch.float64, generator=gen)
+    (g_dense,) = torch.autograd.grad(dense, v, g)
+    (g_ours,) = torch.autograd.grad(ours, v, g)
+    assert _rel(g_ours, g_dense) <= 1e-14
+
+    # a p with a gradient (the plain model): the same values bit for bit, and p's cotangent
+    p_grad = p.clone().requires_grad_(True)
+    plain = banded_mix(p_grad, v, band)
+    assert torch.equal(plain, ours)
+    (gp_ours,) = torch.autograd.grad(plain, p_grad, g)
+    (gp_dense,) = torch.autograd.grad(torch.einsum("hqk,...khd->...qhd", p_grad, v), p_grad, g)
+    assert _rel(gp_ours * mask, gp_dense * mask) <= 1e-14
+
+    # the replay: no forward product, and batched backwards of one graph
+    v1 = v[0].detach().requires_grad_(True)
+    with torch.enable_grad():
+        replay = banded_mix(p, v1, band, values=False)
+    assert not torch.any(replay)
+    rows = torch.randn(4, *replay.shape, dtype=torch.float64, generator=gen)
+    assert _rel(_vjp_rows(replay, v1, rows), torch.einsum("hqk,bqhd->bkhd", p, rows)) <= 1e-14
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_attention_in_small_blocks_equals_one_block_every_family(synthetic, monkeypatch,
+                                                                 arch: str) -> None:
+    """The model's attention products a few queries or keys at a time (blocks of 3, across
+    the synthetic files' sliding window of 4) give the forward record, the reverse sweep
+    (rows of J) and the forward sweep (J·v) of one block over all keys (the dense product)."""
+    import ggufjac.model
+
+    m = open_model(synthetic(arch, "Q4_K_M"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    assert len(tokens) > 6
+    gen = torch.Generator().manual_seed(2)
+    dirs = torch.randn(3, m.cfg.d_model, dtype=torch.float64, generator=gen)
+    probes = torch.randn(2, len(tokens), m.cfg.d_model, dtype=torch.float64, generator=gen)
+
+    def run():
+        engine = m.engine(streaming=False)
+        record = engine.forward(engine.embed(tokens))
+        return (record.output, engine.pull_back_output(record, dirs),
+                engine.push_forward(record, probes))
+
+    monkeypatch.setattr(ggufjac.model, "BAND_BLOCK", len(tokens))
+    one = run()
+    monkeypatch.setattr(ggufjac.model, "BAND_BLOCK", 3)
+    small = run()
+    for a, b in zip(small, one):
+        assert _rel(a, b) <= 1e-12
