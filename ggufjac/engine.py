@@ -58,9 +58,12 @@ MAX_BATCH_ROWS = 512
 # multiple of 256 so that streamed columns start on quantization blocks).
 MLP_MATRIX_FFN_CHUNK = 1024
 # Values per row block when a layer's matrices are streamed. Dequantizing a block and
-# multiplying it while it is still in cache is faster on CPU than dequantizing the whole
-# matrix first (tools/bench_blocks.py), so a single pass over a layer always streams there.
-STREAM_BLOCK_ELEMENTS = 1 << 21
+# multiplying it at once is faster on CPU than dequantizing the whole matrix first
+# (tools/bench_blocks.py), so a single pass over a layer always streams there. 2^24 values
+# (64 MB in float32) rather than a cache-sized block: a few tokens times a block of a few
+# hundred rows is a thin product, and the sweeps ran fastest with blocks of 2^23 to 2^24
+# (docs/benchmarks.md, "Row block size").
+STREAM_BLOCK_ELEMENTS = 1 << 24
 # Layers read ahead of the one computing, when streaming: two keep the disk busy through a
 # layer whose compute is shorter than its read (the page cache holds them: ~1 GB at 70B).
 READ_AHEAD_LAYERS = 2
