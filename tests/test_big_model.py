@@ -3,6 +3,8 @@ and in the type mix llama.cpp's own Q4_K_M quantizer chooses."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,21 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch) -> None:
             raise KeyboardInterrupt
         return write(self, *args, **kwargs)
     monkeypatch.setattr(big_model.GGUFWriter, "write_tensor_data", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
         write_big_gguf(tmp_path / "big.gguf", MODELS["llama"])
     assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+    # nor is the removed file still open while the error is being reported (its traceback,
+    # alive here in `caught`, holds the writer): it would keep its blocks, and on a full
+    # disk with them the room the error message needs
+    assert caught.traceback and not [f for f in _open_files() if str(tmp_path) in f]
+
+
+def _open_files() -> list[str]:
+    """What this process's file descriptors point to (Linux)."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor of the listing itself, closed by now
+            pass
+    return paths

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.big_model import PRESETS, write_big_gguf  # noqa: E402
+from tools.big_model import PRESETS, preset_path, write_big_gguf  # noqa: E402
 
 PROMPT = "the bridge out"  # the synthetic tokenizer is per character: 15 tokens with BOS
 CASES = ("info", "check", "attribute", "anchored")
@@ -160,10 +160,10 @@ def main() -> None:
     table = []
     for name in args.presets:
         model = PRESETS[name]
+        path = preset_path(args.dir, name, args.layers)
         if args.layers:
             model = replace(model, shape=replace(model.shape, n_layer=args.layers))
             name = f"{name}-{args.layers}-layers"
-        path = args.dir / f"{name}.gguf"
         if not path.exists():
             t0 = time.perf_counter()
             write_big_gguf(path, model, progress=True)

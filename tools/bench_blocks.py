@@ -69,7 +69,7 @@ def main() -> None:
     t_whole = best(whole, args.repeat)
     print(f"{args.rows} x {args.cols} Q4_K, {args.tokens} tokens, {torch.get_num_threads()} threads")
     print(f"whole matrix       {t_whole * 1e3:8.1f} ms")
-    for values in (1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23):
+    for values in (1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23, 1 << 24, 1 << 25):
         m = InMemoryBlocks(raw, args.cols, max(1, values // args.cols))
         assert torch.allclose(linear(x, m), reference, rtol=1e-4, atol=1e-4)
         t = best(lambda: linear(x, m), args.repeat)

@@ -142,12 +142,12 @@ def main() -> None:
 
     if args.case == "big":
         from tools.bench_big import evict
-        from tools.big_model import PRESETS, write_big_gguf
+        from tools.big_model import PRESETS, preset_path, write_big_gguf
 
         preset = PRESETS[args.preset]
         layers = args.layers or preset.shape.n_layer
         preset = replace(preset, shape=replace(preset.shape, n_layer=layers))
-        path = args.dir / f"{args.preset}-shapes-{layers}-layers.gguf"
+        path = preset_path(args.dir, args.preset, layers)
         if not path.exists():
             write_big_gguf(path, preset)
         evict(path)

@@ -60,6 +60,13 @@ PRESETS = {
 }
 
 
+def preset_path(directory: Path, preset: str, layers: int | None = None) -> Path:
+    """Where the benchmarks keep a preset's file (all its layers, or `layers` of them), so
+    that each finds the file another one wrote."""
+    full = layers is None or layers == PRESETS[preset].shape.n_layer
+    return directory / (f"{preset}.gguf" if full else f"{preset}-{layers}-layers.gguf")
+
+
 def more_bits(layer: int, n_layer: int) -> bool:
     """The layers whose attn_v and ffn_down Q4_K_M stores in Q6_K (llama.cpp's quantizer:
     the first and last eighth of the layers, and every third one between)."""
@@ -147,18 +154,23 @@ def _write(w: GGUFWriter, model: BigModel, tensors: list[tuple[str, object, Q | 
             rows, cols, _ = data  # type: ignore[misc]
             nbytes = rows * cols // 256 * GGML_QUANT_SIZES[qtype][1]
             w.add_tensor_info(name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes, qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    t0, written = time.perf_counter(), 0
-    for k, (name, data, qtype) in enumerate(tensors):
-        arr = data if qtype is None else matrix(*data)  # type: ignore[misc]
-        w.write_tensor_data(arr)  # type: ignore[arg-type]
-        written += arr.nbytes  # type: ignore[union-attr]
-        if progress and (k % 50 == 0 or k == len(tensors) - 1):
-            rate = written / max(time.perf_counter() - t0, 1e-9) / 1e6
-            print(f"\r{written / 1e9:6.1f} GB written, {rate:5.0f} MB/s", end="", flush=True)
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        t0, written = time.perf_counter(), 0
+        for k, (name, data, qtype) in enumerate(tensors):
+            arr = data if qtype is None else matrix(*data)  # type: ignore[misc]
+            w.write_tensor_data(arr)  # type: ignore[arg-type]
+            written += arr.nbytes  # type: ignore[union-attr]
+            if progress and (k % 50 == 0 or k == len(tensors) - 1):
+                rate = written / max(time.perf_counter() - t0, 1e-9) / 1e6
+                print(f"\r{written / 1e9:6.1f} GB written, {rate:5.0f} MB/s", end="",
+                      flush=True)
+    finally:
+        # closed on failure too: a removed file still open keeps its blocks, and a full
+        # disk would then swallow even the error message
+        w.close()
     if progress:
         print()
 
