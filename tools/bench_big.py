@@ -161,9 +161,9 @@ def main() -> None:
     for name in args.presets:
         model = PRESETS[name]
         path = preset_path(args.dir, name, args.layers)
+        name = path.stem  # the preset, and its layer count when not all of them
         if args.layers:
             model = replace(model, shape=replace(model.shape, n_layer=args.layers))
-            name = f"{name}-{args.layers}-layers"
         if not path.exists():
             t0 = time.perf_counter()
             write_big_gguf(path, model, progress=True)
