@@ -64,16 +64,22 @@ def bridge_tokens(gemma32) -> list[int]:
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
-    """synthetic(arch, quant): a small random-weight GGUF of that family, made once."""
-    from tools.synthetic import Shape, write_synthetic_gguf
+    """synthetic(arch, quant): a small random-weight GGUF of that family, made once.
+
+    Quantized types are made by llama.cpp's quantizer. A machine without llama.cpp (a GPU
+    host for tests/test_cuda.py) can take the same files made elsewhere: with
+    GGUFJAC_SYNTHETIC_DIR set, ARCH-QUANT.gguf is taken from there when it exists
+    (`python -m tools.synthetic --fixtures DIR` writes them)."""
+    from tools.synthetic import fixture_name, write_fixture
 
     made: dict[tuple[str, str], object] = {}
+    given = os.environ.get("GGUFJAC_SYNTHETIC_DIR")
 
     def get(arch: str, quant: str):
         key = (arch, quant)
         if key not in made:
-            path = tmp_path_factory.mktemp("synthetic") / f"{arch}-{quant}.gguf"
-            made[key] = write_synthetic_gguf(path, arch, Shape(), quant,
-                                             rope_freqs=arch == "llama")
+            ready = os.path.join(given, fixture_name(arch, quant)) if given else None
+            made[key] = ready if ready and os.path.exists(ready) else \
+                write_fixture(tmp_path_factory.mktemp("synthetic"), arch, quant)
         return made[key]
     return get

@@ -1,6 +1,8 @@
 """On a CUDA device: dequantization and the streaming engine (side-stream prefetch included)
 give what the CPU gives. These run only where torch sees a GPU; the CPU suite does not depend
-on them (the same code paths run there on CPU tensors)."""
+on them (the same code paths run there on CPU tensors). They need no llama.cpp: a GPU machine
+may have only a CPU build of it, or none, and the token ids below are the synthetic
+vocabulary's own (tools/synthetic.py), so nothing here tokenizes."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from tests.test_quants import _random_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-PROMPT = "the bridge out of Marin"
+# <s> and the byte tokens of "the bridge out of Marin" (ids 5 + byte) in the synthetic vocabulary
+TOKENS = [1] + [5 + b for b in "the bridge out of Marin".encode()]
 
 
 @pytest.mark.parametrize("qtype", sorted(DEQUANTIZERS, key=lambda q: q.value), ids=lambda q: q.name)
@@ -37,7 +40,7 @@ def test_streamed_jacobian_on_cuda_equals_cpu(synthetic, arch: str, prefetch: bo
     path = synthetic(arch, "Q4_K_M")
     cpu = open_model(path, dtype="float64")
     gpu = open_model(path, dtype="float64", device="cuda")
-    tokens = cpu.tokenize(PROMPT)
+    tokens = TOKENS
     reference = cpu.jacobian(tokens, streaming=False)
     engine = gpu.engine(prefetch=prefetch)
     result = streamed_jacobian(engine, engine.embed(tokens))
@@ -51,7 +54,7 @@ def test_streamed_jacobian_on_cuda_equals_cpu(synthetic, arch: str, prefetch: bo
 def test_attribution_on_cuda_equals_cpu(synthetic) -> None:
     path = synthetic("qwen3", "Q8_0")
     cpu, gpu = open_model(path, dtype="float64"), open_model(path, dtype="float64", device="cuda")
-    tokens = cpu.tokenize(PROMPT)
+    tokens = TOKENS
     expect, got = cpu.attribute(tokens)["targets"][0], gpu.attribute(tokens)["targets"][0]
     assert got["id"] == expect["id"]
     assert np.allclose(got["contributions"], expect["contributions"], rtol=1e-12, atol=1e-12)
@@ -65,7 +68,7 @@ def test_row_block_streaming_on_cuda_equals_cpu(synthetic, arch: str) -> None:
     path = synthetic(arch, "Q4_K_M")
     cpu = open_model(path, dtype="float64")
     gpu = open_model(path, dtype="float64", device="cuda")
-    tokens = cpu.tokenize(PROMPT)
+    tokens = TOKENS
     reference = cpu.jacobian(tokens, streaming=False)
     engine = gpu.engine(streaming=True, block_elements=3 * gpu.weights.widest_row() + 5)
     result = streamed_jacobian(engine, engine.embed(tokens))
@@ -73,3 +76,18 @@ def test_row_block_streaming_on_cuda_equals_cpu(synthetic, arch: str) -> None:
     got = result.jacobian.cpu()
     assert float(torch.linalg.vector_norm(got - reference.jacobian)
                  / torch.linalg.vector_norm(reference.jacobian)) <= 1e-12
+
+
+def test_svd_on_cuda_equals_cpu(synthetic) -> None:
+    """The matrix-free top-K SVD (Lanczos on J Jᵀ by sweeps) on the GPU: the CPU's σ and
+    subspaces, and the triplet identity u_kᵀ y = σ_k (v_k · x)."""
+    path = synthetic("gemma3", "Q4_K_M")
+    cpu, gpu = open_model(path, dtype="float64"), open_model(path, dtype="float64", device="cuda")
+    expect, got = cpu.svd(TOKENS, 4), gpu.svd(TOKENS, 4)
+    assert got.converged and got.left.device.type == "cuda"
+    assert torch.allclose(got.singular_values.cpu(), expect.singular_values, rtol=1e-10, atol=0)
+    overlap = torch.linalg.svdvals(got.left.cpu().T @ expect.left)  # cosines of the angles
+    assert float(overlap.min()) >= 1 - 1e-12
+    coords = torch.einsum("knd,nd->k", got.right, got.inputs)
+    assert torch.allclose(got.left.T @ got.output, got.singular_values * coords, rtol=1e-10,
+                          atol=1e-10 * float(got.singular_values[0]))

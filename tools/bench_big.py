@@ -57,10 +57,11 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def timed(args: list[str], path: Path) -> dict:
-    """Run `args` (a python command line) in a fresh process after evicting `path`: wall
-    time, peak RSS (VmHWM), return code, stdout and the stderr tail."""
-    evict(path)
+def timed(args: list[str], path: Path, cold: bool = True) -> dict:
+    """Run `args` (a python command line) in a fresh process after evicting `path` (unless
+    not `cold`): wall time, peak RSS (VmHWM), return code, stdout and the stderr tail."""
+    if cold:
+        evict(path)
     with tempfile.NamedTemporaryFile(suffix=".txt") as peak:
         cmd = [sys.executable, "-m", "tools.peak_rss", peak.name, *args]
         t0 = time.perf_counter()

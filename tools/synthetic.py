@@ -1,6 +1,7 @@
 """Write small random-weight GGUF models that llama.cpp loads, for any supported family.
 
     python tools/synthetic.py llama out.gguf --layers 2 --quant Q4_K_M
+    python tools/synthetic.py --fixtures DIR [QUANT ...]     # the test suite's small models
 
 Tensors carry the real GGUF names, shapes and metadata of the family (tokenizer included: a
 SentencePiece vocabulary of <unk>, <s>, </s>, the 256 byte tokens and a few words), so
@@ -254,7 +255,22 @@ def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape =
     return path
 
 
+def fixture_name(arch: str, quant: str) -> str:
+    return f"{arch}-{quant}.gguf"
+
+
+def write_fixture(directory: str | os.PathLike[str], arch: str, quant: str) -> Path:
+    """The test suite's small model of `arch` in `quant` (tests/conftest.py's `synthetic`)."""
+    return write_synthetic_gguf(Path(directory) / fixture_name(arch, quant), arch, Shape(),
+                                quant, rope_freqs=arch == "llama")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--fixtures"]:  # the test fixtures, for a machine without llama.cpp
+        for arch in sorted(FAMILIES):
+            for quant in sys.argv[3:] or ["Q4_K_M", "Q8_0"]:
+                print(write_fixture(sys.argv[2], arch, quant))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("arch", choices=sorted(FAMILIES))
     ap.add_argument("out")
