@@ -43,12 +43,13 @@ def prompt_tokens(model: str, n: int) -> list[int]:
 
 
 def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str,
-           max_iterations: int) -> None:
+           max_iterations: int, block: int) -> None:
     """One measured case, in this (fresh) process; prints a JSON line."""
     import torch
 
     from ggufjac.analysis import spectrum
     from ggufjac.api import open_model
+    from ggufjac.svd import default_block
 
     tokens = json.loads(Path(tokens_file).read_text())
     m = open_model(model, dtype=dtype)
@@ -59,9 +60,11 @@ def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str
         def progress(_: int, change: float, residual: float) -> None:
             trace.append([round(time.perf_counter() - t0, 1), change, residual])
             print(json.dumps({"iteration": trace[-1]}), file=sys.stderr, flush=True)  # live
-        r = m.svd(tokens, k, max_iterations=max_iterations, on_iteration=progress)
+        r = m.svd(tokens, k, max_iterations=max_iterations, block=block or None,
+                  on_iteration=progress)
         seconds = time.perf_counter() - t0
         result = {"converged": r.converged, "iterations": r.iterations,
+                  "block": block or default_block(k),
                   "vectors_swept": r.vectors_swept, "max_residual": float(r.residuals.max()),
                   "singular_values": r.singular_values.tolist(),
                   "residuals": r.residuals.tolist(), "stable_rank": r.stable_rank,
@@ -87,7 +90,7 @@ def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str
 
 
 def measure(case: str, model: str, tokens: list[int], k: int, dtype: str, out: str,
-            max_iterations: int = 100) -> dict:
+            max_iterations: int = 100, block: int = 0) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as tf, \
             tempfile.NamedTemporaryFile(suffix=".txt") as peak:
         tf.write(json.dumps(tokens))
@@ -95,7 +98,7 @@ def measure(case: str, model: str, tokens: list[int], k: int, dtype: str, out: s
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "tools.peak_rss", peak.name, "tools.bench_svd",
                             "--worker", case, model, tf.name, str(k), dtype, out,
-                            str(max_iterations)],
+                            str(max_iterations), str(block)],
                            stdout=subprocess.PIPE, text=True, cwd=ROOT)  # stderr: shown
         wall = time.perf_counter() - t0
         if r.returncode:
@@ -124,7 +127,8 @@ def compare(ours: str, dense: str) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:8], int(sys.argv[8]))
+        worker(*sys.argv[2:5], int(sys.argv[5]), *sys.argv[6:8], int(sys.argv[8]),
+               int(sys.argv[9]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("case", choices=["gemma", "per-token", "big"])
@@ -137,6 +141,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None,
                     help="big: this many of the preset's layers (default: all)")
     ap.add_argument("--max-iterations", type=int, default=100)
+    ap.add_argument("--block", type=int, default=0,
+                    help="vectors per Lanczos block (default: the svd's own choice)")
     ap.add_argument("--no-baseline", action="store_true", help="gemma: skip the full J")
     args = ap.parse_args()
 
@@ -160,7 +166,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, dense = f"{tmp}/ours.pt", f"{tmp}/dense.pt"
         case = "per-token" if args.case == "per-token" else "svd"
-        r = measure(case, model, tokens, args.top_k, args.dtype, ours, args.max_iterations)
+        r = measure(case, model, tokens, args.top_k, args.dtype, ours, args.max_iterations,
+                    args.block)
         print(json.dumps({"model": Path(model).name, "tokens": len(tokens),
                           "top_k": args.top_k, "dtype": args.dtype, **r}), flush=True)
         if args.case == "gemma" and not args.no_baseline:
