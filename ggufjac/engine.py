@@ -39,8 +39,9 @@ from .gguf_file import pread_fully
 from .units import format_size
 from .costs import mlp_as_matrix
 from .layout import dims_of, linear_path
-from .linearize import DETACHED, Coefficients, Linearization
-from .model import LayerWeights, attention_branch, block, final_norm, mlp_branch_matrix
+from .linearize import DETACHED, Coefficients, Linearization, at_last_position
+from .model import (LayerWeights, attention_branch, block, final_norm, mlp_branch,
+                    mlp_branch_matrix)
 from .runner import input_embeddings
 from .weights import BufferPool, GGUFWeights
 
@@ -423,6 +424,9 @@ class StreamingEngine:
         if part == "out" and self.mlp_as_matrix(cotangents.shape[0]):
             return self._split_layer_vjp(layer, w, record, cotangents,
                                          chunk or cotangents.shape[0])
+        if part == "out" and cotangents.shape[1] > 1 and not torch.any(cotangents[:, :-1]):
+            return self._last_row_layer_vjp(layer, w, record, cotangents,
+                                            chunk or cotangents.shape[0])
         x = record.residuals[layer].detach().requires_grad_(True)
         lin = self.lin.replaying(record.coefficients[layer], values=False)
         with torch.enable_grad():
@@ -456,6 +460,24 @@ class StreamingEngine:
             del k
         x = record.residuals[layer].detach().requires_grad_(True)
         with torch.enable_grad():
+            a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store, values=False))
+            for s in range(0, g.shape[0], chunk):
+                g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
+        return g
+
+    def _last_row_layer_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
+                            g: torch.Tensor, chunk: int) -> torch.Tensor:
+        """layer_vjp of a layer whose output cotangents sit on the last position alone (the
+        top layer under the output's directions), in place: the MLP mixes no positions, so
+        its VJP runs on the last row only; then the attention's, on every row."""
+        store = record.coefficients[layer]
+        last = record.residuals[layer][-1:].detach().requires_grad_(True)  # any value: linear
+        with torch.enable_grad():
+            m = mlp_branch(self.cfg, w, last,
+                           self.lin.replaying(at_last_position(store), values=False))
+            for s in range(0, g.shape[0], chunk):
+                g[s:s + chunk, -1:] += _vjp_rows(m, last, g[s:s + chunk, -1:])
+            x = record.residuals[layer].detach().requires_grad_(True)
             a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store, values=False))
             for s in range(0, g.shape[0], chunk):
                 g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
@@ -502,11 +524,21 @@ class StreamingEngine:
         x = probes.to(self.device, self.dtype, copy=True)
         step = max(1, plan.chunk)
         timer = _SweepTimer(self, "forward J·v", plan.block_elements)
+        top = self.cfg.n_layer - 1
         for layer, w in self.layers(range(self.cfg.n_layer), self.linear_path, "J·v",
                                     plan.block_elements):
-            lin = self.lin.replaying(record.coefficients[layer])
+            store = record.coefficients[layer]
+            lin = self.lin.replaying(store)
             for s in range(0, m, step):
-                x[s:s + step] = block(self.cfg, layer, w, x[s:s + step], lin).out
+                if layer < top:
+                    x[s:s + step] = block(self.cfg, layer, w, x[s:s + step], lin).out
+                    continue
+                # J's output is the last position's: the top layer's MLP (which mixes no
+                # positions) runs on that row alone; the other rows keep stale values
+                mid = x[s:s + step, -1:] + attention_branch(self.cfg, layer, w, x[s:s + step],
+                                                            lin)[:, -1:]
+                x[s:s + step, -1:] = mid + mlp_branch(
+                    self.cfg, w, mid, self.lin.replaying(at_last_position(store)))
         timer.done()
         lin = self.lin.replaying(record.output_coefficients)
         return final_norm(self.cfg, self.output_norm, x, lin)[:, -1]

@@ -68,6 +68,19 @@ class Site(StrEnum):
 
 Coefficients = dict[str, torch.Tensor]  # frozen coefficients by Site (a Site is its str)
 
+# Sites whose coefficients are one row per position ([N, ...]): the norms, the MLP's, and
+# the roundings of the matmuls that act on one position at a time.
+POSITION_WISE = frozenset({Site.ATTN_NORM, Site.FFN_NORM, Site.POST_ATTENTION_NORM,
+                           Site.POST_FFW_NORM, Site.OUTPUT_NORM, Site.GATE, Site.GATE_FACTOR,
+                           Site.UP, Site.IN_FFN_GATE, Site.IN_FFN_UP, Site.IN_FFN_DOWN})
+
+
+def at_last_position(store: Coefficients) -> Coefficients:
+    """The recorded coefficients with the position-wise ones cut to the last position, for
+    a position-wise branch (the MLP) run on the last row alone."""
+    return {site: c[-1:] if Site(site) in POSITION_WISE and c.dim() >= 2 and c.shape[0] > 1
+            else c for site, c in store.items()}
+
 
 @dataclass(frozen=True)
 class Linearization:

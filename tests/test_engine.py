@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ggufjac.api import open_model
+from ggufjac.families import FAMILIES
 from ggufjac.units import parse_size
 from ggufjac.errors import GgufjacError
 from ggufjac.linearize import PLAIN, Linearization
@@ -284,3 +285,24 @@ def test_lower_precision_jacobians_stay_in_their_dtype(synthetic, dtype) -> None
     assert result.jacobian.dtype == dtype
     assert _rel(result.jacobian.double(), expect) <= 8 * eps
     assert result.reconstruction_rel_error() <= 8 * eps
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_top_layer_on_the_last_row_alone_every_family(synthetic, arch: str) -> None:
+    """J's output is the last position's, so the sweeps run the top layer's MLP on that row
+    alone (forward: the last row's output; reverse: the only row with cotangents). Both
+    against the full Jacobian by plain autograd on the whole graph, per family (each norm
+    layout), with the matrices whole and read in row blocks."""
+    m = open_model(synthetic(arch, "Q4_K_M"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    reference = m.jacobian(tokens, streaming=False).jacobian  # [d, N, d]
+    gen = torch.Generator().manual_seed(11)
+    directions = torch.randn(3, m.cfg.d_model, dtype=torch.float64, generator=gen)
+    probes = torch.randn(3, len(tokens), m.cfg.d_model, dtype=torch.float64, generator=gen)
+    for engine in (m.engine(), m.engine(streaming=True,
+                                        block_elements=3 * m.weights.widest_row() + 5)):
+        record = engine.forward(engine.embed(tokens))
+        pulled = engine.pull_back_output(record, directions.clone())
+        assert _rel(pulled, torch.einsum("md,dnk->mnk", directions, reference)) <= 1e-12
+        pushed = engine.push_forward(record, probes)
+        assert _rel(pushed, torch.einsum("onk,mnk->mo", reference, probes)) <= 1e-12
