@@ -231,7 +231,7 @@ class LoadedModel:
     def plan_svd(engine: StreamingEngine, k: int, n_tokens: int, block: int | None = None,
                  anchored: bool = False) -> None:
         """Refuse, before any work, a budget the svd's widest sweep cannot meet."""
-        b = block or default_block(k)
+        b = block or default_block(k, n_tokens)
         engine.plan(k + b + FROBENIUS_PROBES, n_tokens, anchored=anchored)
 
     def per_token_svd(self, tokens: list[int], k: int, lin: Linearization | None = None,

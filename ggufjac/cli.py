@@ -567,8 +567,9 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
               help="Lanczos iterations at most (at least those that reach top-k vectors); "
                    "not converging is reported and exits with status 1.")
 @click.option("--block", type=click.IntRange(min=1), default=None,
-              help="Vectors per Lanczos block (default 2; larger blocks batch better on "
-                   "short prompts, smaller ones sweep fewer vectors on long ones).")
+              help="Vectors per Lanczos block (default 2, and 1 from 1,024 tokens on: "
+                   "smaller blocks sweep fewer vectors, larger ones read the weights less "
+                   "often).")
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option

@@ -55,14 +55,20 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return DEFAULT_TOLERANCE[dtype]
 
 
-def default_block(k: int) -> int:
-    """Vectors per Lanczos block: 2. A block costs one reverse and one forward sweep per
+# From this many tokens on, a Lanczos block is one vector (default_block).
+SINGLE_VECTOR_TOKENS = 1024
+
+
+def default_block(k: int, n_tokens: int) -> int:
+    """Vectors per Lanczos block. A block costs one reverse and one forward sweep per
     vector, and a smaller block reaches a higher Krylov degree for the same number of
-    vectors: for the top 16 of a 256-token prompt on Gemma 3 270M, blocks of 1, 2, 3, 4, 8
-    swept 135, 154, 181, 204, 272 vectors (docs/benchmarks.md). A block of 1 sweeps the
-    fewest but pays each sweep's fixed cost (reading the weights) twice as often and finds
-    a nearly double σ only slowly, so 2 (at most k)."""
-    return max(1, min(k, 2))
+    vectors, but each sweep also has a fixed cost (reading and dequantizing the weights)
+    that a block of 1 pays twice as often. The vectors' cost grows with the prompt and the
+    fixed cost does not, so: 2 (at most k) for shorter prompts, 1 from SINGLE_VECTOR_TOKENS
+    on. Measured for the top 16 on Gemma 3 270M (docs/benchmarks.md): at 256 tokens blocks
+    of 1 and 2 swept 102 and 120 vectors in 39.7 and 37.2 s, at 512 tokens 134 and 148
+    vectors in 80.1 and 77.6 s, at 1,024 tokens 140 and 168 vectors in 159.4 and 170.1 s."""
+    return 1 if n_tokens >= SINGLE_VECTOR_TOKENS else max(1, min(k, 2))
 
 
 @dataclass
@@ -149,7 +155,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     tol = default_tolerance(dtype) if tol is None else tol
     if not tol > 0:
         raise GgufjacError(f"the tolerance must be positive, not {tol}")
-    b = min(block or default_block(k), d)
+    b = min(block or default_block(k, n), d)
     generator = torch.Generator().manual_seed(seed)
     y = record.output[-1]
 

@@ -64,7 +64,7 @@ def worker(case: str, model: str, tokens_file: str, k: int, dtype: str, out: str
                   on_iteration=progress)
         seconds = time.perf_counter() - t0
         result = {"converged": r.converged, "iterations": r.iterations,
-                  "block": block or default_block(k),
+                  "block": block or default_block(k, len(tokens)),
                   "vectors_swept": r.vectors_swept, "max_residual": float(r.residuals.max()),
                   "singular_values": r.singular_values.tolist(),
                   "residuals": r.residuals.tolist(), "stable_rank": r.stable_rank,
