@@ -458,12 +458,7 @@ class StreamingEngine:
             for s in range(0, g.shape[0], rows):
                 g[s:s + rows, p] += g[s:s + rows, p] @ k
             del k
-        x = record.residuals[layer].detach().requires_grad_(True)
-        with torch.enable_grad():
-            a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store, values=False))
-            for s in range(0, g.shape[0], chunk):
-                g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
-        return g
+        return self._attention_vjp(layer, w, record, g, chunk)
 
     def _last_row_layer_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
                             g: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -477,8 +472,16 @@ class StreamingEngine:
                            self.lin.replaying(at_last_position(store), values=False))
             for s in range(0, g.shape[0], chunk):
                 g[s:s + chunk, -1:] += _vjp_rows(m, last, g[s:s + chunk, -1:])
-            x = record.residuals[layer].detach().requires_grad_(True)
-            a = attention_branch(self.cfg, layer, w, x, self.lin.replaying(store, values=False))
+        return self._attention_vjp(layer, w, record, g, chunk)
+
+    def _attention_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
+                       g: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Cotangents g on mid = x + attn(x) pulled back to x, in place, by batched VJPs
+        (the attention mixes positions, and its projections are no cheaper as matrices)."""
+        x = record.residuals[layer].detach().requires_grad_(True)
+        with torch.enable_grad():
+            a = attention_branch(self.cfg, layer, w, x,
+                                 self.lin.replaying(record.coefficients[layer], values=False))
             for s in range(0, g.shape[0], chunk):
                 g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
         return g
@@ -529,16 +532,16 @@ class StreamingEngine:
                                     plan.block_elements):
             store = record.coefficients[layer]
             lin = self.lin.replaying(store)
+            if layer == top:  # J's output is the last position's: the top layer's MLP
+                last = self.lin.replaying(at_last_position(store))  # runs on that row alone
             for s in range(0, m, step):
                 if layer < top:
                     x[s:s + step] = block(self.cfg, layer, w, x[s:s + step], lin).out
                     continue
-                # J's output is the last position's: the top layer's MLP (which mixes no
-                # positions) runs on that row alone; the other rows keep stale values
+                # the MLP mixes no positions; the other rows keep stale values, never read
                 mid = x[s:s + step, -1:] + attention_branch(self.cfg, layer, w, x[s:s + step],
                                                             lin)[:, -1:]
-                x[s:s + step, -1:] = mid + mlp_branch(
-                    self.cfg, w, mid, self.lin.replaying(at_last_position(store)))
+                x[s:s + step, -1:] = mid + mlp_branch(self.cfg, w, mid, last)
         timer.done()
         lin = self.lin.replaying(record.output_coefficients)
         return final_norm(self.cfg, self.output_norm, x, lin)[:, -1]
