@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .quantized_products import product_op, transposed_product_op
+
 
 @runtime_checkable
 class RowBlockMatrix(Protocol):
@@ -37,6 +39,14 @@ class RowBlockMatrix(Protocol):
         """Columns [start, stop) of every row as a fresh tensor [rows, stop - start]."""
         ...
 
+    # The quantized type of the rows `raw_blocks` hands out, when the products may use them
+    # (quantized_products.supports); None: products go through `row_blocks`.
+    quantized_type: int | None
+
+    def raw_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, the rows' bytes [k, bytes per row]) in order, as `row_blocks`."""
+        ...
+
 
 Weight = torch.Tensor | RowBlockMatrix
 
@@ -49,7 +59,12 @@ class _RowBlockLinear(torch.autograd.Function):
     def forward(x: torch.Tensor, matrix: RowBlockMatrix, values: bool) -> torch.Tensor:
         shape = (*x.shape[:-1], matrix.shape[0])
         out = x.new_empty(shape) if values else x.new_zeros(shape)
-        if values:
+        if values and matrix.quantized_type is not None:
+            rows, cols = x.reshape(-1, x.shape[-1]), matrix.shape[1]
+            for start, raw in matrix.raw_blocks():
+                part = product_op(rows, raw, matrix.quantized_type, cols)
+                out[..., start:start + raw.shape[0]] = part.view(*shape[:-1], raw.shape[0])
+        elif values:
             for start, w in matrix.row_blocks():
                 out[..., start:start + w.shape[0]] = x @ w.T
         return out
@@ -62,8 +77,15 @@ class _RowBlockLinear(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):  # type: ignore[no-untyped-def]
         # Out of place: under a batched backward (vmap) `g` carries a batch dimension that an
         # in-place sum into an unbatched tensor cannot hold.
-        grad = None
-        for start, w in ctx.matrix.row_blocks():
+        grad, matrix = None, ctx.matrix
+        if matrix.quantized_type is not None:
+            rows, cols = g.reshape(-1, g.shape[-1]), matrix.shape[1]
+            for start, raw in matrix.raw_blocks():
+                term = transposed_product_op(rows.narrow(-1, start, raw.shape[0]), raw,
+                                             matrix.quantized_type, cols)
+                grad = term if grad is None else grad + term
+            return grad.view(*g.shape[:-1], cols), None, None  # type: ignore[union-attr]
+        for start, w in matrix.row_blocks():
             term = g.narrow(-1, start, w.shape[0]) @ w
             grad = term if grad is None else grad + term
         return grad, None, None
@@ -71,6 +93,8 @@ class _RowBlockLinear(torch.autograd.Function):
 
 class _Whole:
     """A matrix held whole, as a RowBlockMatrix of one block."""
+
+    quantized_type = None
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight, self.shape = weight, tuple(weight.shape)

@@ -20,13 +20,13 @@ import functools
 import importlib.util
 import os
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from .threads import Workers
 
 # Below this many values a tensor is dequantized on the calling thread (a thread hand-off
 # costs more than it saves).
@@ -78,14 +78,7 @@ class NativeDequantizer:
                 continue  # plain floats, or a layout we do not know: left to torch
             self._functions[qtype] = _TO_FLOAT(traits.to_float)
         self._checked: dict[Q, bool] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-        self._lock = threading.Lock()
-        # a forked child has the pool object but not its threads: it makes its own
-        os.register_at_fork(after_in_child=self._forget_pool)
-
-    def _forget_pool(self) -> None:
-        self._pool, self._pool_size, self._lock = None, 0, threading.Lock()
+        self._workers = Workers("ggufjac-dequantize")
 
     def supports(self, qtype: Q) -> bool:
         if qtype not in self._functions:
@@ -122,22 +115,10 @@ class NativeDequantizer:
         if threads <= 1 or n_blocks * block < PARALLEL_MIN_VALUES:
             fn(src, dst, n_blocks * block)
             return
-        with self._lock:  # the calling thread takes one part: threads - 1 helpers
-            if self._pool is None or self._pool_size < threads - 1:
-                if self._pool is not None:  # its queued parts still run; then its threads end
-                    self._pool.shutdown(wait=False)
-                self._pool_size = threads - 1
-                self._pool = ThreadPoolExecutor(self._pool_size,
-                                                thread_name_prefix="ggufjac-dequantize")
-            pool = self._pool
         step = -(-n_blocks // threads)
-        parts = [(s, min(step, n_blocks - s)) for s in range(0, n_blocks, step)]
-        futures = [pool.submit(fn, src + s * type_size, dst + s * block * 4, k * block)
-                   for s, k in parts[1:]]
-        s, k = parts[0]
-        fn(src + s * type_size, dst + s * block * 4, k * block)
-        for f in futures:
-            f.result()
+        self._workers.run(fn, [(src + s * type_size, dst + s * block * 4,
+                                min(step, n_blocks - s) * block)
+                               for s in range(0, n_blocks, step)])
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from .blocked import Weight
 from .model import LayerWeights
 from .layout import (check_tensor_index, dequantizable, dims_of, layer_tensor_names,
                      split_stored, stored_members, stored_name, stored_shapes)
+from .quantized_products import supports
 from .quants import dequantize, raw_to_torch
 
 
@@ -30,6 +31,11 @@ from .quants import dequantize, raw_to_torch
 ROWS_PER_CHUNK = 1024
 # Values per chunk of the NaN/Inf scan (one chunk's float32 and bytes are in memory).
 SCAN_CHUNK_VALUES = 1 << 22
+
+
+def _row_bytes(info: TensorInfo) -> int:
+    block, type_size = GGML_QUANT_SIZES[info.type]
+    return info.shape[0] // block * type_size
 
 
 class BufferPool:
@@ -68,13 +74,23 @@ class StreamedMatrix:
         self.shape = (n_rows, info.shape[0])
         self.dtype, self.device = weights.dtype, weights.device
         self.block_rows, self.pool = max(1, min(block_rows, n_rows)), pool
+        self.quantized_type = info.type if supports(info.type, self.shape[1], self.dtype,
+                                                         self.device) \
+            else None
+
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.shape[0], self.block_rows):
+            yield start, min(self.shape[0], start + self.block_rows)
 
     def row_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        n = self.shape[0]
-        for start in range(0, n, self.block_rows):
-            stop = min(n, start + self.block_rows)
+        for start, stop in self._blocks():
             yield start, self.weights._rows(self.info, self.first + start, self.first + stop,
                                             pool=self.pool, key="block", copy=True)
+
+    def raw_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in self._blocks():
+            yield start, self.weights._raw_rows(self.info, self.first + start,
+                                                self.first + stop, self.pool, "block")
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.weights._rows(self.info, self.first + start, self.first + stop, copy=True)
@@ -190,20 +206,17 @@ class GGUFWeights:
         if not 0 <= start < stop <= n_rows:
             raise GgufjacError(f"{self.gguf.path}: rows [{start}, {stop}) of tensor "
                                f"{info.name!r} do not exist (it has {n_rows})")
-        t0 = time.perf_counter()
-        block, type_size = GGML_QUANT_SIZES[info.type]
-        row_bytes = info.shape[0] // block * type_size
-        n_bytes = (stop - start) * row_bytes
         if copy:  # read time is the file's (GGUFFile.read_seconds), not dequantization's
-            buf = (pool.get(key + " bytes", n_bytes, torch.uint8, torch.device("cpu"))
-                   if pool is not None else torch.empty(n_bytes, dtype=torch.uint8))
-            t_read = time.perf_counter()
-            raw = self.gguf.read_into(info.offset + start * row_bytes, buf.numpy())
-            t0 += time.perf_counter() - t_read
+            raw = self._raw_rows(info, start, stop, pool, key)
+            t0 = time.perf_counter()
+            raw = raw.to(self.device)
         else:
-            raw = self.gguf.tensor_data(info.name)[start * row_bytes:stop * row_bytes]
-        t = self._dequantize(raw_to_torch(raw, self.device), info, (stop - start, info.shape[0]),
-                             dtype or self.dtype, pool, key)
+            t0 = time.perf_counter()
+            row_bytes = _row_bytes(info)
+            raw = raw_to_torch(self.gguf.tensor_data(info.name)[start * row_bytes:
+                                                                stop * row_bytes], self.device)
+        t = self._dequantize(raw, info, (stop - start, info.shape[0]), dtype or self.dtype,
+                             pool, key)
         if not copy:
             # The whole file, not only these rows: reading a chunk maps pages of the chunks
             # before it again (fault-around), and released per range those stay mapped, so the
@@ -211,6 +224,17 @@ class GGUFWeights:
             self.gguf.release()
         self.dequantize_seconds += time.perf_counter() - t0
         return t
+
+    def _raw_rows(self, info: TensorInfo, start: int, stop: int, pool: BufferPool | None,
+                  key: str) -> torch.Tensor:
+        """The bytes of rows [start, stop), read from the file into a buffer ([rows, bytes per
+        row], uint8 on CPU); with a `pool`, its buffer for `key` (valid until the next call)."""
+        row_bytes = _row_bytes(info)
+        n_bytes = (stop - start) * row_bytes
+        buf = (pool.get(key + " bytes", n_bytes, torch.uint8, torch.device("cpu"))
+               if pool is not None else torch.empty(n_bytes, dtype=torch.uint8))
+        self.gguf.read_into(info.offset + start * row_bytes, buf.numpy())
+        return buf.view(stop - start, row_bytes)
 
     def embedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows of the token embedding table for `token_ids` (not yet scaled), [N, d]."""
