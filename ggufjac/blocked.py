@@ -5,7 +5,9 @@ rows in blocks, each valid until the next is asked for (weights.py dequantizes t
 file into one reused buffer). `linear` is the model's one matrix product and takes either;
 on a `RowBlockMatrix` it is an autograd function whose forward fills the output's columns
 block by block and whose backward accumulates the input's cotangent block by block, reading
-every block again (nothing of the matrix is kept between the two).
+every block again (nothing of the matrix is kept between the two). A matrix whose rows the
+compiled kernels can take (`quantized_type`) hands out their bytes instead, and the products
+dequantize them in registers (quantized_products.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .quantized_products import product_op, transposed_product_op
+from .quantized_products import batched, product_op, transposed_product, transposed_product_op
 
 
 @runtime_checkable
@@ -80,9 +82,13 @@ class _RowBlockLinear(torch.autograd.Function):
         grad, matrix = None, ctx.matrix
         if matrix.quantized_type is not None:
             rows, cols = g.reshape(-1, g.shape[-1]), matrix.shape[1]
+            in_place = not batched(g)  # then each block's product is added into the first
             for start, raw in matrix.raw_blocks():
-                term = transposed_product_op(rows.narrow(-1, start, raw.shape[0]), raw,
-                                             matrix.quantized_type, cols)
+                part = rows.narrow(-1, start, raw.shape[0])
+                if in_place and grad is not None:
+                    transposed_product(part, raw, matrix.quantized_type, cols, add_to=grad)
+                    continue
+                term = transposed_product_op(part, raw, matrix.quantized_type, cols)
                 grad = term if grad is None else grad + term
             return grad.view(*g.shape[:-1], cols), None, None  # type: ignore[union-attr]
         for start, w in matrix.row_blocks():

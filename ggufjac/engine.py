@@ -140,6 +140,10 @@ def _vjp_rows(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.T
     if _vmap is None:
         (g,) = torch.autograd.grad(out, x, rows, retain_graph=True, is_grads_batched=True)
         return g
+    if rows.shape[0] == 1:  # one row: a plain backward (the products then add in place)
+        (g,) = _engine_run_backward((out,), (rows[0],), True, False, (x,), False,
+                                    accumulate_grad=False)
+        return g.unsqueeze(0)
 
     def vjp(g_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _engine_run_backward((out,), (g_out,), True, False, (x,), False,
@@ -631,7 +635,8 @@ class StreamingEngine:
 class SweepTiming:
     """Where one sweep's time went on the compute thread: `read_s` reading the layers' bytes
     (`bytes_read`; waits for the disk included: what read-ahead did not hide),
-    `dequantize_s`, and the rest, `compute_s`."""
+    `dequantize_s`, and the rest, `compute_s` (which includes the dequantization done inside
+    the compiled products, quantized_products.py)."""
 
     name: str
     streamed: bool

@@ -120,18 +120,23 @@ def product(x: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int) -> torch.Te
     return out
 
 
-def transposed_product(g: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
-    """g [T, rows] @ W -> [T, cols], W as in `product`."""
+def transposed_product(g: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int,
+                       add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """g [T, rows] @ W -> [T, cols], W as in `product`; `add_to`: added into that tensor
+    (contiguous float32 [T, cols]) instead of a fresh one."""
     k = _kernels()
     assert k is not None
     g = g.contiguous()
     rows, n_tok = raw.shape[0], g.shape[0]
-    out = torch.empty((n_tok, cols), dtype=torch.float32)
+    out = torch.empty((n_tok, cols), dtype=torch.float32) if add_to is None else add_to
+    if not (out.is_contiguous() and out.shape == (n_tok, cols) and out.dtype == torch.float32):
+        raise ValueError(f"cannot add a [{n_tok}, {cols}] float32 product into {out.dtype} "
+                         f"{list(out.shape)} (contiguous: {out.is_contiguous()})")
     blocks = cols // QK
     step = -(-blocks // _parts(rows * cols, blocks)) * QK
     k.workers.run(k.transposed_fn, [
         (int(qtype), raw.data_ptr(), cols, rows, c, min(cols, c + step), g.data_ptr(), n_tok,
-         rows, out.data_ptr(), cols, 0) for c in range(0, cols, step)])
+         rows, out.data_ptr(), cols, int(add_to is not None)) for c in range(0, cols, step)])
     return out
 
 
@@ -139,6 +144,7 @@ def transposed_product(g: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int) 
 # cotangent is a batched tensor, which torch hands to an operator one batch entry at a time;
 # a plain call would see the batched wrapper, whose memory is not its logical rows. (Defined
 # with torch.library.Library: custom_op's first call imports the compiler stack, +150 MB.)
+# Functional only: the batched fallback takes no in-place operators.
 _LIBRARY = torch.library.Library("ggufjac", "DEF")
 _LIBRARY.define("quantized_product(Tensor x, Tensor raw, int qtype, int cols) -> Tensor")
 _LIBRARY.define("quantized_transposed_product(Tensor g, Tensor raw, int qtype, int cols) -> Tensor")
@@ -148,3 +154,10 @@ _LIBRARY.impl("quantized_transposed_product",
               lambda g, raw, qtype, cols: transposed_product(g, raw, Q(qtype), cols), "CPU")
 product_op = torch.ops.ggufjac.quantized_product
 transposed_product_op = torch.ops.ggufjac.quantized_transposed_product
+
+
+def batched(t: torch.Tensor) -> bool:
+    """Whether `t` is a batched tensor of the legacy vmap (then only the operators take it;
+    when torch cannot tell, assumed so)."""
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return True if check is None else bool(check(t))
