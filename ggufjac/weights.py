@@ -209,7 +209,7 @@ class GGUFWeights:
         if copy:  # read time is the file's (GGUFFile.read_seconds), not dequantization's
             raw = self._raw_rows(info, start, stop, pool, key)
             t0 = time.perf_counter()
-            raw = raw.to(self.device)
+            raw = raw.to(self.device, non_blocking=True)
         else:
             t0 = time.perf_counter()
             row_bytes = _row_bytes(info)
