@@ -23,6 +23,11 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import GGUFError
 
+# madvise(MADV_POPULATE_READ) (Linux 5.14+; Python's mmap module names it from 3.13 only)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ",
+                              22 if hasattr(mmap, "MADV_DONTNEED") and os.uname().sysname == "Linux"
+                              else None)
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -374,6 +379,23 @@ class GGUFFile:
         self.read_seconds += time.perf_counter() - t0
         self.bytes_read += done
         return out
+
+    def mapped(self, start: int, n_bytes: int) -> np.ndarray | None:
+        """Bytes [start, start + n_bytes) as a read-only view of the mapping, its pages mapped
+        in now (madvise POPULATE_READ: waits for the disk included, in `read_seconds`), so
+        that reading them costs no copy and no page faults; `release` them after use. None
+        where the system cannot (then `read_into`)."""
+        if self._mmap is None or _MADV_POPULATE_READ is None or n_bytes <= 0:
+            return None
+        t0 = time.perf_counter()
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._mmap.madvise(_MADV_POPULATE_READ, first, start + n_bytes - first)
+        except OSError:  # a kernel older than Linux 5.14
+            return None
+        self.read_seconds += time.perf_counter() - t0
+        self.bytes_read += n_bytes
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=n_bytes, offset=start)
 
     def read_ahead(self, start: int, n_bytes: int, piece: int = 8 << 20) -> None:
         """Read [start, start + n_bytes) so that it is in the page cache when `read_into`

@@ -81,3 +81,45 @@ def test_walking_the_vocabulary_keeps_mapped_pages_flat(gemma_path) -> None:
     print(f"table {table / 2**20:.0f} MiB in the file, most mapped during the walk "
           f"{most / 2**20:.1f} MiB")
     assert table > 100 * 2**20 and most < 16 * 2**20
+
+
+def test_mapped_ranges_are_the_files_bytes_and_are_handed_back(tmp_path) -> None:
+    """`mapped` maps a range in ahead of use (counted as read), with the file's bytes; the
+    streamed products read row blocks that way and release each after use, so walking a
+    36 MiB matrix in 0.6 MiB blocks keeps a few MiB mapped (the page cache's large folios
+    around a block are mapped with it: 2.6-4.7 MiB at a time, measured), not the matrix."""
+    import torch
+
+    from ggufjac.api import open_model
+    from ggufjac.blocked import linear
+    from tools.big_model import BigModel, write_big_gguf
+    from tools.peak_rss import status_bytes
+
+    shape = Shape(n_layer=1, d_model=4096, d_ff=16384, n_head=32, n_kv_head=8, head_dim=128,
+                  context_length=64)
+    path = write_big_gguf(tmp_path / "m.gguf", BigModel("llama", shape, 256, tied=False,
+                                                        rope_freqs=False))
+    with GGUFFile(path) as g:
+        info = g.tensor("blk.0.ffn_up.weight")
+        before = g.bytes_read
+        view = g.mapped(info.offset + 1000, 5000)
+        if view is None:
+            pytest.skip("this kernel cannot populate a mapping ahead (Linux < 5.14)")
+        assert g.bytes_read - before == 5000
+        expected = np.empty(5000, dtype=np.uint8)
+        g.read_into(info.offset + 1000, expected)
+        assert np.array_equal(view, expected)
+        del view
+        g.release()
+    m = open_model(path, dtype="float32")
+    layer = m.weights.layer(0, ["ffn_up"], block_elements=1 << 20)  # 256 rows a block
+    up = layer["ffn_up"]
+    assert up.quantized_type is not None  # through the kernels, which read mapped blocks
+    file_bytes = m.weights.gguf.tensor("blk.0.ffn_up.weight").n_bytes
+    rss, most = status_bytes("RssFile"), 0
+    for _start, raw in up.raw_blocks():
+        most = max(most, status_bytes("RssFile") - rss)
+    assert file_bytes > 32 * 2**20 and most < 8 * 2**20, (file_bytes, most)
+    x = torch.randn(3, shape.d_model)
+    whole = m.weights.tensor("blk.0.ffn_up.weight")
+    assert torch.allclose(linear(x, up), x @ whole.T, rtol=1e-4, atol=1e-4)
