@@ -46,6 +46,10 @@ class _Kernels:
         self.transposed_fn.restype = None
         self.transposed_fn.argtypes = [ctypes.c_int, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64,
                                        _I64, _PTR, _I64, ctypes.c_int]
+        self.variant_fn, self.use_variant_fn = library.quantized_variant, \
+            library.quantized_use_variant
+        self.variant_fn.restype = self.use_variant_fn.restype = ctypes.c_int
+        self.use_variant_fn.argtypes = [ctypes.c_int]
         self.workers = Workers("ggufjac-products")
         self.checked: dict[Q, bool] = {}
 
@@ -66,6 +70,26 @@ def _kernels() -> _Kernels | None:
 def available() -> bool:
     """Whether the compiled kernels are here (and not turned off)."""
     return _kernels() is not None
+
+
+# The instruction sets the kernels are compiled for, by the extension's numbering.
+VARIANTS = ("baseline", "avx2", "avx512")
+
+
+def variant() -> str:
+    """The kernels' instruction set in use (the machine's best unless `use_variant`)."""
+    k = _kernels()
+    assert k is not None
+    return VARIANTS[k.variant_fn()]
+
+
+def use_variant(name: str) -> str:
+    """Use the kernels compiled for `name` from now on, or the machine's best if it lacks
+    that instruction set; returns the one in use (for tests and benchmarks)."""
+    k = _kernels()
+    assert k is not None
+    k.checked.clear()
+    return VARIANTS[k.use_variant_fn(VARIANTS.index(name))]
 
 
 def supports(qtype: Q, cols: int, dtype: torch.dtype, device: torch.device) -> bool:

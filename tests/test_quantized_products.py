@@ -20,6 +20,18 @@ from tools.synthetic import Shape
 pytestmark = pytest.mark.skipif(not qp.available(), reason="the extension was not compiled")
 
 
+@pytest.fixture(params=qp.VARIANTS if qp.available() else [])
+def variant(request):
+    """Each instruction set's copy of the kernels that this CPU can run, then its best again."""
+    got = qp.use_variant(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} kernels")
+        yield got
+    finally:
+        qp.use_variant(qp.VARIANTS[-1])
+
+
 def _random_rows(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if qtype == Q.Q4_K:
@@ -32,7 +44,8 @@ def _random_rows(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", qp.TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tok", [1, 3, 16, 21])
-def test_products_equal_float64_products_of_gguf_py_weights(qtype: Q, n_tok: int) -> None:
+def test_products_equal_float64_products_of_gguf_py_weights(variant, qtype: Q, n_tok: int
+                                                           ) -> None:
     rows, cols = 37, 768  # rows: no multiple of any tile; cols: three kernel steps
     raw = _random_rows(qtype, rows, cols)
     w = torch.from_numpy(gguf_quants.dequantize(raw, qtype).reshape(rows, cols)).double()
@@ -51,8 +64,9 @@ def test_products_equal_float64_products_of_gguf_py_weights(qtype: Q, n_tok: int
 
 
 @pytest.mark.parametrize("qtype", qp.TYPES, ids=lambda t: t.name)
-def test_the_kernels_weights_are_gguf_pys_exactly(qtype: Q) -> None:
+def test_the_kernels_weights_are_gguf_pys_exactly(variant, qtype: Q) -> None:
     """x = I makes each product a single weight times 1."""
+    assert qp.supports(qtype, 512, torch.float32, torch.device("cpu"))  # checked again
     rows, cols = 9, 512
     raw = _random_rows(qtype, rows, cols, seed=3)
     w = torch.from_numpy(gguf_quants.dequantize(raw, qtype).reshape(rows, cols))

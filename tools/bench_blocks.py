@@ -1,7 +1,7 @@
 """Products with one 70B-shaped quantized matrix, three ways, in one run:
 
     python -m tools.bench_blocks [--rows 8192] [--cols 28672] [--tokens 16] [--repeat 3]
-        [--types Q4_K,Q6_K]
+        [--types Q4_K,Q6_K] [--variant avx512|avx2|baseline]
 
 W is random blocks of each type (tools/big_model.py), held as raw bytes in memory (no disk).
   whole:   W dequantized into one float32 buffer, then multiplied (a layer held whole);
@@ -73,11 +73,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--types", default="Q4_K,Q6_K")
+    ap.add_argument("--variant", choices=quantized_products.VARIANTS,
+                    help="the kernels compiled for this instruction set (default: the "
+                         "machine's best)")
     args = ap.parse_args()
     if not quantized_products.available():
         sys.exit("the compiled kernels are not here (pip install -e . builds them)")
+    if args.variant:
+        quantized_products.use_variant(args.variant)
     rows, cols = args.rows, args.cols
-    print(f"{rows} x {cols}, {args.tokens} tokens, {torch.get_num_threads()} threads")
+    print(f"{rows} x {cols}, {args.tokens} tokens, {torch.get_num_threads()} threads, "
+          f"kernels for {quantized_products.variant()}")
     x, g = torch.randn(args.tokens, cols), torch.randn(args.tokens, rows)
     for name in args.types.split(","):
         qtype = Q[name]
