@@ -17,7 +17,7 @@ from ggufjac.engine import _vjp_rows
 from tools.big_model import BigModel, random_q4_k, random_q6_k, write_big_gguf
 from tools.synthetic import Shape
 
-pytestmark = pytest.mark.skipif(not qp.available(), reason="the extension was not compiled")
+needs_kernels = pytest.mark.skipif(not qp.available(), reason="the extension was not compiled")
 
 
 @pytest.fixture(params=qp.VARIANTS if qp.available() else [])
@@ -42,6 +42,7 @@ def _random_rows(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return gguf_quants.quantize(values, qtype).reshape(rows, -1)
 
 
+@needs_kernels
 @pytest.mark.parametrize("qtype", qp.TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tok", [1, 3, 16, 21])
 def test_products_equal_float64_products_of_gguf_py_weights(variant, qtype: Q, n_tok: int
@@ -63,6 +64,7 @@ def test_products_equal_float64_products_of_gguf_py_weights(variant, qtype: Q, n
         assert float(((ours.double() - ref).abs() / scale).max()) < 1e-6
 
 
+@needs_kernels
 @pytest.mark.parametrize("qtype", qp.TYPES, ids=lambda t: t.name)
 def test_the_kernels_weights_are_gguf_pys_exactly(variant, qtype: Q) -> None:
     """x = I makes each product a single weight times 1."""
@@ -75,6 +77,7 @@ def test_the_kernels_weights_are_gguf_pys_exactly(variant, qtype: Q) -> None:
                                              cols), w)
 
 
+@needs_kernels
 def test_unsupported_cases_are_left_to_torch() -> None:
     cpu = torch.device("cpu")
     assert qp.supports(Q.Q4_K, 512, torch.float32, cpu)
@@ -97,6 +100,7 @@ class _RawRows:
             yield s, self.raw[s:s + self.block]
 
 
+@needs_kernels
 def test_batched_backward_through_the_kernels_equals_autograd_on_dense_weights() -> None:
     """The engine's batched backward (legacy vmap) hands the operator one batch entry at a
     time: each direction's cotangent must come back as a dense product's gradient would."""
@@ -120,6 +124,7 @@ TINY = Shape(n_layer=4, d_model=512, d_ff=1024, n_head=4, n_kv_head=2, head_dim=
              context_length=512)
 
 
+@needs_kernels
 def test_streamed_attribution_with_the_kernels_equals_float64_and_torch_products(
         tmp_path, monkeypatch) -> None:
     """A Q4_K_M model whose rows are whole kernel steps: the float32 run takes the kernels
@@ -161,3 +166,16 @@ def test_streamed_attribution_with_the_kernels_equals_float64_and_torch_products
     assert float((fused - exact).abs().max()) / scale < 1e-5
     assert float((fused - plain).abs().max()) / scale < 1e-5
     assert abs(float(fused.sum()) - logit) / scale < 1e-5
+
+
+def test_the_extension_is_built_where_a_compiler_is() -> None:
+    """`pip install` builds the kernels wherever there is a C compiler (the build is optional
+    only for machines without one): a silent build failure would leave every streamed float32
+    run on the slower path."""
+    import os
+    import shutil
+
+    if os.environ.get("GGUFJAC_FUSED_PRODUCTS") == "0":
+        pytest.skip("turned off by GGUFJAC_FUSED_PRODUCTS=0")
+    assert shutil.which("cc") or shutil.which("gcc"), "no C compiler on this machine"
+    assert qp.available()
