@@ -127,11 +127,23 @@ def _parts(n_values: int, units: int) -> int:
     return max(1, min(torch.get_num_threads(), units, n_values // PARALLEL_MIN_VALUES))
 
 
+def _check(a: torch.Tensor, width: int, raw: torch.Tensor, qtype: Q, cols: int) -> None:
+    """The C code reads where it is told: refuse shapes and types it would read past."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if qtype not in TYPES or cols % QK or raw.dtype != torch.uint8 or raw.dim() != 2 \
+            or raw.shape[1] != cols // block * type_size or not raw.is_contiguous() \
+            or raw.device.type != "cpu" or a.dtype != torch.float32 or a.dim() != 2 \
+            or a.shape[1] != width or a.device.type != "cpu":
+        raise ValueError(f"no quantized product of {a.dtype} {list(a.shape)} ({a.device}) with "
+                         f"{qtype.name} bytes {raw.dtype} {list(raw.shape)} for {cols} columns")
+
+
 def product(x: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
     """x [T, cols] @ W.T -> [T, rows], W [rows, cols] given by its bytes `raw` [rows, row bytes]
     (uint8, contiguous). x float32 on CPU."""
     k = _kernels()
     assert k is not None
+    _check(x, cols, raw, qtype, cols)
     x = x.contiguous()
     rows, n_tok = raw.shape[0], x.shape[0]
     out = torch.empty((n_tok, rows), dtype=torch.float32)
@@ -150,6 +162,7 @@ def transposed_product(g: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int,
     (contiguous float32 [T, cols]) instead of a fresh one."""
     k = _kernels()
     assert k is not None
+    _check(g, raw.shape[0], raw, qtype, cols)
     g = g.contiguous()
     rows, n_tok = raw.shape[0], g.shape[0]
     out = torch.empty((n_tok, cols), dtype=torch.float32) if add_to is None else add_to

@@ -78,6 +78,17 @@ def test_the_kernels_weights_are_gguf_pys_exactly(variant, qtype: Q) -> None:
 
 
 @needs_kernels
+def test_shapes_the_kernels_would_read_past_are_refused() -> None:
+    raw = torch.from_numpy(_random_rows(Q.Q4_K, 4, 512))
+    with pytest.raises(ValueError, match="no quantized product"):
+        qp.product(torch.zeros(2, 768), raw, Q.Q4_K, 768)  # more columns than the bytes hold
+    with pytest.raises(ValueError, match="no quantized product"):
+        qp.product(torch.zeros(2, 512, dtype=torch.float64), raw, Q.Q4_K, 512)
+    with pytest.raises(ValueError, match="no quantized product"):
+        qp.transposed_product(torch.zeros(2, 5), raw, Q.Q4_K, 512)  # 5 rows for 4
+
+
+@needs_kernels
 def test_unsupported_cases_are_left_to_torch() -> None:
     cpu = torch.device("cpu")
     assert qp.supports(Q.Q4_K, 512, torch.float32, cpu)
