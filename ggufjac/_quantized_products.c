@@ -76,10 +76,6 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m)
 #define FR 4
 #define FT 4
 #include "_quantized_products_kernels.h"
-#undef NAME
-#undef VL
-#undef FR
-#undef FT
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
@@ -88,10 +84,6 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m)
 #define FR 4
 #define FT 2
 #include "_quantized_products_kernels.h"
-#undef NAME
-#undef VL
-#undef FR
-#undef FT
 #pragma GCC pop_options
 #endif
 #define NAME(x) x##_baseline
@@ -99,10 +91,6 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m)
 #define FR 4
 #define FT 2
 #include "_quantized_products_kernels.h"
-#undef NAME
-#undef VL
-#undef FR
-#undef FT
 
 /* 2: AVX-512 (x86-64-v4), 1: AVX2 and FMA (x86-64-v3), 0: the compiler's baseline */
 static int best_variant(void) {

@@ -1,6 +1,7 @@
 /* The kernels of _quantized_products.c, compiled once per instruction set: that file
- * includes this one with NAME(x) naming the copy, VL floats per vector, the tiles FR, FT, RB,
- * TC, SPAN, and the instruction set's target pragma in force. */
+ * includes this one with NAME(x) naming the copy, VL floats per vector, the tiles FR, FT
+ * (RB, TC, SPAN are shared), and the instruction set's target pragma in force. NAME, VL, FR
+ * and FT are undefined at the end, for the next copy. */
 
 /* Helpers are copied too (and forced inline): a vector passed to a function compiled for
  * another instruction set would go through memory. */
@@ -177,3 +178,7 @@ static void NAME(transposed)(int type, const uint8_t *w, int64_t cols, int64_t n
 #undef bytes
 #undef signed_bytes
 #undef INLINE
+#undef NAME
+#undef VL
+#undef FR
+#undef FT
