@@ -154,5 +154,5 @@ void quantized_transposed(int type, const uint8_t *w, int64_t cols, int64_t n_ro
 int quantized_block_bytes(int type) { return block_bytes(type); }
 
 /* A module of no functions: ctypes loads this file for the kernels above. */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_quantized_products", NULL, -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_quantized_products", .m_size = -1};
 PyMODINIT_FUNC PyInit__quantized_products(void) { return PyModule_Create(&module); }
