@@ -77,8 +77,9 @@ class _RowBlockLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[no-untyped-def]
-        # Out of place: under a batched backward (vmap) `g` carries a batch dimension that an
-        # in-place sum into an unbatched tensor cannot hold.
+        # Out of place under a batched backward (vmap): `g` carries a batch dimension that an
+        # in-place sum into an unbatched tensor cannot hold (and the kernels' operators take
+        # no in-place form there); a plain backward adds the kernels' blocks in place.
         grad, matrix = None, ctx.matrix
         if matrix.quantized_type is not None:
             rows, cols = g.reshape(-1, g.shape[-1]), matrix.shape[1]
