@@ -8,7 +8,9 @@ nothing is run.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,37 +47,62 @@ def _item(path: Path, line: int, row: object, where: str) -> PromptItem:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text as written: no newline translation (CSV needs a quoted field's own
+    line ends, and the line splitting is `_lines_of`'s)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except OSError as e:
         raise PromptError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise PromptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+# A line ends at \n, \r\n or \r only. str.splitlines() also breaks at \x0b, \x0c, \x1c-\x1e,
+# \x85, U+2028 and U+2029: inside a prompt (or a JSON string, where U+2028 is legal) that
+# would split it and shift every later line's number, which is the prompt's id.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _lines_of(text: str) -> list[str]:
+    return _LINE_END.split(text)
+
+
 def _jsonl(path: Path) -> list[PromptItem]:
     items = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_lines_of(_read_text(path)), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptError(f"{path}, line {number}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise PromptError(f"{path}, line {number}: JSON nested too deeply to read"
+                              ) from None
+        except ValueError as e:  # an integer longer than Python converts (4,300 digits)
+            raise PromptError(f"{path}, line {number}: not readable JSON "
+                              f"({str(e).split(';')[0]})") from None
         items.append(_item(path, number, row, "line"))
     return items
 
 
 def _csv(path: Path) -> list[PromptItem]:
-    rows = csv.DictReader(_read_text(path).splitlines())
-    if rows.fieldnames is None or "prompt" not in rows.fieldnames:
-        raise PromptError(f"{path}: a CSV file needs a \"prompt\" column (its header has "
-                          f"{', '.join(rows.fieldnames or []) or 'no columns'})")
+    # newline="": the csv module itself finds the rows, so a quoted field keeps its line
+    # breaks (a multi-line prompt stays one prompt, its text unchanged)
+    rows = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    items: list[PromptItem] = []
     try:
-        # line 1 is the header; a quoted prompt may span lines, so rows are numbered
-        return [_item(path, number, row, "row") for number, row in enumerate(rows, start=1)]
+        header = rows.fieldnames
+        if header is None or "prompt" not in header:
+            raise PromptError(f"{path}: a CSV file needs a \"prompt\" column (its header "
+                              f"has {', '.join(header or []) or 'no columns'})")
+        # a quoted prompt may span lines, so rows (not lines) are numbered; the header is
+        # not a row
+        for number, row in enumerate(rows, start=1):
+            items.append(_item(path, number, row, "row"))
     except csv.Error as e:
-        raise PromptError(f"{path}: not valid CSV ({e})") from None
+        raise PromptError(f"{path}, row {len(items) + 1}: not valid CSV ({e})") from None
+    return items
 
 
 def _parquet(path: Path) -> list[PromptItem]:
@@ -97,7 +124,7 @@ def _parquet(path: Path) -> list[PromptItem]:
 
 def _lines(path: Path) -> list[PromptItem]:
     return [PromptItem(str(number), line, None, number)
-            for number, line in enumerate(_read_text(path).splitlines(), start=1)
+            for number, line in enumerate(_lines_of(_read_text(path)), start=1)
             if line.strip()]
 
 
@@ -124,7 +151,7 @@ def read_prompt_set(path: Path) -> list[PromptItem]:
 
 def read_words(path: Path) -> list[str]:
     """Concept words, one per line (blank lines and lines starting with # skipped)."""
-    words = [line.strip() for line in _read_text(Path(path)).splitlines()]
+    words = [line.strip() for line in _lines_of(_read_text(Path(path)))]
     words = [w for w in words if w and not w.startswith("#")]
     if not words:
         raise PromptError(f"{path}: no words in the file")

@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from ggufjac.cli import main
+from ggufjac.errors import PromptError
 from ggufjac.prompt_sets import read_prompt_set
 from ggufjac.runner import unembed
 
@@ -176,7 +177,8 @@ def test_prompt_set_formats(tmp_path) -> None:
     assert [(i.id, i.prompt, i.target) for i in items] == \
         [("q1", "Hello, world", " Paris"), ("q2", "Bye", None)]
     (tmp_path / "b.csv").write_text("text\nHello\n")
-    with pytest.raises(Exception, match="needs a \"prompt\" column"):
+    with pytest.raises(PromptError, match=r"b\.csv: a CSV file needs a \"prompt\" column "
+                                          r"\(its header has text\)$"):
         read_prompt_set(tmp_path / "b.csv")
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
