@@ -1156,10 +1156,6 @@ def export(store_path: Path, parquet_dir: Path) -> None:
                + ", ".join(p.name for p in written))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _finite_scales(text: str) -> list[float]:
     from .cvector import check_scale
 
@@ -1354,3 +1350,7 @@ def cvector(model: str, source: str, layer_range: str, out_path: Path, operator:
     for n, v in sorted(cv.directions.items()):
         click.echo(f"direction.{n}: norm {float(v.norm()):.4g}")
     click.echo(f"wrote {out_path} ({len(cv.directions)} directions, n_embd {m.cfg.d_model})")
+
+
+if __name__ == "__main__":
+    main()
