@@ -233,32 +233,49 @@ def test_progress_bar_per_sweep_counts_bytes_read_and_time_left(synthetic, tmp_p
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, prefetch) -> None:
+def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, monkeypatch,
+                                                                    prefetch) -> None:
     """With prefetching, layer k+1 is read and dequantized (into the other buffer set) while
     the caller still computes with layer k, whose weights stay intact, and layer k+2 only once
     the caller is done with k; without it, layer k+1 is read only after. (On CUDA the read
     runs on a side stream as well: no GPU here.)"""
-    import time
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ggufjac.engine
 
     shape = Shape(n_layer=5, d_model=128, d_ff=256, n_head=2, n_kv_head=1)
     m = open_model(write_synthetic_gguf(tmp_path / "m.gguf", "llama", shape, "Q4_K_M"),
                    dtype="float64")
     engine = m.engine(prefetch=prefetch)
     events: list[tuple[str, int]] = []
+    read_done = [threading.Event() for _ in range(m.cfg.n_layer)]
     load = engine._load
 
     def logged_load(layer, names, pool, after=None):
-        events.append(("read", layer))
-        loaded = load(layer, names, pool, after)
-        events.append(("read done", layer))
-        return loaded
+        try:
+            events.append(("read", layer))
+            loaded = load(layer, names, pool, after)
+            events.append(("read done", layer))
+            return loaded
+        finally:  # set even when the read fails, so that no wait below can hang
+            read_done[layer].set()
     engine._load = logged_load
+
+    class LoggedPool(ThreadPoolExecutor):  # records which layer reads are handed to it
+        def submit(self, fn, *args, **kwargs):
+            if fn is logged_load:
+                events.append(("submitted", args[0]))
+            return super().submit(fn, *args, **kwargs)
+    monkeypatch.setattr(ggufjac.engine, "ThreadPoolExecutor", LoggedPool)
     for layer, w in engine.layers(range(m.cfg.n_layer), None, "test"):
         events.append(("compute", layer))
-        deadline = time.monotonic() + 5  # "compute" until the next read is done (or give up)
-        while prefetch and layer + 1 < m.cfg.n_layer and ("read done", layer + 1) not in events \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if prefetch and layer + 1 < m.cfg.n_layer:
+            # the next read was handed to the pool before this layer was given out, so it
+            # runs: "compute" until it is done (an event, no clock)
+            assert ("submitted", layer + 1) in events, events
+            read_done[layer + 1].wait()
+            assert ("read done", layer + 1) in events, events  # the read itself succeeded
         fresh = m.weights.layer(layer)
         assert all(torch.equal(w[n], fresh[n]) for n in fresh)  # not overwritten by k+1
         events.append(("computed", layer))
@@ -270,6 +287,8 @@ def test_prefetch_reads_the_next_layer_while_the_current_one_computes(tmp_path, 
                 assert computed < events.index(("read", k + 2))
         else:
             assert computed < events.index(("read", k + 1))
+    if not prefetch:  # every read on the caller's thread, none handed to a pool
+        assert not any(kind == "submitted" for kind, _ in events), events
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -112,8 +112,8 @@ def test_undequantizable_types_are_refused_by_name(tmp_path) -> None:
     with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_down\.weight.*Q8_K"):
         open_model(path)
     r = CliRunner().invoke(main, ["info", str(path)])
-    assert r.exit_code == 1 and "Q8_K" in r.stdout and r.exception is None or \
-        isinstance(r.exception, SystemExit)
+    assert r.exit_code == 1 and "Q8_K" in r.stdout, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
 
 
 class _FailingModule:

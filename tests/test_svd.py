@@ -214,9 +214,15 @@ def test_not_converging_is_reported(synthetic) -> None:
     m = open_model(synthetic("llama", "Q4_K_M"), dtype="float64")
     engine = m.engine()
     record = engine.forward(engine.embed(m.tokenize(PROMPT)))
-    result = top_singular_triplets(engine, record, 4, max_iterations=2)
+    figures: list[tuple[int, float, float]] = []  # (iteration, σ change, Ritz residual)
+    result = top_singular_triplets(engine, record, 4, max_iterations=2,
+                                   on_iteration=lambda *f: figures.append(f))
     assert not result.converged and result.iterations == 2
-    assert result.sigma_change > result.tolerance or result.residuals.max() > 0
+    assert [i for i, _, _ in figures] == [1, 2]
+    _, change, residual = figures[-1]
+    assert result.sigma_change == change
+    # the stopping rule (both below the tolerance) failed at the last iteration
+    assert change > result.tolerance or residual > result.tolerance, (change, residual)
 
 
 def test_cli_files_report_and_errors(tmp_path, synthetic) -> None:
