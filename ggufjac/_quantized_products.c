@@ -14,7 +14,9 @@
  * compiled once per instruction set, each with the vector length and tiles that suit its
  * registers: AVX-512, AVX2 with FMA, and the compiler's baseline (the only one off x86-64 or
  * with another compiler than GCC); the machine's best is chosen when first called. Called
- * through ctypes (quantized_products.py), which splits the work across threads.
+ * through ctypes (quantized_products.py), which splits the work across threads. The two
+ * entry points check every argument and return an error code (quantized_error names it)
+ * for a call that would read or write outside the matrix or its buffers' rows.
  */
 #include <Python.h>
 #include <stdint.h>
@@ -124,9 +126,65 @@ int quantized_use_variant(int v) {
 
 int quantized_variant(void) { return variant(); }
 
-/* rows [r0, r1) of out[t, r] = sum_c W[r, c] x[t, c]; 0, or -1 without memory */
-int quantized_forward(int type, const uint8_t *w, int64_t cols, int64_t r0, int64_t r1,
-                      const float *x, int64_t n_tok, int64_t ldx, float *out, int64_t ldo) {
+/* What the entry points return: 0, or one of these (quantized_error names each). The
+ * kernels read and write where they are told, so every argument is checked first: a call
+ * that would read or write past a row, a range or a buffer's stride is refused, not run. */
+enum {
+    QP_OK = 0,
+    QP_NO_MEMORY = -1,  /* no memory for the sums */
+    QP_BAD_TYPE = -2,   /* a type the kernels do not know */
+    QP_BAD_COLS = -3,   /* columns not a positive multiple of QK */
+    QP_BAD_RANGE = -4,  /* a row or column range outside the matrix, or off a QK step */
+    QP_BAD_STRIDE = -5, /* a row stride (ldx, ldg, ldo) shorter than the rows it holds */
+    QP_NULL = -6,       /* a null pointer where there is work */
+    QP_BAD_SIZE = -7,   /* a negative count, or sizes whose byte offsets overflow */
+};
+
+const char *quantized_error(int code) {
+    switch (code) {
+    case QP_OK: return "no error";
+    case QP_NO_MEMORY: return "no memory for the sums";
+    case QP_BAD_TYPE: return "unknown quantized type";
+    case QP_BAD_COLS: return "columns not a positive multiple of 256";
+    case QP_BAD_RANGE: return "row or column range outside the matrix (or off a 256-column step)";
+    case QP_BAD_STRIDE: return "a row stride shorter than the rows it must hold";
+    case QP_NULL: return "null pointer";
+    case QP_BAD_SIZE: return "negative count, or sizes whose byte offsets overflow";
+    default: return "unknown error code";
+    }
+}
+
+/* The checks both kernels share: W [n_rows, cols] of `type`, n_tok tokens. */
+static int check_matrix(int type, int64_t cols, int64_t n_rows, int64_t n_tok) {
+    const int64_t bb = block_bytes(type);
+    if (bb == 0) return QP_BAD_TYPE;
+    if (cols <= 0 || cols % QK) return QP_BAD_COLS;
+    if (n_rows < 0 || n_tok < 0) return QP_BAD_SIZE;
+    if (cols / QK > INT64_MAX / bb) return QP_BAD_SIZE;
+    const int64_t row_bytes = cols / QK * bb;
+    if (n_rows && row_bytes > INT64_MAX / n_rows) return QP_BAD_SIZE;
+    return QP_OK;
+}
+
+/* n_tok rows of `ld` floats of which the first `width` are used: no stride shorter than a
+ * row, no offset that overflows */
+static int check_rows(int64_t n_tok, int64_t ld, int64_t width) {
+    if (ld < width) return QP_BAD_STRIDE;
+    if (n_tok && ld > INT64_MAX / 4 / n_tok) return QP_BAD_SIZE;
+    return QP_OK;
+}
+
+/* rows [r0, r1) of out[t, r] = sum_c W[r, c] x[t, c], W [n_rows, cols]; x [n_tok, ldx],
+ * out [n_tok, ldo]. 0, or a QP_ error (nothing written). */
+int quantized_forward(int type, const uint8_t *w, int64_t cols, int64_t n_rows, int64_t r0,
+                      int64_t r1, const float *x, int64_t n_tok, int64_t ldx, float *out,
+                      int64_t ldo) {
+    int e = check_matrix(type, cols, n_rows, n_tok);
+    if (e) return e;
+    if (r0 < 0 || r0 > r1 || r1 > n_rows) return QP_BAD_RANGE;
+    if ((e = check_rows(n_tok, ldx, cols)) || (e = check_rows(n_tok, ldo, r1))) return e;
+    if (r0 == r1 || n_tok == 0) return QP_OK;
+    if (!w || !x || !out) return QP_NULL;
 #ifdef X86_VARIANTS
     if (variant() == 2) return forward_avx512(type, w, cols, r0, r1, x, n_tok, ldx, out, ldo);
     if (variant() == 1) return forward_avx2(type, w, cols, r0, r1, x, n_tok, ldx, out, ldo);
@@ -134,21 +192,29 @@ int quantized_forward(int type, const uint8_t *w, int64_t cols, int64_t r0, int6
     return forward_baseline(type, w, cols, r0, r1, x, n_tok, ldx, out, ldo);
 }
 
-/* columns [c0, c1) of out[t, c] (+)= sum_r g[t, r] W[r, c] */
-void quantized_transposed(int type, const uint8_t *w, int64_t cols, int64_t n_rows,
-                          int64_t c0, int64_t c1, const float *g, int64_t n_tok, int64_t ldg,
-                          float *out, int64_t ldo, int accumulate) {
+/* columns [c0, c1) (QK steps) of out[t, c] (+)= sum_r g[t, r] W[r, c], W [n_rows, cols];
+ * g [n_tok, ldg], out [n_tok, ldo]. 0, or a QP_ error (nothing written). */
+int quantized_transposed(int type, const uint8_t *w, int64_t cols, int64_t n_rows,
+                         int64_t c0, int64_t c1, const float *g, int64_t n_tok, int64_t ldg,
+                         float *out, int64_t ldo, int accumulate) {
+    int e = check_matrix(type, cols, n_rows, n_tok);
+    if (e) return e;
+    if (c0 < 0 || c0 > c1 || c1 > cols || c0 % QK || c1 % QK) return QP_BAD_RANGE;
+    if ((e = check_rows(n_tok, ldg, n_rows)) || (e = check_rows(n_tok, ldo, c1))) return e;
+    if (c0 == c1 || n_tok == 0) return QP_OK;
+    if (!out || (n_rows && (!w || !g))) return QP_NULL;
 #ifdef X86_VARIANTS
     if (variant() == 2) {
         transposed_avx512(type, w, cols, n_rows, c0, c1, g, n_tok, ldg, out, ldo, accumulate);
-        return;
+        return QP_OK;
     }
     if (variant() == 1) {
         transposed_avx2(type, w, cols, n_rows, c0, c1, g, n_tok, ldg, out, ldo, accumulate);
-        return;
+        return QP_OK;
     }
 #endif
     transposed_baseline(type, w, cols, n_rows, c0, c1, g, n_tok, ldg, out, ldo, accumulate);
+    return QP_OK;
 }
 
 int quantized_block_bytes(int type) { return block_bytes(type); }

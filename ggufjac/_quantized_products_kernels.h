@@ -1,7 +1,8 @@
 /* The kernels of _quantized_products.c, compiled once per instruction set: that file
  * includes this one with NAME(x) naming the copy, VL floats per vector, the tiles FR, FT
  * (RB, TC, SPAN are shared), and the instruction set's target pragma in force. NAME, VL, FR
- * and FT are undefined at the end, for the next copy. */
+ * and FT are undefined at the end, for the next copy. The kernels trust their arguments:
+ * quantized_forward and quantized_transposed check them before calling one. */
 
 /* Helpers are copied too (and forced inline): a vector passed to a function compiled for
  * another instruction set would go through memory. */

@@ -40,12 +40,14 @@ class _Kernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         self.forward_fn = library.quantized_forward
         self.forward_fn.restype = ctypes.c_int
-        self.forward_fn.argtypes = [ctypes.c_int, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64,
-                                    _PTR, _I64]
+        self.forward_fn.argtypes = [ctypes.c_int, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64,
+                                    _I64, _PTR, _I64]
         self.transposed_fn = library.quantized_transposed
-        self.transposed_fn.restype = None
+        self.transposed_fn.restype = ctypes.c_int
         self.transposed_fn.argtypes = [ctypes.c_int, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64,
                                        _I64, _PTR, _I64, ctypes.c_int]
+        self.error_fn = library.quantized_error
+        self.error_fn.restype, self.error_fn.argtypes = ctypes.c_char_p, [ctypes.c_int]
         self.variant_fn, self.use_variant_fn = library.quantized_variant, \
             library.quantized_use_variant
         self.variant_fn.restype = self.use_variant_fn.restype = ctypes.c_int
@@ -105,8 +107,9 @@ def supports(qtype: Q, cols: int, dtype: torch.dtype, device: torch.device) -> b
 
 
 def agrees(qtype: Q, n_rows: int = 4) -> bool:
-    """Whether the kernels' weights equal the torch path's on random blocks: multiplied by
-    the identity, each product is one weight times 1 plus zeros, exact."""
+    """Whether both kernels' weights equal the torch path's on random blocks: multiplied by
+    the identity (x @ W.T with x = I, and I @ W), each product is one weight times 1 plus
+    zeros, exact."""
     from .quants import dequantize_torch
 
     block, type_size = GGML_QUANT_SIZES[qtype]
@@ -118,8 +121,10 @@ def agrees(qtype: Q, n_rows: int = 4) -> bool:
     raw = raw.reshape(n_rows, -1)
     raw_t = torch.from_numpy(raw)
     reference = dequantize_torch(raw_t, qtype, (n_rows, cols))
-    ours = product(torch.eye(cols), raw_t, qtype, cols).T
-    return bool((ours == reference).all())  # (a weight -0.0 comes out as +0.0: 0 + -0.0)
+    forward = product(torch.eye(cols), raw_t, qtype, cols).T
+    transposed = transposed_product(torch.eye(n_rows), raw_t, qtype, cols)
+    # (a weight -0.0 comes out as +0.0: 0 + -0.0)
+    return bool((forward == reference).all() and (transposed == reference).all())
 
 
 def _parts(n_values: int, units: int) -> int:
@@ -138,6 +143,21 @@ def _check(a: torch.Tensor, width: int, raw: torch.Tensor, qtype: Q, cols: int) 
                          f"{qtype.name} bytes {raw.dtype} {list(raw.shape)} for {cols} columns")
 
 
+def _raise_for(codes: list[int], kernel: str, qtype: Q, rows: int, cols: int,
+               n_tok: int) -> None:
+    """One error for the first part the C code refused (it wrote nothing for that part)."""
+    code = next((c for c in codes if c), 0)
+    if not code:
+        return
+    k = _kernels()
+    assert k is not None
+    problem = k.error_fn(code).decode()
+    if code == -1:
+        raise MemoryError(f"quantized {kernel} product: {problem}")
+    raise ValueError(f"quantized {kernel} product of {qtype.name} [{rows}, {cols}] with "
+                     f"{n_tok} tokens refused by the kernel: {problem}")
+
+
 def product(x: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
     """x [T, cols] @ W.T -> [T, rows], W [rows, cols] given by its bytes `raw` [rows, row bytes]
     (uint8, contiguous). x float32 on CPU."""
@@ -149,10 +169,9 @@ def product(x: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int) -> torch.Te
     out = torch.empty((n_tok, rows), dtype=torch.float32)
     step = -(-rows // _parts(rows * cols, rows))
     codes = k.workers.run(k.forward_fn, [
-        (int(qtype), raw.data_ptr(), cols, r, min(rows, r + step), x.data_ptr(), n_tok, cols,
-         out.data_ptr(), rows) for r in range(0, rows, step)])
-    if any(codes):
-        raise MemoryError("no memory for a quantized product's sums")
+        (int(qtype), raw.data_ptr(), cols, rows, r, min(rows, r + step), x.data_ptr(), n_tok,
+         cols, out.data_ptr(), rows) for r in range(0, rows, step)])
+    _raise_for(codes, "forward", qtype, rows, cols, n_tok)
     return out
 
 
@@ -171,9 +190,10 @@ def transposed_product(g: torch.Tensor, raw: torch.Tensor, qtype: Q, cols: int,
                          f"{list(out.shape)} (contiguous: {out.is_contiguous()})")
     blocks = cols // QK
     step = -(-blocks // _parts(rows * cols, blocks)) * QK
-    k.workers.run(k.transposed_fn, [
+    codes = k.workers.run(k.transposed_fn, [
         (int(qtype), raw.data_ptr(), cols, rows, c, min(cols, c + step), g.data_ptr(), n_tok,
          rows, out.data_ptr(), cols, int(add_to is not None)) for c in range(0, cols, step)])
+    _raise_for(codes, "transposed", qtype, rows, cols, n_tok)
     return out
 
 

@@ -88,6 +88,112 @@ def test_shapes_the_kernels_would_read_past_are_refused() -> None:
         qp.transposed_product(torch.zeros(2, 5), raw, Q.Q4_K, 512)  # 5 rows for 4
 
 
+def _call_forward(qtype: int, w, cols: int, n_rows: int, r0: int, r1: int, x, n_tok: int,
+                  ldx: int, out, ldo: int) -> int:
+    return qp._kernels().forward_fn(qtype, w, cols, n_rows, r0, r1, x, n_tok, ldx, out, ldo)
+
+
+def _call_transposed(qtype: int, w, cols: int, n_rows: int, c0: int, c1: int, g, n_tok: int,
+                     ldg: int, out, ldo: int) -> int:
+    return qp._kernels().transposed_fn(qtype, w, cols, n_rows, c0, c1, g, n_tok, ldg, out,
+                                       ldo, 0)
+
+
+# The C entry points' error codes (_quantized_products.c), and a word each message must have
+_BAD_TYPE, _BAD_COLS, _BAD_RANGE, _BAD_STRIDE, _NULL, _BAD_SIZE = -2, -3, -4, -5, -6, -7
+_WORDS = {_BAD_TYPE: "type", _BAD_COLS: "columns", _BAD_RANGE: "range",
+          _BAD_STRIDE: "stride", _NULL: "null", _BAD_SIZE: "overflow"}
+
+
+@needs_kernels
+def test_the_c_entry_points_refuse_what_they_would_read_or_write_past(variant) -> None:
+    """Called directly (past the Python checks), each kernel checks its arguments and
+    returns an error code without writing anything; valid calls return 0 and write."""
+    rows, cols, n_tok = 5, 512, 3
+    raw = torch.from_numpy(_random_rows(Q.Q4_K, rows, cols))
+    x, g = torch.randn(n_tok, cols), torch.randn(n_tok, rows)
+    w, q4k = raw.data_ptr(), int(Q.Q4_K)
+    out_f = torch.full((n_tok, rows), 7.0)
+    out_t = torch.full((n_tok, cols), 7.0)
+    xp, gp, of, ot = x.data_ptr(), g.data_ptr(), out_f.data_ptr(), out_t.data_ptr()
+    forward_cases = [
+        (_BAD_TYPE, (99, w, cols, rows, 0, rows, xp, n_tok, cols, of, rows)),
+        (_BAD_TYPE, (int(Q.Q4_0), w, cols, rows, 0, rows, xp, n_tok, cols, of, rows)),
+        (_BAD_COLS, (q4k, w, 300, rows, 0, rows, xp, n_tok, cols, of, rows)),
+        (_BAD_COLS, (q4k, w, 0, rows, 0, rows, xp, n_tok, cols, of, rows)),
+        (_BAD_COLS, (q4k, w, -256, rows, 0, rows, xp, n_tok, cols, of, rows)),
+        (_BAD_RANGE, (q4k, w, cols, rows, 0, rows + 1, xp, n_tok, cols, of, rows + 1)),
+        (_BAD_RANGE, (q4k, w, cols, rows, -1, rows, xp, n_tok, cols, of, rows)),
+        (_BAD_RANGE, (q4k, w, cols, rows, 3, 2, xp, n_tok, cols, of, rows)),
+        (_BAD_STRIDE, (q4k, w, cols, rows, 0, rows, xp, n_tok, cols - 1, of, rows)),
+        (_BAD_STRIDE, (q4k, w, cols, rows, 0, rows, xp, n_tok, cols, of, rows - 1)),
+        (_NULL, (q4k, None, cols, rows, 0, rows, xp, n_tok, cols, of, rows)),
+        (_NULL, (q4k, w, cols, rows, 0, rows, None, n_tok, cols, of, rows)),
+        (_NULL, (q4k, w, cols, rows, 0, rows, xp, n_tok, cols, None, rows)),
+        (_BAD_SIZE, (q4k, w, cols, rows, 0, rows, xp, -1, cols, of, rows)),
+        (_BAD_SIZE, (q4k, w, cols, -1, 0, 0, xp, n_tok, cols, of, rows)),
+        (_BAD_SIZE, (q4k, w, 1 << 62, rows, 0, rows, xp, n_tok, 1 << 62, of, rows)),
+        (_BAD_SIZE, (q4k, w, cols, rows, 0, rows, xp, n_tok, 1 << 62, of, rows)),
+    ]
+    transposed_cases = [
+        (_BAD_TYPE, (99, w, cols, rows, 0, cols, gp, n_tok, rows, ot, cols)),
+        (_BAD_COLS, (q4k, w, 300, rows, 0, 256, gp, n_tok, rows, ot, cols)),
+        (_BAD_RANGE, (q4k, w, cols, rows, 0, cols + 256, gp, n_tok, rows, ot, cols + 256)),
+        (_BAD_RANGE, (q4k, w, cols, rows, 0, 300, gp, n_tok, rows, ot, cols)),
+        (_BAD_RANGE, (q4k, w, cols, rows, 100, 256, gp, n_tok, rows, ot, cols)),
+        (_BAD_RANGE, (q4k, w, cols, rows, 512, 256, gp, n_tok, rows, ot, cols)),
+        (_BAD_STRIDE, (q4k, w, cols, rows, 0, cols, gp, n_tok, rows - 1, ot, cols)),
+        (_BAD_STRIDE, (q4k, w, cols, rows, 0, cols, gp, n_tok, rows, ot, cols - 256)),
+        (_NULL, (q4k, w, cols, rows, 0, cols, gp, n_tok, rows, None, cols)),
+        (_NULL, (q4k, w, cols, rows, 0, cols, None, n_tok, rows, ot, cols)),
+        (_BAD_SIZE, (q4k, w, cols, rows, 0, cols, gp, -2, rows, ot, cols)),
+    ]
+    for call, cases, out in ((_call_forward, forward_cases, out_f),
+                             (_call_transposed, transposed_cases, out_t)):
+        for code, args in cases:
+            assert call(*args) == code, (call.__name__, args)
+            assert bool((out == 7.0).all()), (call.__name__, args)  # nothing written
+            message = qp._kernels().error_fn(code).decode()
+            assert _WORDS[code] in message, message
+    dense = torch.from_numpy(gguf_quants.dequantize(raw.numpy(), Q.Q4_K).reshape(rows, cols))
+    assert _call_forward(q4k, w, cols, rows, 1, 4, xp, n_tok, cols, of, rows) == 0
+    assert torch.allclose(out_f[:, 1:4], x @ dense[1:4].T, rtol=1e-5, atol=1e-5)
+    assert bool((out_f[:, [0, 4]] == 7.0).all())  # rows outside the range left alone
+    assert _call_transposed(q4k, w, cols, rows, 256, 512, gp, n_tok, rows, ot, cols) == 0
+    assert torch.allclose(out_t[:, 256:], g @ dense[:, 256:], rtol=1e-5, atol=1e-5)
+    assert bool((out_t[:, :256] == 7.0).all())
+
+
+@needs_kernels
+def test_a_call_the_c_code_refuses_is_one_value_error(monkeypatch) -> None:
+    """Past the Python checks (turned off here), the kernels' own refusal comes back as one
+    ValueError naming the problem, not as values read from past the bytes."""
+    monkeypatch.setattr(qp, "_check", lambda *args: None)
+    raw = torch.from_numpy(_random_rows(Q.Q4_K, 4, 512))
+    with pytest.raises(ValueError, match="forward .*Q4_K.*columns not a positive multiple"):
+        qp.product(torch.zeros(2, 640), raw, Q.Q4_K, 640)
+    with pytest.raises(ValueError, match="transposed .*Q4_K.*columns not a positive multiple"):
+        qp.transposed_product(torch.zeros(2, 4), raw, Q.Q4_K, 640)
+    with pytest.raises(ValueError, match="unknown quantized type"):
+        qp.product(torch.zeros(2, 512), raw, Q.Q4_0, 512)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["product", "transposed_product"])
+def test_agrees_checks_both_kernels(monkeypatch, kernel: str) -> None:
+    """A kernel whose weights are off by one unit in the last place fails the first-use
+    check, whichever of the two it is."""
+    right = getattr(qp, kernel)
+
+    def off_by_one_ulp(*args):
+        out = right(*args)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    assert qp.agrees(Q.Q4_K)
+    monkeypatch.setattr(qp, kernel, off_by_one_ulp)
+    assert not qp.agrees(Q.Q4_K)
+
+
 @needs_kernels
 def test_unsupported_cases_are_left_to_torch() -> None:
     cpu = torch.device("cpu")
