@@ -7,16 +7,18 @@ Calls through ctypes release the interpreter, so a large tensor is split across 
 
 Used only where it is known to give the same float32 values as the torch path (and gguf-py)
 element for element: `NativeDequantizer.agrees` checks each type once, on random blocks
-through both paths, before the type is used natively (a build whose compiler fused a multiply
-and an add into one rounding would differ, and is then not used for that type). Anything
-else, no library, or a struct layout that does not match the file format's block sizes,
-leaves the torch path in charge.
+through both paths, before the type is used natively (a build whose compiler fused a
+multiply and an add into one rounding would differ, and is then not used for that type).
+Anything else, no library, or a struct layout that does not match the file format's block
+sizes, leaves the torch path in charge. The torch path is handed in by the caller
+(quants.py), which this module sits below: it imports nothing of quants.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 import importlib.util
 import os
 import sys
@@ -37,6 +39,10 @@ PARALLEL_MIN_VALUES = 1 << 16
 # for a type it does not know would abort the process).
 NATIVE_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
                 Q.IQ4_NL, Q.IQ4_XS)
+
+# A reference dequantizer (quants.dequantize_torch): bytes [n_blocks, type_size], type,
+# shape -> float32 values.
+Reference = Callable[[torch.Tensor, Q, tuple[int, ...]], torch.Tensor]
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
@@ -80,25 +86,23 @@ class NativeDequantizer:
         self._checked: dict[Q, bool] = {}
         self._workers = Workers("ggufjac-dequantize")
 
-    def supports(self, qtype: Q) -> bool:
+    def supports(self, qtype: Q, reference: Reference) -> bool:
+        """Whether `qtype` is dequantized here: ggml has it, and its values equal
+        `reference`'s (checked once per type, with the first reference given)."""
         if qtype not in self._functions:
             return False
         if qtype not in self._checked:
-            self._checked[qtype] = self.agrees(qtype)
+            self._checked[qtype] = self.agrees(qtype, reference)
         return self._checked[qtype]
 
-    def agrees(self, qtype: Q, n_blocks: int = 256) -> bool:
-        """Whether ggml's values equal the torch path's, bit for bit (NaN where NaN), on
+    def agrees(self, qtype: Q, reference: Reference, n_blocks: int = 256) -> bool:
+        """Whether ggml's values equal `reference`'s, bit for bit (NaN where NaN), on
         random bytes read as blocks of `qtype`."""
-        from .quants import DEQUANTIZERS, dequantize_torch  # quants imports this module
-
-        if qtype not in DEQUANTIZERS:
-            return False
         block, type_size = GGML_QUANT_SIZES[qtype]
         rng = np.random.default_rng(int(qtype))
         blocks = torch.from_numpy(rng.integers(0, 256, size=(n_blocks, type_size),
                                                dtype=np.uint8))
-        ours = dequantize_torch(blocks, qtype, (n_blocks * block,))
+        ours = reference(blocks, qtype, (n_blocks * block,))
         theirs = torch.empty(n_blocks * block, dtype=torch.float32)
         self.dequantize(blocks, qtype, theirs, 1)
         same = (ours.view(torch.int32) == theirs.view(torch.int32)) | (ours.isnan() & theirs.isnan())

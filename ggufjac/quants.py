@@ -296,7 +296,8 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
     (native_quants.py); otherwise the torch path below.
     """
     engine = native()
-    if engine is not None and _fits_native(raw, qtype, shape, out) and engine.supports(qtype):
+    if engine is not None and qtype in DEQUANTIZERS and _fits_native(raw, qtype, shape, out) \
+            and engine.supports(qtype, dequantize_torch):
         if out is None:
             out = torch.empty(math.prod(shape), dtype=torch.float32)
         engine.dequantize(raw, qtype, out, torch.get_num_threads())

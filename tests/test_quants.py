@@ -65,7 +65,7 @@ def test_random_blocks_match_gguf_py(qtype: Q, path: str, monkeypatch) -> None:
     raw = _random_blocks(qtype, n_blocks, rng)
     ref = gguf_quants.dequantize(raw, qtype).reshape(-1)
     if path == "native" and qtype in native_quants.NATIVE_TYPES:
-        assert native_quants.native().supports(qtype)
+        assert native_quants.native().supports(qtype, quants.dequantize_torch)
     ours = dequantize(raw_to_torch(raw), qtype, (n_blocks * block,))
     _assert_bitwise_equal(ours, ref)
     # into a reused buffer (holding stale values): the same bits, in that buffer

@@ -103,7 +103,7 @@ def main() -> None:
         ours_reused()
         t_reused = _best_of(ours_reused, args.repeat)
         native_cols = f"{'-':>24}{'-':>10}"
-        if engine is not None and engine.supports(qtype):
+        if engine is not None and engine.supports(qtype, dequantize_torch):
             threads = torch.get_num_threads()
             t_native = _best_of(lambda: engine.dequantize(dev_raw, qtype, buffer, threads),
                                 args.repeat)
