@@ -6,6 +6,12 @@ for, and every length, count and offset is checked against the file before it is
 truncated or hostile file raises `GGUFError` naming the field instead of crashing or
 allocating without bound. Tensor data is never copied: `tensor_data` returns a read-only
 numpy view of the mapped bytes.
+
+A mapped byte past the end of its file cannot be read: the process gets SIGBUS and dies, and
+no Python code can catch it. So every read through the mapping first checks that the file
+still has the size it had when opened (`GGUFFile.check_intact`), and one shrunk since (by
+another process truncating it in place) is refused with one error naming it. What this
+cannot catch, a truncation during the read itself, is in docs/safety.md.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class StringArray:
 
     def __init__(self, file: GGUFFile, arr: LazyArray, key: str) -> None:
         self._file, self._key = file, key
+        file.check_intact(key)
         cur = _Cursor(memoryview(file._mmap), str(file.path))
         cur.pos = arr.offset
         starts = np.empty(arr.count, dtype=np.int64)
@@ -99,6 +106,7 @@ class StringArray:
         return len(self._starts)
 
     def __getitem__(self, j: int) -> str:
+        self._file.check_intact(self._key)
         cur = _Cursor(memoryview(self._file._mmap), str(self._file.path))
         cur.pos = int(self._starts[j])
         return cur.string(f"{self._key}[{j}]")
@@ -289,6 +297,7 @@ class GGUFFile:
         self.tensors[name] = TensorInfo(name, shape, qtype, start, n_bytes)
 
     def _decode_array(self, arr: LazyArray, key: str) -> list[Any]:
+        self.check_intact(key)
         if arr.item_type == _STRING:
             cur = _Cursor(memoryview(self._mmap), str(self.path))
             cur.pos = arr.offset
@@ -318,6 +327,7 @@ class GGUFFile:
         """A numeric metadata array as a numpy array (no per-item Python objects)."""
         v = self.require(key)
         if isinstance(v, LazyArray) and v.item_type in _NUMPY_OF_SCALAR:
+            self.check_intact(key)
             dtype = np.dtype(_NUMPY_OF_SCALAR[v.item_type]).newbyteorder("<")
             return np.frombuffer(self._mmap, dtype=dtype, count=v.count, offset=v.offset)
         return np.asarray(self.array(key))
@@ -344,7 +354,20 @@ class GGUFFile:
     def tensor_data(self, name: str) -> np.ndarray:
         """The raw bytes of tensor `name` as a read-only uint8 view of the mapped file."""
         info = self.tensor(name)
+        self.check_intact(f"tensor {name!r}")
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+
+    def check_intact(self, what: str) -> None:
+        """Raise GGUFError if the file is shorter now than when it was opened: its mapped
+        bytes past the new end would kill the process when read (SIGBUS), not raise. The
+        size is the mapped file's own (fstat of the mapping's descriptor): a file renamed
+        over this path is another file, and leaves the mapping intact."""
+        if self._mmap is None:
+            return
+        size = self._mmap.size()
+        if size < self.file_size:
+            raise GGUFError(self.path, what, f"the file has {size} bytes now but had "
+                            f"{self.file_size} when opened: it was truncated while in use")
 
     def release(self, start: int = 0, n_bytes: int | None = None) -> None:
         """Drop the mapped pages of [start, start + n_bytes) (default: the whole file) from
@@ -387,6 +410,7 @@ class GGUFFile:
         where the system cannot (then `read_into`)."""
         if self._mmap is None or _MADV_POPULATE_READ is None or n_bytes <= 0:
             return None
+        self.check_intact(f"bytes [{start}, {start + n_bytes})")
         t0 = time.perf_counter()
         first = start // mmap.PAGESIZE * mmap.PAGESIZE
         try:

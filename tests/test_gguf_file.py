@@ -66,6 +66,66 @@ def test_bad_magic_and_version(small_gguf, tmp_path) -> None:
         GGUFFile(bad)
 
 
+# Run in a child process: open a GGUF, truncate it as another process might (its largest
+# tensor and all after it gone), then read that tensor one way; a library error is printed
+# as one line and exits 2, as the command line does.
+_READ_AFTER_TRUNCATION = """
+import os, sys
+import numpy as np
+from ggufjac.errors import GgufjacError
+from ggufjac.gguf_file import GGUFFile
+
+path, how = sys.argv[1], sys.argv[2]
+if how == "weights":
+    from ggufjac.api import open_model
+    weights = open_model(path).weights
+    g = weights.gguf
+else:
+    g = GGUFFile(path)
+name = max(g.tensors, key=lambda n: g.tensors[n].n_bytes)
+info = g.tensors[name]
+os.truncate(path, info.offset)
+try:
+    if how == "unchecked":  # the mapping read as it is, no check first: what is guarded against
+        print(int(np.frombuffer(g._mmap, np.uint8, info.n_bytes, info.offset).sum()))
+    elif how == "tensor_data":
+        print(int(g.tensor_data(name).sum()))
+    elif how == "mapped":
+        print(int(g.mapped(info.offset, info.n_bytes).sum()))
+    elif how == "weights":
+        print(float(weights.tensor(name).sum()))
+except GgufjacError as e:
+    print(f"ggufjac: error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("how", ["tensor_data", "mapped", "weights"])
+def test_a_file_truncated_while_open_is_one_error_not_a_bus_error(small_gguf, tmp_path,
+                                                                  how: str) -> None:
+    """Reading mapped bytes past the end of a file kills the process (SIGBUS) rather than
+    raising: the unchecked read does die so; every read of the library first finds the file
+    shorter than when opened and says so in one line naming it."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        path = tmp_path / f"{mode}.gguf"
+        shutil.copyfile(small_gguf, path)
+        return subprocess.run([sys.executable, "-c", _READ_AFTER_TRUNCATION, str(path), mode],
+                              capture_output=True, text=True, timeout=300)
+
+    unchecked = run("unchecked")
+    assert unchecked.returncode == -signal.SIGBUS, (unchecked.returncode, unchecked.stderr)
+    r = run(how)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(tmp_path / f"{how}.gguf") in lines[0] and "truncated" in lines[0], lines[0]
+
+
 def test_walking_the_vocabulary_keeps_mapped_pages_flat(gemma_path) -> None:
     """Walking the 262k-row table (170 MB in the file) in chunks maps little of it at once:
     the pages read are handed back after each chunk, including those the kernel maps around
