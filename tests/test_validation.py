@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -245,22 +244,45 @@ def test_invalid_utf8_prompt_file(tmp_path, gemma_path) -> None:
     assert r.returncode == 2 and "prompt.txt: prompt file is not valid UTF-8 (byte 11)" in r.stderr
 
 
+# The CLI in a child whose first step of the reverse sweep says so on stderr, then waits for
+# a signal: the test's SIGINT lands inside the sweep on every run, however fast the machine.
+_IN_REVERSE_SWEEP = b"-- in the reverse sweep --"
+_STOP_IN_REVERSE_SWEEP = f"""
+import sys, time
+from ggufjac.engine import StreamingEngine
+from ggufjac.cli import main
+
+def first_step_waits(self, *args, **kwargs):
+    sys.stderr.write("\\n{_IN_REVERSE_SWEEP.decode()}\\n")
+    sys.stderr.flush()
+    while True:  # a signal that came before the first sleep is handled at the loop's jump
+        time.sleep(0.1)
+
+StreamingEngine.layer_vjp = first_step_waits
+main(prog_name="ggufjac")
+"""
+
+
 def test_interrupted_jacobian_leaves_no_results(tmp_path, gemma_path) -> None:
     """SIGINT in the middle of the reverse sweep: exit 130, one line, no result files."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "ggufjac.cli", "jacobian", str(gemma_path),
-                             "-p", "The bridge out of Marin is the", "--dtype", "float64",
-                             "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_IN_REVERSE_SWEEP, "jacobian",
+                             str(gemma_path), "-p", "The bridge out of Marin is the", "--dtype",
+                             "float64", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             # a test run started in the background inherits SIGINT ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
-    deadline = time.monotonic() + 120
-    while b"reverse" not in seen and time.monotonic() < deadline:
+    while _IN_REVERSE_SWEEP not in seen:
         chunk = proc.stderr.read1(256)  # type: ignore[union-attr]
-        if not chunk:
+        if not chunk:  # the child ended without reaching the sweep
             break
         seen += chunk
-    assert b"reverse" in seen, seen
+    if _IN_REVERSE_SWEEP not in seen:
+        proc.kill()
+        proc.wait()
+    assert _IN_REVERSE_SWEEP in seen, seen
+    assert b"reverse" in seen  # the sweep's progress bar had started
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
