@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGUFReader
@@ -126,35 +128,61 @@ def test_a_file_truncated_while_open_is_one_error_not_a_bus_error(small_gguf, tm
     assert str(tmp_path / f"{how}.gguf") in lines[0] and "truncated" in lines[0], lines[0]
 
 
+def _mapped_bytes(g: GGUFFile) -> int:
+    """The resident bytes of `g`'s mapping alone (its entry in /proc/self/smaps), not those
+    of the libraries and other files this process maps."""
+    start = np.frombuffer(g._mmap, dtype=np.uint8, count=1).ctypes.data
+    with open("/proc/self/smaps") as f:
+        text = f.read()
+    at = ("\n" + text).find(f"\n{start:08x}-")  # the line that starts its address range
+    assert at >= 0, "the file's mapping is not in /proc/self/smaps"
+    rss = text.index("\nRss:", at)
+    return int(text[rss:].split()[1]) * 1024
+
+
+def _mapped_around() -> int:
+    """The most bytes the kernel may map around one page that is read, on each side: a
+    page-cache folio (at most a PMD, the transparent huge page size, where the kernel has
+    them; else 256 pages), or the fault-around window (64 KiB by default) if larger."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            folio = int(f.read())
+    except OSError:
+        folio = 256 * os.sysconf("SC_PAGE_SIZE")
+    return max(folio, 64 << 10)
+
+
 def test_walking_the_vocabulary_keeps_mapped_pages_flat(gemma_path) -> None:
     """Walking the 262k-row table (170 MB in the file) in chunks maps little of it at once:
     the pages read are handed back after each chunk, including those the kernel maps around
-    them (released per chunk range only, 120 MB stayed mapped by the end on this kernel)."""
+    them (released per chunk range only, 120 MB stayed mapped by the end on one kernel).
+    Bound: one chunk's bytes and what the kernel may map on either side of it."""
     from ggufjac.api import open_model
-    from tools.peak_rss import status_bytes
+    from ggufjac.weights import ROWS_PER_CHUNK
 
     weights = open_model(gemma_path).weights  # a fresh mapping: none of its pages mapped yet
-    table = weights.gguf.tensor(weights.unembedding_name).n_bytes
-    before, most = status_bytes("RssFile"), 0
+    info = weights.gguf.tensor(weights.unembedding_name)
+    table, vocab = info.n_bytes, info.shape[1]
+    bound = -(-table * ROWS_PER_CHUNK // vocab) + 2 * _mapped_around()
+    assert bound < table // 2, "a walk that kept what it read would not exceed the bound"
+    before, most = _mapped_bytes(weights.gguf), 0
     for _, _rows in weights.unembedding_chunks():
-        most = max(most, status_bytes("RssFile") - before)
+        most = max(most, _mapped_bytes(weights.gguf) - before)
     print(f"table {table / 2**20:.0f} MiB in the file, most mapped during the walk "
-          f"{most / 2**20:.1f} MiB")
-    assert table > 100 * 2**20 and most < 16 * 2**20
+          f"{most / 2**20:.1f} MiB (bound {bound / 2**20:.1f} MiB)")
+    assert most <= bound
 
 
 def test_mapped_ranges_are_the_files_bytes_and_are_handed_back(tmp_path) -> None:
     """`mapped` maps a range in ahead of use (counted as read), with the file's bytes; the
     streamed products read row blocks that way and release each after use, so walking a
-    36 MiB matrix in 0.6 MiB blocks keeps a few MiB mapped (the page cache's large folios
-    around a block are mapped with it: 2.6-4.7 MiB at a time, measured), not the matrix."""
+    36 MiB matrix in 0.6 MiB blocks keeps about a block mapped (with what the kernel maps on
+    either side of it, the page cache's large folios), not the matrix."""
     import torch
 
     from ggufjac.api import open_model
     from ggufjac.blocked import linear
     from tools.big_model import BigModel, write_big_gguf
-    from tools.peak_rss import status_bytes
-
     shape = Shape(n_layer=1, d_model=4096, d_ff=16384, n_head=32, n_kv_head=8, head_dim=128,
                   context_length=64)
     path = write_big_gguf(tmp_path / "m.gguf", BigModel("llama", shape, 256, tied=False,
@@ -176,10 +204,17 @@ def test_mapped_ranges_are_the_files_bytes_and_are_handed_back(tmp_path) -> None
     up = layer["ffn_up"]
     assert up.quantized_type is not None  # through the kernels, which read mapped blocks
     file_bytes = m.weights.gguf.tensor("blk.0.ffn_up.weight").n_bytes
-    rss, most = status_bytes("RssFile"), 0
+    block_bytes = file_bytes * up.block_rows // up.shape[0]
+    # the block with what the kernel maps on either side of it, and what it may still map
+    # on either side of the block before (released by its own range only)
+    bound = block_bytes + 4 * _mapped_around()
+    assert bound < file_bytes // 2, "keeping the blocks mapped would not exceed the bound"
+    rss, most = _mapped_bytes(m.weights.gguf), 0
     for _start, raw in up.raw_blocks():
-        most = max(most, status_bytes("RssFile") - rss)
-    assert file_bytes > 32 * 2**20 and most < 8 * 2**20, (file_bytes, most)
+        most = max(most, _mapped_bytes(m.weights.gguf) - rss)
+    print(f"matrix {file_bytes / 2**20:.0f} MiB, most mapped {most / 2**20:.1f} MiB "
+          f"(bound {bound / 2**20:.1f} MiB)")
+    assert most <= bound, (file_bytes, block_bytes, most, bound)
     x = torch.randn(3, shape.d_model)
     whole = m.weights.tensor("blk.0.ffn_up.weight")
     assert torch.allclose(linear(x, up), x @ whole.T, rtol=1e-4, atol=1e-4)
