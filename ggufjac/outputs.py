@@ -3,13 +3,19 @@
 Each file is written under a temporary name in the same directory and renamed into place
 when complete; rename is atomic on POSIX file systems. A set of files that belong together
 (a Jacobian and its report) is renamed only once all of them are written.
+
+One naming scheme for every temporary file: `.NAME.partial` beside the result NAME (with a
+random part, `.NAME.XXXXXXXX.partial`, where two processes may write NAME at once), removed on
+any failure or interruption.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +47,32 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_path), then rename tmp_path to `path`. On failure nothing remains."""
-    tmp = path.with_name(f".{path.name}.partial")
+def temporary_path(directory: Path, name: str, unique: bool = False) -> Path:
+    """The temporary name of result `name` in `directory`: `.NAME.partial`, or with
+    `unique` a fresh file `.NAME.XXXXXXXX.partial` of this process's own (created empty, so
+    two processes writing NAME at once never share one)."""
+    if not unique:
+        return directory / f".{name}.partial"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".partial")
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def scratch_file(directory: Path, name: str) -> Iterator[Path]:
+    """A working file under the temporary name of `name` (not created here), removed when
+    the block ends however it ends, unless the block renamed it away."""
+    tmp = temporary_path(directory, name)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], unique: bool = False) -> Path:
+    """Call write(tmp_path), then rename tmp_path to `path`. On failure nothing remains.
+    `unique`: a temporary of this process's own (two processes may write `path` at once)."""
+    tmp = temporary_path(path.parent, path.name, unique)
     try:
         write(tmp)
         os.chmod(tmp, _file_mode())
@@ -66,7 +95,7 @@ def write_all(directory: Path, writers: dict[str, Callable[[Path], None]]) -> No
     """Write a set of result files that belong together: all under temporary names first,
     then renamed into place one after the other (microseconds), so an interruption while
     writing leaves none of them; on failure every temporary file is removed."""
-    temps = {name: directory / f".{name}.partial" for name in writers}
+    temps = {name: temporary_path(directory, name) for name in writers}
     try:
         for name, write in writers.items():
             write(temps[name])

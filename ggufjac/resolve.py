@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from .errors import GgufjacError
@@ -55,16 +54,12 @@ def _assemble(module: object, target: Path) -> None:
     """Assemble a demo model into `target` through a temporary file of this process's own
     (two processes assembling at once each write their own, and the rename is atomic); an
     interrupted or failed assembly leaves nothing behind."""
+    from .outputs import atomic_write
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        module.assemble(tmp, overwrite=True)  # type: ignore[attr-defined]  # checks the sha256
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # assemble() checks the file's sha256 as it writes it
+    atomic_write(target, lambda tmp: module.assemble(tmp, overwrite=True),  # type: ignore[attr-defined]
+                 unique=True)
 
 
 def resolve_model(name: str) -> Path:
