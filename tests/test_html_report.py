@@ -160,19 +160,77 @@ def test_clicking_a_layer_shows_its_decoded_tokens(browser, results):
     p.check_clean()
 
 
+def _top_right_vector_position_norms(jacobian_file: Path) -> list[float]:
+    """‖v_1[i]‖ per input position i, v_1 the top right singular vector of the saved J
+    (d x N x d), by a dense float64 SVD of J as a d x Nd matrix."""
+    import torch
+    from safetensors.torch import load_file
+
+    j = load_file(jacobian_file)["jacobian"].to(torch.float64)
+    d, n, d_in = j.shape
+    _, s, vh = torch.linalg.svd(j.reshape(d, n * d_in), full_matrices=False)
+    assert s[0] > s[1] * (1 + 1e-6)  # σ_1 is simple: v_1 is defined up to its sign
+    return torch.linalg.vector_norm(vh[0].reshape(n, d_in), dim=1).tolist()
+
+
 def test_jacobian_tokens_coloured_by_the_top_right_vector(browser, results):
     p = Page(browser, results["jacobian"])
     weights = [float(w) for w in
                p.page.locator(".tok").evaluate_all("els => els.map(e => e.dataset.weight)")]
     assert all(w >= 0 for w in weights)
     assert math.isclose(math.fsum(w * w for w in weights), 1.0, rel_tol=1e-9)  # ‖v_1‖ = 1
+    expected = _top_right_vector_position_norms(results["j"] / "jacobian.safetensors")
+    assert weights == pytest.approx(expected, abs=1e-8)
 
 
-def test_report_command_rewrites_the_page(results, tmp_path):
+def _unembedding_row(model: Path, token_id: int) -> "torch.Tensor":
+    """Row `token_id` of the file's output.weight, read and dequantized by gguf-py, float64."""
+    import gguf
+    import numpy as np
+    import torch
+
+    tensor = next(t for t in gguf.GGUFReader(model).tensors if t.name == "output.weight")
+    rows = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # [vocab, d]
+    return torch.from_numpy(np.asarray(rows[token_id], dtype=np.float64))
+
+
+def test_report_command_rewrites_the_page(browser, results, tmp_path):
+    """`report a.json` writes a page whose tokens and contributions are the JSON's, and
+    those are (u_tᵀ J_i) · x_i recomputed here in float64 from the `jacobian` command's
+    tensors (same prompt and model) and the unembedding row gguf-py reads from the file."""
+    import torch
+    from safetensors.torch import load_file
+
     out = tmp_path / "a.html"
     r = CliRunner().invoke(main, ["report", str(results["a.json"]), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert out.read_text() == results["attribute"].read_text()  # the page --html wrote
+    report = json.loads(results["a.json"].read_text())
+    assert report["token_ids"] == json.loads((results["j"] / "report.json").read_text())[
+        "token_ids"]
+    saved = load_file(results["j"] / "jacobian.safetensors")
+    jac, x, y = (saved[k].to(torch.float64) for k in ("jacobian", "inputs", "output"))
+    p = Page(browser, out)
+    sections = p.page.locator("section.target")
+    assert sections.count() == len(report["targets"]) >= 1
+    for k, target in enumerate(report["targets"]):
+        section = sections.nth(k)
+        toks = section.locator(".tok")
+        texts = [json.loads(t) for t in toks.evaluate_all("els => els.map(e => e.dataset.text)")]
+        values = [float(v) for v in
+                  toks.evaluate_all("els => els.map(e => e.dataset.contribution)")]
+        assert texts == report["tokens"]
+        assert values == target["contributions"]  # exact: the page repeats the JSON's figures
+        u = _unembedding_row(results["model"], target["id"])
+        expected = torch.einsum("d,dne,ne->n", u, jac, x)
+        # the attribution ran in float32: a few units of its rounding (eps 1.2e-7) of the
+        # largest term (measured: 3e-7 of it)
+        bound = 1e-5 * float(expected.abs().max())
+        assert torch.allclose(torch.tensor(values, dtype=torch.float64), expected, rtol=0,
+                              atol=bound), (values, expected.tolist())
+        shown_logit = float(section.locator(".logit").get_attribute("data-value"))
+        assert math.isclose(shown_logit, float(u @ y), rel_tol=1e-4, abs_tol=bound)
+    p.check_clean()
 
 
 def test_bad_inputs_exit_2_and_leave_no_page(tmp_path):
@@ -224,7 +282,7 @@ def test_print_view_is_light_and_shows_every_layer(browser, results):
     assert not p.page.locator("#tooltip").is_visible()
 
 
-def test_notebook_view_and_missing_jinja2(results, monkeypatch):
+def test_notebook_view_and_missing_jinja2(browser, results, monkeypatch):
     import sys
 
     from ggufjac.errors import GgufjacError
@@ -232,8 +290,22 @@ def test_notebook_view_and_missing_jinja2(results, monkeypatch):
 
     report = json.loads(results["a.json"].read_text())
     page = HTMLReport(report, "attribute")._repr_html_()
-    assert page == render(report, "attribute")
     assert page.count("data-contribution=") == len(report["tokens"]) * len(report["targets"])
+    # what a notebook shows: the JSON's tokens and contributions, read back from the DOM
+    view = browser.new_page()
+    errors: list[str] = []
+    view.on("pageerror", lambda e: errors.append(str(e)))
+    view.set_content(page)
+    sections = view.locator("section.target")
+    assert sections.count() == len(report["targets"])
+    for k, target in enumerate(report["targets"]):
+        toks = sections.nth(k).locator(".tok")
+        assert [json.loads(t) for t in toks.evaluate_all(
+            "els => els.map(e => e.dataset.text)")] == report["tokens"]
+        assert [float(v) for v in toks.evaluate_all(
+            "els => els.map(e => e.dataset.contribution)")] == target["contributions"]
+    assert errors == []
+    view.close()
     monkeypatch.setitem(sys.modules, "jinja2", None)  # as if it were not installed
     with pytest.raises(GgufjacError, match=r"pip install 'ggufjac\[html\]'"):
         render(report, "attribute")
@@ -284,10 +356,8 @@ def test_top_five_and_llama_cpp_run_on_the_page(browser, results, kind):
 def test_layers_page_colours_tokens_per_position(browser, results):
     """Each map's top right vector's norm per input position: a unit vector's blocks (their
     squares sum to 1), largest at the position layers.json names; for the last layer's
-    cumulative map (= the full J), equal to the jacobian page's weights, which come from
-    J itself by another route (the eigenvector of J Jᵀ). Clicking a layer shows the rows."""
-    from ggufjac.html import jacobian_position_weights
-
+    cumulative map (= the full J), equal to those of J's top right singular vector, from a
+    dense SVD of the jacobian command's J here. Clicking a layer shows the rows."""
     report = json.loads((results["l"] / "layers.json").read_text())
     for e in report["maps"]:
         for v in e["vectors"]:
@@ -296,7 +366,7 @@ def test_layers_page_colours_tokens_per_position(browser, results):
             assert math.isclose(math.fsum(x * x for x in norms), 1.0, rel_tol=1e-4)
             assert norms.index(max(norms)) == v["right_position"]
     last = max((e for e in report["maps"] if e["kind"] == "cumulative"), key=lambda e: e["layer"])
-    from_j = jacobian_position_weights(results["j"] / "jacobian.safetensors")
+    from_j = _top_right_vector_position_norms(results["j"] / "jacobian.safetensors")
     assert last["vectors"][0]["right_position_norms"] == pytest.approx(from_j, abs=2e-3)
     p = Page(browser, results["layers"])
     main_row = [float(w) for w in p.page.locator(".tokens").first.locator(".tok")
@@ -443,3 +513,96 @@ def test_compare_page_shows_the_summary_and_each_prompt(browser, synthetic, tmp_
     p.screenshot("compare")
     r = CliRunner().invoke(main, ["compare", "a.gguf", "b.gguf", "-p", "x", "--html"])
     assert r.exit_code == 2 and "--html needs --out" in r.output
+
+
+# Vocabulary entries that would run script or break the page if a token's text reached it
+# unescaped: a script element's end, an element with a handler, quotes that end an
+# attribute, template syntax, and the line separators that end a JavaScript string.
+HOSTILE = ["</script><script>window.pwned=1</script>",
+           "<img src=x onerror=window.pwned=2>",
+           "\"'><svg onload=window.pwned=3>",
+           "{{7*7}}{% if 1 %}x{% endif %}",
+           "a\u2028b\u2029c"]
+# How the page writes each as text: unprintable characters as escapes, the rest as is.
+HOSTILE_SHOWN = {s: s.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+                 for s in HOSTILE}
+
+
+@pytest.fixture(scope="module")
+def hostile_model(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """A small llama GGUF whose vocabulary holds HOSTILE (their ids returned), each with all
+    its prefixes, so that the SentencePiece tokenizer merges each, met in a prompt, into
+    one token ("▁" stands for a space in a piece)."""
+    import tools.synthetic as synthetic
+
+    base_vocab = synthetic._vocab
+
+    def hostile_vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
+        tokens, scores, types = base_vocab()
+        for s in HOSTILE:
+            piece = s.replace(" ", "\u2581")
+            for end in range(2, len(piece) + 1):
+                if piece[:end] not in tokens:
+                    tokens.append(piece[:end])
+                    scores.append(0.0)
+                    types.append(1)  # a normal token
+        return tokens, scores, types
+
+    path = tmp_path_factory.mktemp("hostile") / "hostile.gguf"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(synthetic, "_vocab", hostile_vocab)
+    try:
+        synthetic.write_synthetic_gguf(path, "llama", synthetic.Shape(n_layer=1), "F32")
+        tokens = hostile_vocab()[0]
+    finally:
+        mp.undo()
+    return path, {s: tokens.index(s.replace(" ", "\u2581")) for s in HOSTILE}
+
+
+def _check_nothing_ran(p: Page) -> None:
+    """No script from the vocabulary ran, no element came from it, nothing was fetched."""
+    p.check_clean()  # no page error, no console error, no request but the file itself
+    assert p.page.evaluate("typeof window.pwned") == "undefined"
+    assert p.page.evaluate("document.querySelectorAll('img').length") == 0
+    handlers = p.page.evaluate("[...document.querySelectorAll('*')].flatMap(e => "
+                               "[...e.attributes].map(a => a.name))"
+                               ".filter(n => n.startsWith('on'))")
+    assert handlers == []
+    scripts = p.page.evaluate("[...document.scripts].map(s => s.textContent)")
+    assert len(scripts) == 1 and "pwned" not in scripts[0]  # the page's own script alone
+
+
+def test_hostile_vocabulary_is_shown_as_text(browser, hostile_model, tmp_path):
+    """Tokens whose text is markup, quotes, template syntax or line separators appear on the
+    attribute and jacobian pages (prompt tokens, targets, tooltips) as exactly that text,
+    and none of it runs in the browser."""
+    model, ids = hostile_model
+    prompt = "the " + " ".join(HOSTILE) + " dog"
+    _run(["attribute", str(model), "-p", prompt, "--json", str(tmp_path / "a.json"),
+          "--html", *[a for s in HOSTILE for a in ("--token-id", str(ids[s]))]])
+    _run(["jacobian", str(model), "-p", prompt, "--out", str(tmp_path / "j"), "--html"])
+    report = json.loads((tmp_path / "a.json").read_text())
+    for s in HOSTILE:  # each one token of the prompt (else the test would show nothing)
+        assert ids[s] in report["token_ids"] and s in report["tokens"], s
+    assert [t["id"] for t in report["targets"]] == [ids[s] for s in HOSTILE]
+
+    for html in (tmp_path / "report.html", tmp_path / "j" / "report.html"):
+        p = Page(browser, html)
+        row = p.page.locator(".tokens").first.locator(".tok")
+        texts = [json.loads(t) for t in row.evaluate_all("els => els.map(e => e.dataset.text)")]
+        assert texts == report["tokens"], html
+        shown = row.evaluate_all("els => els.map(e => e.textContent)")
+        for s in HOSTILE:
+            i = report["tokens"].index(s)
+            assert shown[i] == HOSTILE_SHOWN[s], (html, s, shown[i])
+            row.nth(i).hover()  # the tooltip writes the token as JSON
+            tip = p.page.evaluate("document.getElementById('tooltip').textContent")
+            assert f"position {i}  {json.dumps(s, ensure_ascii=False)}" in tip, (s, tip)
+        _check_nothing_ran(p)
+        p.page.close()
+
+    p = Page(browser, tmp_path / "report.html")
+    heads = p.page.locator("section.target h3").evaluate_all(
+        "els => els.map(e => e.textContent)")
+    assert heads == [f"Target {HOSTILE_SHOWN[s]} (id {ids[s]})" for s in HOSTILE]
+    _check_nothing_ran(p)
