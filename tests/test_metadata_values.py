@@ -75,4 +75,7 @@ def test_jacobian_on_hostile_metadata(case_files, tmp_path) -> None:
 
 def test_check_on_hostile_metadata(case_files, tmp_path) -> None:
     codes = _run_all(case_files, ["check", "-p", "the bridge", "--no-noise-floor"], tmp_path)
-    assert codes.get(2, 0) > 200 and sum(codes.values()) == len(case_files)
+    # refused (2), or run and compared with llama.cpp: agreeing (0) or not (1); no other
+    # ending, and as many run as `jacobian` runs
+    assert set(codes) <= {0, 1, 2}, codes
+    assert codes.get(2, 0) > 200 and codes.get(0, 0) + codes.get(1, 0) > 30, codes
