@@ -141,3 +141,18 @@ def describe_maps(maps: list[LayerMap], weights: GGUFWeights, token_text: Callab
                     "stable_rank": spec.stable_rank, "top_singular_value": float(s[0]),
                     "singular_values": s.tolist(), "vectors": vectors})
     return out
+
+
+def layers_tensors(maps: list[LayerMap], entries: list[dict], save_matrices: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """What layers.safetensors holds: `layer{N}.{kind}.singular_values` of every map (from
+    its entry, `describe_maps`; float64 for float64 maps, else float32) and, with
+    `save_matrices`, every map itself as `layer{N}.{kind}.jacobian`."""
+    spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
+    tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
+               torch.tensor(e["singular_values"], dtype=spectrum_dtype)
+               for mp, e in zip(maps, entries, strict=True)}
+    if save_matrices:
+        tensors.update({f"layer{mp.layer}.{mp.kind}.jacobian": mp.jacobian.contiguous().cpu()
+                        for mp in maps})
+    return tensors
