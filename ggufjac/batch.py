@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import platform
 import time
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,34 +125,84 @@ class LensLayer:
     top_token: str
 
 
+def _shown(heading: str) -> dict[str, str]:
+    """Field metadata: the column is in the batch page's table, under `heading`."""
+    return {"heading": heading}
+
+
 @dataclass
 class PromptResult:
-    """Everything a batch keeps of one prompt (plain Python values: it crosses processes)."""
+    """Everything a batch keeps of one prompt (plain Python values: it crosses processes).
 
-    id: str
-    prompt: str
+    This dataclass is the batch's one schema: its scalar fields, in order, are the columns
+    of the store's `prompts` table (store.py makes the table and its INSERT from
+    `result_columns()`; a field marked `_shown` is a column of the batch page too), and its
+    list fields are the per-position, per-vector and per-layer rows of the other tables."""
+
+    id: str = field(metadata=_shown("id"))
+    prompt: str = field(metadata=_shown("prompt"))
     target: str | None
-    status: str = "done"  # or "failed"
+    status: str = field(default="done", metadata={**_shown("status"),
+                                                  "choices": ("done", "failed")})
     error: str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    tokens: list[str] = field(default_factory=list)
-    top_logits: list[TokenLogit] = field(default_factory=list)  # ours, descending
-    llama_cpp_top: TokenLogit | None = None
-    llama_cpp_logits_nmse: float | None = None  # ours vs llama.cpp's, last position
-    attribution_target: TokenLogit | None = None  # its logit u_t · y (before any soft-cap)
-    contributions: list[float] | None = None  # per input position, summing to that logit
+    n_tokens: int | None = field(default=None, metadata=_shown("tokens"))
+    # the predicted token: the top of ours
+    predicted_token_id: int | None = None
+    predicted_token: str | None = field(default=None, metadata=_shown("predicted"))
+    logit: float | None = field(default=None, metadata=_shown("logit"))
+    # llama.cpp's top-1, and its logits against ours at the last position
+    llama_cpp_token_id: int | None = None
+    llama_cpp_token: str | None = None
+    llama_cpp_logit: float | None = None
+    llama_cpp_logits_nmse: float | None = None
+    # the attributed token, its logit u_t · y (before any soft-cap), the contributions' sum
+    attribution_token_id: int | None = None
+    attribution_token: str | None = None
+    attribution_logit: float | None = None
+    attribution_sum: float | None = field(default=None, metadata=_shown("attribution sum"))
     reconstruction_rel_error: float | None = None
     reconstruction_of: str | None = None  # "output" (‖Σ J_i x_i − y‖/‖y‖) or "logit"
-    singular_values: list[float] = field(default_factory=list)  # top K, descending
+    top_singular_value: float | None = field(default=None, metadata=_shown("σ₁"))
+    stable_rank: float | None = field(default=None, metadata=_shown("stable rank"))
+    # ‖J‖²_F / σ₁² (matrix-free: ‖J‖²_F estimated)
     jacobian_formed: bool | None = None  # svd: True from J, False matrix-free
-    stable_rank: float | None = None  # ‖J‖²_F / σ₁² (matrix-free: ‖J‖²_F estimated)
+    seconds: float = 0.0
+    # rows of the other tables
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    contributions: list[float] | None = None  # per input position, summing to that logit
+    top_logits: list[TokenLogit] = field(default_factory=list)  # ours, descending
+    singular_values: list[float] = field(default_factory=list)  # top K, descending
     decoded: list[DecodedToken] = field(default_factory=list)
     lens: list[LensLayer] = field(default_factory=list)
-    seconds: float = 0.0
 
-    @property
-    def predicted(self) -> TokenLogit | None:
-        return self.top_logits[0] if self.top_logits else None
+
+@dataclass(frozen=True)
+class ResultColumn:
+    """A scalar field of `PromptResult`: one column of the `prompts` table."""
+
+    name: str
+    kind: type  # str, int, float or bool
+    nullable: bool
+    heading: str | None  # on the batch page (None: not shown there)
+    choices: tuple[str, ...] | None  # the only values it may hold
+
+
+def result_columns() -> list[ResultColumn]:
+    """`PromptResult`'s scalar fields in order (its list fields are rows of other tables)."""
+    hints = typing.get_type_hints(PromptResult)
+    out = []
+    for f in dataclasses.fields(PromptResult):
+        hint = hints[f.name]
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] \
+            if isinstance(hint, types.UnionType) else [hint]
+        if len(kinds) != 1:
+            raise TypeError(f"PromptResult.{f.name}: {hint} is neither a value nor a list")
+        if typing.get_origin(kinds[0]) is list:
+            continue
+        out.append(ResultColumn(f.name, kinds[0], kinds[0] is not hint,
+                                f.metadata.get("heading"), f.metadata.get("choices")))
+    return out
 
 
 def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
@@ -221,6 +273,7 @@ class PromptRunner:
             if tokens is None:
                 tokens = self.m.tokenize(item.prompt)
             result.token_ids = tokens
+            result.n_tokens = len(tokens) if tokens else None
             result.tokens = [self.m.token_text(t) for t in tokens]
             self.m.check_length(tokens, self.settings.max_tokens)
             analyse_prompt(self.m, tokens, item.target, self.settings, self.lin, result)
@@ -272,14 +325,20 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
         z = logits.to(torch.float64).cpu().numpy()
         order = np.argsort(-z, kind="stable")[:TOP_LOGITS]
         result.top_logits = [_token_logit(m, t, z[t]) for t in order]
+        predicted = result.top_logits[0]
+        result.predicted_token_id, result.predicted_token, result.logit = \
+            predicted.token_id, predicted.token, predicted.logit
         if "attribute" in settings.analyses:
             t = m.token_for_text(target) if target is not None else int(order[0])
             u = m.logit_rows([t], anchor)
             g = engine.pull_back_output(record, u, engine.plan(1, n).chunk)[0]  # [N, d]
             c = (g * x).sum(dim=1)
             logit = float(u[0] @ y)
-            result.attribution_target = _token_logit(m, t, logit)
+            target_logit = _token_logit(m, t, logit)
+            result.attribution_token_id, result.attribution_token, result.attribution_logit = \
+                target_logit.token_id, target_logit.token, target_logit.logit
             result.contributions = [float(v) for v in c]
+            result.attribution_sum = sum(result.contributions)
             result.reconstruction_rel_error = abs(float(c.sum()) - logit) / \
                 max(abs(logit), 1e-300)
             result.reconstruction_of = "logit"
@@ -303,6 +362,7 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
                                        f"{triplets.iterations} iterations")
             sv = triplets.singular_values
             result.singular_values = [float(s) for s in sv]
+            result.top_singular_value = result.singular_values[0]
             result.jacobian_formed = n <= FULL_JACOBIAN_MAX_TOKENS
             result.stable_rank = triplets.frobenius_sq / float(sv[0]) ** 2 \
                 if float(sv[0]) > 0 else 0.0
@@ -334,7 +394,9 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
                                        last_only=True).logits[-1]
         theirs = np.asarray(theirs, dtype=np.float64)
         top = int(np.argmax(theirs))
-        result.llama_cpp_top = _token_logit(m, top, theirs[top])
+        theirs_top = _token_logit(m, top, theirs[top])
+        result.llama_cpp_token_id, result.llama_cpp_token, result.llama_cpp_logit = \
+            theirs_top.token_id, theirs_top.token, theirs_top.logit
         result.llama_cpp_logits_nmse = nmse(z, theirs)
 
 

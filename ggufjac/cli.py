@@ -1042,15 +1042,9 @@ def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: 
     from tqdm.auto import tqdm
 
     from .batch import BatchSettings
-    from .prompt_sets import read_prompt_set
+    from .store import run_batch
 
     chosen = tuple(a.strip() for a in analyses.split(",") if a.strip())
-    items = read_prompt_set(prompts_file)
-    concepts = None
-    if concepts_file is not None:
-        from .prompt_sets import read_words
-
-        concepts = read_words(concepts_file)
     budget = _max_memory(max_memory)
     _precheck_device(device)
     threads = llama.pop("threads", None)
@@ -1062,78 +1056,38 @@ def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: 
         if with_llama_cpp or anchor != "none" else None
     settings = BatchSettings(chosen, top_k, dtype, gate_path, anchor != "none", run_settings,
                              max_tokens, budget)
-    from .resolve import resolve_model
-    from .layout import validate_file
+    bars: list[Any] = []
 
-    if ray_address is None:
-        path = resolve_model(model)
-        validate_file(path)[0].close()
-        model = str(path)
-    from .store import ResultStore
+    def start(outcome: Any) -> None:
+        bars.append(tqdm(total=outcome.prompts, initial=outcome.already_stored, unit="prompt",
+                         desc="batch", dynamic_ncols=True))
 
-    if out_path.exists():  # a store from elsewhere is refused before the model is opened
-        ResultStore(out_path).close()
-    elif not out_path.parent.is_dir():
-        raise GgufjacError(f"--out {out_path}: its directory {out_path.parent} does not exist")
-    if ray_address is not None:
-        from .ray_batch import RayExecutor
+    def stored(result: Any, outcome: Any) -> None:
+        bars[0].set_postfix(failed=outcome.failed, refresh=False)
+        bars[0].update(1)
 
-        executor = RayExecutor(ray_address, model, settings, workers, device)
-    else:
-        from .batch import LocalExecutor
-
-        executor = LocalExecutor(model, settings, device)
     try:
-        executor.check_targets(items)
-        provenance = executor.provenance()
-        store = ResultStore(out_path)
-        try:
-            run_id = store.run_for(provenance, settings, extend)
-            stored = store.stored(run_id)
-            for item in items:
-                if item.id in stored and stored[item.id][1] != item.prompt:
-                    raise GgufjacError(f"{out_path}: prompt id {item.id!r} (line {item.line}) "
-                                       "is stored with another prompt text; give it another "
-                                       "id, or choose another --out")
-        except BaseException:
-            store.discard()
-            raise
-        if concepts is not None:
-            store.set_concepts(concepts)
-        skip = {i for i, (status, _) in stored.items()
-                if status == "done" or not retry_failed}
-        todo = [it for it in items if it.id not in skip]
-        counts = Counter(status for i, (status, _) in stored.items()
-                         if i in skip and i in {it.id for it in items})
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="prompt",
-                   desc="batch", dynamic_ncols=True)
-        t0 = time.perf_counter()
-
-        def write(result: Any) -> None:
-            store.write(run_id, result)
-            counts[result.status] += 1
-            bar.set_postfix(failed=counts["failed"], refresh=False)
-            bar.update(1)
-
-        try:
-            executor.run(todo, write)
-        except KeyboardInterrupt:
-            bar.close()
-            click.echo(f"ggufjac: interrupted; {out_path} keeps the {sum(counts.values())} "
-                       "prompts stored so far: rerun the command to go on", err=True)
-            sys.exit(130)
-        finally:
-            bar.close()
-            store.close()
+        outcome = run_batch(model, prompts_file, out_path, settings,
+                            concepts_file=concepts_file, extend=extend,
+                            retry_failed=retry_failed, ray_address=ray_address,
+                            workers=workers, device=device, on_start=start, on_result=stored)
     finally:
-        executor.close()
-    seconds = time.perf_counter() - t0
-    ran = len(todo)
+        for bar in bars:
+            bar.close()
+    if outcome.interrupted:
+        click.echo(f"ggufjac: interrupted; {out_path} keeps the "
+                   f"{outcome.done + outcome.failed} prompts stored so far: rerun the command "
+                   "to go on", err=True)
+        sys.exit(130)
+    ran, seconds = outcome.to_run, outcome.seconds
     rate = f", {60 * ran / seconds:.1f} prompts/min" if ran and seconds > 0 else ""
-    click.echo(f"{out_path}: run {run_id}: {counts['done']} done, {counts['failed']} failed "
-               f"of {len(items)} prompts ({ran} run now in {seconds:.1f} s{rate}; "
-               f"{len(items) - ran} already stored)")
-    if counts["failed"]:
+    click.echo(f"{out_path}: run {outcome.run_id}: {outcome.done} done, {outcome.failed} "
+               f"failed of {outcome.prompts} prompts ({ran} run now in {seconds:.1f} s{rate}; "
+               f"{outcome.already_stored} already stored)")
+    if outcome.kept_from_another_batch:
+        click.echo(f"{outcome.kept_from_another_batch} prompts were stored first by another "
+                   "batch writing this store (their results are kept)", err=True)
+    if outcome.failed:
         click.echo("failed prompts: SELECT id, error FROM summary WHERE status = 'failed' "
                    "(--retry-failed runs them again)", err=True)
         sys.exit(1)
@@ -1146,12 +1100,9 @@ def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: 
 @_errors_to_exit
 def export(store_path: Path, parquet_dir: Path) -> None:
     """Write every table and view of a results store as Parquet (pandas, DuckDB, Polars)."""
-    from .store import ResultStore
+    from .store import export_store
 
-    if not store_path.is_file():
-        raise GgufjacError(f"{store_path}: no such results store")
-    with ResultStore(store_path) as store:
-        written = store.export_parquet(parquet_dir)
+    written = export_store(store_path, parquet_dir)
     click.echo(f"wrote {len(written)} files to {parquet_dir}/: "
                + ", ".join(p.name for p in written))
 

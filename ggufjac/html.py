@@ -396,12 +396,16 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
     return ctx
 
 
-# The batch page's table: (store column, heading, numeric)
-BATCH_COLUMNS = (("id", "id", False), ("prompt", "prompt", False), ("status", "status", False),
-                 ("n_tokens", "tokens", True), ("predicted_token", "predicted", False),
-                 ("logit", "logit", True), ("attribution_sum", "attribution sum", True),
-                 ("top_singular_value", "σ₁", True), ("stable_rank", "stable rank", True),
-                 ("concepts", "concepts", False))
+def _batch_columns() -> tuple[tuple[str, str, bool], ...]:
+    from .batch import result_columns
+
+    return (*((c.name, c.heading, c.kind in (int, float)) for c in result_columns()
+              if c.heading is not None), ("concepts", "concepts", False))
+
+
+# The batch page's table: (store column, heading, numeric), the columns of the batch's
+# result marked to be shown, in its order, then the concept hits (a view of the store)
+BATCH_COLUMNS = _batch_columns()
 
 
 def _batch_context(store: dict) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 
 from .batch import BatchSettings, PromptResult, PromptRunner, Provenance
 from .errors import GgufjacError
@@ -25,9 +24,6 @@ from .prompt_sets import PromptItem
 
 MAX_ATTEMPTS = 2  # workers a prompt may take down before it is stored as failed
 IN_FLIGHT = 2  # prompts queued per actor (the next is ready when one finishes)
-# Test hook: "ID:PATH" makes the actor given prompt ID exit abruptly the first time (when
-# PATH does not exist yet; it is then created), as a worker dying mid-run would.
-FAULT_ENV = "GGUFJAC_FAULT_EXIT_ON"
 
 
 class _Worker:
@@ -43,12 +39,6 @@ class _Worker:
         self.runner.check_targets(items)
 
     def run(self, item: PromptItem) -> PromptResult:
-        fault = os.environ.get(FAULT_ENV)
-        if fault:
-            ident, marker = fault.split(":", 1)
-            if ident == item.id and not Path(marker).exists():
-                Path(marker).touch()
-                os._exit(1)
         return self.runner.run(item)
 
 

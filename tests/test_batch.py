@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,33 +101,70 @@ def _command(model: Path, prompts: Path, db: Path) -> list[str]:
             "--out", str(db), "--analyses", "attribute,svd", "--max-tokens", "12"]
 
 
+# Runs `ggufjac batch` (argv after the script) in a child that, on its Nth prompt write,
+# stops inside the write transaction (the prompt's row inserted, its other rows not yet)
+# and says so on stdout with the prompt's id: the parent's kill -9 then lands mid-write.
+STOP_INSIDE_WRITE = """
+import sys, time
+from ggufjac import store
+from ggufjac.cli import main
+
+stop_at, state = int(sys.argv[1]), {"writes": 0, "inserted": False}
+open_store, write = store.ResultStore.__init__, store.ResultStore.write
+
+def trace(sql):
+    if state["inserted"]:
+        print("inside", state["id"], flush=True)
+        time.sleep(600)
+    if state["writes"] == stop_at and sql.lstrip().upper().startswith("INSERT INTO PROMPTS"):
+        state["inserted"] = True
+
+def traced_init(self, path):
+    open_store(self, path)
+    self.db.set_trace_callback(trace)
+
+def counted_write(self, run_id, result):
+    state["writes"] += 1
+    state["id"] = result.id
+    return write(self, run_id, result)
+
+store.ResultStore.__init__ = traced_init
+store.ResultStore.write = counted_write
+main(sys.argv[2:], prog_name="ggufjac")
+"""
+
+
 def test_kill_minus_9_then_resume_stores_every_prompt_once(synthetic, tmp_path) -> None:
     model = synthetic("llama", "Q8_0")
     rows = [{"id": f"p{i}", "prompt": f"{p} {i}"} for i, p in enumerate(PROMPTS * 5)]
     rows.insert(7, {"id": "too-long", "prompt": " ".join(["word"] * 40)})
     prompts = _jsonl(tmp_path / "p.jsonl", rows)
     clean = tmp_path / "clean.db"
-    t0 = time.perf_counter()
     done = subprocess.run(_command(model, prompts, clean), capture_output=True, text=True)
-    whole = time.perf_counter() - t0
     assert done.returncode == 1, done.stderr  # one failed prompt: exit status 1
     db = tmp_path / "killed.db"
-    rng = random.Random(17)
-    kills = 0
-    for _ in range(4):  # killed at random points of what a whole run takes
-        proc = subprocess.Popen(_command(model, prompts, db), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 0.9) * whole)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
+    from ggufjac.store import read_store
+
+    committed: list[str] = []
+    for stop_at in (3, 5, 2, 4):  # the Nth write of each run is killed inside its transaction
+        proc = subprocess.Popen([sys.executable, "-c", STOP_INSIDE_WRITE, str(stop_at),
+                                 *_command(model, prompts, db)[3:]],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = proc.stdout.readline()
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        if db.exists():  # never a half-written prompt: every stored one is complete
-            for ident, n in _rows(db, "SELECT id, n_tokens FROM prompts WHERE status = 'done'"):
-                assert _rows(db, "SELECT count(*) FROM tokens WHERE id = ?", ident)[0][0] == n
-                assert _rows(db, "SELECT count(*) FROM singular_values WHERE id = ?",
-                             ident)[0][0] == 8
-    assert kills >= 1
+        proc.stdout.close()
+        assert line.startswith("inside "), line
+        pending = [r["id"] for r in rows if r["id"] not in committed]  # in the file's order
+        assert line.split()[1] == pending[stop_at - 1]
+        committed += pending[:stop_at - 1]
+        # the killed write left nothing; every earlier one is whole, and a read-only reader
+        # sees exactly that
+        stored = read_store(db)
+        assert sorted(p["id"] for p in stored["prompts"]) == sorted(committed)
+        for p in stored["prompts"]:
+            if p["status"] == "done":
+                assert len(p["tokens"]) == p["n_tokens"] and len(p["singular_values"]) == 8
     final = subprocess.run(_command(model, prompts, db), capture_output=True, text=True)
     assert final.returncode == 1, final.stderr
     ids = [r[0] for r in _rows(db, "SELECT id FROM prompts")]
@@ -258,30 +293,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Put on the cluster's PYTHONPATH (never the driver's): the first Ray worker given prompt
+# 'p2' is killed with SIGKILL as it starts it, as the out-of-memory killer or a lost node
+# would; it leaves the file MARKER saying so, and later workers run 'p2' normally.
+KILL_WORKER_ON_P2 = """
+import importlib.abc, importlib.util, os, signal, sys
+from pathlib import Path
+
+MARKER = Path({marker!r})
+
+
+class _KillOnP2(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "ggufjac.batch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            run = module.PromptRunner.run
+
+            def dying(runner, item):
+                if item.id == "p2" and not MARKER.exists():
+                    MARKER.write_text(str(os.getpid()))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return run(runner, item)
+            module.PromptRunner.run = dying
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _KillOnP2())
+"""
+
+
 @pytest.fixture()
 def ray_cluster(tmp_path):
-    """`ray start --head` on 127.0.0.1 with token authentication; stopped after the test."""
+    """`ray start --head` on 127.0.0.1 with token authentication, its workers killed as
+    KILL_WORKER_ON_P2 says; stopped after the test. Gives (address, the driver's env,
+    the marker file)."""
     pytest.importorskip("ray")
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     assert ray_bin, "the dev extra installs Ray; its `ray` command is missing"
     port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
                RAY_USAGE_STATS_ENABLED="0")
+    marker = tmp_path / "killed-worker"
+    hook = tmp_path / "worker-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_WORKER_ON_P2.format(marker=str(marker)))
+    cluster_env = dict(env, PYTHONPATH=os.pathsep.join(
+        p for p in (str(hook), env.get("PYTHONPATH")) if p))
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
                             f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True,
-                           timeout=180)
+                            "--disable-usage-stats"], env=cluster_env, capture_output=True,
+                           text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
-        yield f"127.0.0.1:{port}", env
+        yield f"127.0.0.1:{port}", env, marker
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_ray_cluster_results_equal_a_local_run(synthetic, tmp_path, ray_cluster) -> None:
-    """Two actors; one of them dies on its first prompt 'p2' (the fault hook): the prompt is
-    sent again, and every prompt's results equal a local run's."""
-    address, env = ray_cluster
+    """Two actors; the one given 'p2' first is killed (SIGKILL) as it starts it: the prompt
+    is sent again, and every prompt's results equal a local run's."""
+    address, env, marker = ray_cluster
     model = synthetic("llama", "Q8_0")
     prompts = _jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": p}
                                             for i, p in enumerate(PROMPTS[:6])])
@@ -291,13 +370,13 @@ def test_ray_cluster_results_equal_a_local_run(synthetic, tmp_path, ray_cluster)
                           str(prompts), "--out", str(local), *args], capture_output=True,
                          text=True, env=env)
     assert run.returncode == 0, run.stderr
-    env = dict(env, GGUFJAC_FAULT_EXIT_ON=f"p2:{tmp_path / 'died'}")
+    assert not marker.exists()  # the hook is the cluster's alone
     run = subprocess.run([sys.executable, "-m", "ggufjac.cli", "batch", str(model),
                           str(prompts), "--out", str(remote), *args, "--ray", address,
                           "--workers", "2"], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert (tmp_path / "died").exists()  # a worker did die mid-run
+    assert marker.exists()  # a worker was killed mid-run
     for query in ("SELECT id, status, n_tokens, predicted_token_id, attribution_sum "
                   "FROM prompts ORDER BY id",
                   "SELECT id, position, token_id, attribution FROM tokens ORDER BY id, position",
@@ -309,22 +388,205 @@ def test_ray_cluster_results_equal_a_local_run(synthetic, tmp_path, ray_cluster)
 
 def test_a_store_killed_while_it_is_created_leaves_no_file(tmp_path) -> None:
     """kill -9 in the middle of writing a new store's schema: no file at its path (a later
-    run would find an empty SQLite file there), and a later creation completes."""
+    run would find an empty SQLite file there); the temporary store and its journal left
+    beside it are removed by the next creation, which completes."""
     db = tmp_path / "r.db"
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
         "import ggufjac.store as store\n"
         "def killed(db):\n"
+        "    db.execute('BEGIN')\n"
         "    db.execute('CREATE TABLE half (x)')\n"
+        "    db.execute('INSERT INTO half VALUES (1)')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "store._create_schema = killed\n"
         "store.ResultStore(Path(sys.argv[1]))\n")
     r = subprocess.run([sys.executable, "-c", script, str(db)], capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not db.exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".r.db.partial", ".r.db.partial-journal"], left
     from ggufjac.store import TABLES, ResultStore
 
     ResultStore(db).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.db"]
     names = {n for (n,) in _rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert set(TABLES) <= names and "half" not in names
+
+
+# -- the store alone: hot journals, concurrent batches, snapshots, the schema ---------------
+
+def _run_identity():
+    """(provenance, settings) of a run made up here: open_run's arguments."""
+    from ggufjac.batch import BatchSettings, Provenance
+
+    return (Provenance("m.gguf", "ab" * 32, 1, "llama", "0", "0", "0", "3"),
+            BatchSettings(("attribute",)))
+
+
+def _result(ident: str, n: int = 3, logit: float = 1.5):
+    """A done prompt's result with `n` tokens (made here, no model)."""
+    from ggufjac.batch import PromptResult, TokenLogit
+
+    return PromptResult(ident, f"prompt {ident}", None, n_tokens=n, predicted_token_id=7,
+                        predicted_token=" x", logit=logit, attribution_sum=logit,
+                        token_ids=list(range(n)), tokens=[f"t{i}" for i in range(n)],
+                        contributions=[logit / n] * n,
+                        top_logits=[TokenLogit(7, " x", logit)], singular_values=[2.0, 1.0])
+
+
+def _store_with(db: Path, ids: list[str]) -> int:
+    from ggufjac.store import ResultStore
+
+    with ResultStore(db) as s:
+        run_id, _ = s.open_run(*_run_identity())
+        for i in ids:
+            assert s.write(run_id, _result(i))
+    return run_id
+
+
+# A writer of a store made before WAL (rollback journal), killed with SIGKILL inside a
+# transaction that has already written changed pages into the file: its journal is hot.
+HOT_JOURNAL_WRITER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode = DELETE")
+db.execute("PRAGMA cache_size = 1")  # changed pages spill into the file before the commit
+db.execute("BEGIN IMMEDIATE")
+db.execute("DELETE FROM prompts")
+db.executemany("INSERT INTO tokens VALUES (1, 'a', ?, 0, ?, 0.0)",
+               [(100 + i, "y" * 500) for i in range(3000)])
+print("inside", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_hot_journal_is_rolled_back_and_the_store_read(tmp_path) -> None:
+    from ggufjac.store import read_store
+
+    db = tmp_path / "r.db"
+    _store_with(db, ["a", "b"])
+    proc = subprocess.Popen([sys.executable, "-c", HOT_JOURNAL_WRITER, str(db)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "inside\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    journal = tmp_path / "r.db-journal"
+    assert journal.exists()
+    # what failed before: SQLite itself cannot read it read-only while the journal is hot
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True).execute(
+            "SELECT count(*) FROM prompts").fetchone()
+    stored = read_store(db)
+    assert [(p["id"], len(p["tokens"])) for p in stored["prompts"]] == [("a", 3), ("b", 3)]
+    assert not journal.exists()
+
+
+def test_two_batches_at_once_store_one_run_and_each_prompt_once(tmp_path) -> None:
+    """Two processes create the same new store, record the same run and write the same
+    prompts at the same moment: one run, each prompt once with its rows once. Then the
+    rules that make it so, one at a time."""
+    from ggufjac.store import ResultStore
+
+    writer = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ggufjac.batch import BatchSettings, PromptResult, Provenance\n"
+        "from ggufjac.store import ResultStore\n"
+        "settings = BatchSettings(('attribute',))\n"
+        "provenance = Provenance('m.gguf', 'ab' * 32, 1, 'llama', '0', '0', '0', '3')\n"
+        "go = Path(sys.argv[2])\n"
+        "while not go.exists():\n"
+        "    time.sleep(0.001)\n"
+        "s = ResultStore(Path(sys.argv[1]))\n"
+        "run_id, _ = s.open_run(provenance, settings)\n"
+        "print(sum(s.write(run_id, PromptResult(i, f'prompt {i}', None, n_tokens=3, logit=1.5,\n"
+        "                                       token_ids=[0, 1, 2], tokens=['a', 'b', 'c']))\n"
+        "          for i in 'abc'))\n")
+    for round_ in range(3):
+        db, go = tmp_path / f"r{round_}.db", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", writer, str(db), str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        go.touch()
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert sum(int(o) for o, _ in outs) == 3  # each prompt written by one of them
+        assert _rows(db, "SELECT count(*) FROM runs") == [(1,)]
+        assert _rows(db, "SELECT id, count(*) FROM prompts GROUP BY id") == \
+            [("a", 1), ("b", 1), ("c", 1)]
+        assert _rows(db, "SELECT count(*) FROM tokens") == [(9,)]
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if p.name.startswith(".")) == []  # no temporary store left
+    # a run's identity is unique in the file itself (any writer, any version)
+    with sqlite3.connect(db) as c, pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        c.execute("INSERT INTO runs SELECT NULL, created_at, model_path, model_sha256, "
+                  "model_bytes, architecture, settings, analyses, top_k, dtype, gate_path, "
+                  "anchored, llama_cpp, max_tokens, ggufjac_version, "
+                  "llama_cpp_python_version, torch_version, python_version FROM runs")
+    # a prompt stored done is kept: a second result for it is not written
+    with ResultStore(db) as s:
+        run_id, stored = s.open_run(*_run_identity())
+        assert s.write(run_id, _result("a", logit=99.0)) is False
+    assert _rows(db, "SELECT logit FROM prompts WHERE id = 'a'") == [(1.5,)]
+
+
+def test_a_reader_sees_one_snapshot_while_a_batch_commits(tmp_path, monkeypatch) -> None:
+    """Before each query of `read_store`, another connection commits one more whole prompt:
+    the page's data is the store at one moment (every prompt with all its tokens), not a
+    mix of moments."""
+    from ggufjac.store import ResultStore, read_store
+
+    db = tmp_path / "r.db"
+    _store_with(db, ["a", "b"])
+    writer = ResultStore(db)
+    run_id, _ = writer.open_run(*_run_identity())
+    committed: list[str] = []
+
+    def commit_one(sql: str) -> None:
+        if sql.lstrip().upper().startswith("SELECT"):
+            ident = f"new{len(committed)}"
+            writer.write(run_id, _result(ident, n=4))
+            committed.append(ident)
+
+    connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        con = connect(*args, **kwargs)
+        con.set_trace_callback(commit_one)
+        return con
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    stored = read_store(db)
+    monkeypatch.undo()
+    writer.close()
+    ids = [p["id"] for p in stored["prompts"]]
+    seen = len(ids) - 2
+    assert len(committed) >= 5 and 0 <= seen < len(committed)
+    assert ids == ["a", "b", *committed[:seen]]  # the store as it was at one commit
+    for p in stored["prompts"]:
+        assert len(p["tokens"]) == p["n_tokens"] and len(p["top_logits"]) == 1, p["id"]
+
+
+def test_the_prompts_table_is_the_documented_one(tmp_path) -> None:
+    """The columns made from PromptResult are docs/batch.md's, in its order (stores
+    written before they were made from it read and write alike); a store made before the
+    unique run identity gets it when a batch opens it."""
+    import re
+
+    from ggufjac.store import read_store
+
+    doc = (Path(__file__).parent.parent / "docs" / "batch.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `prompts` |"))
+    documented = re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", row.split("|")[3]))
+    db = tmp_path / "r.db"
+    _store_with(db, ["a"])
+    assert [r[1] for r in _rows(db, "PRAGMA table_info(prompts)")] == documented
+    with sqlite3.connect(db) as c:
+        c.execute("DROP INDEX runs_identity")
+    assert not _rows(db, "SELECT name FROM sqlite_master WHERE name = 'runs_identity'")
+    _store_with(db, ["b"])
+    assert _rows(db, "SELECT name FROM sqlite_master WHERE name = 'runs_identity'")
+    assert [p["id"] for p in read_store(db)["prompts"]] == ["a", "b"]
