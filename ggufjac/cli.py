@@ -475,7 +475,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .api import open_model
     from .jacobian import directions_per_sweep
     from .linearize import Linearization
-    from .outputs import json_to, prepare_output_dir, write_all
+    from .outputs import json_to, prepare_output_dir, temporary_path, write_all
     from .plots import plot_spectrum
     from .reports import prediction_figures
     from .units import format_size
@@ -488,7 +488,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     directions = directions_per_sweep(m.engine(lin, max_memory=budget), len(tokens),
                                       anchored=anchor != "none")
     prepare_output_dir(out_dir, overwrite)
-    scratch = out_dir / ".jacobian.safetensors.making" if directions < d else None
+    scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") if directions < d else None
     try:
         if scratch is not None:
             size = d * len(tokens) * d * m.weights.dtype.itemsize
@@ -597,7 +597,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     from .api import open_model
     from .jacobian import directions_per_sweep
     from .linearize import Linearization
-    from .outputs import json_to, prepare_output_dir, write_all
+    from .outputs import json_to, prepare_output_dir, temporary_path, write_all
     from .plots import plot_spectrum
     from .reports import prediction_figures, svd_report
     from .svd import check_top_k
@@ -617,7 +617,8 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     anchored = _anchor(m, tokens, lin, anchor, llama)
     per = None
     if per_token:
-        scratch = out_dir / ".jacobian-scratch" if directions < m.cfg.d_model else None
+        scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") \
+            if directions < m.cfg.d_model else None
         if scratch is not None:
             click.echo(f"ggufjac: J is larger than the memory budget: making it in a scratch "
                        f"file, {directions} directions per reverse sweep", err=True)
@@ -1117,13 +1118,6 @@ def _finite_scales(text: str) -> list[float]:
     return [check_scale(v) for v in scales]
 
 
-def _source_tokens(m: LoadedModel, source: str) -> list[int]:
-    try:
-        return m.tokenize(source)
-    except GgufjacError as e:
-        raise GgufjacError(f"--source: {e}") from None
-
-
 @main.command(short_help="Steer generation with a source prompt's detached Jacobian.",
               epilog=_epilog("steer"))
 @_model_argument
@@ -1169,62 +1163,33 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
     """
     from .cvector import check_scale, read_control_vector
     from .prompt_sets import read_prompt_set
-    from .reports import steer_report
-    from .steer import DEFAULT_SCALES
 
     if (prompt is None) == (eval_path is None):
         raise GgufjacError("give --prompt, or --eval PROMPTS (not both)")
     if control_vector is not None and (operator is not None or layer is not None):
         raise GgufjacError("--control-vector steers the file's own blocks with its own "
                            "vectors: drop --operator and --layer")
-    operator = operator or "jacobian"
-    scale = check_scale(scale if scale is not None else 1.0 if control_vector else
-                        DEFAULT_SCALES[operator])
+    if scale is not None:
+        check_scale(scale)
     eval_scales = _finite_scales(scales) if eval_path is not None else []
-    items = read_prompt_set(eval_path) if eval_path is not None else []
+    items = read_prompt_set(eval_path) if eval_path is not None else None
     cv = read_control_vector(control_vector) if control_vector is not None else None
-    from . import steer as steering
     from .api import open_model
+    from .reports import steer_report
+    from .steer import run_steer
 
     m = open_model(model, dtype=dtype)
-    cfg = m.cfg
-    src = _source_tokens(m, source)
-    if cv is not None:
-        cv.check_fits(cfg, str(control_vector))
-        layers = sorted(cv.directions)
-    else:
-        layer = steering.default_layer(cfg.n_layer) if layer is None else layer
-        if not 0 <= layer < cfg.n_layer:
-            raise GgufjacError(f"--layer {layer}: the model has blocks 0..{cfg.n_layer - 1}")
-        layers = [layer]
-    prompts = [m.tokenize(prompt)] if prompt is not None else \
-        [m.tokenize(it.prompt) for it in items]
-    for tokens in prompts:
-        steering.check_context(m, tokens, n_new)
-    steering.check_memory(m)
-    net = m.model
-    concepts = [m.token_for_text(t) for t in concept_texts] or \
-        steering.top_next_tokens(m, src, 3)
-    if cv is None:
-        click.echo(f"source maps at block {layers[0]} ({operator}) ...", err=True)
-        maps = steering.source_maps(m, src, layers, operator, concepts)
-
-    def make(s: float) -> steering.Steering:
-        if cv is not None:  # the file's vectors, times λ (llama.cpp's --control-vector-scaled)
-            return steering.DirectionSteering({n: s * v for n, v in cv.directions.items()},
-                                              relative=False)
-        return steering.operator_steering(operator, maps, s)
-    eos = m.gguf.get("tokenizer.ggml.eos_token_id")
-    stop = [] if eos is None else [int(eos)]
-    click.echo("concept tokens: " + ", ".join(repr(m.token_text(t)) for t in concepts))
-    settings = {"source": source, "operator": "control-vector" if cv else operator,
-                "control_vector": str(control_vector) if cv else None, "layers": layers,
-                "scale": scale, "tokens": n_new, "seed": seed, "dtype": dtype,
-                "concepts": [m.token_text(t) for t in concepts]}
-    if prompt is not None:
-        plain = steering.generate(net, prompts[0], n_new, None, concepts, stop)
-        steered = steering.generate(net, prompts[0], n_new, make(scale), concepts, stop)
-        report = steer_report(m, settings, prompt=prompt, unsteered=plain, steered=steered)
+    run = run_steer(m, source, prompt=prompt,
+                    eval_prompts=None if items is None else [it.prompt for it in items],
+                    layer=layer, operator=operator or "jacobian", control_vector=cv,
+                    control_vector_name=None if cv is None else str(control_vector),
+                    scale=scale, scales=eval_scales, n_new=n_new, concept_texts=concept_texts,
+                    seed=seed, progress=lambda text: click.echo(text, err=True))
+    click.echo("concept tokens: " + ", ".join(repr(m.token_text(t)) for t in run.concepts))
+    report = steer_report(m, run.settings, prompt=run.prompt, unsteered=run.unsteered,
+                          steered=run.steered, evaluation=run.evaluation,
+                          eval_prompts=run.eval_prompts)
+    if run.evaluation is None:
         click.echo(f"unsteered: {prompt}{report['unsteered']['text']}")
         click.echo(f"steered:   {prompt}{report['steered']['text']}")
         for name in ("unsteered", "steered"):
@@ -1233,9 +1198,7 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
                        + " ".join(f"{q:.2g}" for q in c["concept_probability"])
                        + f" (mean {c['mean_concept_probability']:.3g})")
     else:
-        results = steering.evaluate(net, prompts, make, eval_scales, concepts, n_new, seed, stop)
-        report = steer_report(m, settings, evaluation=results,
-                              eval_prompts=[it.prompt for it in items])
+        results = run.evaluation
         click.echo(f"{'scale':>6}  {'Δlog P(concepts)':>17}  {'random':>8}  {'contains':>8}  "
                    f"{'random':>6}  {'ppl':>7}  {'random':>7}  (unsteered: contains "
                    f"{results[0].unsteered_contains_rate:.2f}, ppl {results[0].unsteered_perplexity:.2f})")
@@ -1265,42 +1228,63 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
               help="Concept token for concept-direction (repeatable). Default: the source's "
                    "predicted token.")
 @click.option("--scale", type=float, default=0.02, show_default=True,
-              help="λ: direction.N = λ ‖h_N‖ u_N (‖h_N‖: the source's residual norm there).")
+              help="λ, shared by the k blocks of --layers: direction.N = (λ/k) ‖h_N‖ u_N "
+                   "(‖h_N‖: the source's residual norm there), so the range adds in all what "
+                   "one block would (the additions sum in the residual stream).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Measure the file in llama.cpp before naming it: on neutral prompts, the "
+                   "concept's log-probability against a random vector of the same norms, "
+                   "and fluency; a file that lowers the prompts' own log-probability by more "
+                   "than 1 nat per token is refused.")
+@click.option("--force", is_flag=True,
+              help="Write the file even when the check finds it degrades the model.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the check's random vector.")
 @_threads_option
 @_errors_to_exit
 def cvector(model: str, source: str, layer_range: str, out_path: Path, operator: str,
             concept_texts: tuple[str, ...], scale: float, dtype: str, overwrite: bool,
-            threads: int | None) -> None:
-    """Write a control vector (`llama-cli --control-vector FILE`): per block N in --layers,
-    direction.N = λ ‖h_N‖ u_N, u_N the source's direction at block N's output (by default
-    the concept's logit row pulled back through the source's detached map), stored as
-    direction.N so llama.cpp adds it where it was measured."""
-    from .cvector import check_scale, parse_layer_range
+            check: bool, force: bool, seed: int, threads: int | None) -> None:
+    """Write a control vector (`llama-cli --control-vector FILE`): per block N of the k in
+    --layers, direction.N = (λ/k) ‖h_N‖ u_N, u_N the source's direction at block N's output
+    (by default the concept's logit row pulled back through the source's detached map),
+    stored as direction.N so llama.cpp adds it where it was measured. The file is measured
+    in llama.cpp before it gets its name (--no-check skips that)."""
+    from .steer import check_export_request
 
-    if operator == "jacobian":
-        raise GgufjacError("--operator jacobian is position-dependent (it reads each "
-                           "position's input embedding): no control vector can express it; "
-                           "use cumulative-direction or layer-direction")
-    check_scale(scale)
-    if out_path.exists() and not overwrite:
-        raise GgufjacError(f"{out_path} exists (--overwrite replaces it)")
-    if not out_path.parent.is_dir():
-        raise GgufjacError(f"{out_path.parent}: no such directory")
-    from . import steer as steering
+    check_export_request(operator, scale, out_path, overwrite)
     from .api import open_model
+    from .steer import FLUENCY_LIMIT, export_control_vector
 
     m = open_model(model, dtype=dtype)
-    layers = parse_layer_range(layer_range, m.cfg.n_layer)
-    src = _source_tokens(m, source)
-    concepts = [m.token_for_text(t) for t in concept_texts]  # default: the source's next token
-    maps = steering.source_maps(m, src, layers, operator, concepts)
-    cv = steering.control_vector(maps, scale, m.cfg.arch)
-    cv.write(out_path)
+    done = export_control_vector(m, source, layer_range, out_path, operator=operator,
+                                 concept_texts=concept_texts, scale=scale, overwrite=overwrite,
+                                 check=check, force=force, seed=seed)
+    cv = done.control_vector
     for n, v in sorted(cv.directions.items()):
         click.echo(f"direction.{n}: norm {float(v.norm()):.4g}")
-    click.echo(f"wrote {out_path} ({len(cv.directions)} directions, n_embd {m.cfg.d_model})")
+    c = done.check
+    if c is None:
+        click.echo("not measured in llama.cpp (--no-check)")
+    else:
+        click.echo(f"measured in llama.cpp on {len(c.prompts)} neutral prompts, concept "
+                   + ", ".join(repr(t) for t in c.concepts) + ":")
+        click.echo(f"  Δ log P(concept), last position  {c.concept_logprob_rise:+.2f}  "
+                   f"(random vector, same norms: {c.random_logprob_rise:+.2f})")
+        click.echo(f"  Δ log P(own tokens) per token    {c.fluency_change:+.2f}  "
+                   f"(random: {c.random_fluency_change:+.2f}; perplexity "
+                   f"{c.unsteered_perplexity:.1f} -> {c.steered_perplexity:.1f})")
+        if c.degraded:
+            click.echo(f"ggufjac: warning: {out_path} degrades the model: its own-token "
+                       f"log-probability falls by more than {FLUENCY_LIMIT:g} nat per token "
+                       "(written because of --force)", err=True)
+        if not c.steers:
+            click.echo(f"ggufjac: warning: {out_path} does not raise the concept more than "
+                       "a random vector of the same norms does", err=True)
+    click.echo(f"wrote {out_path} ({len(cv.directions)} directions, n_embd {m.cfg.d_model}, "
+               f"λ {scale:g} over {len(cv.directions)} blocks: {done.block_scale:.4g} each)")
 
 
 if __name__ == "__main__":

@@ -51,34 +51,50 @@ class ControlVector:
                                    f"blocks 1..{cfg.n_layer - 1} of this {cfg.n_layer}-block "
                                    "model")
 
-    def llama_cpp_buffer(self, n_layer: int) -> np.ndarray:
-        """float32 [n_layer - 1, d]: the rows llama_set_adapter_cvec takes (block 1 first)."""
-        d = next(iter(self.directions.values())).numel()
-        data = np.zeros((n_layer - 1, d), dtype=np.float32)
-        for n, v in self.directions.items():
-            data[n - 1] = v.detach().to(torch.float32).cpu().numpy()
-        return data
+    def validate(self, cfg: ModelConfig | None = None, where: str = "control vector") -> None:
+        """What a file must hold to be read back as written: at least one direction, block
+        numbers llama.cpp has a slot for (N >= 1), one width, finite values; with `cfg`,
+        also the model's width and blocks (`check_fits`)."""
+        if not self.directions:
+            raise GgufjacError(f"{where}: a control vector needs at least one direction")
+        widths = set()
+        for n, v in sorted(self.directions.items()):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise GgufjacError(f"{where}: direction.{n}: block numbers are integers >= 1 "
+                                   "(llama.cpp has no control-vector slot for block 0)")
+            if v.dim() != 1 or v.numel() == 0:
+                raise GgufjacError(f"{where}: direction.{n} has shape {list(v.shape)}; a "
+                                   "direction is one vector of n_embd values")
+            if not bool(torch.isfinite(v).all()):
+                raise GgufjacError(f"{where}: direction.{n} holds NaN or Inf")
+            widths.add(v.numel())
+        if len(widths) > 1:
+            raise GgufjacError(f"{where}: the directions have different lengths "
+                               f"{sorted(widths)}; all must have n_embd values")
+        if cfg is not None:
+            self.check_fits(cfg, where)
 
-    def write(self, path: Path) -> None:
-        """Write the file (atomically: a failed write leaves nothing behind)."""
+    def write(self, path: Path, cfg: ModelConfig | None = None) -> None:
+        """Write the file (atomically: a failed write leaves nothing behind), validated
+        first (`validate`, against `cfg`'s width and blocks when given)."""
+        from .outputs import atomic_write
+
+        self.validate(cfg, str(path))
+        atomic_write(Path(path), self.write_to)
+
+    def write_to(self, path: Path) -> None:
+        """The file's bytes at `path` as they are (`write` is the checked, atomic one)."""
         from gguf import GGUFWriter
 
-        if not self.directions:
-            raise GgufjacError("a control vector needs at least one direction")
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            w = GGUFWriter(str(tmp), ARCHITECTURE)
-            w.add_string(f"{ARCHITECTURE}.model_hint", self.model_hint)
-            w.add_int32(f"{ARCHITECTURE}.layer_count", len(self.directions))
-            for n, v in sorted(self.directions.items()):
-                w.add_tensor(f"direction.{n}", v.detach().to(torch.float32).cpu().numpy())
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        w = GGUFWriter(str(path), ARCHITECTURE)
+        w.add_string(f"{ARCHITECTURE}.model_hint", self.model_hint)
+        w.add_int32(f"{ARCHITECTURE}.layer_count", len(self.directions))
+        for n, v in sorted(self.directions.items()):
+            w.add_tensor(f"direction.{n}", v.detach().to(torch.float32).cpu().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
 
 
 def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
@@ -95,6 +111,10 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
             if m is None:
                 raise GGUFError(p, f"tensor {name!r}", "a control vector holds only "
                                 "direction.N tensors")
+            # direction.01 would also be block 1 (a name twice is refused by GGUFFile)
+            if m.group(1) != str(int(m.group(1))):
+                raise GGUFError(p, f"tensor {name!r}", "the block number has a leading zero "
+                                f"(write direction.{int(m.group(1))})")
             if info.type != 0 or len(info.shape) != 1:  # GGML_TYPE_F32, one dimension
                 raise GGUFError(p, f"tensor {name!r}", f"must be 1-D F32, is {info.type.name} "
                                 f"of shape {list(info.shape)}")

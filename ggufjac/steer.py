@@ -15,8 +15,12 @@ Operators, each a change of the residual stream after block L (llama.cpp's `l_ou
   source's cumulative map at that block (or of the block's own map, input -> output with
   the residual), signed so u·(map output) > 0; h_i gains λ ‖h_i‖ u.
 - a control vector (cvector.py): fixed vectors v_N added after block N, as llama.cpp adds
-  them. `control_vector` makes one from a direction operator: v_N = λ ‖h_src‖ u_N, ‖h_src‖
-  the source's residual norm after block N at its last position.
+  them. `control_vector` makes one from a direction operator over k blocks:
+  v_N = (λ / k) ‖h_src‖ u_N, ‖h_src‖ the source's residual norm after block N at its last
+  position. The residual stream carries every addition to the output, and neighbouring
+  blocks' directions point much the same way, so the k additions sum: divided by k, the
+  range together adds no more than one block would (Σ‖v_N‖ = λ · mean ‖h_src‖).
+  `check_control_vector` measures a file in llama.cpp itself.
 
 Generation is greedy with a KV cache (one forward step per token). Every operator's change
 at position i depends only on positions ≤ i, so steering the prompt once and each new
@@ -28,12 +32,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from .analysis import spectrum, top_tokens_by_unembedding
-from .cvector import ControlVector
+from .cvector import ControlVector, check_scale, parse_layer_range
 from .errors import GgufjacError
 from .layers import LayerMap, layer_maps, lens_maps
 from .linearize import PLAIN, Linearization
@@ -205,8 +210,11 @@ def random_control(steering: Steering, scale: float, seed: int, d: int, dtype: t
 
 
 def control_vector(maps: dict[int, SourceMap], scale: float, model_hint: str) -> ControlVector:
-    return ControlVector({l: scale * mp.residual_norm * mp.direction for l, mp in maps.items()},
-                         model_hint)
+    """v_N = (λ / k) ‖h_N‖ u_N over the k blocks of `maps` (the module's docstring says why
+    the range shares λ); one block gets λ ‖h_N‖ u_N."""
+    per_block = scale / len(maps)
+    return ControlVector({l: per_block * mp.residual_norm * mp.direction
+                          for l, mp in maps.items()}, model_hint)
 
 
 def _edit(steering: Steering | None, inputs: list[torch.Tensor]) -> ResidualEdit | None:
@@ -334,3 +342,239 @@ def evaluate(model: Transformer, prompts: list[list[int]],
                                    _geometric_mean(ppl), _geometric_mean(c_ppl),
                                    _geometric_mean(plain_ppl)))
     return results
+
+
+def source_tokens(m: LoadedModel, source: str) -> list[int]:
+    """The source prompt's tokens; a prompt the model cannot take names the option."""
+    try:
+        return m.tokenize(source)
+    except GgufjacError as e:
+        raise GgufjacError(f"--source: {e}") from None
+
+
+@dataclass
+class SteerRun:
+    """What `steer` did: its settings (as the report records them), the concept tokens, and
+    either one prompt's two continuations or the measured rows per scale."""
+
+    settings: dict
+    concepts: list[int]
+    prompt: str | None = None
+    unsteered: Continuation | None = None
+    steered: Continuation | None = None
+    evaluation: list[ScaleResult] | None = None
+    eval_prompts: list[str] | None = None
+
+
+def run_steer(m: LoadedModel, source: str, *, prompt: str | None = None,
+              eval_prompts: Sequence[str] | None = None, layer: int | None = None,
+              operator: str = "jacobian", control_vector: ControlVector | None = None,
+              control_vector_name: str | None = None, scale: float | None = None,
+              scales: Sequence[float] = (), n_new: int = 20, concept_texts: Sequence[str] = (),
+              seed: int = 0, progress: Callable[[str], None] | None = None) -> SteerRun:
+    """Steer one prompt's greedy continuation (`prompt`) or measure steering over a prompt
+    set at each of `scales` (`eval_prompts`) with the source's maps at `layer` (default:
+    `default_layer`), or with `control_vector`'s own blocks and vectors (times λ, 1 by
+    default). Concepts: `concept_texts`, else the source's top 3 next tokens."""
+    if (prompt is None) == (eval_prompts is None):
+        raise GgufjacError("give --prompt, or --eval PROMPTS (not both)")
+    cfg = m.cfg
+    scale = check_scale(scale if scale is not None else 1.0 if control_vector is not None
+                        else DEFAULT_SCALES[operator])
+    src = source_tokens(m, source)
+    if control_vector is not None:
+        control_vector.check_fits(cfg, control_vector_name or "control vector")
+        layers = sorted(control_vector.directions)
+    else:
+        layer = default_layer(cfg.n_layer) if layer is None else layer
+        if not 0 <= layer < cfg.n_layer:
+            raise GgufjacError(f"--layer {layer}: the model has blocks 0..{cfg.n_layer - 1}")
+        layers = [layer]
+    prompts = [m.tokenize(prompt)] if prompt is not None else \
+        [m.tokenize(p) for p in eval_prompts or []]
+    for tokens in prompts:
+        check_context(m, tokens, n_new)
+    check_memory(m)
+    net = m.model
+    concepts = [m.token_for_text(t) for t in concept_texts] or top_next_tokens(m, src, 3)
+    if control_vector is None:
+        if progress is not None:
+            progress(f"source maps at block {layers[0]} ({operator}) ...")
+        maps = source_maps(m, src, layers, operator, concepts)
+
+    def make(s: float) -> Steering:
+        if control_vector is not None:  # the file's vectors times λ (--control-vector-scaled)
+            return DirectionSteering({n: s * v for n, v in control_vector.directions.items()},
+                                     relative=False)
+        return operator_steering(operator, maps, s)
+    eos = m.gguf.get("tokenizer.ggml.eos_token_id")
+    stop = [] if eos is None else [int(eos)]
+    settings = {"source": source,
+                "operator": "control-vector" if control_vector is not None else operator,
+                "control_vector": control_vector_name if control_vector is not None else None,
+                "layers": layers, "scale": scale, "tokens": n_new, "seed": seed,
+                "dtype": str(m.weights.dtype).removeprefix("torch."),
+                "concepts": [m.token_text(t) for t in concepts]}
+    run = SteerRun(settings, concepts)
+    if prompt is not None:
+        run.prompt = prompt
+        run.unsteered = generate(net, prompts[0], n_new, None, concepts, stop)
+        run.steered = generate(net, prompts[0], n_new, make(scale), concepts, stop)
+    else:
+        run.eval_prompts = list(eval_prompts or [])
+        run.evaluation = evaluate(net, prompts, make, scales, concepts, n_new, seed, stop)
+    return run
+
+
+# `cvector`'s own measurement of the file it writes, in llama.cpp: a few prompts that do not
+# ask for the concept; the next-token log-probability of the concept at their last
+# position, and the log-probability of their own tokens (fluency), with and without the file
+CHECK_PROMPTS = ("I went to the market and bought a", "Here is a painting of the",
+                 "My favourite place is the", "Yesterday I walked to the")
+# A file is degraded when it lowers the mean log-probability of those prompts' own tokens
+# by more than this many nats per token: their perplexity grows more than e ≈ 2.7 times
+# (a random vector of the same norms costs a few tenths on Gemma 3 270M; docs/steering.md)
+FLUENCY_LIMIT = 1.0
+
+
+@dataclass
+class LlamaCppCheck:
+    """A control vector measured in llama.cpp on `prompts` (means over the prompts)."""
+
+    prompts: list[str]
+    concepts: list[str]
+    seed: int  # of the random vector with the file's per-block norms
+    concept_logprob_rise: float  # log P(concepts) at the last position, with - without
+    random_logprob_rise: float
+    fluency_change: float  # mean log-probability per token of the prompts' own tokens
+    random_fluency_change: float
+    unsteered_perplexity: float  # exp(-mean log-probability per token), without the file
+    steered_perplexity: float
+
+    @property
+    def degraded(self) -> bool:
+        return self.fluency_change < -FLUENCY_LIMIT
+
+    @property
+    def steers(self) -> bool:
+        """The concept rises, and more than with the random vector."""
+        return self.concept_logprob_rise > max(0.0, self.random_logprob_rise)
+
+
+def random_like(cv: ControlVector, seed: int) -> ControlVector:
+    """Random directions (from `seed`) with `cv`'s blocks and per-block norms."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, v in sorted(cv.directions.items()):
+        r = torch.randn(v.numel(), generator=gen, dtype=torch.float64)
+        out[n] = (r / torch.linalg.vector_norm(r) * torch.linalg.vector_norm(
+            v.to(torch.float64))).to(torch.float32)
+    return ControlVector(out, cv.model_hint)
+
+
+def _llama_cpp_logprobs(model_path: Path, prompts: list[list[int]], concepts: list[int],
+                        cv_path: Path | None) -> tuple[list[float], list[float]]:
+    """Per prompt: log P(concepts) at the last position, and the log-probabilities of the
+    prompt's own tokens after the first, in llama.cpp with the file `cv_path` applied."""
+    from . import llamacpp
+
+    concept_lp, own_lp = [], []
+    for tokens in prompts:
+        run = llamacpp.evaluate(model_path, tokens, control_vector=cv_path)
+        lp = torch.log_softmax(torch.from_numpy(run.logits).to(torch.float64), dim=-1)
+        concept_lp.append(float(torch.logsumexp(lp[-1, concepts], dim=0)))
+        own_lp.extend(lp[torch.arange(len(tokens) - 1), torch.as_tensor(tokens[1:])].tolist())
+    return concept_lp, own_lp
+
+
+def check_control_vector(m: LoadedModel, cv_path: Path, random_path: Path,
+                         concepts: Sequence[int], prompts: Sequence[str] = CHECK_PROMPTS,
+                         seed: int = 0) -> LlamaCppCheck:
+    """`cv_path` and `random_path` (a `random_like` file) measured in llama.cpp on
+    `prompts`: the concepts' log-probability rise and the fluency change, each against no
+    file at all."""
+    tokens = [m.tokenize(p) for p in prompts]
+    base_c, base_own = _llama_cpp_logprobs(m.path, tokens, list(concepts), None)
+    cv_c, cv_own = _llama_cpp_logprobs(m.path, tokens, list(concepts), cv_path)
+    rnd_c, rnd_own = _llama_cpp_logprobs(m.path, tokens, list(concepts), random_path)
+
+    def rise(a: list[float]) -> float:
+        return sum(x - y for x, y in zip(a, base_c, strict=True)) / len(base_c)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+    return LlamaCppCheck(list(prompts), [m.token_text(t) for t in concepts], seed, rise(cv_c),
+                         rise(rnd_c), mean(cv_own) - mean(base_own),
+                         mean(rnd_own) - mean(base_own), math.exp(-mean(base_own)),
+                         math.exp(-mean(cv_own)))
+
+
+@dataclass
+class ControlVectorExport:
+    """What `export_control_vector` wrote (or would have): the vectors, the concepts, the
+    scale each block got, and llama.cpp's measurement of the file (None: not measured)."""
+
+    control_vector: ControlVector
+    concepts: list[int]
+    block_scale: float  # λ / k: direction.N = block_scale · ‖h_N‖ · u_N
+    check: LlamaCppCheck | None
+    path: Path
+
+
+def check_export_request(operator: str, scale: float, out_path: Path, overwrite: bool) -> None:
+    """What can be refused before the model is opened."""
+    if operator == "jacobian":
+        raise GgufjacError("--operator jacobian is position-dependent (it reads each "
+                           "position's input embedding): no control vector can express it; "
+                           "use cumulative-direction or layer-direction")
+    if operator not in OPERATORS:
+        raise GgufjacError(f"operator {operator!r} is not one of {', '.join(OPERATORS)}")
+    check_scale(scale)
+    if out_path.exists() and not overwrite:
+        raise GgufjacError(f"{out_path} exists (--overwrite replaces it)")
+    if not out_path.parent.is_dir():
+        raise GgufjacError(f"{out_path.parent}: no such directory")
+
+
+def export_control_vector(m: LoadedModel, source: str, layer_range: str, out_path: Path, *,
+                          operator: str = "concept-direction", concept_texts: Sequence[str] = (),
+                          scale: float = 0.02, overwrite: bool = False, check: bool = True,
+                          force: bool = False, seed: int = 0) -> ControlVectorExport:
+    """Write the control vector of `source`'s directions over `layer_range` ("A-B" or "A")
+    to `out_path`. With `check`, the file is first measured in llama.cpp
+    (`check_control_vector`, before it gets its name): a degraded one (`FLUENCY_LIMIT`) is
+    refused and nothing is left behind, unless `force`."""
+    from .outputs import atomic_write, scratch_file
+
+    out_path = Path(out_path)
+    check_export_request(operator, scale, out_path, overwrite)
+    layers = parse_layer_range(layer_range, m.cfg.n_layer)
+    src = source_tokens(m, source)
+    # the concept the direction is made for and the measurement reads: by default the
+    # source's predicted token (what source_maps picks itself for concept-direction)
+    concepts = [m.token_for_text(t) for t in concept_texts] or top_next_tokens(m, src, 1)
+    maps = source_maps(m, src, layers, operator, concepts)
+    cv = control_vector(maps, scale, m.cfg.arch)
+    cv.validate(m.cfg, str(out_path))
+    result = ControlVectorExport(cv, concepts, scale / len(layers), None, out_path)
+    if not check:
+        cv.write(out_path, m.cfg)
+        return result
+
+    def write_checked(tmp: Path) -> None:
+        cv.write_to(tmp)
+        with scratch_file(out_path.parent, out_path.name + ".random") as random_path:
+            random_like(cv, seed).write_to(random_path)
+            result.check = check_control_vector(m, tmp, random_path, concepts, seed=seed)
+        if result.check.degraded and not force:
+            c = result.check
+            raise GgufjacError(
+                f"{out_path}: not written: in llama.cpp this control vector lowers the mean "
+                f"log-probability of neutral prompts' own tokens by {-c.fluency_change:.2f} "
+                f"nats per token (perplexity {c.unsteered_perplexity:.1f} -> "
+                f"{c.steered_perplexity:.1f}; the limit is {FLUENCY_LIMIT:g}), concept "
+                f"log-probability {c.concept_logprob_rise:+.2f} (random vector of the same "
+                f"norms {c.random_logprob_rise:+.2f}): use a smaller --scale, or --force to "
+                "write it anyway")
+    atomic_write(out_path, write_checked)
+    return result

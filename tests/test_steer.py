@@ -58,6 +58,7 @@ def test_kv_cache_generation_equals_recomputing_the_prefix(synthetic, arch: str)
     tokens, logits = _recomputed(model, prompt, n_new)
     assert cached.tokens == tokens
     # the per-step concept probability comes from the cached step's logits
+    assert len(cached.concept_probability) == len(logits) == n_new
     for p, z in zip(cached.concept_probability, logits):
         assert p == pytest.approx(float(torch.softmax(z, -1)[5]), rel=1e-9)
 
@@ -69,6 +70,7 @@ def test_kv_cache_generation_equals_recomputing_the_prefix(synthetic, arch: str)
         return h + 0.5 * h.norm(dim=-1, keepdim=True) * v / v.norm() if layer == 1 else h
     tokens, logits = _recomputed(model, prompt, n_new, edit)
     assert steered.tokens == tokens
+    assert len(steered.concept_probability) == len(logits) == n_new
     for p, z in zip(steered.concept_probability, logits):
         assert p == pytest.approx(float(torch.softmax(z, -1)[5]), rel=1e-9)
 
@@ -270,7 +272,7 @@ def test_bad_input_gets_one_clear_error(tmp_path, synthetic, gemma_path) -> None
         r = _cli(*args)
         assert r.exit_code == 2, (args, r.output)
         assert message in r.output and "Traceback" not in r.output, (args, r.output)
-    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.partial"))
     with pytest.raises(GgufjacError, match="at least one direction"):
         ControlVector({}, "llama").write(tmp_path / "empty.gguf")
 
