@@ -54,7 +54,8 @@ PROMPTS_TABLE = (
     + ",\n    finished_at TEXT NOT NULL,\n    PRIMARY KEY (run_id, id));\n")
 # a run's identity: two batches started at once on one store record it once (stores made
 # before it existed get it when a batch opens them)
-RUNS_IDENTITY = "CREATE UNIQUE INDEX IF NOT EXISTS runs_identity ON runs (model_sha256, settings);\n"
+RUNS_IDENTITY = ("CREATE UNIQUE INDEX IF NOT EXISTS runs_identity "
+                 "ON runs (model_sha256, settings);\n")
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -146,7 +147,8 @@ def _insert(table: str, columns: tuple[str, ...]) -> str:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A read-write connection: transactions only where `_transaction` opens one, WAL."""
+    """A read-write connection, waiting `BUSY_TIMEOUT_S` for a lock; no implicit
+    transactions (each is a `_transaction`)."""
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     db.execute("PRAGMA foreign_keys = ON")
     return db
