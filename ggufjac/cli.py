@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from .cli_options import (DTYPES, EXACT_DTYPES, anchor_option, dtype_option, layers_option,
+                          refuse, top_k_option)
 from .errors import GgufjacError
 
 _IMPORTED = time.perf_counter()
@@ -44,8 +44,9 @@ SCAN_BY_DEFAULT_BYTES = 8 * 2**30
 CONTEXT = {"max_content_width": 100, "help_option_names": ["-h", "--help"]}
 EXAMPLES = {
     "info": ["ggufjac info gemma3-270m", "ggufjac info model.gguf --no-scan"],
-    "check": ['ggufjac check gemma3-270m -p "The capital of France is" --layers',
-              'ggufjac check model.gguf -p "Hello" --dtype float64 --anchor --flash-attn off'],
+    "check": ['ggufjac check gemma3-270m -p "The capital of France is" --per-layer',
+              'ggufjac check model.gguf -p "Hello" --dtype float64 --anchor llama.cpp '
+              '--flash-attn off'],
     "jacobian": ['ggufjac jacobian gemma3-270m -p "The bridge out of Marin is the" '
                  '--out out/bridge --dtype float64',
                  'ggufjac jacobian model.gguf --prompt-file prompt.txt --out out/j '
@@ -142,8 +143,12 @@ def _prompt_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of every command that runs the streaming engine."""
+def _engine_options(fn: Callable[..., Any] | None = None, *,
+                    dtypes: tuple[str, ...] = DTYPES) -> Any:
+    """Options of every command that runs the streaming engine (`@_engine_options`, or
+    `@_engine_options(dtypes=...)` for a command that computes in fewer types)."""
+    if fn is None:
+        return functools.partial(_engine_options, dtypes=dtypes)
     fn = click.option("--max-memory", default=None, metavar="SIZE",
                       help="Memory budget, e.g. 8GiB (default: 70% of what is available). "
                            "Output directions are processed in chunks that fit; a budget that "
@@ -152,12 +157,8 @@ def _engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="torch device: cpu, cuda, cuda:N or mps.")(fn)
     fn = click.option("--gate-path", type=click.Choice(["up", "gate"]), default="up",
                       show_default=True, help="Which MLP branch stays linear (see README).")(fn)
-    fn = click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
-                      default="float32", show_default=True)(fn)
-    fn = click.option("--anchor", type=click.Choice(["none", "llama.cpp"]), default="none",
-                      show_default=True,
-                      help="llama.cpp: explain llama.cpp's own prediction exactly (frozen "
-                           "coefficients taken from its run on the prompt; float64/float32).")(fn)
+    fn = dtype_option(dtypes)(fn)
+    fn = anchor_option()(fn)
     return _llama_cpp_options(fn)
 
 
@@ -218,19 +219,21 @@ def _given_llama_options(llama: dict[str, Any]) -> list[str]:
             if v not in (None, False) and k != "threads"]
 
 
-def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization, anchor: str,
-            llama: dict[str, Any]) -> Anchor | None:
-    """The llama.cpp anchor asked for by --anchor and the llama.cpp options, or None."""
+def _anchor_settings(anchor: str, llama: dict[str, Any]) -> RunSettings | None:
+    """How to run llama.cpp for --anchor llama.cpp, or None without it (then a llama.cpp
+    option given is refused: it would change nothing)."""
     if anchor == "none":
         given = _given_llama_options(llama)
         if given:
             raise GgufjacError(f"{given[0]} applies to --anchor llama.cpp only")
         return None
-    return m.anchor(tokens, lin, _settings(**llama))
+    return _settings(**llama)
 
 
-def _llama_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: kwargs.pop(k) for k in ("flash_attn", "no_repack", "batch_size", "ubatch_size")}
+def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization,
+            settings: RunSettings | None) -> Anchor | None:
+    """The llama.cpp anchor of `tokens` (llama.cpp run with `settings`), or None."""
+    return None if settings is None else m.anchor(tokens, lin, settings)
 
 
 def _echo_anchor(summary: dict) -> None:
@@ -319,60 +322,38 @@ def main() -> None:
 @_errors_to_exit
 def info(model: str, scan: bool | None, threads: int | None) -> None:
     """Architecture, sizes, tensor types, and whether ggufjac supports the file."""
-    from .costs import sweep_flop
-    from .families import FAMILIES, config_from_gguf
-    from .gguf_file import GGUFFile
-    from .layout import (check_tensor_index, dims_of, linear_matmuls, stored_name,
-                         weights_per_layer)
     from .resolve import resolve_model
+    from .summary import nonfinite_weights, summarize
 
     path = resolve_model(model)
-    with GGUFFile(path) as g:
-        if scan is None:
-            scan = g.file_size <= SCAN_BY_DEFAULT_BYTES
-        arch = g.get("general.architecture", "<missing>")
-        click.echo(f"file           {path} ({g.file_size / 2**20:.1f} MiB, GGUF v{g.version})")
-        click.echo(f"name           {g.get('general.name', '?')}")
-        click.echo(f"architecture   {arch}")
-        types = Counter(t.type.name for t in g.tensors.values())
-        click.echo("tensor types   " + ", ".join(f"{k} x{v}" for k, v in types.most_common()))
-        if arch not in FAMILIES:
-            click.echo(f"supported      no: architecture {arch!r} is not one of "
-                       f"{', '.join(sorted(FAMILIES))}")
-            return
-        try:
-            cfg = config_from_gguf(g)
-            check_tensor_index(g, cfg)  # the validation every other command runs
-        except GgufjacError as e:
-            click.echo(f"supported      no: {str(e).removeprefix(str(path) + ': ')}")
+    s = summarize(path)
+    click.echo(f"file           {s.path} ({s.file_size / 2**20:.1f} MiB, GGUF v{s.gguf_version})")
+    click.echo(f"name           {s.name}")
+    click.echo(f"architecture   {s.architecture}")
+    click.echo("tensor types   " + ", ".join(f"{k} x{v}" for k, v in s.tensor_types))
+    if not s.supported:
+        click.echo(f"supported      no: {s.reason}")
+        if s.known_architecture:  # a family's file that fails validation
             sys.exit(1)
-        click.echo(f"layers         {cfg.n_layer}, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
-                   f"heads {cfg.n_head} (kv {cfg.n_kv_head}) x {cfg.head_dim}, "
-                   f"vocab {cfg.vocab_size}, context {cfg.context_length}")
-        w = weights_per_layer(cfg)
-        click.echo(f"one layer      {w['all'] / 1e6:.1f} M weights: {w['all'] * 4 / 2**20:.0f} MiB "
-                   f"float32, {w['all'] * 8 / 2**20:.0f} MiB float64 dequantized")
-        n = 8
-        jac = cfg.d_model * n * cfg.d_model
-        click.echo(f"jacobian       {n} tokens: J is {jac * 4 / 2**20:.0f} MiB float32; "
-                   f"~{sweep_flop(dims_of(cfg), cfg.n_layer, n, cfg.d_model) / 1e12:.2f} TFLOP")
-        click.echo("supported      yes")
-        from .activation_formats import anchoring_support
-
-        linear = {stored_name(cfg.family, n) for n in linear_matmuls(cfg.family)}
-        names = [f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in sorted(linear)]
-        names.append("token_embd.weight" if cfg.tied_embeddings else "output.weight")
-        click.echo("anchoring      " + anchoring_support(
-            g.tensor(n).type for n in names if n in g.tensors))
-        if scan:
-            from .weights import GGUFWeights
-
-            bad = GGUFWeights(g, cfg).nonfinite_counts()
-            click.echo("non-finite     " + (", ".join(f"{n} ({c} values)" for n, c in bad.items())
-                                            if bad else "none (every weight is finite)"))
-        else:
-            click.echo(f"non-finite     not scanned (--scan reads and dequantizes all "
-                       f"{g.file_size / 1e9:.1f} GB; `check` scans)")
+        return
+    cfg, w, jac = s.config, s.layer_weights, s.jacobian
+    assert cfg is not None and w is not None and jac is not None
+    click.echo(f"layers         {cfg.n_layer}, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
+               f"heads {cfg.n_head} (kv {cfg.n_kv_head}) x {cfg.head_dim}, "
+               f"vocab {cfg.vocab_size}, context {cfg.context_length}")
+    click.echo(f"one layer      {w / 1e6:.1f} M weights: {w * 4 / 2**20:.0f} MiB "
+               f"float32, {w * 8 / 2**20:.0f} MiB float64 dequantized")
+    click.echo(f"jacobian       {jac.n_tokens} tokens: J is {jac.float32_bytes / 2**20:.0f} MiB "
+               f"float32; ~{jac.flop / 1e12:.2f} TFLOP")
+    click.echo("supported      yes")
+    click.echo(f"anchoring      {s.anchoring}")
+    if scan if scan is not None else s.file_size <= SCAN_BY_DEFAULT_BYTES:
+        bad = nonfinite_weights(path, cfg)
+        click.echo("non-finite     " + (", ".join(f"{n} ({c} values)" for n, c in bad.items())
+                                        if bad else "none (every weight is finite)"))
+    else:
+        click.echo(f"non-finite     not scanned (--scan reads and dequantizes all "
+                   f"{s.file_size / 1e9:.1f} GB; `check` scans)")
     click.echo(f"(took {seconds_since_start():.2f} s)")
 
 
@@ -418,21 +399,25 @@ def _print_check(report: dict) -> None:
 @main.command(short_help="Compare our forward pass with llama.cpp's on a prompt.", epilog=_epilog("check"))
 @_model_argument
 @_prompt_options
-@click.option("--layers", is_flag=True, help="Also compare every layer's hidden states.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@click.option("--per-layer", is_flag=True,
+              help="Also compare every layer's output residual stream (all positions).")
+@click.option("--layers", is_flag=True, hidden=True, expose_value=False,
+              callback=lambda ctx, _, given: given and refuse(
+                  ctx, "check compares every layer with --per-layer (--layers LIST names "
+                       "layers in the other commands)"))
+@dtype_option(EXACT_DTYPES)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the figures to this JSON file.")
 @click.option("--no-noise-floor", is_flag=True,
               help="Skip llama.cpp's runs with flash attention and repacking flipped.")
-@click.option("--anchor", "anchor", is_flag=True,
-              help="Also anchor to llama.cpp's run and print how exactly the anchored model "
-                   "reproduces it and an independent run (use --dtype float64).")
+@anchor_option("Here: also print how exactly the anchored model reproduces llama.cpp's run "
+               "and an independent one (use --dtype float64).")
 @_llama_cpp_options
 @_threads_option
 @_errors_to_exit
 def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-          layers: bool, dtype: str, json_path: Path | None, no_noise_floor: bool,
-          anchor: bool, **llama: Any) -> None:
+          per_layer: bool, dtype: str, json_path: Path | None, no_noise_floor: bool,
+          anchor: str, **llama: Any) -> None:
     """Compare our forward pass with llama.cpp's on the same tokens."""
     text = _read_prompt(prompt, prompt_file)
     settings = _settings(**llama)
@@ -441,8 +426,9 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
     from .outputs import write_json
 
     m = open_model(model, dtype=dtype)
-    report = m.check(text, layers=layers, noise_floor=not no_noise_floor, max_tokens=max_tokens,
-                     settings=settings, anchor=anchor, started=started,
+    report = m.check(text, layers=per_layer, noise_floor=not no_noise_floor,
+                     max_tokens=max_tokens, settings=settings, anchor=anchor != "none",
+                     started=started,
                      progress=lambda step: click.echo(f"ggufjac: {step} ...", err=True))
     _print_check(report)
     if json_path is not None:
@@ -469,73 +455,25 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     """
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html)
+    anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
-    from safetensors.torch import save_file
-
     from .api import open_model
-    from .jacobian import directions_per_sweep
     from .linearize import Linearization
-    from .outputs import json_to, prepare_output_dir, temporary_path, write_all
-    from .plots import plot_spectrum
-    from .reports import prediction_figures
-    from .units import format_size
+    from .reports import jacobian_to_dir
 
     m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens, started)
-    lin = Linearization(detach=True, gate_path=gate_path)
-    d = m.cfg.d_model
-    # refuse before writing; a J larger than the budget is made a few rows at a time, on disk
-    directions = directions_per_sweep(m.engine(lin, max_memory=budget), len(tokens),
-                                      anchored=anchor != "none")
-    prepare_output_dir(out_dir, overwrite)
-    scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") if directions < d else None
-    try:
-        if scratch is not None:
-            size = d * len(tokens) * d * m.weights.dtype.itemsize
-            click.echo(f"ggufjac: J ({format_size(size)}) is larger than the memory budget: "
-                       f"writing it to {out_dir}/jacobian.safetensors as it is made, in "
-                       f"{-(-d // directions)} reverse sweeps of {directions} directions",
-                       err=True)
-        t0 = time.perf_counter()
-        anchored = _anchor(m, tokens, lin, anchor, llama)
-        if scratch is None:
-            result = m.jacobian(tokens, lin, progress=True, max_memory=budget, anchor=anchored)
-        else:
-            result = m.jacobian_to_file(tokens, scratch, directions, lin, progress=True,
-                                        max_memory=budget, anchor=anchored)
-        seconds = time.perf_counter() - t0
-        report = m.jacobian_report(tokens, result, lin, anchor=anchored)
-        report.update(prediction_figures(m, tokens, result.output, anchored,
-                                         html and anchored is None))
-        report["jacobian_seconds"] = seconds
-        report["device"] = device
-        report["jacobian_in_memory"] = scratch is None
-        title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({dtype}), predicted "
-                 f"{report['predicted_token']!r}"
-                 + (", anchored to llama.cpp" if anchored is not None else ""))
-        if scratch is None:
-            tensors = {"jacobian": result.jacobian.contiguous().cpu(),
-                       "inputs": result.inputs.contiguous().cpu(),
-                       "output": result.output.contiguous().cpu()}
-
-            def write_jacobian(p: Path) -> None:
-                save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)})
-        else:
-            def write_jacobian(p: Path) -> None:
-                os.replace(scratch, p)
-        write_all(out_dir, {
-            "jacobian.safetensors": write_jacobian,
-            "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
-            "report.json": lambda p: json_to(p, report)})
-    finally:
-        if scratch is not None and scratch.exists():
-            scratch.unlink()
+    run = jacobian_to_dir(m, tokens, Linearization(detach=True, gate_path=gate_path), out_dir,
+                          overwrite, budget, anchor_settings, device, llama_cpp_figures=html,
+                          progress=True,
+                          on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True))
+    report, result, seconds = run.report, run.result, run.seconds
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
-               f"in {seconds:.1f} s" + ("" if scratch is None else ", written to disk"))
+               f"in {seconds:.1f} s" + ("" if run.in_memory else ", written to disk"))
     click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
-    if anchored is not None:
+    if anchor_settings is not None:
         _echo_anchor(report["anchor"])
     click.echo(f"effective rank           {report['effective_rank']:.2f} (stable rank "
                f"||J||_F^2/s1^2; entropy rank {report['entropy_effective_rank']:.1f})")
@@ -543,7 +481,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     for v in report["top_singular_tokens"]:
         click.echo(f"  s{v['index']:<2} {v['singular_value']:9.3f}  cos(u,y) "
                    f"{v['cos_with_output']:+.3f}  {v['tokens']}")
-    click.echo(f"wrote {out_dir}/jacobian.safetensors, report.json, singular_values.png")
+    click.echo(f"wrote {out_dir}/" + ", ".join(run.files))
     if html:
         _write_html(out_dir)
 
@@ -552,8 +490,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
               epilog=_epilog("svd"))
 @_model_argument
 @_prompt_options
-@click.option("--top-k", "top_k", type=int, default=8, show_default=True,
-              help="Number of singular triplets (at most d, J's largest possible rank).")
+@top_k_option("Singular triplets computed (at most d, J's largest possible rank).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output directory (must not exist or be empty, unless --overwrite).")
 @click.option("--per-token", is_flag=True,
@@ -570,7 +507,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
               help="Vectors per Lanczos block (default 2, and 1 from 1,024 tokens on: "
                    "smaller blocks sweep fewer vectors, larger ones read the weights less "
                    "often).")
-@_engine_options
+@_engine_options(dtypes=EXACT_DTYPES)
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
 @_threads_option
@@ -585,76 +522,26 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     frozen linear network (J·V). Memory does not grow with d x N x d."""
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html)
-    if dtype not in ("float32", "float64"):
-        raise GgufjacError(f"svd runs in float32 or float64, not {dtype}")
-    if top_k < 1:  # before the slow imports; K > d is known once the model is open
-        raise GgufjacError(f"--top-k must be at least 1, not {top_k}")
     if tolerance is not None and not tolerance > 0:
         raise GgufjacError(f"--tolerance must be positive, not {tolerance}")
+    anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
-    from safetensors.torch import save_file
-
     from .api import open_model
-    from .jacobian import directions_per_sweep
     from .linearize import Linearization
-    from .outputs import json_to, prepare_output_dir, temporary_path, write_all
-    from .plots import plot_spectrum
-    from .reports import prediction_figures, svd_report
-    from .svd import check_top_k
+    from .reports import svd_to_dir
+
+    def told(i: int, change: float, residual: float) -> None:
+        click.echo(f"ggufjac: iteration {i}: largest relative change of s {change:.1e}, "
+                   f"Ritz residual {residual:.1e}", err=True)
 
     m = open_model(model, dtype=dtype, device=device)
     tokens = m.tokenize(text, max_tokens, started)
-    check_top_k(top_k, m.cfg.d_model, len(tokens))
-    lin = Linearization(detach=True, gate_path=gate_path)
-    engine = m.engine(lin, max_memory=budget)  # refuse a budget before writing anything
-    directions = m.cfg.d_model
-    if per_token:  # a J larger than the budget is made a few rows at a time, in a file
-        directions = directions_per_sweep(engine, len(tokens), anchored=anchor != "none")
-    else:
-        m.plan_svd(engine, top_k, len(tokens), block, anchored=anchor != "none")
-    prepare_output_dir(out_dir, overwrite)
-    t0 = time.perf_counter()
-    anchored = _anchor(m, tokens, lin, anchor, llama)
-    per = None
-    if per_token:
-        scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") \
-            if directions < m.cfg.d_model else None
-        if scratch is not None:
-            click.echo(f"ggufjac: J is larger than the memory budget: making it in a scratch "
-                       f"file, {directions} directions per reverse sweep", err=True)
-        try:
-            result, per, _ = m.per_token_svd(tokens, top_k, lin, progress=True,
-                                             max_memory=budget, anchor=anchored,
-                                             scratch=scratch, directions=directions)
-        finally:
-            if scratch is not None and scratch.exists():
-                scratch.unlink()
-    else:
-        def told(i: int, change: float, residual: float) -> None:
-            click.echo(f"ggufjac: iteration {i}: largest relative change of s {change:.1e}, "
-                       f"Ritz residual {residual:.1e}", err=True)
-        result = m.svd(tokens, top_k, lin, tolerance, max_iterations, block, progress=True,
-                       max_memory=budget, anchor=anchored, on_iteration=told)
-    seconds = time.perf_counter() - t0
-    report = svd_report(m, tokens, result, lin, anchored, per)
-    report.update(prediction_figures(m, tokens, result.output, anchored,
-                                     html and anchored is None))
-    report["seconds"] = seconds
-    report["device"] = device
-    tensors = {"singular_values": result.singular_values, "left": result.left,
-               "right": result.right, "inputs": result.inputs, "output": result.output}
-    if per is not None:
-        tensors.update({"per_token_singular_values": per.singular_values,
-                        "per_token_left": per.left, "per_token_right": per.right})
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    title = (f"{m.cfg.arch}: top {top_k} of J, {len(tokens)} tokens ({dtype}), predicted "
-             f"{report['predicted_token']!r}"
-             + (", anchored to llama.cpp" if anchored is not None else ""))
-    write_all(out_dir, {
-        "svd.safetensors": lambda p: save_file(tensors, str(p),
-                                               metadata={"tokens": json.dumps(tokens)}),
-        "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
-        "report.json": lambda p: json_to(p, report)})
+    run = svd_to_dir(m, tokens, Linearization(detach=True, gate_path=gate_path), out_dir, top_k,
+                     tolerance, max_iterations, block, per_token, overwrite, budget,
+                     anchor_settings, device, llama_cpp_figures=html, progress=True,
+                     on_iteration=told,
+                     on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True))
+    report, result, per, seconds = run.report, run.result, run.per_token, run.seconds
     click.echo(f"tokens                   {len(tokens)}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
     if result.iterations:
@@ -671,7 +558,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
                f"(||y - sum_k s_k u_k (v_k . x)|| / ||y||)")
     click.echo(f"stable rank              {report['stable_rank']:.2f} +- "
                f"{report['stable_rank_std']:.2f} (||J||_F^2 / s1^2, ||J||_F^2 estimated)")
-    if anchored is not None:
+    if anchor_settings is not None:
         _echo_anchor(report["anchor"])
     click.echo("top singular vectors, decoded through the unembedding:")
     for v in report["vectors"]:
@@ -685,7 +572,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
                        f"  {e['top_left_tokens'][0]!r}")
         if len(tokens) > 40:
             click.echo(f"  ... ({len(tokens) - 40} more positions in report.json)")
-    click.echo(f"wrote {out_dir}/svd.safetensors, report.json, singular_values.png")
+    click.echo(f"wrote {out_dir}/" + ", ".join(run.files))
     if html:
         _write_html(out_dir)
     if not result.converged:
@@ -720,6 +607,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     if html and json_path is None:  # the page is made from, and written next to, the JSON
         raise GgufjacError("--html needs --json FILE (report.html is written next to it)")
     text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory, html=html)
+    anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
     from .linearize import Linearization
@@ -733,7 +621,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
             raise GgufjacError(f"--token-id {t} is outside the vocabulary (0..{m.cfg.vocab_size - 1})")
         targets.append(t)
     lin = Linearization(gate_path=gate_path)
-    anchored = _anchor(m, tokens, lin, anchor, llama)
+    anchored = _anchor(m, tokens, lin, anchor_settings)
     report = m.attribute(tokens, targets or None, lin, progress=True, max_memory=budget,
                          anchor=anchored, llama_cpp=html and anchored is None)
     if anchored is not None:
@@ -760,37 +648,12 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
             _write_html(json_path)
 
 
-def _parse_layers(text: str | None, n_layer: int, syntax_only: bool = False) -> list[int]:
-    """'0,5,10-17' -> [0, 5, 10, ..., 17]; reversed or empty ranges and layers the model
-    lacks are refused."""
-    if text is None:
-        return list(range(n_layer))
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            a, b = (int(v) for v in part.split("-", 1)) if "-" in part[1:] else (int(part),) * 2
-        except ValueError:
-            raise GgufjacError(f"--layers {text!r}: expected numbers and ranges like 0,5,10-17") \
-                from None
-        if b < a:
-            raise GgufjacError(f"--layers {text!r}: range {part!r} is reversed (write {b}-{a})")
-        for layer in (a, b):
-            if not 0 <= layer < n_layer:
-                raise GgufjacError(f"--layers: layer {layer} does not exist (the model has "
-                                   f"layers 0..{n_layer - 1})")
-        if not syntax_only:
-            out.update(range(a, b + 1))
-    return sorted(out)
-
-
 @main.command(short_help="Every layer, its attention and its MLP as exact linear maps.", epilog=_epilog("layers"))
 @_model_argument
 @_prompt_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output directory (must not exist or be empty, unless --overwrite).")
-@click.option("--layers", "layer_list", default=None, metavar="LIST",
-              help="Layers to analyse, e.g. 0,5,10-17 (default: all).")
+@layers_option("Layers to analyse, e.g. 0,5,10-17 (default: all).")
 @_engine_options
 @click.option("--save-matrices", is_flag=True, help="Also save every Jacobian matrix.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
@@ -809,54 +672,22 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     """
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html)
-    if layer_list is not None:  # its syntax, before the model is opened
-        _parse_layers(layer_list, sys.maxsize, syntax_only=True)
+    anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
-    import torch
-    from safetensors.torch import save_file
-
-    from .analysis import top_tokens_by_unembedding
     from .api import open_model
-    from .layers import KINDS, describe_maps, layer_maps
-    from .reports import layers_markdown, layers_report, prediction_figures
     from .linearize import Linearization
-    from .outputs import json_to, prepare_output_dir, write_all
-    from .plots import plot_stable_rank_heatmap, plot_top_singular_value
+    from .reports import layers_to_dir
+    from .units import parse_layer_list
 
     m = open_model(model, dtype=dtype, device=device)
-    chosen = _parse_layers(layer_list, m.cfg.n_layer)
+    chosen = list(range(m.cfg.n_layer)) if layer_list is None else \
+        parse_layer_list(layer_list, m.cfg.n_layer)
     tokens = m.tokenize(text, max_tokens, started)
-    lin = Linearization(detach=True, gate_path=gate_path)
-    m.engine(lin, max_memory=budget).plan(m.cfg.d_model * len(chosen), len(tokens),  # refuse early
-                                          anchored=anchor != "none")
-    prepare_output_dir(out_dir, overwrite)
-    t0 = time.perf_counter()
-    anchored = _anchor(m, tokens, lin, anchor, llama)
-    engine = m.engine(lin, progress=True, max_memory=budget, anchor=anchored)
-    maps, y = layer_maps(engine, engine.embed(tokens), chosen)
-    entries = describe_maps(maps, m.weights, m.token_text)
-    seconds = time.perf_counter() - t0
-    predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None], 1)[0][0][0]
-    report = layers_report(m, tokens, chosen, lin, device, seconds, predicted, entries, anchored, y)
-    report.update(prediction_figures(m, tokens, y, anchored, html and anchored is None))
-    spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
-    tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
-               torch.tensor(e["singular_values"], dtype=spectrum_dtype)
-               for mp, e in zip(maps, entries)}
-    if save_matrices:
-        tensors.update({f"layer{mp.layer}.{mp.kind}.jacobian": mp.jacobian.contiguous().cpu()
-                        for mp in maps})
-    title = (f"{m.cfg.arch}: {len(tokens)} tokens, gate path {gate_path}"
-             + (", anchored to llama.cpp" if anchored is not None else ""))
-    write_all(out_dir, {
-        "layers.json": lambda p: json_to(p, report),
-        "layers.safetensors": lambda p: save_file(tensors, str(p)),
-        "stable_rank.png": lambda p: plot_stable_rank_heatmap(p, entries, KINDS, title),
-        "top_singular_value.png": lambda p: plot_top_singular_value(p, entries, KINDS, title),
-        "README.md": lambda p: p.write_text(layers_markdown(report))})
-    click.echo(layers_markdown(report))
-    click.echo(f"({seconds:.1f} s) wrote {out_dir}/layers.json, layers.safetensors, "
-               "stable_rank.png, top_singular_value.png, README.md")
+    run = layers_to_dir(m, tokens, chosen, Linearization(detach=True, gate_path=gate_path),
+                        out_dir, overwrite, budget, anchor_settings, device, save_matrices,
+                        llama_cpp_figures=html, progress=True)
+    click.echo(run.markdown)
+    click.echo(f"({run.seconds:.1f} s) wrote {out_dir}/" + ", ".join(run.files))
     if html:
         _write_html(out_dir)
 
@@ -900,8 +731,7 @@ def _parse_analyses(text: str) -> tuple[str, ...]:
               help="Which to compare, comma-separated: jacobian (J, its top-k subspaces, "
                    "stable rank), attribute (per-token contributions), lens (every layer's "
                    "exact logit lens).")
-@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Singular subspaces compared: the top k.")
+@top_k_option("Singular subspaces compared: the top k.")
 @click.option("--token", "token_text", default=None, metavar="TEXT",
               help="The token whose logit is attributed (default: A's prediction).")
 @click.option("--no-llama-cpp", is_flag=True,
@@ -953,9 +783,7 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     from .api import open_model
     from .compare import compare_prompts
     from .linearize import Linearization
-    from .outputs import json_to, prepare_output_dir, write_all
-    from .plots import plot_comparison_distributions, plot_lens_differences
-    from .reports import comparison_markdown, comparison_report
+    from .reports import comparison_markdown, comparison_report, comparison_to_dir
 
     settings = None if no_llama_cpp else _settings(**llama)
     lin = Linearization(detach=True, gate_path=gate_path)
@@ -976,22 +804,10 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
                                           "llama_cpp": None if settings is None
                                           else settings.describe(),
                                           "seconds": time.perf_counter() - t0}, entries)
-    text = comparison_markdown(report)
-    if out_dir is not None:
-        title = f"{Path(report['a']['path']).name} vs {Path(report['b']['path']).name}"
-        writers = {"comparison.json": lambda p: json_to(p, report),
-                   "README.md": lambda p: p.write_text(text)}
-        if "lens" in chosen:
-            writers["lens.png"] = lambda p: plot_lens_differences(p, entries, title)
-        if len(entries) > 1:
-            writers["distributions.png"] = lambda p: plot_comparison_distributions(
-                p, entries, ("jacobian_rel_difference", "largest_left_angle",
-                             "attribution_spearman", "logits_nmse"), title)
-        prepare_output_dir(out_dir, overwrite)  # only now: a failed run leaves nothing
-        write_all(out_dir, writers)
-    click.echo(text)
-    if out_dir is not None:
-        click.echo(f"wrote {out_dir}/" + ", ".join(writers))
+    files = None if out_dir is None else comparison_to_dir(out_dir, report, entries, overwrite)
+    click.echo(comparison_markdown(report))
+    if out_dir is not None and files is not None:
+        click.echo(f"wrote {out_dir}/" + ", ".join(files))
         if html:
             _write_html(out_dir)
 
@@ -1005,8 +821,7 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
 @click.option("--analyses", default="attribute,svd", show_default=True,
               help="Comma-separated, from attribute, svd, lens (lens: every layer's exact "
                    "logit-lens map; the slowest).")
-@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Singular values (and decoded vectors) kept per prompt.")
+@top_k_option("Singular values (and decoded vectors) kept per prompt.")
 @click.option("--max-tokens", type=int, default=None,
               help="Prompts longer than this many tokens are stored as failed.")
 @click.option("--llama-cpp", "with_llama_cpp", is_flag=True,

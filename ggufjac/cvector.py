@@ -129,15 +129,15 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
 
 
 def parse_layer_range(text: str, n_layer: int) -> list[int]:
-    """'A-B' or 'A' -> blocks A..B, each one llama.cpp can steer (1..n_layer - 1)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
-    if m is None:
-        raise GgufjacError(f"--layers {text!r}: expected A-B or A (block numbers)")
-    a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-    if a > b or a < 1 or b > n_layer - 1:
+    """'A-B', 'A' or a list such as '3,5-7' (every --layers' syntax, units.layer_ranges) ->
+    those blocks, each one llama.cpp can steer (1..n_layer - 1)."""
+    from .units import layer_ranges
+
+    ranges = layer_ranges(text)
+    if any(a < 1 or b > n_layer - 1 for a, b in ranges):
         raise GgufjacError(f"--layers {text!r}: llama.cpp steers blocks 1..{n_layer - 1} of this "
                            f"{n_layer}-block model (block 0 has no control-vector slot)")
-    return list(range(a, b + 1))
+    return sorted({n for a, b in ranges for n in range(a, b + 1)})
 
 
 def check_scale(scale: float) -> float:

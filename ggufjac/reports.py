@@ -4,7 +4,10 @@ Jacobian's, an attribution's, a check's, the anchored figures, the layer maps'."
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -526,3 +529,259 @@ def prediction_figures(m: LoadedModel, tokens: list[int], y: torch.Tensor,
             "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
             "top1_agree": bool(int(ours.argmax()) == int(order[0]))}
     return out
+
+
+# --- Results written to an output directory: what `jacobian`, `svd`, `layers` and `compare`
+# compute and write, for the command line or any other front end. Each refuses a memory
+# budget and an output directory before any work and writes its files together (outputs.
+# write_all), so a failed or interrupted run leaves no result file.
+
+
+@dataclasses.dataclass
+class JacobianRun:
+    """`jacobian_to_dir`'s result: J (in memory, or read from the written file), its report
+    (report.json), the seconds it took (the anchor's llama.cpp run included) and whether J
+    fitted in memory (else it was written to disk as it was made)."""
+
+    result: JacobianResult
+    report: dict
+    seconds: float
+    in_memory: bool
+    files: tuple[str, ...] = ("jacobian.safetensors", "report.json", "singular_values.png")
+
+
+def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: Path,
+                    overwrite: bool = False, max_memory: int | None = None,
+                    anchor_settings: RunSettings | None = None, device: str = "cpu",
+                    llama_cpp_figures: bool = False, progress: bool = False,
+                    on_spill: Callable[[str], None] | None = None) -> JacobianRun:
+    """The detached Jacobian of `tokens` and its report, written to `out_dir`:
+    jacobian.safetensors (J [d, N, d], the inputs, the output; the token ids in its
+    metadata), report.json and singular_values.png. A J larger than the memory budget is
+    written to disk as it is made, a few output rows per reverse sweep (`on_spill` is told
+    how). With `anchor_settings`, anchored to llama.cpp's run with them; with
+    `llama_cpp_figures` (unanchored), llama.cpp's own prediction is in the report too."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from .jacobian import directions_per_sweep
+    from .outputs import json_to, prepare_output_dir, temporary_path, write_all
+    from .plots import plot_spectrum
+    from .units import format_size
+
+    d = m.cfg.d_model
+    # refuse before writing; a J larger than the budget is made a few rows at a time, on disk
+    directions = directions_per_sweep(m.engine(lin, max_memory=max_memory), len(tokens),
+                                      anchored=anchor_settings is not None)
+    prepare_output_dir(out_dir, overwrite)
+    scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") if directions < d else None
+    try:
+        if scratch is not None and on_spill is not None:
+            size = d * len(tokens) * d * m.weights.dtype.itemsize
+            on_spill(f"J ({format_size(size)}) is larger than the memory budget: writing it to "
+                     f"{out_dir}/jacobian.safetensors as it is made, in {-(-d // directions)} "
+                     f"reverse sweeps of {directions} directions")
+        t0 = time.perf_counter()
+        anchored = None if anchor_settings is None else m.anchor(tokens, lin, anchor_settings)
+        if scratch is None:
+            result = m.jacobian(tokens, lin, progress=progress, max_memory=max_memory,
+                                anchor=anchored)
+        else:
+            result = m.jacobian_to_file(tokens, scratch, directions, lin, progress=progress,
+                                        max_memory=max_memory, anchor=anchored)
+        seconds = time.perf_counter() - t0
+        report = jacobian_report(m, tokens, result, lin, anchor=anchored)
+        report.update(prediction_figures(m, tokens, result.output, anchored,
+                                         llama_cpp_figures and anchored is None))
+        report["jacobian_seconds"] = seconds
+        report["device"] = device
+        report["jacobian_in_memory"] = scratch is None
+        title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({report['dtype']}), predicted "
+                 f"{report['predicted_token']!r}"
+                 + (", anchored to llama.cpp" if anchored is not None else ""))
+        if scratch is None:
+            tensors = {"jacobian": result.jacobian.contiguous().cpu(),
+                       "inputs": result.inputs.contiguous().cpu(),
+                       "output": result.output.contiguous().cpu()}
+
+            def write_jacobian(p: Path) -> None:
+                save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)})
+        else:
+            def write_jacobian(p: Path) -> None:
+                os.replace(scratch, p)
+        write_all(out_dir, {
+            "jacobian.safetensors": write_jacobian,
+            "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
+            "report.json": lambda p: json_to(p, report)})
+    finally:
+        if scratch is not None and scratch.exists():
+            scratch.unlink()
+    return JacobianRun(result, report, seconds, scratch is None)
+
+
+@dataclasses.dataclass
+class SvdRun:
+    """`svd_to_dir`'s result: the top-k triplets of J, with per_token those of every J_i,
+    the report (report.json) and the seconds they took (the anchor's run included)."""
+
+    result: TopSingularTriplets
+    per_token: PerTokenTriplets | None
+    report: dict
+    seconds: float
+    files: tuple[str, ...] = ("svd.safetensors", "report.json", "singular_values.png")
+
+
+def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: Path, k: int,
+               tolerance: float | None = None, max_iterations: int = 100,
+               block: int | None = None, per_token: bool = False, overwrite: bool = False,
+               max_memory: int | None = None, anchor_settings: RunSettings | None = None,
+               device: str = "cpu", llama_cpp_figures: bool = False, progress: bool = False,
+               on_iteration: Callable[[int, float, float], None] | None = None,
+               on_spill: Callable[[str], None] | None = None) -> SvdRun:
+    """The top `k` singular triplets of the detached Jacobian of `tokens` (matrix free,
+    LoadedModel.svd), or with `per_token` those of J and of every J_i from the formed J
+    (in a scratch file when it exceeds the memory budget; `on_spill` is told), written to
+    `out_dir`: svd.safetensors, report.json, singular_values.png. `k` and the budget are
+    refused before any work; anchoring and `llama_cpp_figures` as in `jacobian_to_dir`."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from .jacobian import directions_per_sweep
+    from .outputs import json_to, prepare_output_dir, temporary_path, write_all
+    from .plots import plot_spectrum
+    from .svd import check_top_k
+
+    check_top_k(k, m.cfg.d_model, len(tokens))
+    anchoring = anchor_settings is not None
+    engine = m.engine(lin, max_memory=max_memory)  # refuse a budget before writing anything
+    directions = m.cfg.d_model
+    if per_token:  # a J larger than the budget is made a few rows at a time, in a file
+        directions = directions_per_sweep(engine, len(tokens), anchored=anchoring)
+    else:
+        m.plan_svd(engine, k, len(tokens), block, anchored=anchoring)
+    prepare_output_dir(out_dir, overwrite)
+    t0 = time.perf_counter()
+    anchored = None if anchor_settings is None else m.anchor(tokens, lin, anchor_settings)
+    per = None
+    if per_token:
+        scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") \
+            if directions < m.cfg.d_model else None
+        if scratch is not None and on_spill is not None:
+            on_spill(f"J is larger than the memory budget: making it in a scratch file, "
+                     f"{directions} directions per reverse sweep")
+        try:
+            result, per, _ = m.per_token_svd(tokens, k, lin, progress=progress,
+                                             max_memory=max_memory, anchor=anchored,
+                                             scratch=scratch, directions=directions)
+        finally:
+            if scratch is not None and scratch.exists():
+                scratch.unlink()
+    else:
+        result = m.svd(tokens, k, lin, tolerance, max_iterations, block, progress=progress,
+                       max_memory=max_memory, anchor=anchored, on_iteration=on_iteration)
+    seconds = time.perf_counter() - t0
+    report = svd_report(m, tokens, result, lin, anchored, per)
+    report.update(prediction_figures(m, tokens, result.output, anchored,
+                                     llama_cpp_figures and anchored is None))
+    report["seconds"] = seconds
+    report["device"] = device
+    tensors = {"singular_values": result.singular_values, "left": result.left,
+               "right": result.right, "inputs": result.inputs, "output": result.output}
+    if per is not None:
+        tensors.update({"per_token_singular_values": per.singular_values,
+                        "per_token_left": per.left, "per_token_right": per.right})
+    tensors = {name: v.contiguous().cpu() for name, v in tensors.items()}
+    dtype = str(m.weights.dtype).removeprefix("torch.")
+    title = (f"{m.cfg.arch}: top {k} of J, {len(tokens)} tokens ({dtype}), predicted "
+             f"{report['predicted_token']!r}"
+             + (", anchored to llama.cpp" if anchored is not None else ""))
+    write_all(out_dir, {
+        "svd.safetensors": lambda p: save_file(tensors, str(p),
+                                               metadata={"tokens": json.dumps(tokens)}),
+        "singular_values.png": lambda p: plot_spectrum(p, report["singular_values"], title),
+        "report.json": lambda p: json_to(p, report)})
+    return SvdRun(result, per, report, seconds)
+
+
+@dataclasses.dataclass
+class LayersRun:
+    """`layers_to_dir`'s result: the report (layers.json), its Markdown summary (README.md)
+    and the seconds the maps took (the anchor's run included)."""
+
+    report: dict
+    markdown: str
+    seconds: float
+    files: tuple[str, ...] = ("layers.json", "layers.safetensors", "stable_rank.png",
+                              "top_singular_value.png", "README.md")
+
+
+def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Linearization,
+                  out_dir: Path, overwrite: bool = False, max_memory: int | None = None,
+                  anchor_settings: RunSettings | None = None, device: str = "cpu",
+                  save_matrices: bool = False, llama_cpp_figures: bool = False,
+                  progress: bool = False) -> LayersRun:
+    """Every map of `layers` (layers.KINDS: cumulative, layer, layer without residual,
+    attention, MLP) with its SVD and decoded vectors, written to `out_dir`: layers.json,
+    layers.safetensors (every spectrum; with `save_matrices` every map), two plots and
+    README.md. The budget is refused before any work; anchoring and `llama_cpp_figures` as
+    in `jacobian_to_dir`."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from .analysis import top_tokens_by_unembedding
+    from .layers import describe_maps, layer_maps, layers_tensors
+    from .outputs import json_to, prepare_output_dir, write_all
+    from .plots import plot_stable_rank_heatmap, plot_top_singular_value
+
+    m.engine(lin, max_memory=max_memory).plan(m.cfg.d_model * len(layers), len(tokens),
+                                              anchored=anchor_settings is not None)
+    prepare_output_dir(out_dir, overwrite)
+    t0 = time.perf_counter()
+    anchored = None if anchor_settings is None else m.anchor(tokens, lin, anchor_settings)
+    engine = m.engine(lin, progress=progress, max_memory=max_memory, anchor=anchored)
+    maps, y = layer_maps(engine, engine.embed(tokens), layers)
+    entries = describe_maps(maps, m.weights, m.token_text)
+    seconds = time.perf_counter() - t0
+    predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None],
+                                          1)[0][0][0]
+    report = layers_report(m, tokens, layers, lin, device, seconds, predicted, entries,
+                           anchored, y)
+    report.update(prediction_figures(m, tokens, y, anchored,
+                                     llama_cpp_figures and anchored is None))
+    tensors = layers_tensors(maps, entries, save_matrices)
+    title = (f"{m.cfg.arch}: {len(tokens)} tokens, gate path {lin.gate_path}"
+             + (", anchored to llama.cpp" if anchored is not None else ""))
+    markdown = layers_markdown(report)
+    write_all(out_dir, {
+        "layers.json": lambda p: json_to(p, report),
+        "layers.safetensors": lambda p: save_file(tensors, str(p)),
+        "stable_rank.png": lambda p: plot_stable_rank_heatmap(p, entries, KINDS, title),
+        "top_singular_value.png": lambda p: plot_top_singular_value(p, entries, KINDS, title),
+        "README.md": lambda p: p.write_text(markdown)})
+    return LayersRun(report, markdown, seconds)
+
+
+def comparison_to_dir(out_dir: Path, report: dict, entries: list[dict],
+                      overwrite: bool = False) -> list[str]:
+    """`compare`'s files in `out_dir`: comparison.json, README.md (comparison_markdown),
+    lens.png with the lens analysis, distributions.png over several prompts. The directory
+    is made only now, so a comparison that failed leaves nothing. Returns the file names."""
+    from .outputs import json_to, prepare_output_dir, write_all
+    from .plots import plot_comparison_distributions, plot_lens_differences
+
+    text = comparison_markdown(report)
+    title = f"{Path(report['a']['path']).name} vs {Path(report['b']['path']).name}"
+    writers = {"comparison.json": lambda p: json_to(p, report),
+               "README.md": lambda p: p.write_text(text)}
+    if "lens" in report["settings"]["analyses"]:
+        writers["lens.png"] = lambda p: plot_lens_differences(p, entries, title)
+    if len(entries) > 1:
+        writers["distributions.png"] = lambda p: plot_comparison_distributions(
+            p, entries, ("jacobian_rel_difference", "largest_left_angle",
+                         "attribution_spearman", "logits_nmse"), title)
+    prepare_output_dir(out_dir, overwrite)
+    write_all(out_dir, writers)
+    return list(writers)

@@ -102,7 +102,7 @@ def test_existing_output_dir_is_refused(jacobian_run, gemma_path) -> None:
 def test_check_cli_json(tmp_path, gemma_path) -> None:
     out = tmp_path / "check.json"
     result = CliRunner().invoke(main, ["check", str(gemma_path), "--prompt", BRIDGE,
-                                       "--json", str(out), "--layers"])
+                                       "--json", str(out), "--per-layer"])
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     for key in ("top1_agree", "max_abs_logit_diff", "kl", "nmse", "ours_top1",
