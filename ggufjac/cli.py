@@ -960,7 +960,7 @@ def _finite_scales(text: str) -> list[float]:
                    "next tokens.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random control direction (--eval).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@dtype_option(EXACT_DTYPES)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the results to this JSON file.")
 @_threads_option
@@ -1031,8 +1031,8 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
               epilog=_epilog("cvector"))
 @_model_argument
 @click.option("--source", required=True, help="The source prompt.")
-@click.option("--layers", "layer_range", required=True, metavar="A-B",
-              help="Blocks to steer (1..n_layer-1: llama.cpp has no slot for block 0).")
+@layers_option("Blocks to steer, e.g. 9, 8-12 or 3,5-7 (1..n_layer-1: llama.cpp has no "
+               "slot for block 0).", name="layer_range", required=True)
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
               help="The control vector file to write (GGUF).")
 @click.option("--operator", type=click.Choice(["concept-direction", "cumulative-direction",
@@ -1046,7 +1046,7 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
               help="λ, shared by the k blocks of --layers: direction.N = (λ/k) ‖h_N‖ u_N "
                    "(‖h_N‖: the source's residual norm there), so the range adds in all what "
                    "one block would (the additions sum in the residual stream).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32")
+@dtype_option(EXACT_DTYPES)
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Measure the file in llama.cpp before naming it: on neutral prompts, the "

@@ -79,7 +79,8 @@ def test_dtype_is_one_choice_set() -> None:
         # every command offers a subset of one list, in its order
         assert choices == tuple(t for t in DTYPES if t in choices), (name, choices)
     assert tuple(options["svd"].type.choices) == EXACT_DTYPES == ("float32", "float64")
-    assert tuple(options["check"].type.choices) == EXACT_DTYPES
+    for name in ("check", "steer", "cvector"):
+        assert tuple(options[name].type.choices) == EXACT_DTYPES, name
     for name in ("jacobian", "attribute", "layers", "compare", "batch"):
         assert tuple(options[name].type.choices) == DTYPES, name
     # svd refuses a half type while reading the command line, as a choice it does not offer
@@ -132,12 +133,19 @@ def test_layer_lists_have_one_syntax(tmp_path) -> None:
         parse_layer_list("3,5-8", 8)
     with pytest.raises(GgufjacError, match="block 0 has no control-vector slot"):
         parse_layer_range("0,3", 8)
-    # layers checks the syntax while reading the command line: one line, nothing made
-    r = CliRunner().invoke(main, ["layers", "m.gguf", "-p", PROMPT, "--out",
-                                  str(tmp_path / "o"), "--layers", "5-3"])
-    assert r.exit_code == 2 and not (tmp_path / "o").exists()
-    assert r.stderr.strip() == "ggufjac: error: --layers '5-3': range '5-3' is reversed " \
-                               "(write 3-5)"
+    # layers and cvector check the syntax while reading the command line: the same line,
+    # nothing made
+    for args in (["layers", "m.gguf", "-p", PROMPT, "--out", str(tmp_path / "o")],
+                 ["cvector", "m.gguf", "--source", PROMPT, "--out", str(tmp_path / "o")]):
+        r = CliRunner().invoke(main, [*args, "--layers", "5-3"])
+        assert r.exit_code == 2 and not (tmp_path / "o").exists()
+        assert r.stderr.strip() == "ggufjac: error: --layers '5-3': range '5-3' is reversed " \
+                                   "(write 3-5)"
+    shown = {name: next(o for o in cmd.params if "--layers" in o.opts)
+             for name, cmd in main.commands.items()
+             if any("--layers" in o.opts and not o.hidden for o in cmd.params)}
+    assert set(shown) == {"layers", "cvector"}
+    assert {o.metavar for o in shown.values()} == {"LIST"}
 
 
 def test_layers_and_cvector_take_the_same_layers(eight_layers, tmp_path) -> None:
@@ -150,7 +158,7 @@ def test_layers_and_cvector_take_the_same_layers(eight_layers, tmp_path) -> None
     assert sorted({e["layer"] for e in report["maps"]}) == [3, 5, 6, 7]
     cv = tmp_path / "cv.gguf"
     r = CliRunner().invoke(main, ["cvector", str(eight_layers), "--source", PROMPT,
-                                  "--layers", "3,5-7", "--out", str(cv)])
+                                  "--layers", "3,5-7", "--out", str(cv), "--no-check"])
     assert r.exit_code == 0, r.output
     names = sorted(t.name for t in GGUFReader(cv).tensors)
     assert names == ["direction.3", "direction.5", "direction.6", "direction.7"]
