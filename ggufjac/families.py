@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from gguf.constants import Keys
+from gguf.constants import GGUFValueType, Keys
 
 from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import GGUFFile
@@ -37,6 +37,9 @@ class Family:
     fused_qkv: bool = False  # one attn_qkv tensor holds q, k, v (rows in that order)
     fused_gate_up: bool = False  # ffn_up holds gate rows, then up rows (Phi 3)
     rope_factors: tuple[str, ...] = ()  # tensors of per-frequency divisors, first found wins
+    # llama.cpp reads {arch}.final_logit_softcapping only for some families; elsewhere the
+    # key is ignored, and so it must be here (applying it would explain another model).
+    final_logit_softcap: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("norm_layout", NormLayout), ("qk_norm", QKNorm),
@@ -61,7 +64,7 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(norm_layout="post", qk_norm="full", activation="silu", rope_neox=True),
     "gemma3": Family(norm_layout="sandwich", qk_norm="head", activation="gelu_tanh",
                      rope_neox=True, embed_scale_sqrt_d=True, swa_pattern=6,
-                     rope_base_local=10000.0),
+                     rope_base_local=10000.0, final_logit_softcap=True),
 }
 
 
@@ -125,15 +128,22 @@ class _Metadata:
                             else f"an integer >= {minimum}")
         return v
 
-    def float(self, template: str, default: float | None = None, positive: bool = True
-              ) -> float:
+    def float(self, template: str, default: float | None = None, positive: bool = True,
+              above: float | None = None) -> float:
+        """A float32 value (llama.cpp refuses any other type for a float key), finite, > 0 (or
+        >= 0 when not `positive`), and > `above` when given."""
         key = self.key(template)
         if key not in self.g.metadata and default is not None:
             return default
         v = self.g.require(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+        if self.g.value_types.get(key) != GGUFValueType.FLOAT32:
+            raise self._bad(key, v, "a float32 value (llama.cpp reads no other type here)")
+        if not isinstance(v, float) or not math.isfinite(v) \
                 or (v <= 0 if positive else v < 0):
-            raise self._bad(key, v, "a finite number > 0" if positive else "a finite number >= 0")
+            raise self._bad(key, v, "a finite floating-point number > 0" if positive
+                            else "a finite floating-point number >= 0")
+        if above is not None and v <= above:
+            raise self._bad(key, v, f"a number > {above:g}")
         return float(v)
 
     def optional_float(self, template: str) -> float | None:
@@ -147,6 +157,13 @@ class _Metadata:
         if not isinstance(v, str):
             raise self._bad(key, v, "a string")
         return v
+
+
+# A linear rope factor below this would multiply positions so much that their angles leave
+# the range where float32 sin/cos (llama.cpp's) and ours agree; real files use factors >= 1.
+MIN_ROPE_SCALING_FACTOR = 1.0 / 64
+# The factor's older key, which llama.cpp still reads and gguf's constants no longer list.
+ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 
 
 def _attn_scale(arch: str, fam: Family, n_layer: int, d: int, n_head: int, head_dim: int) -> float:
@@ -197,10 +214,19 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__") or not len(tokens):
             raise GGUFError(g.path, Keys.Tokenizer.LIST, "expected a non-empty array of strings")
         vocab = len(tokens)
-    scaling = md.string(Keys.Rope.SCALING_TYPE, "none")
+    # llama.cpp: the scaling type defaults to linear; the factor (or its older key) applies
+    # unless the type is none, 0 meaning no scaling.
+    scaling = md.string(Keys.Rope.SCALING_TYPE, "linear")
     rope_scale = 1.0
     if scaling == "linear":
-        rope_scale = 1.0 / md.float(Keys.Rope.SCALING_FACTOR, 1.0)
+        factor_key = next((k for k in (Keys.Rope.SCALING_FACTOR, ROPE_SCALE_LINEAR)
+                           if md.key(k) in g.metadata), Keys.Rope.SCALING_FACTOR)
+        factor = md.float(factor_key, 0.0, positive=False)
+        if 0 < factor < MIN_ROPE_SCALING_FACTOR:
+            raise GGUFError(g.path, md.key(factor_key),
+                            f"expected 0 (no scaling) or a factor >= {MIN_ROPE_SCALING_FACTOR:g} "
+                            f"(positions are divided by it), found {factor!r}")
+        rope_scale = 1.0 / factor if factor else 1.0
     elif scaling != "none":
         raise UnsupportedModelError(f"{g.path}: rope scaling {scaling!r} is not supported")
     window = md.int(Keys.Attention.SLIDING_WINDOW, 0, minimum=0)
@@ -221,7 +247,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         vocab_size=vocab,
         context_length=md.int(Keys.LLM.CONTEXT_LENGTH),
         norm_eps=md.float(Keys.Attention.LAYERNORM_RMS_EPS),
-        rope_base=md.float(Keys.Rope.FREQ_BASE, 10000.0),
+        rope_base=md.float(Keys.Rope.FREQ_BASE, 10000.0, above=1.0),
         rope_scale=rope_scale,
         rope_dims=rope_dims,
         rope_attn_factor=md.float(Keys.Rope.SCALING_ATTN_FACTOR, 1.0),
@@ -229,6 +255,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         swa_layers=swa,
         attn_scale=_attn_scale(arch, fam, n_layer, d, n_head, head_dim),
         embed_scale=math.sqrt(d) if fam.embed_scale_sqrt_d else 1.0,
-        final_logit_softcap=md.optional_float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING),
+        final_logit_softcap=(md.optional_float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
+                             if fam.final_logit_softcap else None),
         tied_embeddings="output.weight" not in g.tensors,
     )

@@ -183,6 +183,7 @@ class GGUFFile:
         self.read_seconds, self.bytes_read = 0.0, 0  # by read_into
         self._fd: int | None = None  # for read_into and read_ahead, opened on first use
         self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, int] = {}  # key -> GGUF value type (gguf's GGUFValueType)
         self.tensors: dict[str, TensorInfo] = {}
         try:
             self._parse()
@@ -218,6 +219,7 @@ class GGUFFile:
                 raise GGUFError(p, key, "metadata key appears twice")
             vtype = cur.u32(f"{key} (value type)")
             self.metadata[key] = self._read_value(cur, vtype, key)
+            self.value_types[key] = vtype
 
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or isinstance(align, bool) or align <= 0 \

@@ -4,6 +4,7 @@ traceback, no hang (tools/fuzz_metadata.py makes the cases)."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from contextlib import contextmanager
@@ -11,8 +12,14 @@ from contextlib import contextmanager
 import pytest
 from click.testing import CliRunner
 
+from gguf.constants import GGUFValueType as V
+
 from ggufjac.cli import main
-from tools.fuzz_metadata import cases, write_case
+from ggufjac.errors import GGUFError
+from ggufjac.families import config_from_gguf
+from ggufjac.gguf_file import GGUFFile
+from tools.fuzz_metadata import TINY, cases, write_case
+from tools.synthetic import write_synthetic_gguf
 
 CASE_SECONDS = 60  # far above what any case takes; a hang fails the case
 
@@ -75,7 +82,46 @@ def test_jacobian_on_hostile_metadata(case_files, tmp_path) -> None:
 
 def test_check_on_hostile_metadata(case_files, tmp_path) -> None:
     codes = _run_all(case_files, ["check", "-p", "the bridge", "--no-noise-floor"], tmp_path)
-    # refused (2), or run and compared with llama.cpp: agreeing (0) or not (1); no other
-    # ending, and as many run as `jacobian` runs
-    assert set(codes) <= {0, 1, 2}, codes
-    assert codes.get(2, 0) > 200 and codes.get(0, 0) + codes.get(1, 0) > 30, codes
+    # refused (2), or run and agreeing with llama.cpp (0): a file that runs and disagrees (1)
+    # would be read as another model than llama.cpp's
+    assert set(codes) <= {0, 2}, codes
+    assert codes.get(2, 0) > 200 and codes.get(0, 0) > 30, codes
+
+
+# Keys whose meaning llama.cpp decides: each file below runs in llama.cpp, and ggufjac must
+# read it as llama.cpp does (its logits the reference), or refuse it.
+@pytest.mark.parametrize("arch, metadata, rope_scale, softcap", [
+    # the scaling type defaults to linear in llama.cpp: a lone factor divides positions
+    ("llama", {"rope.scaling.factor": (4.0, V.FLOAT32)}, 0.25, None),
+    # type none: the factor is ignored
+    ("llama", {"rope.scaling.type": ("none", V.STRING),
+               "rope.scaling.factor": (4.0, V.FLOAT32)}, 1.0, None),
+    # llama.cpp reads final_logit_softcapping for Gemma 3, not for Llama
+    ("llama", {"final_logit_softcapping": (3.0, V.FLOAT32)}, 1.0, None),
+    ("gemma3", {"final_logit_softcapping": (3.0, V.FLOAT32)}, 1.0, 3.0),
+])
+def test_metadata_read_as_llama_cpp_reads_it(tmp_path, arch, metadata, rope_scale,
+                                             softcap) -> None:
+    path = write_synthetic_gguf(tmp_path / f"{arch}.gguf", arch, TINY, "F32", metadata=metadata)
+    with GGUFFile(path) as g:
+        cfg = config_from_gguf(g)
+    assert cfg.rope_scale == rope_scale and cfg.final_logit_softcap == softcap
+    out = tmp_path / "check.json"
+    r = CliRunner().invoke(main, ["check", str(path), "-p", "the bridge out of the city",
+                                  "--no-noise-floor", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["nmse"] < 1e-6, report["nmse"]  # float32 rounding, not another model
+
+
+@pytest.mark.parametrize("key, value", [
+    ("rope.freq_base", (0.5, V.FLOAT32)),  # frequencies rising with the dimension
+    ("rope.scaling.factor", (1e-3, V.FLOAT32)),  # positions multiplied by 1000
+    ("rope.scaling.factor", (4.0, V.FLOAT64)),  # llama.cpp refuses a non-float32 float key
+    ("attention.layer_norm_rms_epsilon", (1, V.UINT32)),
+])
+def test_metadata_llama_cpp_would_misread_is_refused(tmp_path, key, value) -> None:
+    path = write_synthetic_gguf(tmp_path / "m.gguf", "llama", TINY, "F32", metadata={key: value})
+    with GGUFFile(path) as g, pytest.raises(GGUFError) as e:
+        config_from_gguf(g)
+    assert f"llama.{key}" in str(e.value) and str(path) in str(e.value)
