@@ -24,9 +24,7 @@ float32 rounding and is exactly linear, so its Jacobian explains llama.cpp's pre
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,9 +33,9 @@ from gguf.constants import GGMLQuantizationType as Q
 from .activation_formats import ACTIVATION_FORMAT
 from .errors import GgufjacError, LlamaCppError
 from .families import ModelConfig
-from .layout import stored_name
-from .linearize import Coefficients, Site, gate_factor
-from .llamacpp import DEFAULT_SETTINGS, LlamaCppRun, RunSettings
+from .layout import layer_tensor_name, stored_name
+from .linearize import Anchor, gate_factor  # Anchor: plain data, defined with the rules
+from .llamacpp import LlamaCppRun
 from .model import attention_mask
 
 # llama.cpp's names for the graph tensors each coefficient comes from ("-{layer}" appended).
@@ -119,50 +117,6 @@ def activation_ratio(x: np.ndarray, qtype: int, weight: str = "weight") -> np.nd
                            f"{Q(qtype).name} is not known to ggufjac, so it cannot be anchored "
                            f"(known: {', '.join(sorted(t.name for t in ACTIVATION_FORMAT))})")
     return rounding_ratio(x, ROUNDINGS[ACTIVATION_FORMAT[Q(qtype)]](x))
-
-
-@dataclass
-class ReferenceRun:
-    """An independent llama.cpp run on the same tokens (its own process), for the figures
-    an anchored report states besides those against the run it was anchored to."""
-
-    settings: RunSettings
-    resolved: dict[str, object]
-    output: np.ndarray  # the last position's final-norm output [d] ('result_norm')
-    logits: np.ndarray  # the last position's logits [vocab]
-
-
-@dataclass
-class Anchor:
-    """llama.cpp's frozen coefficients for one prompt, per layer, as given coefficients."""
-
-    flash_attn: bool  # whether flash attention ran in the anchored run
-    gate_path: str  # the detach rule the MLP coefficients were derived for
-    layers: list[Coefficients]
-    output_ratio: torch.Tensor | None  # the unembedding matmul's input rounding [N, d]
-    output: torch.Tensor  # llama.cpp's final-norm output [N, d] (float32 values)
-    logits: np.ndarray  # llama.cpp's logits [N, vocab]
-    settings: RunSettings = DEFAULT_SETTINGS  # how llama.cpp was run
-    resolved: dict[str, object] = field(default_factory=dict)  # what it resolved and reported
-    sources: dict[str, str] = field(default_factory=dict)  # site -> where it came from
-    approximations: list[str] = field(default_factory=list)  # what is not reproduced exactly
-    reference: ReferenceRun | None = None  # an independent default run, if one was made
-
-    def __post_init__(self) -> None:
-        for coefficients in self.layers:
-            for site in coefficients:
-                Site(site)  # a misspelled site is refused here, not skipped in the sweep
-
-    def without_roundings(self) -> Anchor:
-        """llama.cpp's probabilities and gates only, none of its roundings: still exactly
-        linear, no longer llama.cpp's output; shows how much of the change the roundings make."""
-        layers = [{k: v for k, v in c.items() if not is_rounding_site(k)} for c in self.layers]
-        return dataclasses.replace(self, layers=layers, output_ratio=None)
-
-
-def is_rounding_site(site: str) -> bool:
-    """Sites of frozen rounding ratios (see `frozen_rounding` in linearize.py)."""
-    return site.startswith("in:") or site in ("v_cache", "attn_sum")
 
 
 def capture_names(cfg: ModelConfig, flash_attn: bool | None = None) -> list[str]:
@@ -266,7 +220,7 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
             qtype = weight_type(i, stored(weight))
             if ACTIVATION_FORMAT.get(Q(qtype)) == "q8_1":
                 q8_1_weights.add(Q(qtype).name)
-            r = activation_ratio(x, qtype, f"blk.{i}.{stored(weight)}.weight")
+            r = activation_ratio(x, qtype, layer_tensor_name(i, stored(weight)))
             return np.ones_like(x, dtype=np.float64) if r is None else r
 
         c: dict[str, np.ndarray] = {}

@@ -15,23 +15,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import llamacpp
-from .anchor import Anchor, ReferenceRun, anchor_from_run, capture_names
+from gguf.constants import Keys
+
+from . import llamacpp, model_reports
+from .anchor import anchor_from_run, capture_names
 from .analysis import top_tokens_by_unembedding
 from .errors import GGUFError, GgufjacError, LlamaCppError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
 from .engine import StreamingEngine
 from .jacobian import JacobianResult, detached_jacobian, jacobian_to_file, streamed_jacobian
-from .linearize import Linearization
+from .layout import layer_tensor_name
+from .linearize import Anchor, Linearization, ReferenceRun, logit_input
 from .llamacpp import DEFAULT_SETTINGS, RunSettings
-from . import reports
-from .reports import nmse  # noqa: F401 (part of the API)
+from .metrics import check_verdict, nmse  # nmse: part of the API
 from .runner import Transformer, unembed
 from .resolve import resolve_model
 from .svd import (FROBENIUS_PROBES, PerTokenTriplets, TopSingularTriplets, default_block,
                   per_token_triplets, top_singular_triplets, triplets_of_jacobian)
-from .vocab import Vocabulary
+from .vocab import Vocabulary, has_tokenizer, tokenizer_model
 from .weights import GGUFWeights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -95,11 +97,10 @@ class LoadedModel:
         return llamacpp.tokenize_many(self.path, prompts)
 
     def _check_tokenizer(self) -> None:
-        kind = self.gguf.get("tokenizer.ggml.model")
-        if kind in (None, "none"):  # llama.cpp aborts the process on tokenize() for these
-            raise GGUFError(self.path, "tokenizer.ggml.model",
-                            f"the file has no tokenizer ({kind!r}); prompts cannot be "
-                            "tokenized")
+        if not has_tokenizer(self.gguf):
+            raise GGUFError(self.path, Keys.Tokenizer.MODEL,
+                            f"the file has no tokenizer ({tokenizer_model(self.gguf)!r}); "
+                            "prompts cannot be tokenized")
 
     def check_length(self, tokens: list[int], max_tokens: int | None = None) -> None:
         """Refuse a prompt longer than the context length or `max_tokens`."""
@@ -141,7 +142,8 @@ class LoadedModel:
         run = llamacpp.evaluate(self.path, tokens, settings, capture=capture_names(self.cfg))
 
         def weight_type(layer: int | None, name: str) -> int:
-            full = self.weights.unembedding_name if layer is None else f"blk.{layer}.{name}.weight"
+            full = self.weights.unembedding_name if layer is None else \
+                layer_tensor_name(layer, name)
             return int(self.gguf.tensor(full).type)
 
         anchor = anchor_from_run(run, self.cfg, weight_type, lin.gate_path, self.weights.dtype,
@@ -157,9 +159,7 @@ class LoadedModel:
     def logit_input(y: torch.Tensor, anchor: Anchor | None) -> torch.Tensor:
         """What the unembedding multiplies for the last position's y: y itself, or, anchored,
         y with llama.cpp's rounding of that matmul's input (a frozen ratio) applied."""
-        if anchor is None or anchor.output_ratio is None:
-            return y
-        return y * anchor.output_ratio[-1]
+        return logit_input(y, anchor)
 
     def logit_rows(self, targets: list[int], anchor: Anchor | None) -> torch.Tensor:
         """The unembedding rows u_t [m, d] of `targets`, such that u_t · y is the logit;
@@ -171,8 +171,20 @@ class LoadedModel:
 
     def anchor_summary(self, anchor: Anchor, y: torch.Tensor,
                        result: JacobianResult | None = None) -> dict:
-        """How closely the anchored model reproduces llama.cpp's run (reports.py)."""
-        return reports.anchor_summary(self, anchor, y, result)
+        """How closely the anchored model reproduces llama.cpp's run (model_reports.py)."""
+        return model_reports.anchor_summary(self, anchor, y, result)
+
+    def llama_cpp_logits(self, tokens: list[int], settings: RunSettings = DEFAULT_SETTINGS,
+                         anchor: Anchor | None = None) -> np.ndarray:
+        """llama.cpp's last-position logits [vocab] (float64) for `tokens`, run with
+        `settings`; anchored, those of the anchor's independent run (or else of the run it
+        was anchored to) rather than a new run."""
+        if anchor is not None:
+            theirs = anchor.reference.logits if anchor.reference is not None \
+                else anchor.logits[-1]
+        else:
+            theirs = llamacpp.evaluate(self.path, tokens, settings, last_only=True).logits[-1]
+        return np.asarray(theirs, dtype=np.float64)
 
     @torch.no_grad()
     def logits(self, tokens: list[int], hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -274,14 +286,6 @@ class LoadedModel:
                               "vocabulary (mind the leading space, e.g. ' Paris')")
         return token
 
-    def _space_prefixed(self, token: int) -> int | None:
-        """The same word with a leading space, if the vocabulary has it and `token` lacks it
-        (' Paris' for 'Paris': what follows another word is usually the spaced form)."""
-        text = self.token_text(token)
-        if not text or text[0].isspace():
-            return None
-        return self.vocab.token_id(" " + text)
-
     def attribute(self, tokens: list[int], targets: list[int] | None = None,
                   lin: Linearization | None = None, progress: bool = False,
                   max_memory: int | None = None, anchor: Anchor | None = None,
@@ -307,10 +311,10 @@ class LoadedModel:
         finally:
             engine.release()
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
-        report = reports.attribution_report(self, tokens, lin, x.dtype, targets, contributions,
-                                            u @ y, y, anchor)
+        report = model_reports.attribution_report(self, tokens, lin, x.dtype, targets,
+                                                  contributions, u @ y, y, anchor)
         report["sweeps"] = [s.as_dict() for s in engine.sweeps]
-        report.update(reports.prediction_figures(self, tokens, y, anchor, llama_cpp))
+        report.update(prediction_figures(self, tokens, y, anchor, llama_cpp))
         return report
 
     # -- reports -------------------------------------------------------------------------
@@ -342,8 +346,8 @@ class LoadedModel:
         hidden: list[torch.Tensor] = []
         ours_all = self.logits(tokens, hidden).to(torch.float64).cpu().numpy()
         ours, theirs = ours_all[-1], ref.logits[-1].astype(np.float64)
-        report = reports.check_report(self, prompt, tokens, ours, theirs, settings,
-                                      ref.resolved, top)
+        report = model_reports.check_report(self, prompt, tokens, ours, theirs, settings,
+                                            ref.resolved, top)
         if noise_floor:
             report["noise_floor"] = []
             for flash, repack in ((f, r) for f in ("on", "off") for r in (True, False)):
@@ -374,14 +378,28 @@ class LoadedModel:
                 engine.release()
             report["anchor"] = self.anchor_summary(anchored, y)
         report["nonfinite_weights"] = {}
-        report.update(reports.check_verdict(report))
+        report.update(check_verdict(report["nmse"], report["top1_agree"],
+                                    report["llama_cpp_margin"]))
         return report
 
     def jacobian_report(self, tokens: list[int], result: JacobianResult, lin: Linearization,
                         n_vectors: int = 10, n_tokens: int = 5,
                         anchor: Anchor | None = None) -> dict:
-        """Reconstruction, spectrum, ranks and decoded vectors of a full Jacobian (reports.py)."""
-        return reports.jacobian_report(self, tokens, result, lin, n_vectors, n_tokens, anchor)
+        """Reconstruction, spectrum, ranks and decoded vectors of a full Jacobian
+        (model_reports.py)."""
+        return model_reports.jacobian_report(self, tokens, result, lin, n_vectors, n_tokens,
+                                             anchor)
+
+
+def prediction_figures(m: LoadedModel, tokens: list[int], y: torch.Tensor,
+                       anchor: Anchor | None = None, llama_cpp: bool = False, k: int = 5
+                       ) -> dict:
+    """Our top-k next tokens (logits of y, the final soft-cap applied) and, with
+    `llama_cpp`, llama.cpp's own run on the same tokens (its default, last position): its
+    top-k, the logits nmse between the two and whether the top-1 tokens agree
+    (model_reports.prediction_report states them)."""
+    run = llamacpp.evaluate(m.path, tokens, last_only=True) if llama_cpp else None
+    return model_reports.prediction_report(m, y, anchor, run, k)
 
 
 def check_device(device: str) -> torch.device:

@@ -306,11 +306,10 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
     reverse sweep per analysis; the engine streams the layers as every command does)."""
     import torch
 
-    from . import llamacpp
     from .analysis import spectrum
     from .jacobian import JacobianResult
     from .layers import lens_maps
-    from .reports import nmse
+    from .metrics import logits_agreement
     from .runner import unembed
     from .svd import top_singular_triplets, triplets_of_jacobian
 
@@ -386,18 +385,13 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
     finally:
         engine.release()
     if settings.llama_cpp is not None:
-        if anchor is not None:
-            theirs = anchor.reference.logits if anchor.reference is not None \
-                else anchor.logits[-1]
-        else:
-            theirs = llamacpp.evaluate(m.path, tokens, settings.llama_cpp,
-                                       last_only=True).logits[-1]
-        theirs = np.asarray(theirs, dtype=np.float64)
-        top = int(np.argmax(theirs))
+        theirs = m.llama_cpp_logits(tokens, settings.llama_cpp, anchor)
+        agreement = logits_agreement(z, theirs)
+        top = agreement.reference_top1
         theirs_top = _token_logit(m, top, theirs[top])
         result.llama_cpp_token_id, result.llama_cpp_token, result.llama_cpp_logit = \
             theirs_top.token_id, theirs_top.token, theirs_top.logit
-        result.llama_cpp_logits_nmse = nmse(z, theirs)
+        result.llama_cpp_logits_nmse = agreement.nmse
 
 
 class LocalExecutor:

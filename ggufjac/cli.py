@@ -31,8 +31,8 @@ def seconds_since_start() -> float:
         return time.perf_counter() - _IMPORTED
 
 if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
-    from .anchor import Anchor
     from .api import LoadedModel
+    from .linearize import Anchor
     from .linearize import Linearization
     from .llamacpp import RunSettings
 
@@ -278,12 +278,13 @@ def _start_tokenizer(model: str, text: str) -> tuple[str, Any]:
     from .layout import validate_file
     from .llamacpp import start_tokenize
     from .resolve import resolve_model
+    from .vocab import has_tokenizer
 
     path = resolve_model(model)
     g, _ = validate_file(path)
     with g:
-        kind = g.get("tokenizer.ggml.model")
-    if not text.strip() or kind in (None, "none"):
+        tokenizable = has_tokenizer(g)
+    if not text.strip() or not tokenizable:
         return str(path), None  # refused by LoadedModel.tokenize, with its message
     return str(path), start_tokenize(path, text)
 

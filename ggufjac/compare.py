@@ -15,19 +15,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from . import llamacpp
+from gguf.constants import Keys
+
 from .analysis import Spectrum, spectrum, top_tokens_by_unembedding
 from .errors import GgufjacError, PromptError
 from .layers import lens_maps
 from .linearize import Linearization
-from .llamacpp import RunSettings
-from .reports import nmse
+from .metrics import logits_agreement, nmse
+from .run_settings import RunSettings
 from .runner import unembed
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ def check_comparable(a: LoadedModel, b: LoadedModel) -> None:
         if va != vb:
             raise GgufjacError(f"{names} are not two files of one model: {f.name} is "
                                f"{va!r} in the first and {vb!r} in the second")
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.add_bos_token"):
+    for key in (Keys.Tokenizer.MODEL, Keys.Tokenizer.PRE, Keys.Tokenizer.BOS_ID,
+                Keys.Tokenizer.ADD_BOS):
         va, vb = a.gguf.get(key), b.gguf.get(key)
         if va != vb:
             raise GgufjacError(f"{names} have different tokenizers: {key} is {va!r} in the "
@@ -153,14 +153,9 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         contributions = ((u @ jac.reshape(d, -1)).reshape(n, d) * x).sum(dim=1)
         if "jacobian" not in analyses:
             jac = None
-    if anchor is not None:
-        theirs = anchor.reference.logits if anchor.reference is not None else anchor.logits[-1]
-    elif settings is not None:
-        theirs = llamacpp.evaluate(m.path, tokens, settings, last_only=True).logits[-1]
-    else:
-        theirs = None
-    return Side(logits_np, None if theirs is None else np.asarray(theirs, np.float64), x, y,
-                jac, spec, contributions, lens)
+    theirs = m.llama_cpp_logits(tokens, settings, anchor) \
+        if anchor is not None or settings is not None else None
+    return Side(logits_np, theirs, x, y, jac, spec, contributions, lens)
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -220,14 +215,14 @@ def _subspace_figures(sa: Spectrum, sb: Spectrum, k: int, n: int, d: int,
 
 
 def compare_sides(a: Side, b: Side, k: int) -> dict:
-    """The figures of `DEFINITIONS` for one prompt (reports.comparison_report adds tokens)."""
+    """The figures of `DEFINITIONS` for one prompt (`comparison_entry` adds tokens)."""
     n, d = a.inputs.shape
     out: dict = {"logits_nmse": nmse(b.logits, a.logits),
                  "same_prediction": int(np.argmax(a.logits)) == int(np.argmax(b.logits))}
     if a.llama_cpp_logits is not None and b.llama_cpp_logits is not None:
         out["llama_cpp_logits_nmse"] = nmse(b.llama_cpp_logits, a.llama_cpp_logits)
-        out["a_vs_own_llama_cpp_nmse"] = nmse(a.logits, a.llama_cpp_logits)
-        out["b_vs_own_llama_cpp_nmse"] = nmse(b.logits, b.llama_cpp_logits)
+        out["a_vs_own_llama_cpp_nmse"] = logits_agreement(a.logits, a.llama_cpp_logits).nmse
+        out["b_vs_own_llama_cpp_nmse"] = logits_agreement(b.logits, b.llama_cpp_logits).nmse
     if a.jacobian is not None and b.jacobian is not None:
         out["jacobian_rel_difference"] = relative_difference(a.jacobian, b.jacobian)
         out.update(_subspace_figures(a.spectrum, b.spectrum, k, n, d, right=True))
@@ -268,6 +263,26 @@ def distribution(values: list[float]) -> dict:
             "min": float(v.min()), "max": float(v.max())}
 
 
+def comparison_entry(a: LoadedModel, prompt: str, tokens: list[int], target: int | None,
+                     top_a: list[tuple[int, float]], top_b: list[tuple[int, float]],
+                     figures: dict) -> dict:
+    """One prompt's comparison: the figures (compare_sides) with tokens named."""
+    entry = {"prompt": prompt, "tokens": [a.token_text(t) for t in tokens],
+             "n_tokens": len(tokens),
+             "top5_a": [{"token": a.token_text(t), "id": t, "logit": z} for t, z in top_a],
+             "top5_b": [{"token": a.token_text(t), "id": t, "logit": z} for t, z in top_b]}
+    if target is not None:
+        entry["attribution_target"] = {"token": a.token_text(target), "id": target}
+    entry.update(figures)
+    if "left_angles" in figures:
+        entry["largest_left_angle"] = max(figures["left_angles"])
+        entry["largest_right_angle"] = max(figures["right_angles"])
+    for row in entry.get("lens", []):
+        row["top_token_a"] = a.token_text(row["top_token_a"])
+        row["top_token_b"] = a.token_text(row["top_token_b"])
+    return entry
+
+
 # -- a prompt set ---------------------------------------------------------------------------
 
 def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
@@ -276,12 +291,10 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
                     settings: RunSettings | None = None, anchored: bool = False,
                     max_memory: int | None = None, max_tokens: int | None = None,
                     on_prompt: Callable[[int, str], None] | None = None) -> list[dict]:
-    """Every prompt's comparison entry (reports.comparison_entry): the top-`k` subspaces;
+    """Every prompt's comparison entry (`comparison_entry`): the top-`k` subspaces;
     the attribution target is `target`, or else file A's prediction, for both files;
     `settings`: each file's own llama.cpp run (None: none); `anchored`: each file's
     coefficients from that run."""
-    from .reports import comparison_entry
-
     check_comparable(a, b)
     lin = lin or Linearization()
     if anchored and settings is None:

@@ -33,13 +33,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .anchor import Anchor
 from .errors import GgufjacError
 from .gguf_file import pread_fully
 from .units import format_size
 from .costs import mlp_as_matrix
-from .layout import dims_of, linear_path
-from .linearize import DETACHED, Coefficients, Linearization, at_last_position
+from .layout import dims_of, layer_tensor_name, linear_path
+from .linearize import DETACHED, Anchor, Coefficients, Linearization, at_last_position
 from .model import (LayerWeights, attention_branch, block, final_norm, mlp_branch,
                     mlp_branch_matrix)
 from .runner import input_embeddings
@@ -357,7 +356,7 @@ class StreamingEngine:
             bar.close()
 
     def _layer_tensors(self, layer: int, names: Sequence[str] | None) -> list:
-        return [self.weights.gguf.tensor(f"blk.{layer}.{n}.weight")
+        return [self.weights.gguf.tensor(layer_tensor_name(layer, n))
                 for n in self.weights.layer_names(names)]
 
     def _layer_file_bytes(self, layer: int, names: Sequence[str] | None) -> int:

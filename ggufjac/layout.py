@@ -113,6 +113,12 @@ def layer_tensors(fam: Family) -> list[LayerTensor]:
     return [t for t in LAYER_TENSORS if t.present(fam)]
 
 
+def layer_tensor_name(layer: int, stored: str) -> str:
+    """The file's name of layer `layer`'s tensor `stored` (a stored name: 'attn_qkv',
+    'ffn_down', ...): 'blk.{layer}.{stored}.weight', built here only."""
+    return f"blk.{layer}.{stored}.weight"
+
+
 def layer_tensor_names(cfg: ModelConfig) -> list[str]:
     """The per-layer tensors the block uses (without the 'blk.N.' prefix and '.weight')."""
     return [t.name for t in layer_tensors(cfg.family)]
@@ -206,7 +212,7 @@ def check_tensor_index(g: GGUFFile, cfg: ModelConfig) -> str | None:
     """Every tensor the model needs exists with the shape the config implies and a type that
     can be dequantized, and nothing the detach rules cannot handle is there. Returns the
     rope-factor tensor's name, if any."""
-    want = {f"blk.{i}.{n}.weight": s for i in range(cfg.n_layer)
+    want = {layer_tensor_name(i, n): s for i in range(cfg.n_layer)
             for n, s in stored_shapes(cfg).items()}
     want["token_embd.weight"] = (cfg.vocab_size, cfg.d_model)
     want["output_norm.weight"] = (cfg.d_model,)

@@ -24,7 +24,9 @@ computed, and one more kind of frozen coefficient: a runtime's rounding of an ac
 linear path (8-bit quantization before a quantized matmul, F16 storage of V, an F16
 accumulator) frozen as the ratio r = rounded(x) / x, so x ↦ r ⊙ x is linear and reproduces the
 rounded value at this input. Without `given` ratios there is no such site: `frozen_rounding`
-is the identity and the forward pass is unchanged.
+is the identity and the forward pass is unchanged. An `Anchor` is those given coefficients
+for one prompt, as plain data (anchor.py makes one from a llama.cpp run; the engine, which
+only reads it, needs nothing of llama.cpp).
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
 import torch
+
+from .run_settings import DEFAULT_SETTINGS, RunSettings
 
 GATE_PATHS = ("up", "gate")
 
@@ -186,3 +191,57 @@ def frozen_rounding(x: torch.Tensor, lin: Linearization, site: str) -> torch.Ten
 def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearization) -> torch.Tensor:
     """softmax over keys of masked_scores() (-inf where masked): the frozen coefficients."""
     return lin.coefficient("attn_probs", lambda: torch.softmax(masked_scores(), dim=-1))
+
+
+# -- given coefficients: an anchor ------------------------------------------------------------
+
+def is_rounding_site(site: str) -> bool:
+    """Sites of frozen rounding ratios (see `frozen_rounding`)."""
+    return site.startswith("in:") or site in ("v_cache", "attn_sum")
+
+
+@dataclass
+class ReferenceRun:
+    """An independent llama.cpp run on the same tokens (its own process), for the figures
+    an anchored report states besides those against the run it was anchored to."""
+
+    settings: RunSettings
+    resolved: dict[str, object]
+    output: np.ndarray  # the last position's final-norm output [d] ('result_norm')
+    logits: np.ndarray  # the last position's logits [vocab]
+
+
+@dataclass
+class Anchor:
+    """llama.cpp's frozen coefficients for one prompt, per layer, as given coefficients."""
+
+    flash_attn: bool  # whether flash attention ran in the anchored run
+    gate_path: str  # the detach rule the MLP coefficients were derived for
+    layers: list[Coefficients]
+    output_ratio: torch.Tensor | None  # the unembedding matmul's input rounding [N, d]
+    output: torch.Tensor  # llama.cpp's final-norm output [N, d] (float32 values)
+    logits: np.ndarray  # llama.cpp's logits [N, vocab]
+    settings: RunSettings = DEFAULT_SETTINGS  # how llama.cpp was run
+    resolved: dict[str, object] = field(default_factory=dict)  # what it resolved and reported
+    sources: dict[str, str] = field(default_factory=dict)  # site -> where it came from
+    approximations: list[str] = field(default_factory=list)  # what is not reproduced exactly
+    reference: ReferenceRun | None = None  # an independent default run, if one was made
+
+    def __post_init__(self) -> None:
+        for coefficients in self.layers:
+            for site in coefficients:
+                Site(site)  # a misspelled site is refused here, not skipped in the sweep
+
+    def without_roundings(self) -> Anchor:
+        """llama.cpp's probabilities and gates only, none of its roundings: still exactly
+        linear, no longer llama.cpp's output; shows how much of the change the roundings make."""
+        layers = [{k: v for k, v in c.items() if not is_rounding_site(k)} for c in self.layers]
+        return dataclasses.replace(self, layers=layers, output_ratio=None)
+
+
+def logit_input(y: torch.Tensor, anchor: Anchor | None) -> torch.Tensor:
+    """What the unembedding multiplies for the last position's y: y itself, or, anchored,
+    y with llama.cpp's rounding of that matmul's input (a frozen ratio) applied."""
+    if anchor is None or anchor.output_ratio is None:
+        return y
+    return y * anchor.output_ratio[-1]

@@ -1,318 +1,31 @@
-"""Every report ggufjac writes (JSON dicts), built in one place from computed results: the
-Jacobian's, an attribution's, a check's, the anchored figures, the layer maps'."""
+"""What the commands write, built on the Python API: `jacobian`, `svd` and `layers` run on
+an opened model and written to a directory (report.json or layers.json, the tensors, the
+plots, a README.md), and the reports of `compare` (two files of one model) and `steer`.
+
+The reports of one model's analyses themselves (JSON dicts from computed results) are built
+in model_reports.py; nothing here formats a figure those already state.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, gram_spectrum, \
-    spectrum, top_tokens_by_unembedding
-from .jacobian import JacobianFile, JacobianResult, reconstruction_rel_error
+from .api import LoadedModel, prediction_figures
+from .compare import DEFINITIONS, distribution
+from .jacobian import JacobianResult
 from .layers import KINDS
 from .linearize import Linearization
 from .llamacpp import RunSettings
-from .runner import unembed
+from .model_reports import jacobian_report, layers_report, svd_report
 
 if TYPE_CHECKING:
-    from .anchor import Anchor
-    from .api import LoadedModel
     from .steer import Continuation, ScaleResult
     from .svd import PerTokenTriplets, TopSingularTriplets
-
-# `check` passes when our logits are this close to llama.cpp's (nmse), and the top-1 tokens
-# agree unless llama.cpp's own top two are within this many logits (a near-tie, which
-# llama.cpp's settings alone flip: flash attention on and off disagree on such prompts).
-CHECK_NMSE_BOUND = 1e-2
-CHECK_NEAR_TIE = 0.1
-
-
-def nmse(ours: np.ndarray, reference: np.ndarray) -> float:
-    """Normalized mean squared error Σ(ours − ref)² / Σ ref², in float64."""
-    a, b = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    return float(((a - b) ** 2).sum() / (b ** 2).sum())
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    mx = z.max()
-    return z - mx - math.log(np.exp(z - mx).sum())
-
-
-def anchor_summary(m: LoadedModel, anchor: Anchor, y: torch.Tensor,
-                   result: JacobianResult | None = None) -> dict:
-    """How closely the anchored model reproduces llama.cpp's run (last position): y is the
-    anchored final-norm output; `result`, the full Jacobian if one was computed."""
-    ours = unembed(m.weights, m.logit_input(y, anchor)[None])[0]
-    ours = ours.to(torch.float64).cpu().numpy()
-    theirs = anchor.logits[-1].astype(np.float64)
-    y_ref = anchor.output[-1].to(y.dtype)
-    summary = {
-        "runtime": "llama.cpp",
-        "flash_attn": anchor.flash_attn,
-        "llama_cpp_settings": dataclasses.asdict(anchor.settings),
-        "llama_cpp_resolved": anchor.resolved,
-        "anchor_logits_nmse": nmse(ours, theirs),
-        "anchor_logits_nmse_definition": "nmse of the unembedding of the anchored output "
-                                         "(its input rounding frozen too) vs llama.cpp's "
-                                         "logits, last position",
-        "anchor_output_rel_error": float(torch.linalg.vector_norm(y - y_ref)
-                                         / torch.linalg.vector_norm(y_ref)),
-        "llama_cpp_top1": m.token_text(int(theirs.argmax())),
-        "anchored_top1": m.token_text(int(ours.argmax())),
-        "top1_agree": bool(theirs.argmax() == ours.argmax()),
-        "coefficient_sources": anchor.sources,
-        "approximations": anchor.approximations,
-    }
-    if result is not None:
-        summary["reconstruction_rel_error_vs_llama_cpp"] = reconstruction_rel_error(
-            result.jacobian, result.inputs, y_ref)
-    if anchor.reference is not None:
-        ref = anchor.reference
-        y_default = torch.from_numpy(ref.output.astype(np.float64)).to(y)
-        summary["independent_run"] = {
-            "what": "an independent llama.cpp run (separate process, the same settings) "
-                    "decoding the prompt as llama.cpp's own tools do: the last position's "
-                    "logits only",
-            "llama_cpp_settings": dataclasses.asdict(ref.settings),
-            "llama_cpp_resolved": ref.resolved,
-            "logits_nmse": nmse(ours, ref.logits),
-            "output_rel_error": float(torch.linalg.vector_norm(y - y_default)
-                                      / torch.linalg.vector_norm(y_default)),
-            "llama_cpp_top1": m.token_text(int(ref.logits.argmax())),
-        }
-    return summary
-
-
-def jacobian_report(m: LoadedModel, tokens: list[int], result: JacobianResult, lin: Linearization,
-                    n_vectors: int = 10, n_tokens: int = 5,
-                    anchor: Anchor | None = None) -> dict:
-    """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian
-    (and, if anchored, how it matches llama.cpp's run)."""
-    d, n = result.jacobian.shape[0], result.jacobian.shape[1]
-    on_disk = isinstance(result.jacobian, JacobianFile)
-    spec = gram_spectrum(result.jacobian, result.output) if on_disk else \
-        spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
-    k = min(n_vectors, spec.left.shape[1])
-    # One walk over the unembedding decodes the singular vectors and y itself (the
-    # predicted token: a final soft-cap is monotone, so it does not change the argmax).
-    directions = torch.cat((spec.left[:, :k], m.logit_input(result.output, anchor)[:, None]),
-                           dim=1)
-    decoded = top_tokens_by_unembedding(m.weights, directions, n_tokens)
-    predicted = decoded[k][0][0]
-    report = {
-        "model": str(m.path),
-        "architecture": m.cfg.arch,
-        "dtype": str(result.jacobian.dtype).removeprefix("torch."),
-        "detach": lin.detach,
-        "gate_path": lin.gate_path,
-        "tokens": [m.token_text(t) for t in tokens],
-        "token_ids": tokens,
-        "predicted_token": m.token_text(predicted),
-        "predicted_token_id": predicted,
-        "reconstruction_rel_error": result.reconstruction_rel_error(),
-        "singular_values": spec.singular_values.tolist(),
-        "effective_rank": spec.stable_rank,
-        "effective_rank_definition": STABLE_RANK_DEFINITION,
-        "entropy_effective_rank": spec.entropy_rank,
-        "entropy_effective_rank_definition": ENTROPY_RANK_DEFINITION,
-        "sign_convention": "each left singular vector u is negated if needed so that "
-                           "u . output > 0 (its right vector with it)",
-        "spectrum_method": "eigenvalues of J J^T accumulated from the file (J was larger "
-                           "than the memory budget)" if on_disk else
-                           "SVD of J (Householder QR of J^T, then the SVD of R)",
-        "top_singular_tokens": [
-            {"index": j, "singular_value": float(spec.singular_values[j]),
-             "cos_with_output": float(spec.left[:, j] @ result.output.to(spec.left.dtype)
-                                      / torch.linalg.vector_norm(result.output)),
-             "tokens": [m.token_text(t) for t, _ in decoded[j]],
-             "scores": [s for _, s in decoded[j]]}
-            for j in range(k)],
-    }
-    if anchor is not None:
-        report["anchor"] = m.anchor_summary(anchor, result.output, result)
-    return report
-
-
-def svd_report(m: LoadedModel, tokens: list[int], result: TopSingularTriplets,
-               lin: Linearization, anchor: Anchor | None = None,
-               per_token: PerTokenTriplets | None = None, n_tokens: int = 5) -> dict:
-    """`svd`'s report: the top-K triplets of J (σ, residuals, decoded left vectors, where
-    each right vector reads), the truncated reconstruction, ‖J‖²_F and the stable rank;
-    with `per_token`, every block J_i's top triplets and its top left vector decoded."""
-    k, y = result.singular_values.shape[0], result.output
-    columns = [result.left, m.logit_input(y, anchor)[:, None]]
-    if per_token is not None:
-        columns.append(per_token.left[:, :, 0].T)
-    decoded = top_tokens_by_unembedding(m.weights, torch.cat(columns, dim=1), n_tokens)
-    predicted = decoded[k][0][0]
-    s1 = float(result.singular_values[0])
-    positions = result.input_weights()
-    y_norm = torch.linalg.vector_norm(y)
-    report = {
-        "model": str(m.path), "architecture": m.cfg.arch,
-        "dtype": str(result.singular_values.dtype).removeprefix("torch."),
-        "gate_path": lin.gate_path,
-        "tokens": [m.token_text(t) for t in tokens], "token_ids": tokens,
-        "predicted_token": m.token_text(predicted), "predicted_token_id": predicted,
-        "method": "matrix-free block Lanczos on J J^T (forward and reverse sweeps), then the "
-                  "SVD of U^T J for the top Ritz vectors U" if result.iterations else
-                  "dense SVD of the formed Jacobian",
-        "top_k": k, "converged": result.converged, "iterations": result.iterations,
-        "sigma_relative_change": result.sigma_change, "tolerance": result.tolerance,
-        "krylov_dimension": result.krylov_dimension, "vectors_swept": result.vectors_swept,
-        "singular_values": result.singular_values.tolist(),
-        "residuals": result.residuals.tolist(),
-        "residual_definition": "||J v_k - s_k u_k|| / s_k (||J^T u_k - s_k v_k|| is zero by "
-                               "construction)",
-        "truncated_reconstruction_rel_error": result.truncated_reconstruction_rel_error(),
-        "truncated_reconstruction_definition": "||y - sum_k s_k u_k (v_k . x)|| / ||y||",
-        "frobenius_norm_sq": result.frobenius_sq,
-        "frobenius_norm_sq_std": result.frobenius_sq_std,
-        "frobenius_definition": "||J||_F^2: exact on the Krylov space, plus a Hutchinson "
-                                "estimate over its complement (std: its standard error)",
-        "stable_rank": result.stable_rank,
-        "stable_rank_std": result.frobenius_sq_std / (s1 * s1) if s1 > 0 else 0.0,
-        "stable_rank_definition": STABLE_RANK_DEFINITION,
-        "sign_convention": "each left singular vector u is negated if needed so that "
-                           "u . output > 0 (its right vector with it)",
-        "vectors": [
-            {"index": j, "singular_value": float(result.singular_values[j]),
-             "residual": float(result.residuals[j]),
-             "cos_with_output": float(result.left[:, j] @ y / y_norm),
-             "tokens": [m.token_text(t) for t, _ in decoded[j]],
-             "scores": [sc for _, sc in decoded[j]],
-             "input_position_norms": positions[j].tolist()}
-            for j in range(k)],
-        "sweeps": [t.as_dict() for t in result.sweeps],
-    }
-    if per_token is not None:
-        report["per_token"] = [
-            {"position": i, "token": m.token_text(tokens[i]),
-             "singular_values": per_token.singular_values[i].tolist(),
-             "top_left_tokens": [m.token_text(t) for t, _ in decoded[k + 1 + i]]}
-            for i in range(len(tokens))]
-    if anchor is not None:
-        report["anchor"] = m.anchor_summary(anchor, y)
-    return report
-
-
-def attribution_report(m: LoadedModel, tokens: list[int], lin: Linearization,
-                       dtype: torch.dtype, targets: list[int], contributions: torch.Tensor,
-                       logits: torch.Tensor, y: torch.Tensor, anchor: Anchor | None) -> dict:
-    """`attribute`'s report: per target, its logit u_t · y, the contributions [targets, N],
-    their sum, and (anchored) llama.cpp's logit."""
-    cap = m.cfg.final_logit_softcap
-    rows = []
-    for j, t in enumerate(targets):
-        c = contributions[j]
-        total = float(c.sum())
-        row = {"token": m.token_text(t), "id": t, "logit": float(logits[j]),
-               "sum_of_contributions": total,
-               "rel_error": abs(total - float(logits[j])) / max(abs(float(logits[j])), 1e-300),
-               "contributions": [float(v) for v in c]}
-        if cap is not None:
-            row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
-        if anchor is not None:
-            row["llama_cpp_logit"] = float(anchor.logits[-1][t])
-        alternative = m._space_prefixed(t)
-        if alternative is not None:
-            alt_logit = float(m.weights.unembedding_rows([alternative])[0] @ y)
-            if alt_logit > row["logit"]:
-                row["space_prefixed_alternative"] = {
-                    "token": m.token_text(alternative), "id": alternative,
-                    "logit": alt_logit}
-        rows.append(row)
-    report = {"model": str(m.path), "architecture": m.cfg.arch,
-            "dtype": str(dtype).removeprefix("torch."), "gate_path": lin.gate_path,
-            "tokens": [m.token_text(t) for t in tokens], "token_ids": tokens,
-            "logit_definition": "u_t . y, y the last position's final-norm output"
-                                + (" (before the final soft-cap)" if cap is not None else "")
-                                + (", its input rounded as llama.cpp's unembedding matmul "
-                                   "rounds it (frozen ratio)" if anchor is not None else ""),
-            "targets": rows}
-    if anchor is not None:
-        report["anchor"] = m.anchor_summary(anchor, y)
-    return report
-
-
-def check_report(m: LoadedModel, prompt: str, tokens: list[int], ours: np.ndarray,
-                 theirs: np.ndarray, settings: RunSettings, resolved: dict, top: int) -> dict:
-    """`check`'s comparison of our last-position logits with llama.cpp's."""
-    lp_ours, lp_ref = _log_softmax(ours), _log_softmax(theirs)
-    order_ours, order_ref = np.argsort(-ours)[:top], np.argsort(-theirs)[:top]
-    return {
-        "prompt": prompt,
-        "tokens": [m.token_text(t) for t in tokens],
-        "dtype": str(m.weights.dtype).removeprefix("torch."),
-        "ours_top": [{"token": m.token_text(int(i)), "id": int(i),
-                      "logit": float(ours[i]), "prob": float(np.exp(lp_ours[i]))}
-                     for i in order_ours],
-        "llama_cpp_top": [{"token": m.token_text(int(i)), "id": int(i),
-                           "logit": float(theirs[i]), "prob": float(np.exp(lp_ref[i]))}
-                          for i in order_ref],
-        "ours_top1": m.token_text(int(order_ours[0])),
-        "llama_cpp_top1": m.token_text(int(order_ref[0])),
-        "top1_agree": bool(order_ours[0] == order_ref[0]),
-        "llama_cpp_margin": float(theirs[order_ref[0]] - theirs[order_ref[1]]),
-        "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
-        "kl": float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum()),
-        "nmse": nmse(ours, theirs),
-        "llama_cpp_settings": dataclasses.asdict(settings),
-        "llama_cpp_resolved": resolved,
-    }
-
-
-def check_verdict(report: dict) -> dict:
-    """PASS or FAIL, and why: `passed` and `verdict` for a check report (files with
-    non-finite weights are failed before any comparison, in LoadedModel.check)."""
-    reasons = []
-    if report["nmse"] > CHECK_NMSE_BOUND:
-        reasons.append(f"logits nmse {report['nmse']:.2e} > {CHECK_NMSE_BOUND:g}")
-    if not report["top1_agree"] and report["llama_cpp_margin"] > CHECK_NEAR_TIE:
-        reasons.append(f"top-1 differs and llama.cpp's margin {report['llama_cpp_margin']:.3f}"
-                       f" is > {CHECK_NEAR_TIE}")
-    passed = not reasons
-    if reasons:
-        verdict = "FAIL: " + "; ".join(reasons)
-    elif not report["top1_agree"]:
-        verdict = (f"PASS: top-1 differs, but llama.cpp's own top two are "
-                             f"{report['llama_cpp_margin']:.3f} apart (a near-tie, <= "
-                             f"{CHECK_NEAR_TIE}: rounding decides it)")
-    else:
-        verdict = f"PASS: nmse <= {CHECK_NMSE_BOUND:g}, same top-1"
-    return {"passed": passed, "verdict": verdict}
-
-
-def layers_report(m: LoadedModel, tokens: list[int], chosen: list[int], lin: Linearization,
-                  device: str, seconds: float, predicted: int, entries: list[dict],
-                  anchored: Anchor | None, y: torch.Tensor) -> dict:
-    """`layers`' report: every map's figures and decoded vectors (layers.describe_maps)."""
-    report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
-              [m.token_text(t) for t in tokens], "token_ids": tokens,
-              "dtype": str(m.weights.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
-              "device": device,
-              "layers": chosen, "seconds": seconds,
-              "predicted_token": m.token_text(predicted),
-              "kinds": {"cumulative": "input embeddings -> final norm (frozen) of the residual "
-                                      "after the layer, last position",
-                        "layer": "layer input (all positions) -> layer output, last position",
-                        "layer_no_residual": "the same without the residual: attention + MLP",
-                        "attention": "layer input -> attention part's output, last position",
-                        "mlp": "layer input -> MLP part's output, last position"},
-              "stable_rank_definition": "||J||_F^2 / s_1^2",
-              "maps": entries}
-    if anchored is not None:
-        report["anchor"] = anchor_summary(m, anchored, y)
-    return report
 
 
 def first_layer_predicting(entries: list[dict], token: str) -> int | None:
@@ -379,13 +92,13 @@ COMPARISON_FIGURES = ("logits_nmse", "llama_cpp_logits_nmse", "a_vs_own_llama_cp
 
 def file_summary(m: LoadedModel) -> dict:
     """What a compared file is: its path, size, file type and tensor types."""
-    from gguf.constants import GGMLQuantizationType, LlamaFileType
+    from gguf.constants import GGMLQuantizationType, Keys, LlamaFileType
 
     counts: dict[str, int] = {}
     for info in m.gguf.tensors.values():
         name = GGMLQuantizationType(info.type).name
         counts[name] = counts.get(name, 0) + 1
-    ftype = m.gguf.get("general.file_type")
+    ftype = m.gguf.get(Keys.General.FILE_TYPE)
     try:
         ftype_name = LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None \
             else None
@@ -395,30 +108,8 @@ def file_summary(m: LoadedModel) -> dict:
             "tensor_types": dict(sorted(counts.items()))}
 
 
-def comparison_entry(a: LoadedModel, prompt: str, tokens: list[int], target: int | None,
-                     top_a: list[tuple[int, float]], top_b: list[tuple[int, float]],
-                     figures: dict) -> dict:
-    """One prompt's comparison: the figures (compare.compare_sides) with tokens named."""
-    entry = {"prompt": prompt, "tokens": [a.token_text(t) for t in tokens],
-             "n_tokens": len(tokens),
-             "top5_a": [{"token": a.token_text(t), "id": t, "logit": z} for t, z in top_a],
-             "top5_b": [{"token": a.token_text(t), "id": t, "logit": z} for t, z in top_b]}
-    if target is not None:
-        entry["attribution_target"] = {"token": a.token_text(target), "id": target}
-    entry.update(figures)
-    if "left_angles" in figures:
-        entry["largest_left_angle"] = max(figures["left_angles"])
-        entry["largest_right_angle"] = max(figures["right_angles"])
-    for row in entry.get("lens", []):
-        row["top_token_a"] = a.token_text(row["top_token_a"])
-        row["top_token_b"] = a.token_text(row["top_token_b"])
-    return entry
-
-
 def comparison_summary(entries: list[dict]) -> dict:
     """The distributions of the figures over the prompt set, and per layer the lens's."""
-    from .compare import distribution
-
     summary: dict = {"prompts": len(entries),
                      "same_prediction": sum(e["same_prediction"] for e in entries)}
     for key in COMPARISON_FIGURES:
@@ -439,8 +130,6 @@ def comparison_summary(entries: list[dict]) -> dict:
 def comparison_report(a: LoadedModel, b: LoadedModel, settings: dict, entries: list[dict]
                       ) -> dict:
     """`compare`'s report: both files, the settings, every prompt's figures, the summary."""
-    from .compare import DEFINITIONS
-
     return {"a": file_summary(a), "b": file_summary(b), "architecture": a.cfg.arch,
             "settings": settings, "definitions": DEFINITIONS, "prompts": entries,
             "summary": comparison_summary(entries)}
@@ -502,33 +191,6 @@ def steer_report(m: LoadedModel, settings: dict, prompt: str | None = None,
         report["eval_prompts"] = eval_prompts
         report["evaluation"] = [dataclasses.asdict(r) for r in evaluation]
     return report
-
-
-def prediction_figures(m: LoadedModel, tokens: list[int], y: torch.Tensor,
-                       anchor: Anchor | None = None, llama_cpp: bool = False, k: int = 5
-                       ) -> dict:
-    """Our top-k next tokens (logits of y, the final soft-cap applied) and, with
-    `llama_cpp`, llama.cpp's own run on the same tokens (its default, last position): its
-    top-k, the logits nmse between the two and whether the top-1 tokens agree."""
-    z = unembed(m.weights, m.logit_input(y, anchor)).to(torch.float64)
-    top = torch.topk(z, min(k, z.numel()))
-    out: dict = {"top_logits": [{"token": m.token_text(int(t)), "id": int(t), "logit": float(v)}
-                                for v, t in zip(top.values, top.indices)]}
-    if llama_cpp:
-        from . import llamacpp
-
-        run = llamacpp.evaluate(m.path, tokens, last_only=True)
-        theirs = run.logits[-1].astype(np.float64)
-        order = np.argsort(-theirs)[:k]
-        ours = z.cpu().numpy()
-        out["llama_cpp"] = {
-            "settings": run.settings.describe(), "flash_attn": run.flash_attn,
-            "top_logits": [{"token": m.token_text(int(t)), "id": int(t),
-                            "logit": float(theirs[t])} for t in order],
-            "logits_nmse": nmse(ours, theirs),
-            "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
-            "top1_agree": bool(int(ours.argmax()) == int(order[0]))}
-    return out
 
 
 # --- Results written to an output directory: what `jacobian`, `svd`, `layers` and `compare`

@@ -11,6 +11,8 @@ import functools
 import re
 from collections.abc import Sequence
 
+from gguf.constants import Keys
+
 from .gguf_file import GGUFFile
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -30,17 +32,30 @@ def _gpt2_unicode_to_byte() -> dict[str, int]:
     return mapping
 
 
+def tokenizer_model(gguf: GGUFFile) -> str | None:
+    """The file's tokenizer kind (`tokenizer.ggml.model`: 'llama', 'gpt2', 'none', ...), None
+    when the key is absent: the one place ggufjac reads it."""
+    return gguf.get(Keys.Tokenizer.MODEL)
+
+
+def has_tokenizer(gguf: GGUFFile) -> bool:
+    """Whether prompts can be tokenized with the file: llama.cpp aborts the process on
+    tokenize() when it has no tokenizer (the key absent, or 'none')."""
+    return tokenizer_model(gguf) not in (None, "none")
+
+
 class Vocabulary:
     def __init__(self, gguf: GGUFFile) -> None:
         self.gguf = gguf
-        self.kind = gguf.get("tokenizer.ggml.model", "llama")
+        kind = tokenizer_model(gguf)
+        self.kind = "llama" if kind is None else kind
         self._pieces: Sequence[str] | None = None
         self._ids: dict[str, int] | None = None
 
     @property
     def pieces(self) -> Sequence[str]:
         if self._pieces is None:
-            self._pieces = self.gguf.string_array("tokenizer.ggml.tokens")
+            self._pieces = self.gguf.string_array(Keys.Tokenizer.LIST)
         return self._pieces
 
     def __len__(self) -> int:
@@ -69,3 +84,11 @@ class Vocabulary:
                 ids.setdefault(self.text(i), i)
             self._ids = ids
         return self._ids.get(text)
+
+    def space_prefixed(self, token_id: int) -> int | None:
+        """The same word with a leading space, if the vocabulary has it and `token_id` lacks
+        it (' Paris' for 'Paris': what follows another word is usually the spaced form)."""
+        text = self.text(token_id)
+        if not text or text[0].isspace():
+            return None
+        return self.token_id(" " + text)

@@ -19,8 +19,8 @@ from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
 from .blocked import Weight
 from .model import LayerWeights
-from .layout import (check_tensor_index, dequantizable, dims_of, layer_tensor_names,
-                     split_stored, stored_members, stored_name, stored_shapes)
+from .layout import (check_tensor_index, dequantizable, dims_of, layer_tensor_name,
+                     layer_tensor_names, split_stored, stored_members, stored_name, stored_shapes)
 from .quantized_products import supports
 from .quants import dequantize, raw_to_torch
 
@@ -181,7 +181,7 @@ class GGUFWeights:
         """
         w: dict[str, Weight] = {}
         for stored in self.layer_names(names):
-            full = f"blk.{i}.{stored}.weight"
+            full = layer_tensor_name(i, stored)
             info = self.gguf.tensor(full)
             if block_elements is not None and len(info.shape) == 2:
                 rows = max(1, block_elements // info.shape[0])

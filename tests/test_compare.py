@@ -235,7 +235,7 @@ def test_real_model_against_its_requantizations(gemma_path, tmp_path) -> None:
     requantizations of it: both load with the same vocabulary; Q2_K's differences are far
     larger than Q8_0's (Q8_0 rounds the Q4_K values to 8 bits, Q2_K throws 2 bits away);
     each file's own llama.cpp run stays within `check`'s bound of ours."""
-    from ggufjac.reports import CHECK_NMSE_BOUND
+    from ggufjac.metrics import CHECK_NMSE_BOUND
 
     entries = {}
     for name, ftype in (("Q8_0", 7), ("Q2_K", 10)):

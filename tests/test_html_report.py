@@ -325,7 +325,7 @@ def test_top_five_and_llama_cpp_run_on_the_page(browser, results, kind):
     from ggufjac import llamacpp
     from ggufjac.api import open_model
     from ggufjac.linearize import PLAIN
-    from ggufjac.reports import nmse
+    from ggufjac.metrics import nmse
 
     json_path = {"attribute": results["a.json"], "jacobian": results["j"] / "report.json",
                  "svd": results["v"] / "report.json", "layers": results["l"] / "layers.json"}[kind]

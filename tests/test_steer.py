@@ -22,7 +22,7 @@ from ggufjac.cvector import ControlVector, read_control_vector
 from ggufjac.errors import GgufjacError
 from ggufjac.linearize import DETACHED, PLAIN
 from ggufjac.model import block, final_norm
-from ggufjac.reports import CHECK_NMSE_BOUND, nmse
+from ggufjac.metrics import CHECK_NMSE_BOUND, nmse
 from ggufjac.steer import (DirectionSteering, JacobianSteering, generate, source_maps)
 
 ARCHS = ["llama", "qwen3", "gemma3", "phi3", "olmo2"]

@@ -1,0 +1,314 @@
+"""The reports of one model's analyses (JSON dicts), built from computed results: the
+Jacobian's, the top singular triplets', an attribution's, a check's, the layer maps', the
+anchored run's figures and the prediction's. What `LoadedModel`'s methods return is built here.
+
+Nothing here runs a model or llama.cpp: each function is given the numbers (llama.cpp's run
+included) and names them. `reports.py` builds on these: what the commands write, and the
+reports of `compare` and `steer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, gram_spectrum, \
+    spectrum, top_tokens_by_unembedding
+from .families import ModelConfig
+from .gguf_file import GGUFFile
+from .jacobian import JacobianFile, JacobianResult, reconstruction_rel_error
+from .linearize import Anchor, Linearization, logit_input
+from .llamacpp import LlamaCppRun, RunSettings
+from .metrics import logits_agreement, log_softmax, top_order
+from .runner import unembed
+from .svd import PerTokenTriplets, TopSingularTriplets
+from .vocab import Vocabulary
+from .weights import GGUFWeights
+
+
+class OpenedModel(Protocol):
+    """What a report reads of an opened model (api.LoadedModel is one): its file, config,
+    weights and vocabulary."""
+
+    path: Path
+    gguf: GGUFFile
+    cfg: ModelConfig
+    weights: GGUFWeights
+    vocab: Vocabulary
+
+    def token_text(self, token_id: int) -> str: ...
+
+
+def anchor_summary(m: OpenedModel, anchor: Anchor, y: torch.Tensor,
+                   result: JacobianResult | None = None) -> dict:
+    """How closely the anchored model reproduces llama.cpp's run (last position): y is the
+    anchored final-norm output; `result`, the full Jacobian if one was computed."""
+    ours = unembed(m.weights, logit_input(y, anchor)[None])[0]
+    ours = ours.to(torch.float64).cpu().numpy()
+    agreement = logits_agreement(ours, anchor.logits[-1])
+    y_ref = anchor.output[-1].to(y.dtype)
+    summary = {
+        "runtime": "llama.cpp",
+        "flash_attn": anchor.flash_attn,
+        "llama_cpp_settings": dataclasses.asdict(anchor.settings),
+        "llama_cpp_resolved": anchor.resolved,
+        "anchor_logits_nmse": agreement.nmse,
+        "anchor_logits_nmse_definition": "nmse of the unembedding of the anchored output "
+                                         "(its input rounding frozen too) vs llama.cpp's "
+                                         "logits, last position",
+        "anchor_output_rel_error": float(torch.linalg.vector_norm(y - y_ref)
+                                         / torch.linalg.vector_norm(y_ref)),
+        "llama_cpp_top1": m.token_text(agreement.reference_top1),
+        "anchored_top1": m.token_text(agreement.ours_top1),
+        "top1_agree": agreement.top1_agree,
+        "coefficient_sources": anchor.sources,
+        "approximations": anchor.approximations,
+    }
+    if result is not None:
+        summary["reconstruction_rel_error_vs_llama_cpp"] = reconstruction_rel_error(
+            result.jacobian, result.inputs, y_ref)
+    if anchor.reference is not None:
+        ref = anchor.reference
+        independent = logits_agreement(ours, ref.logits)
+        y_default = torch.from_numpy(ref.output.astype(np.float64)).to(y)
+        summary["independent_run"] = {
+            "what": "an independent llama.cpp run (separate process, the same settings) "
+                    "decoding the prompt as llama.cpp's own tools do: the last position's "
+                    "logits only",
+            "llama_cpp_settings": dataclasses.asdict(ref.settings),
+            "llama_cpp_resolved": ref.resolved,
+            "logits_nmse": independent.nmse,
+            "output_rel_error": float(torch.linalg.vector_norm(y - y_default)
+                                      / torch.linalg.vector_norm(y_default)),
+            "llama_cpp_top1": m.token_text(independent.reference_top1),
+        }
+    return summary
+
+
+def jacobian_report(m: OpenedModel, tokens: list[int], result: JacobianResult, lin: Linearization,
+                    n_vectors: int = 10, n_tokens: int = 5,
+                    anchor: Anchor | None = None) -> dict:
+    """Reconstruction, spectrum, ranks and decoded singular vectors of a full Jacobian
+    (and, if anchored, how it matches llama.cpp's run)."""
+    d, n = result.jacobian.shape[0], result.jacobian.shape[1]
+    on_disk = isinstance(result.jacobian, JacobianFile)
+    spec = gram_spectrum(result.jacobian, result.output) if on_disk else \
+        spectrum(result.jacobian.reshape(d, n * result.jacobian.shape[2]), result.output)
+    k = min(n_vectors, spec.left.shape[1])
+    # One walk over the unembedding decodes the singular vectors and y itself (the
+    # predicted token: a final soft-cap is monotone, so it does not change the argmax).
+    directions = torch.cat((spec.left[:, :k], logit_input(result.output, anchor)[:, None]),
+                           dim=1)
+    decoded = top_tokens_by_unembedding(m.weights, directions, n_tokens)
+    predicted = decoded[k][0][0]
+    report = {
+        "model": str(m.path),
+        "architecture": m.cfg.arch,
+        "dtype": str(result.jacobian.dtype).removeprefix("torch."),
+        "detach": lin.detach,
+        "gate_path": lin.gate_path,
+        "tokens": [m.token_text(t) for t in tokens],
+        "token_ids": tokens,
+        "predicted_token": m.token_text(predicted),
+        "predicted_token_id": predicted,
+        "reconstruction_rel_error": result.reconstruction_rel_error(),
+        "singular_values": spec.singular_values.tolist(),
+        "effective_rank": spec.stable_rank,
+        "effective_rank_definition": STABLE_RANK_DEFINITION,
+        "entropy_effective_rank": spec.entropy_rank,
+        "entropy_effective_rank_definition": ENTROPY_RANK_DEFINITION,
+        "sign_convention": "each left singular vector u is negated if needed so that "
+                           "u . output > 0 (its right vector with it)",
+        "spectrum_method": "eigenvalues of J J^T accumulated from the file (J was larger "
+                           "than the memory budget)" if on_disk else
+                           "SVD of J (Householder QR of J^T, then the SVD of R)",
+        "top_singular_tokens": [
+            {"index": j, "singular_value": float(spec.singular_values[j]),
+             "cos_with_output": float(spec.left[:, j] @ result.output.to(spec.left.dtype)
+                                      / torch.linalg.vector_norm(result.output)),
+             "tokens": [m.token_text(t) for t, _ in decoded[j]],
+             "scores": [s for _, s in decoded[j]]}
+            for j in range(k)],
+    }
+    if anchor is not None:
+        report["anchor"] = anchor_summary(m, anchor, result.output, result)
+    return report
+
+
+def svd_report(m: OpenedModel, tokens: list[int], result: TopSingularTriplets,
+               lin: Linearization, anchor: Anchor | None = None,
+               per_token: PerTokenTriplets | None = None, n_tokens: int = 5) -> dict:
+    """`svd`'s report: the top-K triplets of J (σ, residuals, decoded left vectors, where
+    each right vector reads), the truncated reconstruction, ‖J‖²_F and the stable rank;
+    with `per_token`, every block J_i's top triplets and its top left vector decoded."""
+    k, y = result.singular_values.shape[0], result.output
+    columns = [result.left, logit_input(y, anchor)[:, None]]
+    if per_token is not None:
+        columns.append(per_token.left[:, :, 0].T)
+    decoded = top_tokens_by_unembedding(m.weights, torch.cat(columns, dim=1), n_tokens)
+    predicted = decoded[k][0][0]
+    s1 = float(result.singular_values[0])
+    positions = result.input_weights()
+    y_norm = torch.linalg.vector_norm(y)
+    report = {
+        "model": str(m.path), "architecture": m.cfg.arch,
+        "dtype": str(result.singular_values.dtype).removeprefix("torch."),
+        "gate_path": lin.gate_path,
+        "tokens": [m.token_text(t) for t in tokens], "token_ids": tokens,
+        "predicted_token": m.token_text(predicted), "predicted_token_id": predicted,
+        "method": "matrix-free block Lanczos on J J^T (forward and reverse sweeps), then the "
+                  "SVD of U^T J for the top Ritz vectors U" if result.iterations else
+                  "dense SVD of the formed Jacobian",
+        "top_k": k, "converged": result.converged, "iterations": result.iterations,
+        "sigma_relative_change": result.sigma_change, "tolerance": result.tolerance,
+        "krylov_dimension": result.krylov_dimension, "vectors_swept": result.vectors_swept,
+        "singular_values": result.singular_values.tolist(),
+        "residuals": result.residuals.tolist(),
+        "residual_definition": "||J v_k - s_k u_k|| / s_k (||J^T u_k - s_k v_k|| is zero by "
+                               "construction)",
+        "truncated_reconstruction_rel_error": result.truncated_reconstruction_rel_error(),
+        "truncated_reconstruction_definition": "||y - sum_k s_k u_k (v_k . x)|| / ||y||",
+        "frobenius_norm_sq": result.frobenius_sq,
+        "frobenius_norm_sq_std": result.frobenius_sq_std,
+        "frobenius_definition": "||J||_F^2: exact on the Krylov space, plus a Hutchinson "
+                                "estimate over its complement (std: its standard error)",
+        "stable_rank": result.stable_rank,
+        "stable_rank_std": result.frobenius_sq_std / (s1 * s1) if s1 > 0 else 0.0,
+        "stable_rank_definition": STABLE_RANK_DEFINITION,
+        "sign_convention": "each left singular vector u is negated if needed so that "
+                           "u . output > 0 (its right vector with it)",
+        "vectors": [
+            {"index": j, "singular_value": float(result.singular_values[j]),
+             "residual": float(result.residuals[j]),
+             "cos_with_output": float(result.left[:, j] @ y / y_norm),
+             "tokens": [m.token_text(t) for t, _ in decoded[j]],
+             "scores": [sc for _, sc in decoded[j]],
+             "input_position_norms": positions[j].tolist()}
+            for j in range(k)],
+        "sweeps": [t.as_dict() for t in result.sweeps],
+    }
+    if per_token is not None:
+        report["per_token"] = [
+            {"position": i, "token": m.token_text(tokens[i]),
+             "singular_values": per_token.singular_values[i].tolist(),
+             "top_left_tokens": [m.token_text(t) for t, _ in decoded[k + 1 + i]]}
+            for i in range(len(tokens))]
+    if anchor is not None:
+        report["anchor"] = anchor_summary(m, anchor, y)
+    return report
+
+
+def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
+                       dtype: torch.dtype, targets: list[int], contributions: torch.Tensor,
+                       logits: torch.Tensor, y: torch.Tensor, anchor: Anchor | None) -> dict:
+    """`attribute`'s report: per target, its logit u_t · y, the contributions [targets, N],
+    their sum, and (anchored) llama.cpp's logit."""
+    cap = m.cfg.final_logit_softcap
+    rows = []
+    for j, t in enumerate(targets):
+        c = contributions[j]
+        total = float(c.sum())
+        row = {"token": m.token_text(t), "id": t, "logit": float(logits[j]),
+               "sum_of_contributions": total,
+               "rel_error": abs(total - float(logits[j])) / max(abs(float(logits[j])), 1e-300),
+               "contributions": [float(v) for v in c]}
+        if cap is not None:
+            row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
+        if anchor is not None:
+            row["llama_cpp_logit"] = float(anchor.logits[-1][t])
+        alternative = m.vocab.space_prefixed(t)
+        if alternative is not None:
+            alt_logit = float(m.weights.unembedding_rows([alternative])[0] @ y)
+            if alt_logit > row["logit"]:
+                row["space_prefixed_alternative"] = {
+                    "token": m.token_text(alternative), "id": alternative,
+                    "logit": alt_logit}
+        rows.append(row)
+    report = {"model": str(m.path), "architecture": m.cfg.arch,
+            "dtype": str(dtype).removeprefix("torch."), "gate_path": lin.gate_path,
+            "tokens": [m.token_text(t) for t in tokens], "token_ids": tokens,
+            "logit_definition": "u_t . y, y the last position's final-norm output"
+                                + (" (before the final soft-cap)" if cap is not None else "")
+                                + (", its input rounded as llama.cpp's unembedding matmul "
+                                   "rounds it (frozen ratio)" if anchor is not None else ""),
+            "targets": rows}
+    if anchor is not None:
+        report["anchor"] = anchor_summary(m, anchor, y)
+    return report
+
+
+def check_report(m: OpenedModel, prompt: str, tokens: list[int], ours: np.ndarray,
+                 theirs: np.ndarray, settings: RunSettings, resolved: dict, top: int) -> dict:
+    """`check`'s comparison of our last-position logits with llama.cpp's."""
+    agreement = logits_agreement(ours, theirs)
+    lp_ours, lp_ref = log_softmax(ours), log_softmax(theirs)
+    order_ours, order_ref = top_order(ours, top), top_order(theirs, top)
+    return {
+        "prompt": prompt,
+        "tokens": [m.token_text(t) for t in tokens],
+        "dtype": str(m.weights.dtype).removeprefix("torch."),
+        "ours_top": [{"token": m.token_text(int(i)), "id": int(i),
+                      "logit": float(ours[i]), "prob": float(np.exp(lp_ours[i]))}
+                     for i in order_ours],
+        "llama_cpp_top": [{"token": m.token_text(int(i)), "id": int(i),
+                           "logit": float(theirs[i]), "prob": float(np.exp(lp_ref[i]))}
+                          for i in order_ref],
+        "ours_top1": m.token_text(agreement.ours_top1),
+        "llama_cpp_top1": m.token_text(agreement.reference_top1),
+        "top1_agree": agreement.top1_agree,
+        "llama_cpp_margin": agreement.reference_margin,
+        "max_abs_logit_diff": agreement.max_abs_diff,
+        "kl": agreement.kl,
+        "nmse": agreement.nmse,
+        "llama_cpp_settings": dataclasses.asdict(settings),
+        "llama_cpp_resolved": resolved,
+    }
+
+
+def layers_report(m: OpenedModel, tokens: list[int], chosen: list[int], lin: Linearization,
+                  device: str, seconds: float, predicted: int, entries: list[dict],
+                  anchored: Anchor | None, y: torch.Tensor) -> dict:
+    """`layers`' report: every map's figures and decoded vectors (layers.describe_maps)."""
+    report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
+              [m.token_text(t) for t in tokens], "token_ids": tokens,
+              "dtype": str(m.weights.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
+              "device": device,
+              "layers": chosen, "seconds": seconds,
+              "predicted_token": m.token_text(predicted),
+              "kinds": {"cumulative": "input embeddings -> final norm (frozen) of the residual "
+                                      "after the layer, last position",
+                        "layer": "layer input (all positions) -> layer output, last position",
+                        "layer_no_residual": "the same without the residual: attention + MLP",
+                        "attention": "layer input -> attention part's output, last position",
+                        "mlp": "layer input -> MLP part's output, last position"},
+              "stable_rank_definition": "||J||_F^2 / s_1^2",
+              "maps": entries}
+    if anchored is not None:
+        report["anchor"] = anchor_summary(m, anchored, y)
+    return report
+
+
+def prediction_report(m: OpenedModel, y: torch.Tensor, anchor: Anchor | None = None,
+                      run: LlamaCppRun | None = None, k: int = 5) -> dict:
+    """Our top-k next tokens (logits of y, the final soft-cap applied) and, given llama.cpp's
+    own `run` on the same tokens (last position), its top-k, the logits nmse between the two
+    and whether the top-1 tokens agree."""
+    z = unembed(m.weights, logit_input(y, anchor)).to(torch.float64)
+    top = torch.topk(z, min(k, z.numel()))
+    out: dict = {"top_logits": [{"token": m.token_text(int(t)), "id": int(t), "logit": float(v)}
+                                for v, t in zip(top.values, top.indices)]}
+    if run is not None:
+        theirs = run.logits[-1].astype(np.float64)
+        agreement = logits_agreement(z.cpu().numpy(), theirs)
+        out["llama_cpp"] = {
+            "settings": run.settings.describe(), "flash_attn": run.flash_attn,
+            "top_logits": [{"token": m.token_text(int(t)), "id": int(t),
+                            "logit": float(theirs[t])} for t in top_order(theirs, k)],
+            "logits_nmse": agreement.nmse,
+            "max_abs_logit_diff": agreement.max_abs_diff,
+            "top1_agree": agreement.top1_agree}
+    return out
