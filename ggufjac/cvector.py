@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf.constants import Keys
 
 from .errors import GGUFError, GgufjacError
 from .families import ModelConfig
@@ -101,9 +102,9 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     """A control vector file, checked: architecture, tensor names, types and values."""
     p = Path(path)
     with GGUFFile(p) as f:
-        arch = f.get("general.architecture")
+        arch = f.get(Keys.General.ARCHITECTURE)
         if arch != ARCHITECTURE:
-            raise GGUFError(p, "general.architecture",
+            raise GGUFError(p, Keys.General.ARCHITECTURE,
                             f"is {arch!r}, not {ARCHITECTURE!r}: not a control vector file")
         directions: dict[int, torch.Tensor] = {}
         for name, info in f.tensors.items():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from .errors import GGUFError
 
@@ -221,10 +221,10 @@ class GGUFFile:
             self.metadata[key] = self._read_value(cur, vtype, key)
             self.value_types[key] = vtype
 
-        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        align = self.metadata.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or isinstance(align, bool) or align <= 0 \
                 or align & (align - 1):
-            raise GGUFError(p, "general.alignment", f"expected a power of two, found {align!r}")
+            raise GGUFError(p, Keys.General.ALIGNMENT, f"expected a power of two, found {align!r}")
         self.alignment = align
 
         infos = []
@@ -444,7 +444,7 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
-        return self.require("general.architecture", str)
+        return self.require(Keys.General.ARCHITECTURE, str)
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:

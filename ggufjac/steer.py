@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from gguf.constants import Keys
 
 from .analysis import spectrum, top_tokens_by_unembedding
 from .cvector import ControlVector, check_scale, parse_layer_range
@@ -407,7 +408,7 @@ def run_steer(m: LoadedModel, source: str, *, prompt: str | None = None,
             return DirectionSteering({n: s * v for n, v in control_vector.directions.items()},
                                      relative=False)
         return operator_steering(operator, maps, s)
-    eos = m.gguf.get("tokenizer.ggml.eos_token_id")
+    eos = m.gguf.get(Keys.Tokenizer.EOS_ID)
     stop = [] if eos is None else [int(eos)]
     settings = {"source": source,
                 "operator": "control-vector" if control_vector is not None else operator,

@@ -8,6 +8,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf.constants import Keys
+
 from .activation_formats import anchoring_support
 from .costs import sweep_flop
 from .errors import GgufjacError
@@ -72,9 +74,9 @@ def summarize(path: Path) -> FileSummary:
     """What the GGUF file at `path` holds and whether ggufjac supports it. A file that is
     not a valid GGUF is refused (GGUFError); an unsupported but valid one is described."""
     with GGUFFile(path) as g:
-        arch = str(g.get("general.architecture", "<missing>"))
+        arch = str(g.get(Keys.General.ARCHITECTURE, "<missing>"))
         head = dict(path=Path(path), file_size=g.file_size, gguf_version=g.version,
-                    name=str(g.get("general.name", "?")), architecture=arch,
+                    name=str(g.get(Keys.General.NAME, "?")), architecture=arch,
                     tensor_types=Counter(t.type.name for t in g.tensors.values()).most_common())
         if arch not in FAMILIES:
             return FileSummary(**head, supported=False,

@@ -86,3 +86,34 @@ def test_the_checker_names_modules_outside_the_layers(tmp_path) -> None:
     found = import_graph.problems(nodes, imports, {"one": ("a", "b", "gone")})
     assert sorted(found) == ["c: in no layer of tools/import_graph.py's LAYERS",
                              "gone: in LAYERS but not a module of the package"]
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    """Every string constant in a module's code (docstrings and f-string parts included)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_layer_tensor_names_are_built_in_one_place_as_gguf_names_them() -> None:
+    from gguf.constants import TENSOR_NAMES
+
+    from ggufjac.layout import LAYER_TENSORS, layer_tensor_name
+
+    gguf_names = {template.format(bid=7) + ".weight" for template in TENSOR_NAMES.values()}
+    stored = {t.name for t in LAYER_TENSORS} | {t.fused[1] for t in LAYER_TENSORS if t.fused}
+    assert {layer_tensor_name(7, n) for n in stored} <= gguf_names
+    builders = [(p.name, line) for p in sorted((ROOT / "ggufjac").glob("*.py"))
+                if p.name != "layout.py"
+                for line, text in _string_constants(p) if text.startswith("blk.")]
+    assert builders == [], "tensor names are built with layout.layer_tensor_name"
+
+
+def test_metadata_keys_come_from_gguf_constants() -> None:
+    """No module spells a general.* or tokenizer.* key itself (gguf.constants.Keys does)."""
+    spelled = [(p.name, line, text) for p in sorted((ROOT / "ggufjac").glob("*.py"))
+               for line, text in _string_constants(p)
+               if text.startswith(("general.", "tokenizer.ggml."))]
+    assert spelled == []

@@ -33,7 +33,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac.families import FAMILIES  # noqa: E402
-from ggufjac.layout import stored_shapes_of  # noqa: E402
+from ggufjac.layout import layer_tensor_name, stored_shapes_of  # noqa: E402
 from ggufjac.outputs import atomic_write  # noqa: E402
 from tools.synthetic import Shape, add_model_metadata, dims, random_q4_k  # noqa: E402
 
@@ -131,10 +131,10 @@ def write_big_gguf(path: str | os.PathLike[str], model: BigModel, seed: int = 0,
     for i in range(shape.n_layer):
         for name, s in stored_shapes_of(fam, dims(shape)).items():
             if len(s) == 1:
-                tensors.append((f"blk.{i}.{name}.weight", layer_norms[name], None))
+                tensors.append((layer_tensor_name(i, name), layer_norms[name], None))
             else:
                 qtype = q4_k_m_type(name, i, shape.n_layer)
-                tensors.append((f"blk.{i}.{name}.weight", (*s, qtype), qtype))
+                tensors.append((layer_tensor_name(i, name), (*s, qtype), qtype))
 
     # renamed into place when complete: an interrupted run leaves no file that a later run
     # (the benchmarks reuse an existing one) would take for a whole one

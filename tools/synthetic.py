@@ -29,7 +29,7 @@ from gguf.constants import GGUFValueType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
 from ggufjac.families import FAMILIES  # noqa: E402
-from ggufjac.layout import Dims, stored_shapes_of  # noqa: E402
+from ggufjac.layout import Dims, layer_tensor_name, stored_shapes_of  # noqa: E402
 
 WORDS = ["the", "a", "of", "is", "and", "bridge", "out", "Marin", "capital", "France",
          "Paris", "city", "water", "fox", "dog", "quick", "brown", "over", "lazy", "jumps"]
@@ -107,7 +107,7 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
         t["output.weight"] = _matrix(rng, vocab_size, d)
     for i in range(shape.n_layer):
         for name, stored in stored_shapes_of(fam, dims(shape)).items():
-            t[f"blk.{i}.{name}.weight"] = _norm_weight(rng, stored[0]) if len(stored) == 1 \
+            t[layer_tensor_name(i, name)] = _norm_weight(rng, stored[0]) if len(stored) == 1 \
                 else _matrix(rng, *stored)
     if rope_freqs:  # per-frequency divisors: Llama 3.1 rope_freqs, Phi 3 LongRoPE factors
         half = (shape.rope_dims or shape.head_dim) // 2
@@ -149,7 +149,7 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
     fam = FAMILIES[arch]
     for i in range(shape.n_layer):
         for name, stored in stored_shapes_of(fam, dims(shape)).items():
-            tensors[f"blk.{i}.{name}.weight"] = _norm_weight(rng, stored[0]) \
+            tensors[layer_tensor_name(i, name)] = _norm_weight(rng, stored[0]) \
                 if len(stored) == 1 else (random_q4_k(rng, *stored), Q.Q4_K)
     path = Path(path)
     _write_f32_or_typed(path, arch, shape, tensors, None)
