@@ -31,7 +31,7 @@ DOC_END = "<!-- end of import graph -->"
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("errors", "units", "threads", "outputs", "run_settings"),
     "file": ("gguf_file", "quants", "native_quants", "quantized_products", "resolve",
-             "vocab"),
+             "vocab", "chat"),
     "layout": ("families", "layout", "activation_formats", "costs"),
     "model and rules": ("linearize", "blocked", "model"),
     "engine": ("weights", "runner", "engine"),
