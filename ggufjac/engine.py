@@ -37,7 +37,7 @@ from .errors import GgufjacError
 from .gguf_file import pread_fully
 from .units import format_size
 from .costs import mlp_as_matrix
-from .layout import dims_of, layer_tensor_name, linear_path
+from .layout import dims_of, has_constant, layer_tensor_name, linear_path
 from .linearize import DETACHED, Anchor, Coefficients, Linearization, at_last_position
 from .model import (LayerWeights, attention_branch, block, final_norm, mlp_branch,
                     mlp_branch_matrix)
@@ -212,14 +212,25 @@ class ForwardRecord:
     coefficients: list[Coefficients] | SpilledTensors
     output_coefficients: Coefficients  # of the final norm
     output: torch.Tensor  # final-norm output at every position [N, d]
+    # A family with biases (an affine network, y = J x + c): the constant stream, i.e. the
+    # residual stream entering each layer when the input embeddings are zero, the recorded
+    # coefficients replayed with the biases on ([L]: the last output); None without biases.
+    constants: list[torch.Tensor] | None = None
+    output_constant: torch.Tensor | None = None  # c at every position: its final norm [N, d]
 
     @property
     def inputs(self) -> torch.Tensor:
         return self.residuals[0]
 
+    @property
+    def constant(self) -> torch.Tensor | None:
+        """c [d] with y = Σ_i J_i x_i + c at the last position (None: the map is linear)."""
+        return None if self.output_constant is None else self.output_constant[-1]
+
     def nbytes(self) -> int:
         """Bytes the record holds in memory (a spilled record: one layer's coefficients)."""
-        tensors = [*self.residuals, self.output, *self.output_coefficients.values()]
+        tensors = [*self.residuals, self.output, *self.output_coefficients.values(),
+                   *(self.constants or ())]
         if isinstance(self.coefficients, SpilledTensors):
             held = self.coefficients.largest
         else:
@@ -382,6 +393,10 @@ class StreamingEngine:
         coefficients: list[Coefficients] | SpilledTensors = \
             SpilledTensors(self.device) if blocks is not None else []
         x = residuals[0]
+        # c is computed beside the forward pass, from the layer weights already loaded: the
+        # zero input through each layer with its just-recorded coefficients replayed and the
+        # biases on (the affine maps composed, at 0), never as y − J x.
+        constants = [torch.zeros_like(residuals[0])] if has_constant(self.cfg.family) else None
         timer = _SweepTimer(self, "forward", blocks)
         for layer, w in self.layers(range(self.cfg.n_layer), None, "forward", blocks):
             store: Coefficients = {}
@@ -396,12 +411,26 @@ class StreamingEngine:
                     f", {a}.rope.freq_base, {a}.rope.scaling.attn_factor; a wider dtype may "
                     "help")
             residuals.append(x)
+            if constants is not None:
+                constants.append(block(self.cfg, layer, w, constants[-1],
+                                       self.lin.replaying(store, constants=True)).out)
             coefficients.append(store)
         timer.done()
         self.release(keep=self.weights.layer_names(self.linear_path))  # all the sweep reads
         out_store: Coefficients = {}
         y = final_norm(self.cfg, self.output_norm, x, self.lin.recording(out_store))
-        return ForwardRecord(residuals, coefficients, out_store, y)
+        c = None if constants is None else final_norm(
+            self.cfg, self.output_norm, constants[-1],
+            self.lin.replaying(out_store, constants=True))
+        return ForwardRecord(residuals, coefficients, out_store, y, constants, c)
+
+    def frozen_final_norm(self, residual: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+        """The final norm of `stream` [N, d] with its scale frozen at `residual`'s values
+        (a logit lens's constant: that of the residual after a layer)."""
+        store: Coefficients = {}
+        final_norm(self.cfg, self.output_norm, residual, self.lin.recording(store))
+        return final_norm(self.cfg, self.output_norm, stream,
+                          self.lin.replaying(store, constants=True))
 
     # -- reverse -------------------------------------------------------------------------
 
@@ -522,9 +551,10 @@ class StreamingEngine:
     def push_forward(self, record: ForwardRecord, probes: torch.Tensor,
                      chunk: int | None = None) -> torch.Tensor:
         """Probes [m, N, d] on the input embeddings -> J @ probes, [m, d]: the detached
-        network with the record's coefficients replayed is exactly linear, so running it
-        forward on the probes (the linear path's weights only, `chunk` probes at a time)
-        applies J to them. The transpose of `pull_back_output`."""
+        network with the record's coefficients replayed is exactly linear (its biases, the
+        constant c, left out: `Linearization.replaying`), so running it forward on the probes
+        (the linear path's weights only, `chunk` probes at a time) applies J to them. The
+        transpose of `pull_back_output`."""
         m, n = probes.shape[0], probes.shape[1]
         plan = self.plan(m, n, record.nbytes(), chunk=chunk, forward=True)
         x = probes.to(self.device, self.dtype, copy=True)
@@ -561,6 +591,8 @@ class StreamingEngine:
         ffn = cfg.d_ff * (2 if self.lin.gate_path == "gate" else 1)
         per_layer = n * (ffn + cfg.n_head * n + 8)
         held = (1 if spilled else cfg.n_layer) * per_layer + (cfg.n_layer + 2) * n * d
+        if has_constant(cfg.family):  # the constant stream
+            held += (cfg.n_layer + 2) * n * d
         if anchored:  # in:attn_v, in:ffn_up/gate, v_cache, attn_sum, in:attn_output, in:ffn_down
             held += cfg.n_layer * n * (3 * d + cfg.n_kv_head * cfg.head_dim_v
                                        + 2 * cfg.n_head * cfg.head_dim_v + cfg.d_ff)

@@ -40,6 +40,32 @@ class Family:
     # llama.cpp reads {arch}.final_logit_softcapping only for some families; elsewhere the
     # key is ignored, and so it must be here (applying it would explain another model).
     final_logit_softcap: bool = False
+    # Layer matmuls the family may give a bias (layout.py's short names; llama.cpp reads
+    # them as optional tensors): with biases the detached network is affine, y = J x + c.
+    biases: tuple[str, ...] = ()
+    # Gemma 2: the attention scores are soft-capped, cap * tanh(s / cap), before the mask and
+    # the softmax; this is llama.cpp's cap where {arch}.attn_logit_softcapping is silent
+    # (None: the family has no such cap).
+    attn_logit_softcap: float | None = None
+    # llama.cpp's final logit cap where the file is silent; a family with one always applies
+    # its cap (the key must then be > 0). None: an absent or 0 key means no cap (Gemma 3).
+    final_logit_softcap_default: float | None = None
+    sliding_window_default: int = 0  # the window where the file gives none (0: none)
+    # Layer counts of the sizes whose queries llama.cpp scales by 1/sqrt(d_model // n_head)
+    # rather than 1/sqrt(head_dim) (the Gemma 27B models).
+    attn_scale_d_model_layers: tuple[int, ...] = ()
+    # Granite's multipliers: {arch}.embedding_scale (inputs), .residual_scale (each branch's
+    # output), .attention.scale (the scores) and .logit_scale (logits divided by it), which
+    # llama.cpp reads for these families only.
+    multipliers: bool = False
+    # Every no_rope_layer_step-th layer rotates neither q nor k (SmolLM3: 4, fixed in
+    # llama.cpp's code, no metadata key); 0: every layer has rope.
+    no_rope_layer_step: int = 0
+    # Granite: {arch}.rope.scaling.finetuned (default true) switches rope on or off everywhere.
+    rope_switch_key: bool = False
+    # The unembedding is always token_embd (Gemma 2): llama.cpp refuses a file that also has
+    # an output.weight (one tensor more than it loads).
+    tied_only: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("norm_layout", NormLayout), ("qk_norm", QKNorm),
@@ -64,7 +90,27 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(norm_layout="post", qk_norm="full", activation="silu", rope_neox=True),
     "gemma3": Family(norm_layout="sandwich", qk_norm="head", activation="gelu_tanh",
                      rope_neox=True, embed_scale_sqrt_d=True, swa_pattern=6,
-                     rope_base_local=10000.0, final_logit_softcap=True),
+                     rope_base_local=10000.0, final_logit_softcap=True,
+                     attn_scale_d_model_layers=(62,)),
+    # Gemma 2 (src/models/gemma2.cpp): Gemma 3's block without QK-norm, every 2nd layer
+    # global with a 4096 window by default, attention scores capped at 50 and logits at 30
+    # by default; local layers use the global rope unless rope.freq_base_swa says otherwise.
+    "gemma2": Family(norm_layout="sandwich", qk_norm="none", activation="gelu_tanh",
+                     rope_neox=True, embed_scale_sqrt_d=True, swa_pattern=2,
+                     sliding_window_default=4096, attn_logit_softcap=50.0,
+                     final_logit_softcap=True, final_logit_softcap_default=30.0,
+                     attn_scale_d_model_layers=(46,), tied_only=True),
+    # Granite 3 (src/models/granite.cpp): Llama's block with the multipliers.
+    "granite": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=False,
+                      rope_factors=("rope_freqs.weight",), multipliers=True,
+                      rope_switch_key=True),
+    # SmolLM3 (src/models/smollm3.cpp): Llama's block, every 4th layer without rope.
+    "smollm3": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=False,
+                      no_rope_layer_step=4),
+    # Qwen 2 / 2.5 (Qwen2.5-Coder, DeepSeek-R1-Distill-Qwen, QwQ): Llama's block with NEOX
+    # rope and biases on q, k and v (llama.cpp's src/models/qwen2.cpp).
+    "qwen2": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=True,
+                    biases=("attn_q", "attn_k", "attn_v")),
 }
 
 
@@ -96,11 +142,17 @@ class ModelConfig:
     embed_scale: float
     final_logit_softcap: float | None
     tied_embeddings: bool
+    # (base, position scale) of the sliding-window layers' rope; None: the global one.
+    rope_swa: tuple[float, float] | None = None
+    no_rope_layers: frozenset[int] = frozenset()  # layers that rotate neither q nor k
+    attn_logit_softcap: float | None = None  # scores capped to cap * tanh(s / cap)
+    residual_scale: float = 1.0  # multiplies each attention and MLP branch's output
+    logit_scale: float = 1.0  # the logits are the unembedding's output divided by it
 
     def rope_for_layer(self, layer: int) -> tuple[float, float]:
         """(base, position scale) of the rotary embedding used in `layer`."""
-        if self.swa_layers[layer] and self.family.rope_base_local is not None:
-            return self.family.rope_base_local, 1.0
+        if self.swa_layers[layer] and self.rope_swa is not None:
+            return self.rope_swa
         return self.rope_base, self.rope_scale
 
 
@@ -151,6 +203,15 @@ class _Metadata:
         key = self.key(template)
         return self.float(template, positive=False) or None if key in self.g.metadata else None
 
+    def bool(self, template: str, default: bool) -> bool:
+        key = self.key(template)
+        if key not in self.g.metadata:
+            return default
+        v = self.g.metadata[key]
+        if self.g.value_types.get(key) != GGUFValueType.BOOL or not isinstance(v, bool):
+            raise self._bad(key, v, "a boolean (llama.cpp reads no other type here)")
+        return v
+
     def string(self, template: str, default: str) -> str:
         key = self.key(template)
         v = self.g.get(key, default)
@@ -166,11 +227,18 @@ MIN_ROPE_SCALING_FACTOR = 1.0 / 64
 ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 
 
-def _attn_scale(arch: str, fam: Family, n_layer: int, d: int, n_head: int, head_dim: int) -> float:
-    if arch == "gemma3" and n_layer == 62:
-        # llama.cpp: Gemma 3 27B (62 layers) scales queries by 1/sqrt(d_model / n_head).
-        return 1.0 / math.sqrt(d / n_head)
+def _attn_scale(fam: Family, n_layer: int, d: int, n_head: int, head_dim: int) -> float:
+    if n_layer in fam.attn_scale_d_model_layers:
+        # llama.cpp: Gemma's 27B sizes scale queries by 1/sqrt(d_model / n_head) (an
+        # integer division in its code).
+        return 1.0 / math.sqrt(d // n_head)
     return 1.0 / math.sqrt(head_dim) if fam.attn_scale_head_dim else 1.0
+
+
+def _swa_layers(pattern: int, n_layer: int) -> tuple[bool, ...]:
+    """llama.cpp's set_swa_pattern: layer il is sliding-window unless it is the last of
+    each `pattern` layers; a pattern of 0 makes every layer sliding-window."""
+    return tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
 
 
 def supported_architectures() -> list[str]:
@@ -229,12 +297,27 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         rope_scale = 1.0 / factor if factor else 1.0
     elif scaling != "none":
         raise UnsupportedModelError(f"{g.path}: rope scaling {scaling!r} is not supported")
-    window = md.int(Keys.Attention.SLIDING_WINDOW, 0, minimum=0)
+    rope_base = md.float(Keys.Rope.FREQ_BASE, 10000.0, above=1.0)
+    # A family with a default window (Gemma 2) always slides, so its window must be > 0.
+    window = md.int(Keys.Attention.SLIDING_WINDOW, fam.sliding_window_default,
+                    minimum=1 if fam.sliding_window_default else 0)
+    swa, rope_swa = (False,) * n_layer, None
     if fam.swa_pattern and window:
-        # llama.cpp: layer il is sliding-window unless (il + 1) is a multiple of the pattern.
-        swa = tuple((i + 1) % fam.swa_pattern != 0 for i in range(n_layer))
-    else:
-        swa = (False,) * n_layer
+        swa = _swa_layers(md.int(Keys.Attention.SLIDING_WINDOW_PATTERN, fam.swa_pattern,
+                                 minimum=0), n_layer)
+        # local layers: the file's rope.freq_base_swa, else the family's local base (with
+        # no position scaling), else the global rope
+        local = fam.rope_base_local
+        rope_swa = (md.float(Keys.Rope.FREQ_BASE_SWA, rope_base if local is None else local,
+                             above=1.0), rope_scale if local is None else 1.0)
+    step = fam.no_rope_layer_step
+    rope_on = md.bool(Keys.Rope.SCALING_FINETUNED, True) if fam.rope_switch_key else True
+    no_rope = frozenset(i for i in range(n_layer)
+                        if not rope_on or (step and (i + 1) % step == 0))
+    if fam.tied_only and "output.weight" in g.tensors:
+        raise GGUFError(g.path, "tensor 'output.weight'",
+                        f"{arch} ties the unembedding to token_embd.weight: llama.cpp loads no "
+                        "output.weight and refuses a file that has one")
     rope_dims = md.int(Keys.Rope.DIMENSION_COUNT, head_dim)
     if rope_dims > head_dim or rope_dims % 2:
         raise GGUFError(g.path, md.key(Keys.Rope.DIMENSION_COUNT),
@@ -247,15 +330,34 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         vocab_size=vocab,
         context_length=md.int(Keys.LLM.CONTEXT_LENGTH),
         norm_eps=md.float(Keys.Attention.LAYERNORM_RMS_EPS),
-        rope_base=md.float(Keys.Rope.FREQ_BASE, 10000.0, above=1.0),
+        rope_base=rope_base,
         rope_scale=rope_scale,
         rope_dims=rope_dims,
         rope_attn_factor=md.float(Keys.Rope.SCALING_ATTN_FACTOR, 1.0),
         sliding_window=window or None,
         swa_layers=swa,
-        attn_scale=_attn_scale(arch, fam, n_layer, d, n_head, head_dim),
-        embed_scale=math.sqrt(d) if fam.embed_scale_sqrt_d else 1.0,
-        final_logit_softcap=(md.optional_float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
-                             if fam.final_logit_softcap else None),
+        attn_scale=(md.float(Keys.Attention.SCALE, 0.0, positive=False) if fam.multipliers
+                    else 0.0) or _attn_scale(fam, n_layer, d, n_head, head_dim),
+        embed_scale=(md.float(Keys.LLM.EMBEDDING_SCALE, 0.0, positive=False) or 1.0
+                     if fam.multipliers else math.sqrt(d) if fam.embed_scale_sqrt_d else 1.0),
+        final_logit_softcap=_final_logit_softcap(md, fam),
         tied_embeddings="output.weight" not in g.tensors,
+        rope_swa=rope_swa,
+        no_rope_layers=no_rope,
+        attn_logit_softcap=None if fam.attn_logit_softcap is None else md.float(
+            Keys.LLM.ATTN_LOGIT_SOFTCAPPING, fam.attn_logit_softcap),
+        # 0 (llama.cpp's default) means no multiplier; the logit scale is required
+        residual_scale=(md.float(Keys.LLM.RESIDUAL_SCALE, 0.0, positive=False) or 1.0
+                        if fam.multipliers else 1.0),
+        logit_scale=md.float(Keys.LLM.LOGIT_SCALE) if fam.multipliers else 1.0,
     )
+
+
+def _final_logit_softcap(md: _Metadata, fam: Family) -> float | None:
+    """The final cap as llama.cpp reads it: only for families that read the key; with a
+    default the cap always applies (> 0), without one 0 or absence means none."""
+    if not fam.final_logit_softcap:
+        return None
+    if fam.final_logit_softcap_default is not None:
+        return md.float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, fam.final_logit_softcap_default)
+    return md.optional_float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)

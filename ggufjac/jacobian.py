@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import GgufjacError
 from .gguf_file import pread_fully
+from .layout import has_constant
 from .linearize import DETACHED, Linearization
 from .engine import StreamingEngine
 from .runner import Transformer
@@ -71,25 +72,32 @@ def position_blocks(jacobian: torch.Tensor | JacobianFile,
 
 @dataclass
 class JacobianResult:
-    """J [d_out, N, d_in] with y = Σ_i J[:, i, :] @ x_i for the detached model."""
+    """J [d_out, N, d_in] with y = Σ_i J[:, i, :] @ x_i + c for the detached model (c: the
+    biases' constant term, None for a family without biases, whose map is linear)."""
 
     jacobian: torch.Tensor | JacobianFile  # in memory, or in a file (`jacobian_to_file`)
     inputs: torch.Tensor  # x [N, d], the rows fed into layer 0
     output: torch.Tensor  # y [d], last position after the final norm
     # If set [m, d]: `jacobian` is [m, N, d], the Jacobian of directions @ y (projected).
     directions: torch.Tensor | None = None
+    constant: torch.Tensor | None = None  # c [d] (on y itself, also when projected)
 
     def reconstruction_rel_error(self) -> float:
-        target = self.output if self.directions is None else self.directions @ self.output
-        return reconstruction_rel_error(self.jacobian, self.inputs, target)
+        project = (lambda v: v) if self.directions is None else (lambda v: self.directions @ v)
+        return reconstruction_rel_error(
+            self.jacobian, self.inputs, project(self.output),
+            None if self.constant is None else project(self.constant))
 
 
 def reconstruction_rel_error(jacobian: torch.Tensor | JacobianFile, inputs: torch.Tensor,
-                             output: torch.Tensor) -> float:
-    """‖Σ_i J_i x_i − y‖ / ‖y‖: zero up to rounding when the map is exactly linear."""
-    recon = torch.zeros_like(output)
+                             output: torch.Tensor, constant: torch.Tensor | None = None
+                             ) -> float:
+    """‖Σ_i J_i x_i + c − y‖ / ‖y‖ (c: the constant term, if the map has one): zero up to
+    rounding when the map is exactly affine (linear without c)."""
+    recon = torch.zeros_like(output) if constant is None else constant.to(output).clone()
     for start, block in position_blocks(jacobian):
-        recon += torch.einsum("onk,nk->o", block, inputs[start:start + block.shape[1]])
+        recon += torch.einsum("onk,nk->o", block.to(output.device),
+                              inputs[start:start + block.shape[1]])
     return float(torch.linalg.vector_norm(recon - output) / torch.linalg.vector_norm(output))
 
 
@@ -113,15 +121,18 @@ def jacobian_to_file(engine: StreamingEngine, inputs: torch.Tensor, path: Path,
     """The detached Jacobian written to the safetensors file `path` as it is made: one
     forward pass, then reverse sweeps of `directions` output directions each (every sweep
     reads the layers again), each sweep's rows of J appended to the file. The file holds
-    `jacobian` [d, N, d], `inputs` and `output`, as `jacobian`'s in-memory result does."""
+    `jacobian` [d, N, d], `inputs` and `output` (and `constant` [d] for a family with
+    biases), as `jacobian`'s in-memory result does."""
     d, n = engine.cfg.d_model, inputs.shape[0]
     dtype = inputs.dtype
     item = inputs.element_size()
     sizes = {"jacobian": d * n * d * item, "inputs": n * d * item, "output": d * item}
     shapes = {"jacobian": [d, n, d], "inputs": [n, d], "output": [d]}
+    if has_constant(engine.cfg.family):
+        sizes["constant"], shapes["constant"] = d * item, [d]
     header: dict = {"__metadata__": metadata or {}}
     start = 0
-    for name in ("jacobian", "inputs", "output"):
+    for name in sizes:
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shapes[name],
                         "data_offsets": [start, start + sizes[name]]}
         start += sizes[name]
@@ -137,12 +148,13 @@ def jacobian_to_file(engine: StreamingEngine, inputs: torch.Tensor, path: Path,
             rows = engine.pull_back_output(record, eye[s:s + directions]).contiguous().cpu()
             f.write(memoryview(rows.reshape(-1).view(torch.uint8).numpy()))
             del rows
-        for t in (inputs, y):
+        for t in (inputs, y) if record.constant is None else (inputs, y, record.constant):
             f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
                                .numpy()))
         f.flush()
         os.fsync(f.fileno())
-    return JacobianResult(JacobianFile(Path(path), (d, n, d), dtype, offset), inputs.detach(), y)
+    return JacobianResult(JacobianFile(Path(path), (d, n, d), dtype, offset), inputs.detach(), y,
+                          constant=record.constant)
 
 
 def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,
@@ -159,7 +171,7 @@ def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,
     plan = engine.plan(dirs.shape[0], n)
     record = engine.forward(inputs)
     jac = engine.pull_back_output(record, dirs, plan.chunk)
-    return JacobianResult(jac, inputs.detach(), record.output[-1], directions)
+    return JacobianResult(jac, inputs.detach(), record.output[-1], directions, record.constant)
 
 
 def detached_jacobian(model: Transformer, inputs: torch.Tensor,
@@ -168,6 +180,7 @@ def detached_jacobian(model: Transformer, inputs: torch.Tensor,
     """Jacobian of the last position's final-norm output w.r.t. all input embeddings.
 
     With `lin=PLAIN` this is the ordinary Jacobian (which does not reconstruct the output).
+    Detached, for a family with biases, the constant c comes from `Transformer.constant`.
     """
     x = inputs.detach().clone().requires_grad_(True)
     y = model.forward(x, lin)[-1]
@@ -180,4 +193,5 @@ def detached_jacobian(model: Transformer, inputs: torch.Tensor,
         (g,) = torch.autograd.grad(y, x, grad_outputs=eye[s:s + chunk], retain_graph=True,
                                    is_grads_batched=True)
         rows.append(g)
-    return JacobianResult(torch.cat(rows, dim=0), inputs.detach(), y.detach())
+    constant = model.constant(inputs, lin) if lin.detach else None
+    return JacobianResult(torch.cat(rows, dim=0), inputs.detach(), y.detach(), constant=constant)

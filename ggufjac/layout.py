@@ -73,6 +73,12 @@ class LayerTensor:
     # (Family flag, stored tensor): families with the flag store this tensor's rows inside
     # the stored one, members in table order (q|k|v in attn_qkv; gate|up in Phi 3's ffn_up)
     fused: tuple[str, str] | None = None
+    # A matmul a family may give a bias ('blk.N.{stored}.bias', one value per output row;
+    # Family.biases says which it does). What the bias is to the detached model follows from
+    # the role: on a COEFFICIENT matmul it only shapes frozen coefficients; on the linear
+    # path (LINEAR, the GLU branch that stays linear) it is part of the constant c of
+    # y = J x + c; on the frozen GLU branch, part of that coefficient.
+    biased: bool = False
 
 
 # The table. Everything else about a layer's tensors derives from it: which a family has,
@@ -81,23 +87,24 @@ class LayerTensor:
 LAYER_TENSORS: tuple[LayerTensor, ...] = (
     LayerTensor("attn_norm", Role.NORM, lambda m, f: (m.d_model,), _pre_norm),
     LayerTensor("attn_q", Role.COEFFICIENT, lambda m, f: (m.n_head * m.head_dim, m.d_model),
-                fused=("fused_qkv", "attn_qkv")),
+                fused=("fused_qkv", "attn_qkv"), biased=True),
     LayerTensor("attn_k", Role.COEFFICIENT, lambda m, f: (m.n_kv_head * m.head_dim, m.d_model),
-                fused=("fused_qkv", "attn_qkv")),
+                fused=("fused_qkv", "attn_qkv"), biased=True),
     LayerTensor("attn_v", Role.LINEAR, lambda m, f: (m.n_kv_head * m.head_dim_v, m.d_model),
-                fused=("fused_qkv", "attn_qkv")),
+                fused=("fused_qkv", "attn_qkv"), biased=True),
     LayerTensor("attn_q_norm", Role.QK_NORM, lambda m, f: (m.head_dim,) if f.qk_norm == "head"
                 else (m.n_head * m.head_dim,), _qk_norm),
     LayerTensor("attn_k_norm", Role.QK_NORM, lambda m, f: (m.head_dim,) if f.qk_norm == "head"
                 else (m.n_kv_head * m.head_dim,), _qk_norm),
-    LayerTensor("attn_output", Role.LINEAR, lambda m, f: (m.d_model, m.n_head * m.head_dim_v)),
+    LayerTensor("attn_output", Role.LINEAR, lambda m, f: (m.d_model, m.n_head * m.head_dim_v),
+                biased=True),
     LayerTensor("post_attention_norm", Role.NORM, lambda m, f: (m.d_model,), _post_norm),
     LayerTensor("ffn_norm", Role.NORM, lambda m, f: (m.d_model,), _pre_norm),
     LayerTensor("ffn_gate", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model),
-                fused=("fused_gate_up", "ffn_up")),
+                fused=("fused_gate_up", "ffn_up"), biased=True),
     LayerTensor("ffn_up", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model),
-                fused=("fused_gate_up", "ffn_up")),
-    LayerTensor("ffn_down", Role.LINEAR, lambda m, f: (m.d_model, m.d_ff)),
+                fused=("fused_gate_up", "ffn_up"), biased=True),
+    LayerTensor("ffn_down", Role.LINEAR, lambda m, f: (m.d_model, m.d_ff), biased=True),
     LayerTensor("post_ffw_norm", Role.NORM, lambda m, f: (m.d_model,), _post_norm),
 )
 # Which GLU branch stays linear for each gate path (linearize.GATE_PATHS).
@@ -113,10 +120,42 @@ def layer_tensors(fam: Family) -> list[LayerTensor]:
     return [t for t in LAYER_TENSORS if t.present(fam)]
 
 
-def layer_tensor_name(layer: int, stored: str) -> str:
+def layer_tensor_name(layer: int, stored: str, part: str = "weight") -> str:
     """The file's name of layer `layer`'s tensor `stored` (a stored name: 'attn_qkv',
-    'ffn_down', ...): 'blk.{layer}.{stored}.weight', built here only."""
-    return f"blk.{layer}.{stored}.weight"
+    'ffn_down', ...): 'blk.{layer}.{stored}.weight', or with `part` 'bias' its bias, built
+    here only."""
+    if part not in ("weight", "bias"):
+        raise ValueError(f"a layer tensor's part is 'weight' or 'bias', not {part!r}")
+    return f"blk.{layer}.{stored}.{part}"
+
+
+def bias_key(name: str) -> str:
+    """The key of layer tensor `name`'s bias among a layer's loaded tensors ('attn_q.bias')."""
+    return f"{name}.bias"
+
+
+def layer_biases(fam: Family) -> list[LayerTensor]:
+    """The rows of the table whose matmul has a bias in this family (Family.biases), each a
+    matrix the table allows a bias on; a fused tensor's members are biased all or none."""
+    rows = {t.name: t for t in layer_tensors(fam)}
+    for name in fam.biases:
+        if name not in rows or not rows[name].biased:
+            raise ValueError(f"Family.biases names {name!r}, which is not a layer matmul "
+                             "that may have a bias in the layout table")
+    biased = [t for t in layer_tensors(fam) if t.name in fam.biases]
+    for t in biased:
+        stored = stored_name(fam, t.name)
+        members = [m.name for m in layer_tensors(fam) if stored_name(fam, m.name) == stored]
+        if not set(members) <= set(fam.biases):
+            raise ValueError(f"Family.biases: {t.name!r} is stored fused in {stored!r}, so "
+                             f"its members {members} have a bias all or none")
+    return biased
+
+
+def has_constant(fam: Family) -> bool:
+    """Whether the family's detached network is affine (y = J x + c) rather than linear: it
+    has a bias on some matmul. Its results then carry c."""
+    return bool(fam.biases)
 
 
 def layer_tensor_names(cfg: ModelConfig) -> list[str]:
@@ -158,8 +197,17 @@ def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return stored_shapes_of(cfg.family, dims_of(cfg))
 
 
+def stored_bias_shapes_of(fam: Family, dims: Dims) -> dict[str, tuple[int]]:
+    """Shapes of the family's bias tensors as stored, by stored name: one value per row of
+    the stored matrix (a fused tensor's bias stacks its members' as its rows do)."""
+    stored = {stored_name(fam, t.name) for t in layer_biases(fam)}
+    return {name: (shape[0],) for name, shape in stored_shapes_of(fam, dims).items()
+            if name in stored}
+
+
 def split_stored(cfg: ModelConfig, stored: str, tensor: T) -> dict[str, T]:
-    """A stored tensor's members, split along its rows (views, no copy)."""
+    """A stored tensor's members, split along its rows (views, no copy); a stored bias
+    splits the same way."""
     members = stored_members(cfg.family, dims_of(cfg))[stored]
     if len(members) == 1:
         return {members[0][0]: tensor}
@@ -190,9 +238,9 @@ def weights_per_layer(cfg: ModelConfig) -> dict[str, int]:
             "linear_path": sum(v for n, v in matrices.items() if n in linear)}
 
 
-# Biases on these projections would add a constant to the linear path (q/k biases would be
-# harmless, but no supported family has them): refused until handled as an extra input.
-_BIAS_SUFFIXES = (".bias",)
+# llama.cpp's converters store biases (1-D tensors) in F32, and its CPU backend adds them
+# in F32: another type is refused rather than read differently.
+BIAS_TYPES = (GGMLQuantizationType.F32,)
 
 
 @functools.cache
@@ -227,11 +275,7 @@ def check_tensor_index(g: GGUFFile, cfg: ModelConfig) -> str | None:
             raise UnsupportedModelError(
                 f"{g.path}: tensor {name!r} has type {info.type.name}, which neither ggufjac "
                 "nor gguf-py can dequantize")
-    biases = [n for n in g.tensors if n.endswith(_BIAS_SUFFIXES)]
-    if biases:
-        raise UnsupportedModelError(
-            f"{g.path}: bias tensors ({', '.join(biases[:3])}{', ...' if len(biases) > 3 else ''})"
-            " are not supported: a bias on the linear path breaks y = sum_i J_i x_i")
+    _check_biases(g, cfg)
     rope_factors_name = next((n for n in cfg.family.rope_factors if n in g.tensors), None)
     if rope_factors_name:
         want_rf = (cfg.rope_dims // 2,)
@@ -240,6 +284,30 @@ def check_tensor_index(g: GGUFFile, cfg: ModelConfig) -> str | None:
             raise GGUFError(g.path, f"tensor {rope_factors_name!r}",
                             f"expected shape {list(want_rf)}, found {list(got)}")
     return rope_factors_name
+
+
+def _check_biases(g: GGUFFile, cfg: ModelConfig) -> None:
+    """The family's biases (each optional, as llama.cpp reads them) have one F32 value per
+    row of their matrix; any other bias tensor is refused, naming it."""
+    fam = cfg.family
+    allowed = {layer_tensor_name(i, stored, "bias"): shape for i in range(cfg.n_layer)
+               for stored, shape in stored_bias_shapes_of(fam, dims_of(cfg)).items()}
+    for name, info in g.tensors.items():
+        if not name.endswith(".bias"):
+            continue
+        if name not in allowed:
+            has = ", ".join(fam.biases) if fam.biases else "none"
+            raise UnsupportedModelError(
+                f"{g.path}: tensor {name!r}: the {cfg.arch} family has no bias there (its "
+                f"biases: {has}), so the file is not the model ggufjac and llama.cpp read")
+        if info.torch_shape != allowed[name]:
+            raise GGUFError(g.path, f"tensor {name!r}",
+                            f"expected shape {list(allowed[name])} (one value per row of its "
+                            f"matrix), found {list(info.torch_shape)}")
+        if info.type not in BIAS_TYPES:
+            raise UnsupportedModelError(
+                f"{g.path}: tensor {name!r} has type {info.type.name}; a bias must be "
+                f"{'/'.join(t.name for t in BIAS_TYPES)}")
 
 
 def validate_file(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig]:

@@ -11,8 +11,15 @@ Rules (Golden, arXiv 2505.24293):
 - gated MLP, gate_path="up": act(gate x) is frozen, the up projection stays linear.
   gate_path="gate": with act(g) = g·s(g), s(g) and the whole up branch are frozen, g stays
   linear. Both reconstruct the output exactly; their Jacobians differ.
-- attention: the softmax probabilities are frozen (so q, k, RoPE, QK-norm, masks never enter
-  the linear path); the values P·(W_v x) stay linear.
+- attention: the softmax probabilities are frozen (so q, k, RoPE, QK-norm, a soft-cap on the
+  scores, masks never enter the linear path: all of them are computed inside the scores that
+  only shape the coefficient); the values P·(W_v x) stay linear.
+- biases (families that have them): a bias on a matmul that only shapes coefficients (q, k,
+  the frozen GLU branch) is part of those coefficients; one on the linear path (v, the
+  output projections, the linear GLU branch) is a constant term, so the detached network is
+  affine, y = Σ_i J_i x_i + c (the v bias passes through P·(W_v x + b_v)). A replay with
+  `constants=False` is the linear part alone (the frozen linear map J, which probes are pushed
+  through); with `constants=True`, on a zero input, it gives c, computed independently of J.
 
 Each coefficient has a site name ("attn_norm", "attn_probs", "gate", ...). A `Linearization`
 may carry a `store`: when `replay` is False the computed coefficients are recorded in it, when
@@ -23,7 +30,9 @@ Anchoring (anchor.py) adds `given` coefficients, taken from llama.cpp's own run 
 computed, and one more kind of frozen coefficient: a runtime's rounding of an activation on the
 linear path (8-bit quantization before a quantized matmul, F16 storage of V, an F16
 accumulator) frozen as the ratio r = rounded(x) / x, so x ↦ r ⊙ x is linear and reproduces the
-rounded value at this input. Without `given` ratios there is no such site: `frozen_rounding`
+rounded value at this input; for Q4_1/Q5_1 weights also the ratio of each activation block's
+stored sum to the sum of its rounded values (`frozen_block_sums`), which multiplies the
+weights' block minima alone. Without `given` ratios there is no such site: `frozen_rounding`
 is the identity and the forward pass is unchanged. An `Anchor` is those given coefficients
 for one prompt, as plain data (anchor.py makes one from a llama.cpp run; the engine, which
 only reads it, needs nothing of llama.cpp).
@@ -67,6 +76,13 @@ class Site(StrEnum):
     IN_FFN_GATE = "in:ffn_gate"
     IN_FFN_UP = "in:ffn_up"
     IN_FFN_DOWN = "in:ffn_down"
+    # block-sum ratios (anchored runs, Q4_1/Q5_1 weights): each 32-value block's sum as the
+    # runtime stores it (Q8_1's F16 sum) over the sum of the block's rounded values
+    SUM_ATTN_V = "sum:attn_v"
+    SUM_ATTN_OUTPUT = "sum:attn_output"
+    SUM_FFN_GATE = "sum:ffn_gate"
+    SUM_FFN_UP = "sum:ffn_up"
+    SUM_FFN_DOWN = "sum:ffn_down"
     V_CACHE = "v_cache"
     ATTN_SUM = "attn_sum"
 
@@ -77,7 +93,8 @@ Coefficients = dict[str, torch.Tensor]  # frozen coefficients by Site (a Site is
 # the roundings of the matmuls that act on one position at a time.
 POSITION_WISE = frozenset({Site.ATTN_NORM, Site.FFN_NORM, Site.POST_ATTENTION_NORM,
                            Site.POST_FFW_NORM, Site.OUTPUT_NORM, Site.GATE, Site.GATE_FACTOR,
-                           Site.UP, Site.IN_FFN_GATE, Site.IN_FFN_UP, Site.IN_FFN_DOWN})
+                           Site.UP, Site.IN_FFN_GATE, Site.IN_FFN_UP, Site.IN_FFN_DOWN,
+                           Site.SUM_FFN_GATE, Site.SUM_FFN_UP, Site.SUM_FFN_DOWN})
 
 
 def at_last_position(store: Coefficients) -> Coefficients:
@@ -98,20 +115,31 @@ class Linearization:
     # False: only the shape of the linear path's values is wanted (a replay run for its
     # vector-Jacobian products), so matrices read in row blocks skip their forward products.
     values: bool = True
+    # Whether biases are added (`add_bias`). Only a replay may leave them out: the network
+    # with its coefficients frozen, constants off, is the linear map J itself.
+    constants: bool = True
 
     def __post_init__(self) -> None:
         if self.gate_path not in GATE_PATHS:
             raise ValueError(f"gate_path must be one of {GATE_PATHS}, not {self.gate_path!r}")
         if self.replay and (self.store is None or not self.detach):
             raise ValueError("replaying coefficients needs a store and detach=True")
+        if not self.constants and not self.replay:
+            raise ValueError("only a replay leaves the biases out (computed coefficients "
+                             "need them)")
 
     def recording(self, store: Coefficients, given: Coefficients | None = None) -> Linearization:
-        return dataclasses.replace(self, store=store, replay=False, given=given, values=True)
+        return dataclasses.replace(self, store=store, replay=False, given=given, values=True,
+                                   constants=True)
 
-    def replaying(self, store: Coefficients, values: bool = True) -> Linearization:
-        """Replay the recorded coefficients; `values=False` when only vector-Jacobian
-        products of the replay will be taken (its outputs' values are then not computed)."""
-        return dataclasses.replace(self, store=store, replay=True, values=values)
+    def replaying(self, store: Coefficients, values: bool = True,
+                  constants: bool = False) -> Linearization:
+        """Replay the recorded coefficients: the frozen linear map J (the biases left out);
+        `constants=True` adds them, for the affine network's values (on a zero input: c).
+        `values=False` when only vector-Jacobian products of the replay will be taken (its
+        outputs' values are then not computed)."""
+        return dataclasses.replace(self, store=store, replay=True, values=values,
+                                   constants=constants)
 
     def coefficient(self, site: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The coefficient at `site`: computed (and recorded), or replayed; frozen if detached."""
@@ -182,10 +210,32 @@ def glu_linear_branch(store: Coefficients, gate_path: str
     return "ffn_gate", store["gate_factor"] * store["up"]  # (g · s) · u = g ⊙ (s · u)
 
 
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None, lin: Linearization) -> torch.Tensor:
+    """y + b for a matmul with a bias; the frozen linear map (`lin.constants` False) leaves
+    it out, so the same block is J's linear part there and the affine network elsewhere."""
+    return y if bias is None or not lin.constants else y + bias
+
+
 def frozen_rounding(x: torch.Tensor, lin: Linearization, site: str) -> torch.Tensor:
     """r ⊙ x, r = rounded(x)/x frozen at the runtime's values (anchored runs); else x itself."""
     r = lin.rounding(site)
     return x if r is None else x * r
+
+
+def frozen_block_sums(x: torch.Tensor, lin: Linearization, site: str) -> torch.Tensor | None:
+    """(ρ − 1) ⊙ (the block sums of x) [..., blocks], with ρ [N, blocks] the frozen ratio of
+    each block's sum as the runtime stores it to the sum of x's values in it (anchored runs
+    with Q4_1/Q5_1 weights; else None).
+
+    ggml multiplies those weights' block minimum m by the activation block's sum s as Q8_1
+    stores it, fp16(d·Σq), not by the sum of the rounded values, d_f16·Σq: the exact product is
+    W·x + M·((ρ − 1) ⊙ blocksum(x)) for x the rounded input and M the weight's minima
+    [rows, blocks]; a term on the minima alone, so it is no per-element ratio of x."""
+    rho = lin.rounding(site)
+    if rho is None:
+        return None
+    sums = x.reshape(*x.shape[:-1], rho.shape[-1], -1).sum(dim=-1)
+    return sums * (rho - 1)
 
 
 def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearization) -> torch.Tensor:
@@ -197,7 +247,7 @@ def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearizatio
 
 def is_rounding_site(site: str) -> bool:
     """Sites of frozen rounding ratios (see `frozen_rounding`)."""
-    return site.startswith("in:") or site in ("v_cache", "attn_sum")
+    return site.startswith(("in:", "sum:")) or site in ("v_cache", "attn_sum")
 
 
 @dataclass

@@ -9,16 +9,17 @@ here reads a file: runner.py and engine.py feed the block the weights.py reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .blocked import BAND_BLOCK, Band, Weight, banded_mix, column_slice, linear, row_slice
 from .families import ModelConfig
-from .layout import LAYER_TENSORS
-from .linearize import (Coefficients, Linearization, attention_probs, frozen_rounding, gated_product,
-                        glu_linear_branch, rms_norm)
+from .layout import LAYER_TENSORS, bias_key
+from .linearize import (Coefficients, Linearization, add_bias, attention_probs,
+                        frozen_block_sums, frozen_rounding, gated_product, glu_linear_branch,
+                        rms_norm)
 
 
 def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
@@ -69,20 +70,36 @@ def attention_mask(cfg: ModelConfig, layer: int, n_pos: int, device: torch.devic
     return attention_band(cfg, layer, n_pos, start).mask(device)
 
 
-LAYER_TENSOR_NAMES = frozenset(t.name for t in LAYER_TENSORS)
+LAYER_TENSOR_NAMES = frozenset(t.name for t in LAYER_TENSORS) \
+    | frozenset(bias_key(t.name) for t in LAYER_TENSORS if t.biased)
 
 
 class LayerWeights(Mapping[str, Weight]):
     """One layer's tensors by their short names in the layout table (fused storage already
-    split), plus 'rope_factors' where the file has them. Matrices are tensors or read in row
+    split), their biases (`layout.bias_key`) where the family has them, plus 'rope_factors'
+    where the file has them. Matrices are tensors or read in row
     blocks (blocked.py); norm weights are tensors. A name the table does not know is
-    refused when the container is made; a tensor not loaded is named when asked for."""
+    refused when the container is made; a tensor not loaded is named when asked for.
 
-    def __init__(self, layer: int, tensors: dict[str, Weight]) -> None:
+    `block_minima(name)`, where given, reads a Q4_1/Q5_1 matrix's block minima [rows,
+    blocks] (the part of each weight that multiplies the activation's stored block sum, see
+    linearize.frozen_block_sums); read only when an anchored product asks, then kept."""
+
+    def __init__(self, layer: int, tensors: dict[str, Weight],
+                 block_minima: Callable[[str], torch.Tensor] | None = None) -> None:
         unknown = set(tensors) - LAYER_TENSOR_NAMES - {"rope_factors"}
         if unknown:
             raise ValueError(f"layer {layer}: no tensors {sorted(unknown)} in the layout table")
         self.layer, self._tensors = layer, tensors
+        self._read_minima, self._minima = block_minima, {}
+
+    def block_minima(self, name: str) -> torch.Tensor:
+        """Matrix `name`'s block minima [rows, blocks]."""
+        if name not in self._minima:
+            if self._read_minima is None:
+                raise KeyError(f"layer {self.layer}: no block minima of {name!r} were given")
+            self._minima[name] = self._read_minima(name)
+        return self._minima[name]
 
     def __getitem__(self, name: str) -> Weight:
         try:
@@ -90,6 +107,10 @@ class LayerWeights(Mapping[str, Weight]):
         except KeyError:
             raise KeyError(f"layer {self.layer}: tensor {name!r} is not loaded (loaded: "
                            f"{', '.join(sorted(self._tensors))})") from None
+
+    def get(self, name: str, default: Weight | None = None) -> Weight | None:  # type: ignore[override]
+        """The tensor, or `default` when it is not loaded (a bias the layer lacks)."""
+        return self._tensors.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -141,7 +162,8 @@ def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Ten
     n = h.shape[0]
     start = 0 if cache is None else cache.length
     eps, fam = cfg.norm_eps, cfg.family
-    q, k = linear(h, w["attn_q"]), linear(h, w["attn_k"])
+    q = add_bias(linear(h, w["attn_q"]), w.get(bias_key("attn_q")), lin)
+    k = add_bias(linear(h, w["attn_k"]), w.get(bias_key("attn_k")), lin)
     if fam.qk_norm == "full":
         q = rms_norm(q, w["attn_q_norm"], eps, lin, "attn_q_norm")
         k = rms_norm(k, w["attn_k_norm"], eps, lin, "attn_k_norm")
@@ -150,22 +172,31 @@ def attention_scores(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Ten
     if fam.qk_norm == "head":
         q = rms_norm(q, w["attn_q_norm"], eps, lin, "attn_q_norm")
         k = rms_norm(k, w["attn_k_norm"], eps, lin, "attn_k_norm")
-    cos, sin = rope_tables(cfg, layer, start + n, h.dtype, h.device, w.get("rope_factors"))
-    cos, sin = cos[start:], sin[start:]
-    q = apply_rope(q, cos, sin, fam.rope_neox) * cfg.attn_scale
-    k = apply_rope(k, cos, sin, fam.rope_neox)
+    if layer not in cfg.no_rope_layers:
+        cos, sin = rope_tables(cfg, layer, start + n, h.dtype, h.device, w.get("rope_factors"))
+        cos, sin = cos[start:], sin[start:]
+        q, k = apply_rope(q, cos, sin, fam.rope_neox), apply_rope(k, cos, sin, fam.rope_neox)
+    q = q * cfg.attn_scale
     if cache is not None:
         k = cache.add_keys(k)
     k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)  # grouped-query attention
     scores = torch.einsum("qhd,khd->hqk", q, k)
+    if (cap := cfg.attn_logit_softcap) is not None:  # llama.cpp caps before the mask
+        scores = torch.tanh(scores / cap) * cap
     return scores.masked_fill(~attention_mask(cfg, layer, n, h.device, start), float("-inf"))
 
 
 def matmul(x: torch.Tensor, w: LayerWeights, name: str,
            lin: Linearization) -> torch.Tensor:
-    """x @ W_name.T (W held whole or read in row blocks); an anchored run first applies the
-    runtime's rounding of x for that weight's matmul (its activation quantization), frozen."""
-    return linear(frozen_rounding(x, lin, "in:" + name), w[name], lin.values)
+    """x @ W_name.T (W held whole or read in row blocks), plus its bias if the layer has one
+    (`add_bias`: not in the frozen linear map); an anchored run first applies the runtime's
+    rounding of x for that weight's matmul (its activation quantization), frozen, and for
+    Q4_1/Q5_1 weights adds their minima times the stored block sums' rounding."""
+    x = frozen_rounding(x, lin, "in:" + name)
+    y = linear(x, w[name], lin.values)
+    if (sums := frozen_block_sums(x, lin, "sum:" + name)) is not None:
+        y = y + linear(sums, w.block_minima(name), lin.values)
+    return add_bias(y, w.get(bias_key(name)), lin)
 
 
 def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
@@ -198,8 +229,9 @@ def attention_branch(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Ten
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
     h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin, "attn_norm")
     a = attention(cfg, layer, w, h, lin, cache)
-    return a if layout == "pre" else rms_norm(a, w["post_attention_norm"], eps, lin,
-                                              "post_attention_norm")
+    a = a if layout == "pre" else rms_norm(a, w["post_attention_norm"], eps, lin,
+                                           "post_attention_norm")
+    return a if cfg.residual_scale == 1.0 else a * cfg.residual_scale
 
 
 def mlp_branch(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
@@ -208,7 +240,8 @@ def mlp_branch(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
     eps, layout = cfg.norm_eps, cfg.family.norm_layout
     h = mid if layout == "post" else rms_norm(mid, w["ffn_norm"], eps, lin, "ffn_norm")
     m = mlp(cfg, w, h, lin)
-    return m if layout == "pre" else rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
+    m = m if layout == "pre" else rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
+    return m if cfg.residual_scale == 1.0 else m * cfg.residual_scale
 
 
 def block(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
@@ -226,11 +259,13 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
                       store: Coefficients, gate_path: str, position: int,
                       ffn_chunk: int = 2048) -> torch.Tensor:
     """The detached `mlp_branch` at one position, from its recorded coefficients, as the
-    [d, d] matrix K with m = K · mid (the position's own row; the MLP mixes no positions).
+    [d, d] matrix K with m = K · mid (the position's own row; the MLP mixes no positions):
+    its linear part, any bias on the linear branch or ffn_down being the constant term.
 
     Every step of the branch is a frozen diagonal (norm scale, rounding ratio, GLU
     coefficient c) or a weight, so K = diag(post) · W_down · diag(c ⊙ r_down) · W_in ·
-    diag(pre ⊙ r_in). Pulling back m cotangents through the branch by autograd costs
+    diag(pre ⊙ r_in); with frozen block sums (Q4_1/Q5_1, `matmul`) each W is W + M ⊙ (ρ − 1),
+    its minima times the block-sum ratios, spread over each block's columns. Pulling back m cotangents through the branch by autograd costs
     2·m·d·d_ff multiply-adds per position (both projections); forming K costs d·d·d_ff and
     applying it m·d², so for a full Jacobian (m = d) K is the cheaper order (engine.py).
     """
@@ -244,15 +279,29 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
     one = torch.ones(d, dtype=w_down.dtype, device=w_down.device)
     pre = one if layout == "post" else row(store["ffn_norm"]) * w["ffn_norm"]
     post = one if layout == "pre" else row(store["post_ffw_norm"]) * w["post_ffw_norm"]
+    post = post * cfg.residual_scale
     if (r := store.get("in:" + name)) is not None:
         pre = pre * row(r)
     mid_scale = row(c)
     if (r := store.get("in:ffn_down")) is not None:
         mid_scale = mid_scale * row(r)
+    def with_block_sums(part: torch.Tensor, weight: str, rows: slice, c0: int, c1: int
+                        ) -> torch.Tensor:
+        """`part` (columns [c0, c1) of some of the weight's rows) plus M ⊙ (ρ − 1) there."""
+        if (rho := store.get("sum:" + weight)) is None:
+            return part
+        rho = row(rho)
+        size = w[weight].shape[1] // rho.shape[-1]
+        b0, b1 = c0 // size, -(-c1 // size)
+        m = w.block_minima(weight)[rows, b0:b1] * (rho[b0:b1] - 1)
+        return part + m.repeat_interleave(size, dim=-1)[:, c0 - b0 * size:c1 - b0 * size]
+
     k = torch.zeros((d, d), dtype=w_down.dtype, device=w_down.device)
     for f in range(0, w_in.shape[0], ffn_chunk):  # [d, chunk] temporaries at a time
         f_end = min(f + ffn_chunk, w_in.shape[0])
-        k.addmm_(column_slice(w_down, f, f_end) * mid_scale[f:f_end], row_slice(w_in, f, f_end))
+        down = with_block_sums(column_slice(w_down, f, f_end), "ffn_down", slice(None), f, f_end)
+        up = with_block_sums(row_slice(w_in, f, f_end), name, slice(f, f_end), 0, d)
+        k.addmm_(down * mid_scale[f:f_end], up)
     return k.mul_(post[:, None]).mul_(pre[None, :])
 
 

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from .linearize import PLAIN, Linearization
+from .layout import has_constant
+from .linearize import PLAIN, Coefficients, Linearization
 from .model import KVCache, LayerWeights, block, final_norm
 from .weights import ROWS_PER_CHUNK, GGUFWeights
 
@@ -59,6 +60,23 @@ class Transformer:
             if hidden is not None:
                 hidden.append(x)
         return final_norm(self.cfg, self.output_norm, x, lin)
+
+    @torch.no_grad()
+    def constant(self, x: torch.Tensor, lin: Linearization) -> torch.Tensor | None:
+        """c [d] of the detached network y = Σ_i J_i x_i + c at the last position (None for
+        a family without biases): each layer's coefficients recorded on x, then replayed on
+        a zero input with the biases on, as the streaming engine's forward pass does."""
+        if not has_constant(self.cfg.family):
+            return None
+        h, z = x.detach(), torch.zeros_like(x)
+        for i in range(self.cfg.n_layer):
+            store: Coefficients = {}
+            h = block(self.cfg, i, self.layer_weights(i), h, lin.recording(store)).out
+            z = block(self.cfg, i, self.layer_weights(i), z,
+                      lin.replaying(store, constants=True)).out
+        store = {}
+        final_norm(self.cfg, self.output_norm, h, lin.recording(store))
+        return final_norm(self.cfg, self.output_norm, z, lin.replaying(store, constants=True))[-1]
 
     def new_caches(self) -> list[KVCache]:
         return [KVCache() for _ in range(self.cfg.n_layer)]

@@ -7,6 +7,7 @@ unembedding is walked in row chunks.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -19,10 +20,11 @@ from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
 from .blocked import Weight
 from .model import LayerWeights
-from .layout import (check_tensor_index, dequantizable, dims_of, layer_tensor_name,
-                     layer_tensor_names, split_stored, stored_members, stored_name, stored_shapes)
+from .layout import (bias_key, check_tensor_index, dequantizable, dims_of, layer_tensor_name,
+                     layer_tensor_names, split_stored, stored_bias_shapes_of, stored_members,
+                     stored_name, stored_shapes)
 from .quantized_products import supports
-from .quants import dequantize, raw_to_torch
+from .quants import BLOCK_MINIMUM_AT, block_minima, dequantize, raw_to_torch
 
 
 # Vocabulary-sized tables are walked in chunks of this many rows: larger chunks raise the
@@ -172,15 +174,22 @@ class GGUFWeights:
               pool: BufferPool | None = None, block_elements: int | None = None) -> LayerWeights:
         """Tensors of layer `i` (all, or those in `names`), keyed by short name ('attn_q',
         'ffn_down', ...). Fused tensors are split; a rope-factor tensor, if the file has one,
-        is 'rope_factors'. With a `pool` the tensors are views of its buffers: valid until
-        the next layer is loaded into the same pool.
+        is 'rope_factors'. The biases of the loaded matrices, where the family has them and
+        the file stores them, come as `layout.bias_key(name)` (small: always whole, fresh
+        memory). With a `pool` the tensors are views of its buffers: valid until the next
+        layer is loaded into the same pool.
 
         `block_elements`: the matrices are not dequantized now but read in row blocks of
         about this many values each time they are used (`StreamedMatrix`, sharing the pool's
         block buffer, or fresh memory without a pool); norm weights are loaded as tensors.
         """
         w: dict[str, Weight] = {}
+        biased = stored_bias_shapes_of(self.cfg.family, dims_of(self.cfg))
         for stored in self.layer_names(names):
+            bias = layer_tensor_name(i, stored, "bias")
+            if stored in biased and bias in self.gguf.tensors:
+                w.update({bias_key(name): b for name, b in
+                          split_stored(self.cfg, stored, self.tensor(bias)).items()})
             full = layer_tensor_name(i, stored)
             info = self.gguf.tensor(full)
             if block_elements is not None and len(info.shape) == 2:
@@ -193,7 +202,23 @@ class GGUFWeights:
             w.update(split_stored(self.cfg, stored, self.tensor(full, pool, stored)))
         if self.rope_factors_name and names is None:
             w["rope_factors"] = self.tensor(self.rope_factors_name)
-        return LayerWeights(i, w)
+        return LayerWeights(i, w, functools.partial(self.block_minima, i))
+
+    def block_minima(self, layer: int, name: str) -> torch.Tensor:
+        """The block minima [rows, blocks] of layer `layer`'s Q4_1/Q5_1 matrix `name` (a
+        member of a fused tensor: its rows), in this dtype (model.LayerWeights)."""
+        stored = stored_name(self.cfg.family, name)
+        info = self.gguf.tensor(layer_tensor_name(layer, stored))
+        if info.type not in BLOCK_MINIMUM_AT:
+            raise GgufjacError(f"{self.gguf.path}: tensor {info.name!r} is {info.type.name}, "
+                               "whose blocks have no minimum")
+        first = 0
+        for member, n_rows in stored_members(self.cfg.family, dims_of(self.cfg))[stored]:
+            if member == name:
+                break
+            first += n_rows
+        raw = self._raw_rows(info, first, first + n_rows, None, "minima")
+        return block_minima(raw, info.type, (n_rows, info.shape[0])).to(self.device, self.dtype)
 
     def layer_bytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of one layer's dequantized tensors (`names`, or all) in this dtype."""
@@ -277,12 +302,19 @@ class GGUFWeights:
         return found
 
     def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
-        """Rows u_t of the unembedding matrix: logit_t = u_t · y (before any soft-cap), [m, d]."""
-        return self._gather_rows(self.unembedding_name, token_ids)
+        """Rows u_t of the unembedding matrix: logit_t = u_t · y (before any soft-cap), [m, d].
+        A family's logit scale (Granite's divisor) is part of u_t, so u_t · y is the logit."""
+        return self._logit_scaled(self._gather_rows(self.unembedding_name, token_ids))
 
     def unembedding_chunks(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, rows) chunks of the unembedding matrix [vocab, d], in order."""
-        return self._row_chunks(self.unembedding_name, rows_per_chunk)
+        """(first row, rows) chunks of the unembedding matrix [vocab, d], in order (the
+        logit scale included, as in `unembedding_rows`)."""
+        for start, rows in self._row_chunks(self.unembedding_name, rows_per_chunk):
+            yield start, self._logit_scaled(rows)
+
+    def _logit_scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        # a new tensor: the rows may be a reused buffer or a view of the file's own memory
+        return rows if self.cfg.logit_scale == 1.0 else rows / self.cfg.logit_scale
 
     def embedding_chunks(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, rows) chunks of the token embedding table [vocab, d] (not scaled)."""

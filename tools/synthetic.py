@@ -29,7 +29,8 @@ from gguf.constants import GGUFValueType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
 from ggufjac.families import FAMILIES  # noqa: E402
-from ggufjac.layout import Dims, layer_tensor_name, stored_shapes_of  # noqa: E402
+from ggufjac.layout import (Dims, layer_tensor_name, stored_bias_shapes_of,  # noqa: E402
+                            stored_shapes_of)
 
 WORDS = ["the", "a", "of", "is", "and", "bridge", "out", "Marin", "capital", "France",
          "Paris", "city", "water", "fox", "dog", "quick", "brown", "over", "lazy", "jumps"]
@@ -55,7 +56,19 @@ class Shape:
 # Which families' synthetic models tie the unembedding to the token embedding (a choice of
 # the generator: files of every family may do either). Which tensors a layer has and their
 # shapes come from ggufjac's layout table.
-TIED = {"llama": False, "qwen3": True, "gemma3": True, "phi3": False, "olmo2": False}
+TIED = {"llama": False, "qwen3": True, "gemma3": True, "phi3": False, "olmo2": False,
+        "qwen2": True, "gemma2": True, "granite": False, "smollm3": True}
+_U32, _F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+# Family settings the generator writes (keys without the 'ARCH.' prefix): sliding windows
+# and soft-caps small enough that the test prompts cross and reach them, and Granite's
+# multipliers (logit_scale is required), none of them 1.
+FAMILY_METADATA: dict[str, dict[str, tuple[object, GGUFValueType]]] = {
+    "gemma3": {"attention.sliding_window": (4, _U32)},
+    "gemma2": {"attention.sliding_window": (4, _U32), "attn_logit_softcapping": (2.0, _F32),
+               "final_logit_softcapping": (5.0, _F32)},
+    "granite": {"embedding_scale": (12.0, _F32), "residual_scale": (0.22, _F32),
+                "attention.scale": (0.5, _F32), "logit_scale": (8.0, _F32)},
+}
 
 
 def dims(shape: Shape) -> Dims:
@@ -100,7 +113,7 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
     d = shape.d_model
     t: dict[str, np.ndarray] = {
         "token_embd.weight": rng.standard_normal((vocab_size, d)).astype(np.float32)
-        * (0.05 if arch == "gemma3" else 1.0),
+        * (0.05 if fam.embed_scale_sqrt_d else 1.0),
         "output_norm.weight": _norm_weight(rng, d),
     }
     if not TIED[arch]:
@@ -109,6 +122,9 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
         for name, stored in stored_shapes_of(fam, dims(shape)).items():
             t[layer_tensor_name(i, name)] = _norm_weight(rng, stored[0]) if len(stored) == 1 \
                 else _matrix(rng, *stored)
+        for name, (rows,) in stored_bias_shapes_of(fam, dims(shape)).items():
+            # as large as a projection's output, so the constant term is not negligible
+            t[layer_tensor_name(i, name, "bias")] = rng.standard_normal(rows).astype(np.float32)
     if rope_freqs:  # per-frequency divisors: Llama 3.1 rope_freqs, Phi 3 LongRoPE factors
         half = (shape.rope_dims or shape.head_dim) // 2
         if arch == "phi3":
@@ -178,8 +194,7 @@ def add_model_metadata(w: GGUFWriter, arch: str, shape: Shape, tokenizer: str = 
         "rope.freq_base": (10000.0, f32),
         "rope.dimension_count": (shape.rope_dims or shape.head_dim, u32),
     }
-    if arch == "gemma3":
-        kv["attention.sliding_window"] = (4, u32)  # small, so tests cross it
+    kv.update(FAMILY_METADATA.get(arch, {}))
     kv.update({key: (value, f32) for key, value in (extra_floats or {}).items()})
     # Overrides (tests of hostile metadata): (value, type) replaces or adds, None removes.
     for key, override in (metadata or {}).items():
@@ -260,8 +275,10 @@ def fixture_name(arch: str, quant: str) -> str:
 
 
 def write_fixture(directory: str | os.PathLike[str], arch: str, quant: str) -> Path:
-    """The test suite's small model of `arch` in `quant` (tests/conftest.py's `synthetic`)."""
-    return write_synthetic_gguf(Path(directory) / fixture_name(arch, quant), arch, Shape(),
+    """The test suite's small model of `arch` in `quant` (tests/conftest.py's `synthetic`),
+    with enough layers to hold a layer without rope where the family has them."""
+    shape = Shape(n_layer=max(2, FAMILIES[arch].no_rope_layer_step))
+    return write_synthetic_gguf(Path(directory) / fixture_name(arch, quant), arch, shape,
                                 quant, rope_freqs=arch == "llama")
 
 
