@@ -4,7 +4,8 @@ J is d × (N·d): at 1,024 tokens of a d = 640 model 1.6 GB in float32, at 8B sc
 With the forward record's coefficients frozen the network is exactly linear, so J and Jᵀ are
 available as sweeps of the streaming engine: Jᵀ·U is the reverse sweep with U's columns as
 output directions (`pull_back_output`, [m, N, d]), J·V the forward sweep of the replayed
-network with V as input (`push_forward`, [m, d]). Neither forms J.
+network with V as input (`push_forward`, [m, d]: its biases left out, so it applies J, the
+linear part of an affine map y = J x + c, and never c). Neither forms J.
 
 The method: block Lanczos on the d × d matrix A = J Jᵀ, with full reorthogonalization. Its
 basis lives in the output space (d values per vector, so a basis of hundreds of vectors costs
@@ -90,11 +91,16 @@ class TopSingularTriplets:
     inputs: torch.Tensor  # x [N, d]
     output: torch.Tensor  # y [d], the last position's final-norm output
     sweeps: list[SweepTiming] = field(default_factory=list)  # the engine's, when it ran them
+    # c [d] of y = J x + c (a family with biases): the triplets are J's, c is apart from them
+    constant: torch.Tensor | None = None
 
     def truncated_reconstruction_rel_error(self) -> float:
-        """‖y − Σ_k σ_k u_k (v_k · x)‖ / ‖y‖: how much of y the top K directions explain."""
+        """‖y − c − Σ_k σ_k u_k (v_k · x)‖ / ‖y‖: how much of y the top K directions explain
+        (c, the constant term where the map has one, taken as given: it has no direction)."""
         coords = torch.einsum("knd,nd->k", self.right, self.inputs)
         approx = self.left @ (self.singular_values * coords)
+        if self.constant is not None:
+            approx = approx + self.constant
         return float(torch.linalg.vector_norm(self.output - approx)
                      / torch.linalg.vector_norm(self.output))
 
@@ -252,7 +258,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
         estimate, std = exact, 0.0
     return TopSingularTriplets(sv, left, right, residuals, converged, iterations, change, tol,
                                int(basis.shape[1]), estimate, std, swept,
-                               record.inputs.detach(), y)
+                               record.inputs.detach(), y, constant=record.constant)
 
 
 def triplets_of_jacobian(result: JacobianResult, k: int) -> TopSingularTriplets:
@@ -282,7 +288,7 @@ def triplets_of_jacobian(result: JacobianResult, k: int) -> TopSingularTriplets:
     residuals = torch.linalg.vector_norm(applied - left * sv, dim=0) \
         / sv.clamp_min(torch.finfo(sv.dtype).tiny)
     return TopSingularTriplets(sv, left, right, residuals, True, 0, 0.0, 0.0, d, frob, 0.0, d,
-                               result.inputs, y)
+                               result.inputs, y, constant=result.constant)
 
 
 @dataclass
