@@ -30,6 +30,43 @@ from .vocab import Vocabulary
 from .weights import GGUFWeights
 
 
+# What each command does with the constant term c of a detached network that is affine
+# (y = Σ_i J_i x_i + c: a family with biases), stated in its report as report["constant"].
+CONSTANT_DEFINITION = ("y = sum_i J_i x_i + c: with biases the detached network is affine; "
+                       "c is its output for zero input embeddings (the recorded coefficients "
+                       "replayed with the biases on), computed apart from J")
+CONSTANT_HANDLING = {
+    "jacobian": "J is the linear part; c is written as 'constant' in jacobian.safetensors and "
+                "added in reconstruction_rel_error; the spectrum and vectors are J's alone",
+    "svd": "the triplets are J's (c has no direction); c is written as 'constant' in "
+           "svd.safetensors and added in truncated_reconstruction_rel_error",
+    "attribute": "each target's 'bias' is u_t . c, the constant term's part of the logit (no "
+                 "input token's); the contributions plus it sum to the logit",
+    "layers": "each map is the linear part of an affine map; its constant (the map's output "
+              "for a zero input) is added in reconstruction_rel_error; spectra and vectors are "
+              "the linear parts'",
+    "compare": "the Jacobians compared are the linear parts; constant_rel_difference compares "
+               "the files' c; attribution figures rank input positions, the bias row apart",
+    "steer": "the direction is J's top left singular vector (the linear part); the constant "
+             "c does not enter it, and the steered runs keep their biases",
+    "batch": "attribution_sum includes attribution_bias (u_t . c); the output's "
+             "reconstruction_rel_error adds c; singular values are J's",
+}
+
+
+def constant_report(c: torch.Tensor | None, y: torch.Tensor, command: str) -> dict | None:
+    """report["constant"] for a network with a constant term c [d] (None without one): its
+    size against the output y and what `command` does with it (CONSTANT_HANDLING)."""
+    if c is None:
+        return None
+    c_norm, y_norm = torch.linalg.vector_norm(c), torch.linalg.vector_norm(y)
+    return {"definition": CONSTANT_DEFINITION, "handling": CONSTANT_HANDLING[command],
+            "norm": float(c_norm),
+            "norm_over_output_norm": float(c_norm / y_norm) if y_norm > 0 else None,
+            "cos_with_output": float(c @ y / (c_norm * y_norm))
+            if c_norm > 0 and y_norm > 0 else None}
+
+
 class OpenedModel(Protocol):
     """What a report reads of an opened model (api.LoadedModel is one): its file, config,
     weights and vocabulary."""
@@ -70,7 +107,7 @@ def anchor_summary(m: OpenedModel, anchor: Anchor, y: torch.Tensor,
     }
     if result is not None:
         summary["reconstruction_rel_error_vs_llama_cpp"] = reconstruction_rel_error(
-            result.jacobian, result.inputs, y_ref)
+            result.jacobian, result.inputs, y_ref, result.constant)
     if anchor.reference is not None:
         ref = anchor.reference
         independent = logits_agreement(ours, ref.logits)
@@ -134,6 +171,8 @@ def jacobian_report(m: OpenedModel, tokens: list[int], result: JacobianResult, l
              "scores": [s for _, s in decoded[j]]}
             for j in range(k)],
     }
+    if result.constant is not None:
+        report["constant"] = constant_report(result.constant, result.output, "jacobian")
     if anchor is not None:
         report["anchor"] = anchor_summary(m, anchor, result.output, result)
     return report
@@ -197,6 +236,8 @@ def svd_report(m: OpenedModel, tokens: list[int], result: TopSingularTriplets,
              "singular_values": per_token.singular_values[i].tolist(),
              "top_left_tokens": [m.token_text(t) for t, _ in decoded[k + 1 + i]]}
             for i in range(len(tokens))]
+    if result.constant is not None:
+        report["constant"] = constant_report(result.constant, y, "svd")
     if anchor is not None:
         report["anchor"] = anchor_summary(m, anchor, y)
     return report
@@ -204,18 +245,23 @@ def svd_report(m: OpenedModel, tokens: list[int], result: TopSingularTriplets,
 
 def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
                        dtype: torch.dtype, targets: list[int], contributions: torch.Tensor,
-                       logits: torch.Tensor, y: torch.Tensor, anchor: Anchor | None) -> dict:
+                       logits: torch.Tensor, y: torch.Tensor, anchor: Anchor | None,
+                       constant: torch.Tensor | None = None,
+                       biases: torch.Tensor | None = None) -> dict:
     """`attribute`'s report: per target, its logit u_t · y, the contributions [targets, N],
-    their sum, and (anchored) llama.cpp's logit."""
+    their sum, and (anchored) llama.cpp's logit. For an affine network (`constant` c), each
+    target's `biases` entry u_t · c is its 'bias' row, in the sum."""
     cap = m.cfg.final_logit_softcap
     rows = []
     for j, t in enumerate(targets):
         c = contributions[j]
-        total = float(c.sum())
+        total = float(c.sum()) + (0.0 if biases is None else float(biases[j]))
         row = {"token": m.token_text(t), "id": t, "logit": float(logits[j]),
                "sum_of_contributions": total,
                "rel_error": abs(total - float(logits[j])) / max(abs(float(logits[j])), 1e-300),
                "contributions": [float(v) for v in c]}
+        if biases is not None:
+            row["bias"] = float(biases[j])
         if cap is not None:
             row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
         if anchor is not None:
@@ -236,6 +282,8 @@ def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
                                 + (", its input rounded as llama.cpp's unembedding matmul "
                                    "rounds it (frozen ratio)" if anchor is not None else ""),
             "targets": rows}
+    if constant is not None:
+        report["constant"] = constant_report(constant, y, "attribute")
     if anchor is not None:
         report["anchor"] = anchor_summary(m, anchor, y)
     return report
@@ -271,8 +319,10 @@ def check_report(m: OpenedModel, prompt: str, tokens: list[int], ours: np.ndarra
 
 def layers_report(m: OpenedModel, tokens: list[int], chosen: list[int], lin: Linearization,
                   device: str, seconds: float, predicted: int, entries: list[dict],
-                  anchored: Anchor | None, y: torch.Tensor) -> dict:
-    """`layers`' report: every map's figures and decoded vectors (layers.describe_maps)."""
+                  anchored: Anchor | None, y: torch.Tensor,
+                  constant: torch.Tensor | None = None) -> dict:
+    """`layers`' report: every map's figures and decoded vectors (layers.describe_maps);
+    `constant`: the model's c, if its network is affine (each map's own is in its entry)."""
     report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
               [m.token_text(t) for t in tokens], "token_ids": tokens,
               "dtype": str(m.weights.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
@@ -287,6 +337,8 @@ def layers_report(m: OpenedModel, tokens: list[int], chosen: list[int], lin: Lin
                         "mlp": "layer input -> MLP part's output, last position"},
               "stable_rank_definition": "||J||_F^2 / s_1^2",
               "maps": entries}
+    if constant is not None:
+        report["constant"] = constant_report(constant, y, "layers")
     if anchored is not None:
         report["anchor"] = anchor_summary(m, anchored, y)
     return report
