@@ -6,7 +6,9 @@ For each chosen layer l (on the streaming engine, one layer's weights at a time)
 - "layer": layer l's own input (all positions) -> its output at the last position;
 - "layer_no_residual": the same without the residual (attention + MLP only);
 - "attention", "mlp": each part alone, input of layer l -> that part's output, last position.
-Each is a [d, N, d] Jacobian J with Σ_i J_i h_i = output (h: the map's input rows).
+Each is a [d, N, d] Jacobian J with Σ_i J_i h_i = output (h: the map's input rows), or, for
+a family with biases, the linear part of an affine map, Σ_i J_i h_i + c = output, c being
+the map's output for a zero input (its coefficients replayed with the biases on).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class LayerMap:
     jacobian: torch.Tensor
     inputs: torch.Tensor
     output: torch.Tensor
+    constant: torch.Tensor | None = None  # c [d_out] of an affine map (biases), else None
 
     def reconstruction_rel_error(self) -> float:
-        return reconstruction_rel_error(self.jacobian, self.inputs, self.output)
+        return reconstruction_rel_error(self.jacobian, self.inputs, self.output, self.constant)
 
 
 def _last_position_cotangents(n: int, d: int, like: torch.Tensor) -> torch.Tensor:
@@ -50,7 +53,9 @@ def _last_position_cotangents(n: int, d: int, like: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def _part_outputs(engine: StreamingEngine, layer: int, w: LayerWeights,
                   x: torch.Tensor, store: Coefficients) -> BlockOutput:
-    return block(engine.cfg, layer, w, x, engine.lin.replaying(store))
+    """The layer's parts on x with its recorded coefficients, biases included: their values
+    (on the layer's input) or their constants (on zeros)."""
+    return block(engine.cfg, layer, w, x, engine.lin.replaying(store, constants=True))
 
 
 def lens_maps(engine: StreamingEngine, record: ForwardRecord, inputs: torch.Tensor,
@@ -63,8 +68,13 @@ def lens_maps(engine: StreamingEngine, record: ForwardRecord, inputs: torch.Tens
     injected = {l + 1: engine.output_cotangents(record.residuals[l + 1], eye) for l in layers}
     outputs = {l: final_norm(cfg, engine.output_norm, record.residuals[l + 1], engine.lin)[-1]
                for l in layers}
+    # an affine network's lens constant: the constant stream after layer l, through the
+    # final norm frozen at that residual's scale
+    constants = {l: None if record.constants is None else engine.frozen_final_norm(
+        record.residuals[l + 1], record.constants[l + 1])[-1] for l in layers}
     stacked = engine.pull_back(record, injected, chunk=chunk)
-    return [LayerMap(l, "cumulative", stacked[k * d:(k + 1) * d], inputs, outputs[l])
+    return [LayerMap(l, "cumulative", stacked[k * d:(k + 1) * d], inputs, outputs[l],
+                     constants[l])
             for k, l in enumerate(sorted(layers, reverse=True))]
 
 
@@ -84,17 +94,23 @@ def layer_maps(engine: StreamingEngine, inputs: torch.Tensor, layers: list[int],
     # per layer: a single layer's VJPs with its own recorded coefficients
     for l, w in engine.layers(layers, engine.linear_path, "per-layer"):
         h = record.residuals[l]
-        parts = _part_outputs(engine, l, w, h, record.coefficients[l])
+        store = record.coefficients[l]
+        parts = _part_outputs(engine, l, w, h, store)
+        zero = None if record.constants is None else \
+            _part_outputs(engine, l, w, torch.zeros_like(h), store)
+
+        def c(part: str) -> torch.Tensor | None:  # a part's constant, last position
+            return None if zero is None else getattr(zero, part)[-1]
         cot = _last_position_cotangents(n, d, h)
         full = engine.layer_vjp(l, w, record, cot.clone(), "out", chunk)
         attn = engine.layer_vjp(l, w, record, cot, "attn", chunk)
         mlp = engine.layer_vjp(l, w, record, cot, "mlp", chunk)
         no_res = full.clone()
         no_res[:, -1, :] -= eye
-        maps += [LayerMap(l, "layer", full, h, parts.out[-1]),
-                 LayerMap(l, "layer_no_residual", no_res, h, (parts.out - h)[-1]),
-                 LayerMap(l, "attention", attn, h, parts.attn[-1]),
-                 LayerMap(l, "mlp", mlp, h, parts.mlp[-1])]
+        maps += [LayerMap(l, "layer", full, h, parts.out[-1], c("out")),
+                 LayerMap(l, "layer_no_residual", no_res, h, (parts.out - h)[-1], c("out")),
+                 LayerMap(l, "attention", attn, h, parts.attn[-1], c("attn")),
+                 LayerMap(l, "mlp", mlp, h, parts.mlp[-1], c("mlp"))]
     order = {k: i for i, k in enumerate(KINDS)}
     return sorted(maps, key=lambda m: (m.layer, order[m.kind])), record.output[-1]
 
@@ -138,6 +154,8 @@ def describe_maps(maps: list[LayerMap], weights: GGUFWeights, token_text: Callab
         col += len(pos)
         out.append({"layer": mp.layer, "kind": mp.kind,
                     "reconstruction_rel_error": mp.reconstruction_rel_error(),
+                    **({} if mp.constant is None else
+                       {"constant_norm": float(torch.linalg.vector_norm(mp.constant))}),
                     "stable_rank": spec.stable_rank, "top_singular_value": float(s[0]),
                     "singular_values": s.tolist(), "vectors": vectors})
     return out
@@ -147,7 +165,8 @@ def layers_tensors(maps: list[LayerMap], entries: list[dict], save_matrices: boo
                    ) -> dict[str, torch.Tensor]:
     """What layers.safetensors holds: `layer{N}.{kind}.singular_values` of every map (from
     its entry, `describe_maps`; float64 for float64 maps, else float32) and, with
-    `save_matrices`, every map itself as `layer{N}.{kind}.jacobian`."""
+    `save_matrices`, every map itself as `layer{N}.{kind}.jacobian`, with its constant as
+    `layer{N}.{kind}.constant` where the map is affine."""
     spectrum_dtype = torch.float64 if maps[0].jacobian.dtype == torch.float64 else torch.float32
     tensors = {f"layer{mp.layer}.{mp.kind}.singular_values":
                torch.tensor(e["singular_values"], dtype=spectrum_dtype)
@@ -155,4 +174,6 @@ def layers_tensors(maps: list[LayerMap], entries: list[dict], save_matrices: boo
     if save_matrices:
         tensors.update({f"layer{mp.layer}.{mp.kind}.jacobian": mp.jacobian.contiguous().cpu()
                         for mp in maps})
+        tensors.update({f"layer{mp.layer}.{mp.kind}.constant": mp.constant.contiguous().cpu()
+                        for mp in maps if mp.constant is not None})
     return tensors
