@@ -54,13 +54,18 @@ CONSTANT_HANDLING = {
 }
 
 
+def constant_statement(command: str) -> dict:
+    """What c is and what `command` does with it (CONSTANT_HANDLING)."""
+    return {"definition": CONSTANT_DEFINITION, "handling": CONSTANT_HANDLING[command]}
+
+
 def constant_report(c: torch.Tensor | None, y: torch.Tensor, command: str) -> dict | None:
     """report["constant"] for a network with a constant term c [d] (None without one): its
-    size against the output y and what `command` does with it (CONSTANT_HANDLING)."""
+    size against the output y and what `command` does with it (`constant_statement`)."""
     if c is None:
         return None
     c_norm, y_norm = torch.linalg.vector_norm(c), torch.linalg.vector_norm(y)
-    return {"definition": CONSTANT_DEFINITION, "handling": CONSTANT_HANDLING[command],
+    return {**constant_statement(command),
             "norm": float(c_norm),
             "norm_over_output_norm": float(c_norm / y_norm) if y_norm > 0 else None,
             "cos_with_output": float(c @ y / (c_norm * y_norm))
@@ -319,10 +324,9 @@ def check_report(m: OpenedModel, prompt: str, tokens: list[int], ours: np.ndarra
 
 def layers_report(m: OpenedModel, tokens: list[int], chosen: list[int], lin: Linearization,
                   device: str, seconds: float, predicted: int, entries: list[dict],
-                  anchored: Anchor | None, y: torch.Tensor,
-                  constant: torch.Tensor | None = None) -> dict:
+                  anchored: Anchor | None, y: torch.Tensor, affine: bool = False) -> dict:
     """`layers`' report: every map's figures and decoded vectors (layers.describe_maps);
-    `constant`: the model's c, if its network is affine (each map's own is in its entry)."""
+    `affine`: the network has a constant term (each map's own is in its entry)."""
     report = {"model": str(m.path), "architecture": m.cfg.arch, "tokens":
               [m.token_text(t) for t in tokens], "token_ids": tokens,
               "dtype": str(m.weights.dtype).removeprefix("torch."), "gate_path": lin.gate_path,
@@ -337,8 +341,8 @@ def layers_report(m: OpenedModel, tokens: list[int], chosen: list[int], lin: Lin
                         "mlp": "layer input -> MLP part's output, last position"},
               "stable_rank_definition": "||J||_F^2 / s_1^2",
               "maps": entries}
-    if constant is not None:
-        report["constant"] = constant_report(constant, y, "layers")
+    if affine:
+        report["constant"] = constant_statement("layers")
     if anchored is not None:
         report["anchor"] = anchor_summary(m, anchored, y)
     return report
