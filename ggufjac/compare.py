@@ -51,6 +51,10 @@ DEFINITIONS = {
                             "contributions to the same target logit (average ranks for ties)",
     "attribution_top3_overlap": "shared positions among each file's 3 largest |contributions|,"
                                 " over 3 (over N for prompts of fewer tokens)",
+    "constant_rel_difference": "‖c_B − c_A‖ / ‖c_A‖ of the constant terms (a family with "
+                               "biases: y = Σ_i J_i x_i + c; the Jacobians compared above are "
+                               "the linear parts, and the attribution figures rank input "
+                               "positions, the bias rows u_t · c apart: attribution_bias_a/b)",
     "lens_rel_difference": "per layer l: ‖L_B − L_A‖_F / ‖L_A‖_F of the exact logit lens maps "
                            "(input embeddings → final norm of the residual after layer l)",
     "lens_top_left_cosine": "per layer: |cos| of the lens maps' top left singular vectors",
@@ -105,6 +109,8 @@ class Side:
     spectrum: Spectrum | None  # of J as d × (N·d)
     contributions: torch.Tensor | None  # [N] to the target's logit
     lens: list[LensLayer]
+    constant: torch.Tensor | None = None  # c [d] of y = J x + c (a family with biases)
+    bias: float | None = None  # the target logit's constant part u_t · c (with attribute)
 
     def top(self, k: int = 5) -> list[tuple[int, float]]:
         order = np.argsort(-self.logits, kind="stable")[:k]
@@ -125,7 +131,7 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         want_j = "jacobian" in analyses or "attribute" in analyses
         plan = engine.plan(d if want_j else 1, n)
         record = engine.forward(x)
-        y = record.output[-1]
+        y, constant = record.output[-1], record.constant
         logits = unembed(m.weights, m.logit_input(y, anchor)[None])[0]
         logits_np = logits.to(torch.float64).cpu().numpy()
         jac = engine.pull_back_output(record, torch.eye(d, dtype=x.dtype, device=x.device),
@@ -146,16 +152,17 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         engine.release()
     spec = spectrum(jac.reshape(d, -1), y) if jac is not None and "jacobian" in analyses \
         else None
-    contributions = None
+    contributions, bias = None, None
     if "attribute" in analyses:
         t = int(np.argmax(logits_np)) if target is None else target
         u = m.logit_rows([t], anchor)[0]
         contributions = ((u @ jac.reshape(d, -1)).reshape(n, d) * x).sum(dim=1)
+        bias = None if constant is None else float(u @ constant)
         if "jacobian" not in analyses:
             jac = None
     theirs = m.llama_cpp_logits(tokens, settings, anchor) \
         if anchor is not None or settings is not None else None
-    return Side(logits_np, theirs, x, y, jac, spec, contributions, lens)
+    return Side(logits_np, theirs, x, y, jac, spec, contributions, lens, constant, bias)
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -236,6 +243,10 @@ def compare_sides(a: Side, b: Side, k: int) -> dict:
         out["attribution_spearman"] = spearman(ca, cb)
         out["attribution_top3_overlap"] = top_overlap(ca, cb)
         out["contributions_a"], out["contributions_b"] = ca.tolist(), cb.tolist()
+        if a.bias is not None and b.bias is not None:
+            out["attribution_bias_a"], out["attribution_bias_b"] = a.bias, b.bias
+    if a.constant is not None and b.constant is not None:
+        out["constant_rel_difference"] = relative_difference(a.constant, b.constant)
     if a.lens and b.lens:
         layers = []
         for la, lb in zip(a.lens, b.lens):
