@@ -256,6 +256,18 @@ def dequantize_iq4_xs(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     return _scaled(q, (d * scales).view(n, 8, 1), out=out).reshape(n, QK_K)
 
 
+# Byte offset of the F16 block minimum m in the types whose weights are d·q + m.
+BLOCK_MINIMUM_AT = {Q.Q4_1: 2, Q.Q5_1: 2}
+
+
+def block_minima(raw: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:
+    """The minimum m of every block of a Q4_1/Q5_1 matrix of `shape` [rows, cols] given by its
+    bytes: float32 [rows, cols / block size]."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return _f16(raw.reshape(-1, type_size), BLOCK_MINIMUM_AT[qtype]).view(
+        shape[0], shape[1] // block)
+
+
 DEQUANTIZERS: dict[Q, Callable[..., torch.Tensor]] = {
     Q.F32: dequantize_f32, Q.F16: dequantize_f16, Q.BF16: dequantize_bf16,
     Q.Q8_0: dequantize_q8_0, Q.Q4_0: dequantize_q4_0, Q.Q4_1: dequantize_q4_1,
