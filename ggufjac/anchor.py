@@ -95,9 +95,25 @@ def _round_bf16(x: np.ndarray) -> np.ndarray:
 
 
 # Q8_1 quantizes as Q8_0; the per-block sum it also stores in F16 enters only Q4_1/Q5_1 dot
-# products (as m·fp16(d·Σq)) and is not modelled (`approximations`).
+# products (as m·fp16(d·Σq)), frozen as its own ratio (`q8_1_sum_ratio`).
 ROUNDINGS = {"q8_0": round_q8_0, "q8_1": round_q8_0, "q8_k": round_q8_k,
              "f16": _round_f16, "bf16": _round_bf16}
+
+
+def q8_1_sum_ratio(x: np.ndarray) -> np.ndarray:
+    """ρ [rows, k/32]: each block's sum as ggml's x86 Q8_1 stores it, fp16(d·Σq) with d =
+    amax/127 in float32 (the product in float32), over the sum of the block's rounded values
+    fp16(d)·Σq, in float64; 1 where Σq is 0. ggml's Q4_1/Q5_1 dot product multiplies the
+    weight block's minimum by the stored sum (linearize.frozen_block_sums)."""
+    b = _blocks(x, 32)
+    amax = np.abs(b).max(axis=-1)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q_sum = np.rint(b * inv[..., None]).sum(axis=-1)  # integers, at most 32·127: exact
+    stored = (d * q_sum.astype(np.float32)).astype(np.float16).astype(np.float64)
+    rounded = d.astype(np.float16).astype(np.float64) * q_sum
+    return np.where(rounded != 0, stored / np.where(rounded != 0, rounded, 1.0), 1.0)
 
 
 def rounding_ratio(x: np.ndarray, rounded: np.ndarray) -> np.ndarray:
@@ -117,6 +133,15 @@ def activation_ratio(x: np.ndarray, qtype: int, weight: str = "weight") -> np.nd
                            f"{Q(qtype).name} is not known to ggufjac, so it cannot be anchored "
                            f"(known: {', '.join(sorted(t.name for t in ACTIVATION_FORMAT))})")
     return rounding_ratio(x, ROUNDINGS[ACTIVATION_FORMAT[Q(qtype)]](x))
+
+
+# The unembedding's product is applied in many places (logits, decoding, attribution rows)
+# through a frozen input ratio alone, so a Q4_1/Q5_1 unembedding's block-sum term is left out
+# (llama.cpp's quantizer gives the unembedding Q6_K or Q8_0 unless told otherwise).
+UNEMBEDDING_Q8_1 = ("{} unembedding: llama.cpp multiplies its block minima by each Q8_1 block's "
+                    "F16 sum, a term the anchored logits leave out (measured on synthetic "
+                    "models: logits nmse 4e-8 ... 2e-6; the final-norm output, which the layers' "
+                    "exact products give, stays within 3e-7)")
 
 
 def capture_names(cfg: ModelConfig, flash_attn: bool | None = None) -> list[str]:
@@ -149,7 +174,9 @@ SOURCES_COMMON = {
                 "rounding, frozen as a ratio",
     "v_cache": "llama.cpp Vcur rounded to F16 as the KV cache stores it, as a ratio",
     "in:*": "llama.cpp's captured matmul inputs, quantized as ggml's CPU backend does for "
-            "each weight's type (Q8_0, Q8_K, F16, ...), as ratios",
+            "each weight's type (Q8_0, Q8_1, Q8_K, F16, ...), as ratios",
+    "sum:*": "Q4_1/Q5_1 weights: each Q8_1 block's sum as stored in F16, over the sum of its "
+             "rounded values, as ratios on the weights' block minima",
     "gate": "llama.cpp's fused GLU output over its up projection (up path)",
     "gate_factor, up": "llama.cpp's GLU output over gate·up, and its up projection (gate path)",
     "norm scales": "recomputed from the anchored residual stream (smooth in their input)",
@@ -214,21 +241,23 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
     def stored(name: str) -> str:
         return stored_name(fam, name)
 
-    layers, q8_1_weights = [], set()
+    layers = []
     for i in range(cfg.n_layer):
-        def ratio(x: np.ndarray, weight: str) -> np.ndarray:
-            qtype = weight_type(i, stored(weight))
-            if ACTIVATION_FORMAT.get(Q(qtype)) == "q8_1":
-                q8_1_weights.add(Q(qtype).name)
-            r = activation_ratio(x, qtype, layer_tensor_name(i, stored(weight)))
-            return np.ones_like(x, dtype=np.float64) if r is None else r
-
         c: dict[str, np.ndarray] = {}
+
+        def round_input(x: np.ndarray, weight: str) -> None:
+            """The matmul input's rounding ratio, and for Q8_1 its block sums' ratio."""
+            qtype = weight_type(i, stored(weight))
+            r = activation_ratio(x, qtype, layer_tensor_name(i, stored(weight)))
+            c["in:" + weight] = np.ones_like(x, dtype=np.float64) if r is None else r
+            if ACTIVATION_FORMAT.get(Q(qtype)) == "q8_1":
+                c["sum:" + weight] = q8_1_sum_ratio(x)
+
         if ATTN_INPUT[layout]:
             attn_in = rows(f"{ATTN_INPUT[layout]}-{i}")
         else:
             attn_in = rows(f"l_out-{i - 1}") if i else rows("embd")
-        c["in:attn_v"] = ratio(attn_in, "attn_v")
+        round_input(attn_in, "attn_v")
         v = rows(f"Vcur-{i}")
         v16 = _round_f16(v)
         c["v_cache"] = rounding_ratio(v, v16)
@@ -248,10 +277,10 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         pv = np.einsum("hqk,khd->qhd", p, v_heads).reshape(n, -1)
         kqv_out = rows(f"kqv_out-{i}")
         c["attn_sum"] = rounding_ratio(pv, kqv_out)
-        c["in:attn_output"] = ratio(kqv_out, "attn_output")
+        round_input(kqv_out, "attn_output")
         ffn_in = rows(f"{FFN_INPUT[layout]}-{i}")
-        c["in:ffn_up"] = ratio(ffn_in, "ffn_up")
-        c["in:ffn_gate"] = ratio(ffn_in, "ffn_gate")
+        round_input(ffn_in, "ffn_up")
+        round_input(ffn_in, "ffn_gate")
         glu = rows(f"{GLU_OUTPUT[fam.activation]}-{i}").astype(np.float64)
         if fam.fused_gate_up:
             gate, up = np.split(rows(f"ffn_up-{i}").astype(np.float64), 2, axis=-1)
@@ -259,17 +288,15 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
             gate = rows(f"ffn_gate-{i}").astype(np.float64)
             up = rows(f"ffn_up-{i}").astype(np.float64)
         c.update(_glu_coefficients(glu, gate, up, fam.activation, gate_path))
-        c["in:ffn_down"] = ratio(glu.astype(np.float32), "ffn_down")
+        round_input(glu.astype(np.float32), "ffn_down")
         layers.append({site: t(a) for site, a in c.items()})
     y = rows("result_norm")
-    out_ratio = activation_ratio(y, weight_type(None, "output"), "the unembedding")
+    output_type = Q(weight_type(None, "output"))
+    out_ratio = activation_ratio(y, output_type, "the unembedding")
     sources = dict(SOURCES_FLASH_ON if flash_attn else SOURCES_FLASH_OFF, **SOURCES_COMMON)
     approximations = []
-    if q8_1_weights:  # measured on synthetic models: logits nmse ~4e-7 instead of ~1e-14
-        approximations.append(
-            f"{'/'.join(sorted(q8_1_weights))} weights: llama.cpp also rounds each activation "
-            "block's sum to F16 (Q8_1) and multiplies it by the weight's block minimum; that "
-            "term is not a per-element ratio and is not reproduced (logits nmse ~1e-6)")
+    if ACTIVATION_FORMAT.get(output_type) == "q8_1":
+        approximations.append(UNEMBEDDING_Q8_1.format(output_type.name))
     if "AMX" in run.resolved.get("weight_buffers_mib", {}):
         approximations.append(
             "weights in llama.cpp's AMX buffer type (a CPU with AMX, repacking on): the "
