@@ -18,15 +18,16 @@ ACTIVATION_FORMAT = {
 }
 
 
-def anchoring_support(types: Iterable[int]) -> str:
-    """Whether a file whose linear-path matmul weights have these GGUF types can be anchored
-    to llama.cpp: one line for `ggufjac info`."""
-    kinds = {Q(t) for t in types}
+def anchoring_support(types: Iterable[int], unembedding: int | None = None) -> str:
+    """Whether a file whose linear-path matmul weights have these GGUF types, and whose
+    unembedding has type `unembedding`, can be anchored to llama.cpp: one line for
+    `ggufjac info`."""
+    kinds = {Q(t) for t in types} | ({Q(unembedding)} if unembedding is not None else set())
     unknown = sorted(t.name for t in kinds if t != Q.F32 and t not in ACTIVATION_FORMAT)
     if unknown:
         return f"no: llama.cpp's activation rounding for {', '.join(unknown)} is not modelled"
-    q8_1 = sorted(t.name for t in kinds if ACTIVATION_FORMAT.get(t) == "q8_1")
-    if q8_1:
-        return (f"approximate ({'/'.join(q8_1)} weights: Q8_1 block sums not modelled, "
-                "logits nmse ~1e-6)")
+    if unembedding is not None and ACTIVATION_FORMAT.get(Q(unembedding)) == "q8_1":
+        # the layers' Q8_1 block sums are frozen (anchor.py); the unembedding's are not
+        return (f"approximate ({Q(unembedding).name} unembedding: its Q8_1 block sums are not "
+                "reproduced, logits nmse ~1e-6)")
     return "yes (--anchor llama.cpp: llama.cpp's logits reproduced to float32 rounding)"

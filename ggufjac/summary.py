@@ -88,8 +88,10 @@ def summarize(path: Path) -> FileSummary:
         except GgufjacError as e:
             return FileSummary(**head, supported=False,
                                reason=str(e).removeprefix(str(path) + ": "))
-        anchoring = anchoring_support(g.tensor(n).type for n in _linear_path_tensors(cfg)
-                                      if n in g.tensors)
+        *layer_tensors, unembedding = _linear_path_tensors(cfg)
+        anchoring = anchoring_support(
+            (g.tensor(n).type for n in layer_tensors if n in g.tensors),
+            g.tensor(unembedding).type if unembedding in g.tensors else None)
     return FileSummary(**head, supported=True, config=cfg,
                        layer_weights=weights_per_layer(cfg)["all"], jacobian=jacobian_cost(cfg),
                        anchoring=anchoring)
