@@ -160,6 +160,8 @@ class PromptResult:
     attribution_token: str | None = None
     attribution_logit: float | None = None
     attribution_sum: float | None = field(default=None, metadata=_shown("attribution sum"))
+    # a family with biases (y = J x + c): the logit's constant part u_t · c, in the sum
+    attribution_bias: float | None = None
     reconstruction_rel_error: float | None = None
     reconstruction_of: str | None = None  # "output" (‖Σ J_i x_i − y‖/‖y‖) or "logit"
     top_singular_value: float | None = field(default=None, metadata=_shown("σ₁"))
@@ -337,8 +339,10 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
             result.attribution_token_id, result.attribution_token, result.attribution_logit = \
                 target_logit.token_id, target_logit.token, target_logit.logit
             result.contributions = [float(v) for v in c]
-            result.attribution_sum = sum(result.contributions)
-            result.reconstruction_rel_error = abs(float(c.sum()) - logit) / \
+            if record.constant is not None:  # the constant term's part: no position's
+                result.attribution_bias = float(u[0] @ record.constant)
+            result.attribution_sum = sum(result.contributions) + (result.attribution_bias or 0.0)
+            result.reconstruction_rel_error = abs(result.attribution_sum - logit) / \
                 max(abs(logit), 1e-300)
             result.reconstruction_of = "logit"
         if "svd" in settings.analyses:
@@ -348,7 +352,7 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
                 jac = engine.pull_back_output(record, torch.eye(d, dtype=x.dtype,
                                                                 device=x.device),
                                               engine.plan(d, n).chunk)
-                formed = JacobianResult(jac, x, y)
+                formed = JacobianResult(jac, x, y, constant=record.constant)
                 triplets = triplets_of_jacobian(formed, min(k, n * d))
                 result.reconstruction_rel_error = formed.reconstruction_rel_error()
                 result.reconstruction_of = "output"

@@ -29,7 +29,7 @@ from .batch import (BatchSettings, DecodedToken, LensLayer, LocalExecutor, Promp
 from .errors import GgufjacError
 from .outputs import atomic_write
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: prompts.attribution_bias
 # How long a statement waits for another connection's transaction (another batch writing
 # one prompt takes well under a second; a long wait means a stuck writer, and then an error).
 BUSY_TIMEOUT_S = 60.0
