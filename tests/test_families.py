@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from gguf.constants import GGUFValueType
 
 from ggufjac import families, llamacpp
 from ggufjac.api import nmse, open_model
@@ -15,6 +16,9 @@ from tools.synthetic import Shape, write_synthetic_gguf
 
 ARCHS = ["llama", "qwen3", "gemma3", "phi3", "olmo2"]
 QUANTS = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K"]
+# Families whose differences from the others are only rows of data (families.py): Gemma 2's
+# soft-caps and alternating windows, Granite's multipliers, SmolLM3's layers without rope.
+DATA_FAMILIES = ["gemma2", "granite", "smollm3"]
 PROMPT = "the bridge out of Marin"  # 25 tokens with the synthetic vocabulary
 # Measured (tools/fidelity_table.py): with F32/F16 weights our float64 model matches
 # llama.cpp's last-position logits at nmse 3e-8 ... 4e-7 (llama.cpp keeps K/V in F16).
@@ -49,7 +53,7 @@ def test_family_matches_llama_cpp_and_linearizes(synthetic, arch: str, quant: st
 
 
 def test_per_layer_hidden_states_match(synthetic) -> None:
-    for arch in ARCHS:
+    for arch in ARCHS + DATA_FAMILIES:
         path = synthetic(arch, "F32")
         m = open_model(path, dtype="float64")
         tokens = m.tokenize(PROMPT)
@@ -70,6 +74,11 @@ def test_per_layer_hidden_states_match(synthetic) -> None:
     ("qwen3", {"qk_norm": "none"}, True),           # drop the QK-norm
     ("olmo2", {"norm_layout": "sandwich"}, False),  # wrong norm placement (refused)
     ("gemma3", {"swa_pattern": 0}, True),           # no sliding window (prompt crosses it)
+    ("gemma2", {"swa_pattern": 0}, True),
+    ("gemma2", {"attn_logit_softcap": None}, True),  # no cap on the attention scores
+    ("gemma2", {"final_logit_softcap": False}, True),  # no cap on the logits
+    ("granite", {"multipliers": False}, True),      # no embedding/residual/score/logit scales
+    ("smollm3", {"no_rope_layer_step": 0}, True),   # rope in layer 3 too
 ])
 def test_family_details_matter(synthetic, monkeypatch, arch: str, change: dict,
                                loads: bool) -> None:
@@ -199,3 +208,95 @@ def test_generators_write_valid_files_from_the_layout_table(tmp_path, arch: str)
             have = {n.removeprefix("blk.1.").removesuffix(".weight") for n in g.tensors
                     if n.startswith("blk.1.")}
             assert have == set(stored_shapes(cfg)), (arch, path.name)
+
+
+# Each on the float weights and a quantized type: the float64 model within llama.cpp's
+# noise floor, exactly linear on both gate paths.
+@pytest.mark.parametrize("quant", ["F32", "Q4_K_M"])
+@pytest.mark.parametrize("arch", DATA_FAMILIES)
+def test_data_family_matches_llama_cpp_on_both_gate_paths(synthetic, arch: str,
+                                                          quant: str) -> None:
+    path = synthetic(arch, quant)
+    m = open_model(path, dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    ref = llamacpp.evaluate(path, tokens)
+    ours = m.logits(tokens).numpy()
+    assert nmse(ours[-1], ref.logits[-1]) < (EXACT_WEIGHTS_BOUND if quant == "F32"
+                                             else QUANTIZED_BOUND)
+    assert ours[-1].argmax() == ref.logits[-1].argmax()
+    for gate_path in ("up", "gate"):
+        result = m.jacobian(tokens, Linearization(gate_path=gate_path))
+        assert result.reconstruction_rel_error() <= 1e-12, gate_path
+
+
+
+_U32, _F32, _F64 = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.FLOAT64
+_SMALL = Shape(n_layer=3, d_model=64, d_ff=128, n_head=2, n_kv_head=1, head_dim=32,
+               context_length=64)
+
+
+@pytest.mark.parametrize("arch, metadata, settings", [
+    # llama.cpp's caps where the file is silent (src/models/gemma2.cpp, llama-hparams.h)
+    ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None},
+     {"attn_logit_softcap": 50.0, "final_logit_softcap": 30.0}),
+    # set_swa_pattern(3): the last of every 3 layers global; local layers' own rope base
+    ("gemma2", {"attention.sliding_window_pattern": (3, _U32),
+                "rope.freq_base_swa": (100.0, _F32)},
+     {"swa_layers": (True, True, False), "rope_swa": (100.0, 1.0)}),
+    ("gemma2", {"attention.sliding_window_pattern": (0, _U32)},  # 0: every layer slides
+     {"swa_layers": (True, True, True)}),
+    # Granite's switch: rope.scaling.finetuned false turns rope off in every layer
+    ("granite", {"rope.scaling.finetuned": (False, GGUFValueType.BOOL)},
+     {"no_rope_layers": frozenset({0, 1, 2})}),
+    # a multiplier of 0 is llama.cpp's "none" (the score scale then 1/sqrt(head_dim))
+    ("granite", {"embedding_scale": (0.0, _F32), "residual_scale": (0.0, _F32),
+                 "attention.scale": (0.0, _F32)},
+     {"embed_scale": 1.0, "residual_scale": 1.0, "attn_scale": 1 / 32 ** 0.5}),
+])
+def test_family_metadata_read_as_llama_cpp_reads_it(tmp_path, arch: str, metadata: dict,
+                                                    settings: dict) -> None:
+    path = write_synthetic_gguf(tmp_path / f"{arch}.gguf", arch, _SMALL, "F32",
+                                metadata=metadata)
+    m = open_model(path, dtype="float64")
+    assert {k: getattr(m.cfg, k) for k in settings} == settings
+    tokens = m.tokenize(PROMPT)
+    ref = llamacpp.evaluate(path, tokens)
+    assert nmse(m.logits(tokens).numpy()[-1], ref.logits[-1]) < EXACT_WEIGHTS_BOUND
+
+
+@pytest.mark.parametrize("arch, key, value", [
+    ("gemma2", "attn_logit_softcapping", (-50.0, _F32)),
+    ("gemma2", "attn_logit_softcapping", (float("nan"), _F32)),
+    ("gemma2", "final_logit_softcapping", (0.0, _F32)),  # always applied: tanh(z / 0)
+    ("gemma2", "final_logit_softcapping", (30.0, _F64)),  # llama.cpp reads float32 only
+    ("gemma2", "attention.sliding_window", (0, _U32)),  # Gemma 2 always slides
+    ("gemma2", "attention.sliding_window_pattern", ("2", GGUFValueType.STRING)),
+    ("gemma2", "rope.freq_base_swa", (0.5, _F32)),
+    ("granite", "logit_scale", None),  # required by llama.cpp
+    ("granite", "logit_scale", (0.0, _F32)),  # the logits are divided by it
+    ("granite", "residual_scale", (-0.2, _F32)),
+    ("granite", "embedding_scale", (float("inf"), _F32)),
+    ("granite", "attention.scale", (float("nan"), _F32)),
+    ("granite", "rope.scaling.finetuned", (1, _U32)),  # llama.cpp reads a boolean only
+])
+def test_hostile_family_metadata_is_refused(tmp_path, arch: str, key: str, value) -> None:
+    path = write_synthetic_gguf(tmp_path / "m.gguf", arch, _SMALL, "F32", metadata={key: value})
+    with pytest.raises(GGUFError) as e:
+        open_model(path)
+    assert f"{arch}.{key}" in str(e.value) and str(path) in str(e.value)
+
+
+def test_gemma2_with_an_output_tensor_is_refused_as_llama_cpp_refuses_it(tmp_path,
+                                                                         monkeypatch) -> None:
+    """Gemma 2 always unembeds with token_embd: llama.cpp fails to load a file that also has
+    output.weight, and ggufjac refuses it by name rather than explain another model."""
+    import tools.synthetic
+    from ggufjac.errors import LlamaCppError
+
+    monkeypatch.setitem(tools.synthetic.TIED, "gemma2", False)
+    path = write_synthetic_gguf(tmp_path / "g2.gguf", "gemma2", _SMALL, "F32")
+    with pytest.raises(LlamaCppError):
+        llamacpp.evaluate(path, [1, 30, 31])
+    with pytest.raises(GGUFError) as e:
+        open_model(path)
+    assert "output.weight" in str(e.value) and str(path) in str(e.value)
