@@ -20,6 +20,7 @@ from gguf.constants import Keys
 from . import llamacpp, model_reports
 from .anchor import anchor_from_run, capture_names
 from .analysis import top_tokens_by_unembedding
+from .chat import ChatPrompt, Message, render_file_chat_spans, token_segments
 from .errors import GGUFError, GgufjacError, LlamaCppError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
@@ -89,6 +90,40 @@ class LoadedModel:
                 started.close()
         self.check_length(tokens, max_tokens)
         return tokens
+
+    def chat_prompt(self, messages: list[Message], max_tokens: int | None = None,
+                    started: llamacpp.PendingCall | None = None) -> ChatPrompt:
+        """A conversation as the model reads it in chat: rendered through the file's own
+        chat template with a generation prompt, tokenized as llama-cpp-python tokenizes a
+        chat prompt (special-token texts parsed as special tokens, no BOS added beyond the
+        template's), and each token's segment (system, template, user, assistant).
+        `started`: the same tokenization already started (`llamacpp.start_tokenize` of the
+        rendered text with special=True), to wait for."""
+        try:
+            rendered = render_file_chat_spans(self.gguf, messages)
+            if not rendered.text.strip():
+                raise PromptError("the chat template renders the conversation as empty text")
+            self._check_tokenizer()
+            if started is None:
+                started = llamacpp.start_tokenize(self.path, rendered.text, special=True)
+            out = started.result(300)
+        finally:
+            if started is not None:
+                started.close()
+        tokens = out["tokens"].tolist()
+        chat = ChatPrompt(rendered, tokens, token_segments(rendered, llamacpp.pieces_of(out)))
+        self.check_length(tokens, max_tokens)
+        return chat
+
+    def prompt_tokens(self, prompt: str | list[Message], max_tokens: int | None = None,
+                      started: llamacpp.PendingCall | None = None
+                      ) -> tuple[list[int], ChatPrompt | None]:
+        """The tokens of a raw prompt (`tokenize`), or of a conversation with its chat
+        prompt (`chat_prompt`; None for a raw prompt)."""
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, max_tokens, started), None
+        chat = self.chat_prompt(prompt, max_tokens, started)
+        return chat.tokens, chat
 
     def tokenize_many(self, prompts: list[str]) -> list[list[int]]:
         """llama.cpp's tokens of each prompt, from one llama.cpp start (lengths unchecked:
@@ -289,10 +324,11 @@ class LoadedModel:
     def attribute(self, tokens: list[int], targets: list[int] | None = None,
                   lin: Linearization | None = None, progress: bool = False,
                   max_memory: int | None = None, anchor: Anchor | None = None,
-                  llama_cpp: bool = False) -> dict:
+                  llama_cpp: bool = False, chat: ChatPrompt | None = None) -> dict:
         """Each input token's exact additive contribution (u_tᵀ J_i) · x_i to the logit of
         each target token t (default: the predicted one), from one reverse sweep; with the
-        top-5 next tokens, and with `llama_cpp` llama.cpp's own on the same tokens.
+        top-5 next tokens, and with `llama_cpp` llama.cpp's own on the same tokens. With
+        `chat` (the chat prompt of `tokens`), the contributions summed by role segment too.
 
         Anchored, the logit is llama.cpp's: u_t · (r ⊙ y) with r the frozen rounding of the
         unembedding matmul's input, so the contributions sum to llama.cpp's logit."""
@@ -315,11 +351,13 @@ class LoadedModel:
                                                   contributions, u @ y, y, anchor)
         report["sweeps"] = [s.as_dict() for s in engine.sweeps]
         report.update(prediction_figures(self, tokens, y, anchor, llama_cpp))
+        if chat is not None:
+            model_reports.add_chat(report, chat)
         return report
 
     # -- reports -------------------------------------------------------------------------
 
-    def check(self, prompt: str, layers: bool = False, top: int = 5,
+    def check(self, prompt: str | list[Message], layers: bool = False, top: int = 5,
               noise_floor: bool = True, max_tokens: int | None = None,
               settings: RunSettings = DEFAULT_SETTINGS, anchor: bool = False,
               progress: Callable[[str], None] | None = None,
@@ -329,9 +367,12 @@ class LoadedModel:
         itself over the settings users flip (flash attention on/off, repacking on/off).
         `anchor`: also anchor to that run and report how exactly the anchored model
         reproduces it and an independent run (the self-test of anchoring on this CPU).
-        `progress` is told what runs next (the CLI prints it on stderr)."""
+        `progress` is told what runs next (the CLI prints it on stderr). A conversation
+        (a list of messages) is compared on its chat prompt (`chat_prompt`)."""
         say = progress or (lambda text: None)
-        tokens = self.tokenize(prompt, max_tokens, started)
+        tokens, chat = self.prompt_tokens(prompt, max_tokens, started)
+        if chat is not None:
+            prompt = chat.rendered.text
         say(f"{len(tokens)} tokens; scanning the weights for NaN/Inf")
         bad = self.nonfinite_weights()
         if bad:  # the forward pass would be NaN: name the weights instead of comparing
@@ -378,6 +419,8 @@ class LoadedModel:
                 engine.release()
             report["anchor"] = self.anchor_summary(anchored, y)
         report["nonfinite_weights"] = {}
+        if chat is not None:
+            report["chat"] = chat.describe()
         report.update(check_verdict(report["nmse"], report["top1_agree"],
                                     report["llama_cpp_margin"]))
         return report

@@ -250,7 +250,18 @@ class PromptRunner:
                           ours, llama, torch_version, platform.python_version())
 
     def check_targets(self, items: Iterable[PromptItem]) -> None:
-        """Refuse, before any work, a target that is not one token of the vocabulary."""
+        """Refuse, before any work, a target that is not one token of the vocabulary, and
+        conversations for a file without a chat template."""
+        items = list(items)
+        conversation = next((it for it in items if it.messages is not None), None)
+        if conversation is not None:
+            from .chat import require_chat_template
+
+            try:
+                require_chat_template(self.m.gguf)
+            except GgufjacError as e:
+                raise PromptError(f"prompt {conversation.id!r} (line {conversation.line}) is "
+                                  f"a conversation: {e}") from None
         for item in items:
             if item.target is not None:
                 try:
@@ -260,7 +271,8 @@ class PromptRunner:
 
     def prepare(self, items: list[PromptItem]) -> None:
         """Tokenize `items` in one llama.cpp start (run() would start one per prompt)."""
-        todo = [it for it in items if it.id not in self._tokens]
+        # a conversation is rendered and tokenized on its own (run)
+        todo = [it for it in items if it.id not in self._tokens and it.messages is None]
         for s in range(0, len(todo), TOKENIZE_CHUNK):
             part = todo[s:s + TOKENIZE_CHUNK]
             for it, tokens in zip(part, self.m.tokenize_many([it.prompt for it in part])):
@@ -272,7 +284,9 @@ class PromptRunner:
         result = PromptResult(item.id, item.prompt, item.target)
         try:
             tokens = self._tokens.pop(item.id, None)
-            if tokens is None:
+            if item.messages is not None:
+                tokens = self.m.chat_prompt(list(item.messages)).tokens
+            elif tokens is None:
                 tokens = self.m.tokenize(item.prompt)
             result.token_ids = tokens
             result.n_tokens = len(tokens) if tokens else None

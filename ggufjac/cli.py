@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli_options import (DTYPES, EXACT_DTYPES, anchor_option, dtype_option, layers_option,
-                          refuse, top_k_option)
+from .cli_options import (DTYPES, EXACT_DTYPES, anchor_option, chat_options, dtype_option,
+                          layers_option, refuse, top_k_option)
 from .errors import GgufjacError
 
 _IMPORTED = time.perf_counter()
@@ -32,6 +32,7 @@ def seconds_since_start() -> float:
 
 if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
     from .api import LoadedModel
+    from .chat import ChatRequest, Message
     from .linearize import Anchor
     from .linearize import Linearization
     from .llamacpp import RunSettings
@@ -121,7 +122,13 @@ def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+def _read_prompt(prompt: str | None, prompt_file: Path | None,
+                 chat: ChatRequest | None = None) -> str | list[Message]:
+    """The prompt text, or with `chat` (--chat, --messages) the conversation to render."""
+    if chat is not None and chat.messages_path is not None:
+        return chat.conversation(prompt if prompt_file is None else str(prompt_file))
+    if chat is not None:
+        return chat.conversation(_read_prompt(prompt, prompt_file))  # type: ignore[arg-type]
     if (prompt is None) == (prompt_file is None):
         raise GgufjacError("give exactly one of --prompt and --prompt-file")
     if prompt_file is not None:
@@ -141,7 +148,7 @@ def _prompt_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
                       help="Read the prompt from a UTF-8 file.")(fn)
     fn = click.option("--prompt", "-p", default=None, help="The prompt text.")(fn)
-    return fn
+    return chat_options(fn)
 
 
 def _engine_options(fn: Callable[..., Any] | None = None, *,
@@ -272,10 +279,11 @@ def _precheck_device(device: str) -> None:
         raise GgufjacError("device 'mps' exists on macOS only")
 
 
-def _start_tokenizer(model: str, text: str) -> tuple[str, Any]:
+def _start_tokenizer(model: str, text: str | list[Message]) -> tuple[str, Any]:
     """The model's path, and llama.cpp's tokenizer started on `text` in its child process
     once the file has passed validation (torch-free, a fraction of a second): it then runs
-    on one core while torch is imported on the other."""
+    on one core while torch is imported on the other. A conversation is rendered through
+    the file's chat template first (a file without one is refused here, before torch)."""
     from .layout import validate_file
     from .llamacpp import start_tokenize
     from .resolve import resolve_model
@@ -285,6 +293,13 @@ def _start_tokenizer(model: str, text: str) -> tuple[str, Any]:
     g, _ = validate_file(path)
     with g:
         tokenizable = has_tokenizer(g)
+        if not isinstance(text, str):
+            from .chat import render_file_chat_spans
+
+            text = render_file_chat_spans(g, text).text
+            if not text.strip() or not tokenizable:
+                return str(path), None  # refused by LoadedModel.chat_prompt
+            return str(path), start_tokenize(path, text, special=True)
     if not text.strip() or not tokenizable:
         return str(path), None  # refused by LoadedModel.tokenize, with its message
     return str(path), start_tokenize(path, text)
@@ -292,13 +307,14 @@ def _start_tokenizer(model: str, text: str) -> tuple[str, Any]:
 
 def _early_checks(prompt: str | None, prompt_file: Path | None, device: str = "cpu",
                   out_dir: Path | None = None, overwrite: bool = False,
-                  max_memory: str | None = None, html: bool = False) -> tuple[str, int | None]:
-    """Mistakes that need no model, refused before the slow imports: the prompt, the
-    output directory, the device, the memory budget, --html without Jinja2. Returns the
-    prompt and the budget."""
+                  max_memory: str | None = None, html: bool = False,
+                  chat: ChatRequest | None = None) -> tuple[str | list[Message], int | None]:
+    """Mistakes that need no model, refused before the slow imports: the prompt (with
+    `chat`, the conversation), the output directory, the device, the memory budget, --html
+    without Jinja2. Returns the prompt (or conversation) and the budget."""
     from .outputs import check_output_dir
 
-    text = _read_prompt(prompt, prompt_file)
+    text = _read_prompt(prompt, prompt_file, chat)
     if html:
         from .html import require_html
 
@@ -418,10 +434,10 @@ def _print_check(report: dict) -> None:
 @_threads_option
 @_errors_to_exit
 def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-          per_layer: bool, dtype: str, json_path: Path | None, no_noise_floor: bool,
-          anchor: str, **llama: Any) -> None:
+          chat: ChatRequest | None, per_layer: bool, dtype: str, json_path: Path | None,
+          no_noise_floor: bool, anchor: str, **llama: Any) -> None:
     """Compare our forward pass with llama.cpp's on the same tokens."""
-    text = _read_prompt(prompt, prompt_file)
+    text = _read_prompt(prompt, prompt_file, chat)
     settings = _settings(**llama)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
@@ -449,14 +465,15 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
 @_threads_option
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-             out_dir: Path, dtype: str, gate_path: str, device: str, max_memory: str | None,
-             anchor: str, overwrite: bool, html: bool, **llama: Any) -> None:
+             chat: ChatRequest | None, out_dir: Path, dtype: str, gate_path: str, device: str,
+             max_memory: str | None, anchor: str, overwrite: bool, html: bool,
+             **llama: Any) -> None:
     """Detached Jacobian of the output embedding w.r.t. every input embedding.
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
     """
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
-                                 html)
+                                 html, chat)
     anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
@@ -464,11 +481,12 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     from .reports import jacobian_to_dir
 
     m = open_model(model, dtype=dtype, device=device)
-    tokens = m.tokenize(text, max_tokens, started)
+    tokens, conversation = m.prompt_tokens(text, max_tokens, started)
     run = jacobian_to_dir(m, tokens, Linearization(detach=True, gate_path=gate_path), out_dir,
                           overwrite, budget, anchor_settings, device, llama_cpp_figures=html,
                           progress=True,
-                          on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True))
+                          on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True),
+                          chat=conversation)
     report, result, seconds = run.report, run.result, run.seconds
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
@@ -515,7 +533,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 @_threads_option
 @_errors_to_exit
 def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-        top_k: int, out_dir: Path, per_token: bool, tolerance: float | None,
+        chat: ChatRequest | None, top_k: int, out_dir: Path, per_token: bool, tolerance: float | None,
         max_iterations: int, block: int | None, dtype: str, gate_path: str, device: str,
         max_memory: str | None, anchor: str, overwrite: bool, html: bool,
         **llama: Any) -> None:
@@ -523,7 +541,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     block Lanczos on J Jᵀ, each step one reverse sweep (Jᵀ·U) and one forward sweep of the
     frozen linear network (J·V). Memory does not grow with d x N x d."""
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
-                                 html)
+                                 html, chat)
     if tolerance is not None and not tolerance > 0:
         raise GgufjacError(f"--tolerance must be positive, not {tolerance}")
     anchor_settings = _anchor_settings(anchor, llama)
@@ -537,12 +555,13 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
                    f"Ritz residual {residual:.1e}", err=True)
 
     m = open_model(model, dtype=dtype, device=device)
-    tokens = m.tokenize(text, max_tokens, started)
+    tokens, conversation = m.prompt_tokens(text, max_tokens, started)
     run = svd_to_dir(m, tokens, Linearization(detach=True, gate_path=gate_path), out_dir, top_k,
                      tolerance, max_iterations, block, per_token, overwrite, budget,
                      anchor_settings, device, llama_cpp_figures=html, progress=True,
                      on_iteration=told,
-                     on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True))
+                     on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True),
+                     chat=conversation)
     report, result, per, seconds = run.report, run.result, run.per_token, run.seconds
     click.echo(f"tokens                   {len(tokens)}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
@@ -598,7 +617,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
 @_threads_option
 @_errors_to_exit
 def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-              token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
+              chat: ChatRequest | None, token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
               gate_path: str, device: str, max_memory: str | None, anchor: str,
               json_path: Path | None, html: bool, **llama: Any) -> None:
     """Each input token's exact additive contribution to a token's logit.
@@ -608,7 +627,8 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     """
     if html and json_path is None:  # the page is made from, and written next to, the JSON
         raise GgufjacError("--html needs --json FILE (report.html is written next to it)")
-    text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory, html=html)
+    text, budget = _early_checks(prompt, prompt_file, device, max_memory=max_memory, html=html,
+                                 chat=chat)
     anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
@@ -616,7 +636,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     from .outputs import write_json
 
     m = open_model(model, dtype=dtype, device=device)
-    tokens = m.tokenize(text, max_tokens, started)
+    tokens, conversation = m.prompt_tokens(text, max_tokens, started)
     targets = [m.token_for_text(t) for t in token_texts]
     for t in token_ids:
         if not 0 <= t < m.cfg.vocab_size:
@@ -625,7 +645,8 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     lin = Linearization(gate_path=gate_path)
     anchored = _anchor(m, tokens, lin, anchor_settings)
     report = m.attribute(tokens, targets or None, lin, progress=True, max_memory=budget,
-                         anchor=anchored, llama_cpp=html and anchored is None)
+                         anchor=anchored, llama_cpp=html and anchored is None,
+                         chat=conversation)
     if anchored is not None:
         _echo_anchor(report["anchor"])
     for row in report["targets"]:
@@ -634,11 +655,17 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
                       if "logit_after_softcap" in row else "")
                    + (f" (llama.cpp: {row['llama_cpp_logit']:.6f})"
                       if "llama_cpp_logit" in row else ""))
-        click.echo(f"  {'pos':>4}  {'token':<20}{'contribution':>14}")
+        segments = report["chat"]["token_segments"] if "chat" in report else None
+        click.echo(f"  {'pos':>4}  {'token':<20}{'contribution':>14}"
+                   + ("  segment" if segments else ""))
         for i, (tok, c) in enumerate(zip(report["tokens"], row["contributions"])):
-            click.echo(f"  {i:>4}  {tok!r:<20}{c:>14.6f}")
+            click.echo(f"  {i:>4}  {tok!r:<20}{c:>14.6f}"
+                       + (f"  {segments[i]}" if segments else ""))
         click.echo(f"  sum of contributions {row['sum_of_contributions']:.6f} "
                    f"(relative error vs the logit {row['rel_error']:.1e})")
+        if "segment_sums" in row:
+            click.echo("  by segment: " + ", ".join(f"{name} {v:.6f}" for name, v
+                                                    in row["segment_sums"].items()))
         if "space_prefixed_alternative" in row:
             alt = row["space_prefixed_alternative"]
             click.echo(f"  note: {alt['token']!r} (id {alt['id']}, with the leading space) is "
@@ -663,7 +690,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
 @_threads_option
 @_errors_to_exit
 def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
-           out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
+           chat: ChatRequest | None, out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
            max_memory: str | None, anchor: str, save_matrices: bool,
            overwrite: bool, html: bool, **llama: Any) -> None:
     """Each layer, its attention and its MLP as exact linear maps, with their SVDs.
@@ -673,7 +700,7 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     and MLP parts; reconstruction errors, spectra, stable ranks, decoded singular vectors.
     """
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
-                                 html)
+                                 html, chat)
     anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
@@ -684,10 +711,10 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     m = open_model(model, dtype=dtype, device=device)
     chosen = list(range(m.cfg.n_layer)) if layer_list is None else \
         parse_layer_list(layer_list, m.cfg.n_layer)
-    tokens = m.tokenize(text, max_tokens, started)
+    tokens, conversation = m.prompt_tokens(text, max_tokens, started)
     run = layers_to_dir(m, tokens, chosen, Linearization(detach=True, gate_path=gate_path),
                         out_dir, overwrite, budget, anchor_settings, device, save_matrices,
-                        llama_cpp_figures=html, progress=True)
+                        llama_cpp_figures=html, progress=True, chat=conversation)
     click.echo(run.markdown)
     click.echo(f"({run.seconds:.1f} s) wrote {out_dir}/" + ", ".join(run.files))
     if html:
@@ -746,7 +773,7 @@ def _parse_analyses(text: str) -> tuple[str, ...]:
 @_threads_option
 @_errors_to_exit
 def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | None,
-            max_tokens: int | None, prompts_file: Path | None, analyses: str, top_k: int,
+            max_tokens: int | None, chat: ChatRequest | None, prompts_file: Path | None, analyses: str, top_k: int,
             token_text: str | None, no_llama_cpp: bool, out_dir: Path | None, dtype: str,
             gate_path: str, device: str, max_memory: str | None, anchor: str,
             overwrite: bool, html: bool, **llama: Any) -> None:
@@ -758,14 +785,15 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     model, or a model and its fine-tune); the first difference is named otherwise.
     """
     chosen = _parse_analyses(analyses)
-    if [prompt, prompt_file, prompts_file].count(None) != 2:
-        raise GgufjacError("give one of --prompt, --prompt-file and --prompts")
+    messages_path = None if chat is None else chat.messages_path
+    if [prompt, prompt_file, prompts_file, messages_path].count(None) != 3:
+        raise GgufjacError("give one of --prompt, --prompt-file, --prompts and --messages")
     if prompts_file is not None:
-        from .prompt_sets import read_prompt_set
+        from .prompt_sets import prompt_set_inputs, read_prompt_set
 
-        prompts = [item.prompt for item in read_prompt_set(prompts_file)]
+        prompts = prompt_set_inputs(read_prompt_set(prompts_file), chat)
     else:
-        prompts = [_read_prompt(prompt, prompt_file)]
+        prompts = [_read_prompt(prompt, prompt_file, chat)]
     if html and out_dir is None:
         raise GgufjacError("--html needs --out DIR (report.html is written there)")
     budget = _early_checks(prompts[0], None, device, out_dir, overwrite, max_memory, html)[1]
@@ -965,13 +993,14 @@ def _finite_scales(text: str) -> list[float]:
 @dtype_option(EXACT_DTYPES)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the results to this JSON file.")
+@chat_options(messages=False)
 @_threads_option
 @_errors_to_exit
 def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
           layer: int | None, operator: str | None, control_vector: Path | None,
           scale: float | None,
           scales: str, n_new: int, concept_texts: tuple[str, ...], seed: int, dtype: str,
-          json_path: Path | None, threads: int | None) -> None:
+          json_path: Path | None, chat: ChatRequest | None, threads: int | None) -> None:
     """Greedy continuations of a prompt, unsteered and steered by the source prompt's maps.
 
     The default operator is the paper's: the source's cumulative Jacobian at the block,
@@ -1001,7 +1030,7 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
                     layer=layer, operator=operator or "jacobian", control_vector=cv,
                     control_vector_name=None if cv is None else str(control_vector),
                     scale=scale, scales=eval_scales, n_new=n_new, concept_texts=concept_texts,
-                    seed=seed, progress=lambda text: click.echo(text, err=True))
+                    seed=seed, progress=lambda text: click.echo(text, err=True), chat=chat)
     click.echo("concept tokens: " + ", ".join(repr(m.token_text(t)) for t in run.concepts))
     report = steer_report(m, run.settings, prompt=run.prompt, unsteered=run.unsteered,
                           steered=run.steered, evaluation=run.evaluation,
@@ -1059,11 +1088,13 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
               help="Write the file even when the check finds it degrades the model.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the check's random vector.")
+@chat_options(messages=False)
 @_threads_option
 @_errors_to_exit
 def cvector(model: str, source: str, layer_range: str, out_path: Path, operator: str,
             concept_texts: tuple[str, ...], scale: float, dtype: str, overwrite: bool,
-            check: bool, force: bool, seed: int, threads: int | None) -> None:
+            check: bool, force: bool, seed: int, chat: ChatRequest | None,
+            threads: int | None) -> None:
     """Write a control vector (`llama-cli --control-vector FILE`): per block N of the k in
     --layers, direction.N = (λ/k) ‖h_N‖ u_N, u_N the source's direction at block N's output
     (by default the concept's logit row pulled back through the source's detached map),
@@ -1078,7 +1109,7 @@ def cvector(model: str, source: str, layer_range: str, out_path: Path, operator:
     m = open_model(model, dtype=dtype)
     done = export_control_vector(m, source, layer_range, out_path, operator=operator,
                                  concept_texts=concept_texts, scale=scale, overwrite=overwrite,
-                                 check=check, force=force, seed=seed)
+                                 check=check, force=force, seed=seed, chat=chat)
     cv = done.control_vector
     for n, v in sorted(cv.directions.items()):
         click.echo(f"direction.{n}: norm {float(v.norm()):.4g}")

@@ -8,7 +8,9 @@ while the command line is read, before any model is opened.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -91,3 +93,41 @@ def layers_option(purpose: str, name: str = "layer_list", required: bool = False
     (units.parse_layer_list). `name`: the command function's parameter."""
     return click.option("--layers", name, default=None, required=required, metavar="LIST",
                         callback=_checked(_layer_list), help=purpose)
+
+
+def chat_options(fn: Callable[..., Any] | None = None, *, messages: bool = True) -> Any:
+    """--chat, --system TEXT and (with `messages`) --messages FILE, given to the command as
+    one parameter `chat`: a chat.ChatRequest (the prompt rendered through the file's own chat
+    template), or None for the raw prompt. A combination that makes no sense is refused
+    here. `@chat_options(messages=False)`: a command of several prompts, each one a user
+    message."""
+    if fn is None:
+        return functools.partial(chat_options, messages=messages)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, chat: bool, system: str | None, messages_path: Path | None = None,
+                **kwargs: Any) -> Any:
+        from .chat import chat_request
+
+        try:
+            request = chat_request(chat, system, messages_path)
+        except GgufjacError as e:
+            refuse(click.get_current_context(), str(e))
+        return fn(*args, chat=request, **kwargs)
+    if messages:
+        wrapper = click.option(
+            "--messages", "messages_path", type=click.Path(path_type=Path), default=None,
+            metavar="FILE",
+            help="A whole conversation (a JSON list of {\"role\": system|user|assistant, "
+                 "\"content\": ...}) rendered as --chat renders the prompt (implies --chat; "
+                 "instead of --prompt).")(wrapper)
+    wrapper = click.option(
+        "--system", default=None, metavar="TEXT",
+        help="With --chat: a system message before the prompt.")(wrapper)
+    wrapper = click.option(
+        "--chat", is_flag=True,
+        help="Render the prompt as one user message through the file's own chat template "
+             "(tokenizer.chat_template) with a generation prompt, special tokens parsed, as "
+             "llama.cpp's --jinja and llama-cpp-python's chat completion do; reports show "
+             "each token's role segment (docs/chat.md).")(wrapper)
+    return wrapper

@@ -32,6 +32,7 @@ from .runner import unembed
 
 if TYPE_CHECKING:
     from .api import LoadedModel
+    from .chat import Message
 
 ANALYSES = ("jacobian", "attribute", "lens")
 TOP_OVERLAP = 3  # the attribution's top positions compared
@@ -296,7 +297,7 @@ def comparison_entry(a: LoadedModel, prompt: str, tokens: list[int], target: int
 
 # -- a prompt set ---------------------------------------------------------------------------
 
-def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
+def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str | list[Message]],
                     analyses: tuple[str, ...] = ANALYSES, k: int = 8,
                     target: int | None = None, lin: Linearization | None = None,
                     settings: RunSettings | None = None, anchored: bool = False,
@@ -305,21 +306,25 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
     """Every prompt's comparison entry (`comparison_entry`): the top-`k` subspaces;
     the attribution target is `target`, or else file A's prediction, for both files;
     `settings`: each file's own llama.cpp run (None: none); `anchored`: each file's
-    coefficients from that run."""
+    coefficients from that run. A prompt that is a conversation (a list of messages) is
+    compared on its chat prompt, rendered by each file's own template (the entry gets its
+    conversation and token segments, "chat")."""
     check_comparable(a, b)
     lin = lin or Linearization()
     if anchored and settings is None:
         raise GgufjacError("anchoring needs llama.cpp's run settings")
     entries = []
-    for i, prompt in enumerate(prompts):
+    for i, given in enumerate(prompts):
+        shown = given if isinstance(given, str) else given[-1].content
         if on_prompt is not None:
-            on_prompt(i, prompt)
-        which = f"prompt {i + 1} ({prompt[:40]!r})" if len(prompts) > 1 else "the prompt"
+            on_prompt(i, shown)
+        which = f"prompt {i + 1} ({shown[:40]!r})" if len(prompts) > 1 else "the prompt"
         try:
-            tokens = a.tokenize(prompt, max_tokens)
-            tokens_b = b.tokenize(prompt, max_tokens)
+            tokens, chat = a.prompt_tokens(given, max_tokens)
+            tokens_b, _ = b.prompt_tokens(given, max_tokens)
         except PromptError as e:
             raise PromptError(f"{which}: {e}") from None
+        prompt = given if chat is None else chat.rendered.text
         if tokens != tokens_b:
             raise GgufjacError(f"{a.path.name} and {b.path.name} tokenize {which} "
                                f"differently ({len(tokens)} and {len(tokens_b)} tokens)")
@@ -330,5 +335,7 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str],
         side_b = analyse(b, tokens, analyses, t, lin, settings, anchored, max_memory)
         entries.append(comparison_entry(a, prompt, tokens, t, side_a.top(), side_b.top(),
                                         compare_sides(side_a, side_b, k)))
+        if chat is not None:
+            entries[-1]["chat"] = chat.describe()
         del side_a, side_b
     return entries

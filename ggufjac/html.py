@@ -189,15 +189,24 @@ def _legend(diverging: bool, label: str) -> str:
 
 
 def token_row(tokens: list[str], values: list[float] | None, diverging: bool,
-              attribute: str) -> list[dict]:
-    """Per input token: its text, its value (or None) and its colours."""
+              attribute: str, segments: list[str] | None = None) -> list[dict]:
+    """Per input token: its text, its value (or None), its colours and, for a chat prompt,
+    its role segment (chat.SEGMENTS; None otherwise)."""
     colours = _colours(values, diverging) if values is not None else None
+    if segments is not None and len(segments) != len(tokens):
+        segments = None
     return [{"text": t, "shown": show_token(t), "json": json.dumps(t), "position": i,
              "value": None if values is None else values[i],
              "bg": colours[i]["bg"] if colours else "#f4f4f4",
              "fg": colours[i]["fg"] if colours else "#000", "attribute": attribute,
-             "marked": False}
+             "marked": False, "segment": None if segments is None else segments[i]}
             for i, t in enumerate(tokens)]
+
+
+def _segments(report: dict) -> list[str] | None:
+    """A chat prompt's token segments (report["chat"], model_reports.add_chat), or None."""
+    chat = report.get("chat")
+    return chat.get("token_segments") if isinstance(chat, dict) else None
 
 
 def _svg(fig: Any) -> str:
@@ -360,9 +369,11 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
                            "anchor": _anchor(report), "title": f"ggufjac {kind}: "
                            f"{Path(str(report.get('model', '?'))).name}",
                            "show": show_token, "fmt": _fmt, "json": json.dumps}
+    segments = _segments(report)
+    ctx["segments"] = segments is not None
     if kind == "attribute":
         ctx["targets"] = [{"row": row, "tokens": token_row(tokens, row["contributions"], True,
-                                                            "contribution")}
+                                                            "contribution", segments)}
                           for row in report["targets"]]
         ctx["legend"] = _legend(True, "contribution to the logit")
         return ctx
@@ -371,7 +382,8 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
         if vectors and "input_position_norms" in vectors[0]:
             position_weights = vectors[0]["input_position_norms"]
         ctx["vectors"] = [{"v": v, "tokens": token_row(tokens, v.get("input_position_norms"),
-                                                        False, "weight")} for v in vectors]
+                                                        False, "weight", segments)}
+                          for v in vectors]
         ctx["spectrum_svg"] = spectrum_svg(report["singular_values"],
                                            f"top {len(report['singular_values'])} singular "
                                            "values of J")
@@ -387,7 +399,7 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
     if position_weights is not None and len(position_weights) != len(tokens):
         position_weights = None
     ctx["position_weights"] = position_weights is not None
-    ctx["tokens"] = token_row(tokens, position_weights, False, "weight")
+    ctx["tokens"] = token_row(tokens, position_weights, False, "weight", segments)
     if kind == "layers" and position_weights is None:
         last = _last_cumulative(report)
         if last is not None and 0 <= last["vectors"][0]["right_position"] < len(tokens):

@@ -154,9 +154,26 @@ def _call(request: dict, timeout: float) -> dict[str, np.ndarray]:
     return PendingCall(request).result(timeout)
 
 
-def start_tokenize(model: str | Path, prompt: str) -> PendingCall:
-    """`tokenize`, started in the background: `.result(timeout)["tokens"]` when needed."""
-    return PendingCall({"model": str(model), "prompt": prompt, "evaluate": False})
+def start_tokenize(model: str | Path, prompt: str, special: bool = False) -> PendingCall:
+    """`tokenize`, started in the background: `.result(timeout)["tokens"]` when needed.
+    `special`: `tokenize_special`'s tokenization (its "pieces" and "piece_ends" too)."""
+    return PendingCall({"model": str(model), "prompt": prompt, "evaluate": False,
+                        "special": special})
+
+
+def pieces_of(out: dict[str, np.ndarray]) -> list[bytes]:
+    """The token pieces of a special tokenization's result (`start_tokenize(special=True)`)."""
+    data, ends = out["pieces"].tobytes(), out["piece_ends"].tolist()
+    return [data[s:e] for s, e in zip([0, *ends[:-1]], ends)]
+
+
+def tokenize_special(model: str | Path, prompt: str, timeout: float = 300
+                     ) -> tuple[list[int], list[bytes]]:
+    """llama.cpp's tokens for a rendered chat prompt as llama-cpp-python tokenizes one
+    (special-token texts such as <|im_start|> parsed as special tokens, no BOS added: the
+    template writes it), and the bytes each token stands for."""
+    out = start_tokenize(model, prompt, special=True).result(timeout)
+    return out["tokens"].tolist(), pieces_of(out)
 
 
 def tokenize(model: str | Path, prompt: str, timeout: float = 300) -> list[int]:

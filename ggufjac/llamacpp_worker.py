@@ -44,19 +44,41 @@ def _load_ggml_base(llama_cpp_module: object) -> ctypes.CDLL:
     return lib
 
 
-def _tokenize(llama_cpp: object, vocab: object, text: str) -> list[int]:
+def _tokenize(llama_cpp: object, vocab: object, text: str, special: bool = False) -> list[int]:
     """llama.cpp's tokens for `text`; the buffer grows to what llama_tokenize asks for (an
     SPM vocabulary that spells the space marker in byte tokens can need more tokens than the
-    text has bytes)."""
+    text has bytes). `special`: a rendered chat prompt, tokenized as llama-cpp-python
+    tokenizes one (special-token texts parsed as special tokens, no BOS added: the template
+    writes it where it wants it)."""
     data = text.encode("utf-8")
     cap = len(data) + 16
     for _ in range(2):
         buf = (llama_cpp.llama_token * cap)()  # type: ignore[attr-defined]
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, True, False)  # type: ignore
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap,  # type: ignore
+                                     not special, special)
         if n >= 0:
             return list(buf[:n])
         cap = -n
     raise RuntimeError(f"tokenize asked for {cap} tokens twice")
+
+
+def _pieces(llama_cpp: object, vocab: object, tokens: list[int]) -> dict[str, np.ndarray]:
+    """The bytes each token stands for (special tokens as their text), end to end, and
+    where each one ends."""
+    pieces = []
+    for t in tokens:
+        cap = 64
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = llama_cpp.llama_token_to_piece(vocab, t, buf, cap, 0, True)  # type: ignore
+            if n >= 0:
+                pieces.append(buf.raw[:n])
+                break
+            cap = -n
+        else:
+            raise RuntimeError(f"token_to_piece asked for {cap} bytes twice")
+    return {"pieces": np.frombuffer(b"".join(pieces), dtype=np.uint8).copy(),
+            "piece_ends": np.cumsum([len(p) for p in pieces], dtype=np.int64)}
 
 
 def quantize(llama_cpp: object, req: dict) -> dict[str, np.ndarray]:
@@ -171,8 +193,11 @@ def run(req: dict) -> dict[str, np.ndarray]:
         lists = [_tokenize(llama_cpp, vocab, text) for text in req["prompts"]]
         return {"tokens": np.asarray([t for ts in lists for t in ts], dtype=np.int64),
                 "ends": np.cumsum([len(ts) for ts in lists], dtype=np.int64)}
-    tokens = req.get("tokens") or _tokenize(llama_cpp, vocab, req["prompt"])
+    tokens = req.get("tokens") or _tokenize(llama_cpp, vocab, req["prompt"],
+                                            bool(req.get("special")))
     out: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int64)}
+    if req.get("special"):
+        out.update(_pieces(llama_cpp, vocab, tokens))
     if not req["evaluate"]:
         return out
 

@@ -18,6 +18,7 @@ import torch
 
 from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, gram_spectrum, \
     spectrum, top_tokens_by_unembedding
+from .chat import ChatPrompt
 from .families import ModelConfig
 from .gguf_file import GGUFFile
 from .jacobian import JacobianFile, JacobianResult, reconstruction_rel_error
@@ -245,6 +246,25 @@ def svd_report(m: OpenedModel, tokens: list[int], result: TopSingularTriplets,
         report["constant"] = constant_report(result.constant, y, "svd")
     if anchor is not None:
         report["anchor"] = anchor_summary(m, anchor, y)
+    return report
+
+
+def add_chat(report: dict, chat: ChatPrompt) -> dict:
+    """A chat prompt's conversation and token segments in `report` (report["chat"]); per
+    attribution target, its token contributions summed by segment ("segment_sums": they sum
+    to the sum of contributions; a constant term is no token's and is not in them); per
+    decoded singular vector with per-position norms, the share of its squared norm that
+    reads from each segment ("segment_shares")."""
+    report["chat"] = chat.describe()
+    for row in report.get("targets", []):
+        row["segment_sums"] = chat.segment_sums(row["contributions"])
+    for v in report.get("vectors", []):
+        norms = v.get("input_position_norms")
+        if norms is not None and len(norms) == len(chat.segments):
+            squares = chat.segment_sums([float(n) ** 2 for n in norms])
+            total = sum(squares.values())
+            v["segment_shares"] = {k: (q / total if total > 0 else 0.0)
+                                   for k, q in squares.items()}
     return report
 
 

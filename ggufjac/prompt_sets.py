@@ -14,21 +14,40 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chat import ChatError, ChatRequest, Message, messages_from_json, messages_json
 from .errors import PromptError
 
 
 @dataclass(frozen=True)
 class PromptItem:
     id: str
+    # the prompt text; for a conversation, its messages as one line of JSON (messages_json)
     prompt: str
     target: str | None  # the token whose logit is attributed (None: the predicted one)
     line: int  # where it is in the file (1-based line, or row for CSV / Parquet)
+    # a conversation (a JSONL line's "messages"), rendered through the model's chat template
+    messages: tuple[Message, ...] | None = None
+
+
+def _conversation(path: Path, line: int, row: dict, where: str) -> tuple[Message, ...]:
+    if "prompt" in row:
+        raise PromptError(f"{path}, {where} {line}: give \"prompt\" or \"messages\", not both")
+    try:
+        return tuple(messages_from_json(row["messages"], f"{path}, {where} {line}"))
+    except ChatError as e:
+        raise PromptError(str(e)) from None
 
 
 def _item(path: Path, line: int, row: object, where: str) -> PromptItem:
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise PromptError(f"{path}, {where} {line}: expected a \"prompt\" string")
-    prompt = row["prompt"]
+    messages = None
+    if where == "line" and isinstance(row, dict) and "messages" in row:  # JSONL only
+        messages = _conversation(path, line, row, where)
+        prompt = messages_json(messages)
+    elif not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise PromptError(f"{path}, {where} {line}: expected a \"prompt\" string"
+                          + (" (or a \"messages\" list)" if where == "line" else ""))
+    else:
+        prompt = row["prompt"]
     if not prompt.strip():
         raise PromptError(f"{path}, {where} {line}: the prompt is empty")
     ident = row.get("id")
@@ -43,7 +62,7 @@ def _item(path: Path, line: int, row: object, where: str) -> PromptItem:
     if target is not None and not isinstance(target, str):
         raise PromptError(f"{path}, {where} {line}: \"target\" must be a string (a token "
                           f"such as \" Paris\"), not {target!r}")
-    return PromptItem(str(ident), prompt, target, line)
+    return PromptItem(str(ident), prompt, target, line, messages)
 
 
 def _read_text(path: Path) -> str:
@@ -129,8 +148,8 @@ def _lines(path: Path) -> list[PromptItem]:
 
 
 def read_prompt_set(path: Path) -> list[PromptItem]:
-    """The prompts of `path` by its suffix: .jsonl (objects with "prompt", optional "id" and
-    "target"), .csv and .parquet (a "prompt" column, optional "id" and "target" columns),
+    """The prompts of `path` by its suffix: .jsonl (objects with "prompt", or "messages" (a
+    conversation: a list of role/content objects), optional "id" and "target"), .csv and .parquet (a "prompt" column, optional "id" and "target" columns),
     anything else one prompt per line (blank lines skipped; the id is the line number).
     Refuses an unreadable file, a bad entry, a duplicate id or a file without prompts."""
     path = Path(path)
@@ -156,3 +175,11 @@ def read_words(path: Path) -> list[str]:
     if not words:
         raise PromptError(f"{path}: no words in the file")
     return words
+
+
+def prompt_set_inputs(items: list[PromptItem], chat: ChatRequest | None = None
+                      ) -> list[str | list[Message]]:
+    """What each item asks the model to read: its conversation, or its prompt (as one user
+    message when `chat` asks for the chat template: `ChatRequest.conversation`)."""
+    return [list(it.messages) if it.messages is not None
+            else it.prompt if chat is None else chat.conversation(it.prompt) for it in items]

@@ -21,9 +21,10 @@ from .jacobian import JacobianResult
 from .layers import KINDS
 from .linearize import Linearization
 from .llamacpp import RunSettings
-from .model_reports import jacobian_report, layers_report, svd_report
+from .model_reports import add_chat, jacobian_report, layers_report, svd_report
 
 if TYPE_CHECKING:
+    from .chat import ChatPrompt
     from .steer import Continuation, ScaleResult
     from .svd import PerTokenTriplets, TopSingularTriplets
 
@@ -216,13 +217,15 @@ def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_d
                     overwrite: bool = False, max_memory: int | None = None,
                     anchor_settings: RunSettings | None = None, device: str = "cpu",
                     llama_cpp_figures: bool = False, progress: bool = False,
-                    on_spill: Callable[[str], None] | None = None) -> JacobianRun:
+                    on_spill: Callable[[str], None] | None = None,
+                    chat: ChatPrompt | None = None) -> JacobianRun:
     """The detached Jacobian of `tokens` and its report, written to `out_dir`:
     jacobian.safetensors (J [d, N, d], the inputs, the output; the token ids in its
     metadata), report.json and singular_values.png. A J larger than the memory budget is
     written to disk as it is made, a few output rows per reverse sweep (`on_spill` is told
     how). With `anchor_settings`, anchored to llama.cpp's run with them; with
-    `llama_cpp_figures` (unanchored), llama.cpp's own prediction is in the report too."""
+    `llama_cpp_figures` (unanchored), llama.cpp's own prediction is in the report too;
+    with `chat` (the chat prompt of `tokens`), its conversation and token segments."""
     import time
 
     from safetensors.torch import save_file
@@ -259,6 +262,8 @@ def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_d
         report["jacobian_seconds"] = seconds
         report["device"] = device
         report["jacobian_in_memory"] = scratch is None
+        if chat is not None:
+            add_chat(report, chat)
         title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({report['dtype']}), predicted "
                  f"{report['predicted_token']!r}"
                  + (", anchored to llama.cpp" if anchored is not None else ""))
@@ -300,12 +305,14 @@ def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: P
                max_memory: int | None = None, anchor_settings: RunSettings | None = None,
                device: str = "cpu", llama_cpp_figures: bool = False, progress: bool = False,
                on_iteration: Callable[[int, float, float], None] | None = None,
-               on_spill: Callable[[str], None] | None = None) -> SvdRun:
+               on_spill: Callable[[str], None] | None = None,
+               chat: ChatPrompt | None = None) -> SvdRun:
     """The top `k` singular triplets of the detached Jacobian of `tokens` (matrix free,
     LoadedModel.svd), or with `per_token` those of J and of every J_i from the formed J
     (in a scratch file when it exceeds the memory budget; `on_spill` is told), written to
     `out_dir`: svd.safetensors, report.json, singular_values.png. `k` and the budget are
-    refused before any work; anchoring and `llama_cpp_figures` as in `jacobian_to_dir`."""
+    refused before any work; anchoring, `llama_cpp_figures` and `chat` as in
+    `jacobian_to_dir` (with `chat`, each vector's share of reading from each segment)."""
     import time
 
     from safetensors.torch import save_file
@@ -349,6 +356,8 @@ def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: P
                                      llama_cpp_figures and anchored is None))
     report["seconds"] = seconds
     report["device"] = device
+    if chat is not None:
+        add_chat(report, chat)
     tensors = {"singular_values": result.singular_values, "left": result.left,
                "right": result.right, "inputs": result.inputs, "output": result.output}
     if per is not None:
@@ -383,12 +392,12 @@ def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Lin
                   out_dir: Path, overwrite: bool = False, max_memory: int | None = None,
                   anchor_settings: RunSettings | None = None, device: str = "cpu",
                   save_matrices: bool = False, llama_cpp_figures: bool = False,
-                  progress: bool = False) -> LayersRun:
+                  progress: bool = False, chat: ChatPrompt | None = None) -> LayersRun:
     """Every map of `layers` (layers.KINDS: cumulative, layer, layer without residual,
     attention, MLP) with its SVD and decoded vectors, written to `out_dir`: layers.json,
     layers.safetensors (every spectrum; with `save_matrices` every map), two plots and
-    README.md. The budget is refused before any work; anchoring and `llama_cpp_figures` as
-    in `jacobian_to_dir`."""
+    README.md. The budget is refused before any work; anchoring, `llama_cpp_figures` and
+    `chat` as in `jacobian_to_dir`."""
     import time
 
     from safetensors.torch import save_file
@@ -413,6 +422,8 @@ def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Lin
                            anchored, y)
     report.update(prediction_figures(m, tokens, y, anchored,
                                      llama_cpp_figures and anchored is None))
+    if chat is not None:
+        add_chat(report, chat)
     tensors = layers_tensors(maps, entries, save_matrices)
     title = (f"{m.cfg.arch}: {len(tokens)} tokens, gate path {lin.gate_path}"
              + (", anchored to llama.cpp" if anchored is not None else ""))

@@ -39,6 +39,7 @@ import torch
 from gguf.constants import Keys
 
 from .analysis import spectrum, top_tokens_by_unembedding
+from .chat import ChatRequest
 from .cvector import ControlVector, check_scale, parse_layer_range
 from .errors import GgufjacError
 from .layers import LayerMap, layer_maps, lens_maps
@@ -345,10 +346,17 @@ def evaluate(model: Transformer, prompts: list[list[int]],
     return results
 
 
-def source_tokens(m: LoadedModel, source: str) -> list[int]:
-    """The source prompt's tokens; a prompt the model cannot take names the option."""
+def prompt_tokens(m: LoadedModel, prompt: str, chat: ChatRequest | None = None) -> list[int]:
+    """A prompt's tokens: the raw text, or with `chat` its chat prompt (the text as a user
+    message through the file's chat template, LoadedModel.chat_prompt)."""
+    return m.prompt_tokens(prompt if chat is None else chat.conversation(prompt))[0]
+
+
+def source_tokens(m: LoadedModel, source: str, chat: ChatRequest | None = None) -> list[int]:
+    """The source prompt's tokens (`prompt_tokens`); a prompt the model cannot take names
+    the option."""
     try:
-        return m.tokenize(source)
+        return prompt_tokens(m, source, chat)
     except GgufjacError as e:
         raise GgufjacError(f"--source: {e}") from None
 
@@ -372,17 +380,19 @@ def run_steer(m: LoadedModel, source: str, *, prompt: str | None = None,
               operator: str = "jacobian", control_vector: ControlVector | None = None,
               control_vector_name: str | None = None, scale: float | None = None,
               scales: Sequence[float] = (), n_new: int = 20, concept_texts: Sequence[str] = (),
-              seed: int = 0, progress: Callable[[str], None] | None = None) -> SteerRun:
+              seed: int = 0, progress: Callable[[str], None] | None = None,
+              chat: ChatRequest | None = None) -> SteerRun:
     """Steer one prompt's greedy continuation (`prompt`) or measure steering over a prompt
     set at each of `scales` (`eval_prompts`) with the source's maps at `layer` (default:
     `default_layer`), or with `control_vector`'s own blocks and vectors (times λ, 1 by
-    default). Concepts: `concept_texts`, else the source's top 3 next tokens."""
+    default). Concepts: `concept_texts`, else the source's top 3 next tokens. With `chat`,
+    the source and every prompt are read as user messages through the chat template."""
     if (prompt is None) == (eval_prompts is None):
         raise GgufjacError("give --prompt, or --eval PROMPTS (not both)")
     cfg = m.cfg
     scale = check_scale(scale if scale is not None else 1.0 if control_vector is not None
                         else DEFAULT_SCALES[operator])
-    src = source_tokens(m, source)
+    src = source_tokens(m, source, chat)
     if control_vector is not None:
         control_vector.check_fits(cfg, control_vector_name or "control vector")
         layers = sorted(control_vector.directions)
@@ -391,8 +401,8 @@ def run_steer(m: LoadedModel, source: str, *, prompt: str | None = None,
         if not 0 <= layer < cfg.n_layer:
             raise GgufjacError(f"--layer {layer}: the model has blocks 0..{cfg.n_layer - 1}")
         layers = [layer]
-    prompts = [m.tokenize(prompt)] if prompt is not None else \
-        [m.tokenize(p) for p in eval_prompts or []]
+    prompts = [prompt_tokens(m, prompt, chat)] if prompt is not None else \
+        [prompt_tokens(m, p, chat) for p in eval_prompts or []]
     for tokens in prompts:
         check_context(m, tokens, n_new)
     check_memory(m)
@@ -416,6 +426,8 @@ def run_steer(m: LoadedModel, source: str, *, prompt: str | None = None,
                 "layers": layers, "scale": scale, "tokens": n_new, "seed": seed,
                 "dtype": str(m.weights.dtype).removeprefix("torch."),
                 "concepts": [m.token_text(t) for t in concepts]}
+    if chat is not None:  # the prompts were read through the chat template
+        settings["chat"] = {"system": chat.system}
     run = SteerRun(settings, concepts)
     if prompt is not None:
         run.prompt = prompt
@@ -540,17 +552,19 @@ def check_export_request(operator: str, scale: float, out_path: Path, overwrite:
 def export_control_vector(m: LoadedModel, source: str, layer_range: str, out_path: Path, *,
                           operator: str = "concept-direction", concept_texts: Sequence[str] = (),
                           scale: float = 0.02, overwrite: bool = False, check: bool = True,
-                          force: bool = False, seed: int = 0) -> ControlVectorExport:
+                          force: bool = False, seed: int = 0,
+                          chat: ChatRequest | None = None) -> ControlVectorExport:
     """Write the control vector of `source`'s directions over `layer_range` ("A-B" or "A")
     to `out_path`. With `check`, the file is first measured in llama.cpp
     (`check_control_vector`, before it gets its name): a degraded one (`FLUENCY_LIMIT`) is
-    refused and nothing is left behind, unless `force`."""
+    refused and nothing is left behind, unless `force`. With `chat`, the source is read as
+    a user message through the chat template (the measurement's prompts stay raw text)."""
     from .outputs import atomic_write, scratch_file
 
     out_path = Path(out_path)
     check_export_request(operator, scale, out_path, overwrite)
     layers = parse_layer_range(layer_range, m.cfg.n_layer)
-    src = source_tokens(m, source)
+    src = source_tokens(m, source, chat)
     # the concept the direction is made for and the measurement reads: by default the
     # source's predicted token (what source_maps picks itself for concept-direction)
     concepts = [m.token_for_text(t) for t in concept_texts] or top_next_tokens(m, src, 1)

@@ -197,7 +197,7 @@ def test_generators_write_valid_files_from_the_layout_table(tmp_path, arch: str)
     """Both synthetic generators take a family's tensors from ggufjac's layout table, so what
     they write passes the validation every command runs (the random-Q4_K writer once wrote
     files that failed it for four families)."""
-    from ggufjac.layout import stored_shapes, validate_file
+    from ggufjac.layout import dims_of, stored_bias_shapes_of, stored_shapes, validate_file
     from tools.synthetic import write_random_q4_k_gguf
 
     shape = Shape(n_layer=2, d_model=256, d_ff=512, n_head=2, n_kv_head=1, head_dim=128)
@@ -205,9 +205,10 @@ def test_generators_write_valid_files_from_the_layout_table(tmp_path, arch: str)
                  write_synthetic_gguf(tmp_path / "f32.gguf", arch, shape, "F32")):
         g, cfg = validate_file(path)
         with g:
-            have = {n.removeprefix("blk.1.").removesuffix(".weight") for n in g.tensors
-                    if n.startswith("blk.1.")}
-            assert have == set(stored_shapes(cfg)), (arch, path.name)
+            have = {n.removeprefix("blk.1.") for n in g.tensors if n.startswith("blk.1.")}
+            biases = stored_bias_shapes_of(cfg.family, dims_of(cfg))
+            assert have == {f"{n}.weight" for n in stored_shapes(cfg)} \
+                | {f"{n}.bias" for n in biases}, (arch, path.name)
 
 
 # Each on the float weights and a quantized type: the float64 model within llama.cpp's

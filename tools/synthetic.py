@@ -167,6 +167,9 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
         for name, stored in stored_shapes_of(fam, dims(shape)).items():
             tensors[layer_tensor_name(i, name)] = _norm_weight(rng, stored[0]) \
                 if len(stored) == 1 else (random_q4_k(rng, *stored), Q.Q4_K)
+        for name, (rows,) in stored_bias_shapes_of(fam, dims(shape)).items():
+            tensors[layer_tensor_name(i, name, "bias")] = \
+                rng.standard_normal(rows).astype(np.float32)
     path = Path(path)
     _write_f32_or_typed(path, arch, shape, tensors, None)
     return path
