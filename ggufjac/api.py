@@ -326,7 +326,8 @@ class LoadedModel:
                   max_memory: int | None = None, anchor: Anchor | None = None,
                   llama_cpp: bool = False, chat: ChatPrompt | None = None) -> dict:
         """Each input token's exact additive contribution (u_tᵀ J_i) · x_i to the logit of
-        each target token t (default: the predicted one), from one reverse sweep; with the
+        each target token t (default: the predicted one), and for a family with biases the
+        constant term's u_t · c (the 'bias' row), from one reverse sweep; with the
         top-5 next tokens, and with `llama_cpp` llama.cpp's own on the same tokens. With
         `chat` (the chat prompt of `tokens`), the contributions summed by role segment too.
 
@@ -347,8 +348,10 @@ class LoadedModel:
         finally:
             engine.release()
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
+        c = record.constant  # an affine network's constant: its part u_t · c is the bias row
         report = model_reports.attribution_report(self, tokens, lin, x.dtype, targets,
-                                                  contributions, u @ y, y, anchor)
+                                                  contributions, u @ y, y, anchor, c,
+                                                  None if c is None else u @ c)
         report["sweeps"] = [s.as_dict() for s in engine.sweeps]
         report.update(prediction_figures(self, tokens, y, anchor, llama_cpp))
         if chat is not None:

@@ -244,6 +244,16 @@ def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization,
     return None if settings is None else m.anchor(tokens, lin, settings)
 
 
+def _echo_constant(report: dict) -> None:
+    """The constant term's line (a family with biases: y = J x + c), if the report has one."""
+    c = report.get("constant")
+    if c is None:
+        return
+    size = f"|c| {c['norm']:.4g} ({c['norm_over_output_norm']:.3g} of |y|): " \
+        if c.get("norm_over_output_norm") is not None else ""
+    click.echo(f"constant term c          {size}{c['handling']}")
+
+
 def _echo_anchor(summary: dict) -> None:
     resolved = summary["llama_cpp_resolved"]
     click.echo(f"anchored to llama.cpp    flash attention {'on' if summary['flash_attn'] else 'off'}"
@@ -493,6 +503,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
                f"in {seconds:.1f} s" + ("" if run.in_memory else ", written to disk"))
     click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
+    _echo_constant(report)
     if anchor_settings is not None:
         _echo_anchor(report["anchor"])
     click.echo(f"effective rank           {report['effective_rank']:.2f} (stable rank "
@@ -576,7 +587,9 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     click.echo(f"largest residual         {float(result.residuals.max()):.2e} "
                "(||J v - s u|| / s)")
     click.echo(f"truncated reconstruction {report['truncated_reconstruction_rel_error']:.3e} "
-               f"(||y - sum_k s_k u_k (v_k . x)|| / ||y||)")
+               f"(||y - sum_k s_k u_k (v_k . x)|| / ||y||"
+               + (", c added)" if "constant" in report else ")"))
+    _echo_constant(report)
     click.echo(f"stable rank              {report['stable_rank']:.2f} +- "
                f"{report['stable_rank_std']:.2f} (||J||_F^2 / s1^2, ||J||_F^2 estimated)")
     if anchor_settings is not None:
@@ -649,6 +662,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
                          chat=conversation)
     if anchored is not None:
         _echo_anchor(report["anchor"])
+    _echo_constant(report)
     for row in report["targets"]:
         click.echo(f"logit of {row['token']!r} (id {row['id']}): {row['logit']:.6f}"
                    + (f" (after soft-cap {row['logit_after_softcap']:.6f})"
@@ -661,6 +675,8 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
         for i, (tok, c) in enumerate(zip(report["tokens"], row["contributions"])):
             click.echo(f"  {i:>4}  {tok!r:<20}{c:>14.6f}"
                        + (f"  {segments[i]}" if segments else ""))
+        if "bias" in row:  # the constant term's part of the logit: no input token's
+            click.echo(f"  {'':>4}  {'bias (u . c)':<20}{row['bias']:>14.6f}")
         click.echo(f"  sum of contributions {row['sum_of_contributions']:.6f} "
                    f"(relative error vs the logit {row['rel_error']:.1e})")
         if "segment_sums" in row:
@@ -908,9 +924,13 @@ def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: 
         bars.append(tqdm(total=outcome.prompts, initial=outcome.already_stored, unit="prompt",
                          desc="batch", dynamic_ncols=True))
 
+    biased: list[bool] = []  # whether a stored attribution has a bias row (y = J x + c)
+
     def stored(result: Any, outcome: Any) -> None:
         bars[0].set_postfix(failed=outcome.failed, refresh=False)
         bars[0].update(1)
+        if getattr(result, "attribution_bias", None) is not None and not biased:
+            biased.append(True)
 
     try:
         outcome = run_batch(model, prompts_file, out_path, settings,
@@ -930,6 +950,9 @@ def batch(model: str, prompts_file: Path, out_path: Path, analyses: str, top_k: 
     click.echo(f"{out_path}: run {outcome.run_id}: {outcome.done} done, {outcome.failed} "
                f"failed of {outcome.prompts} prompts ({ran} run now in {seconds:.1f} s{rate}; "
                f"{outcome.already_stored} already stored)")
+    if biased:
+        from .model_reports import CONSTANT_HANDLING
+        click.echo(f"constant term c (the model's biases): {CONSTANT_HANDLING['batch']}")
     if outcome.kept_from_another_batch:
         click.echo(f"{outcome.kept_from_another_batch} prompts were stored first by another "
                    "batch writing this store (their results are kept)", err=True)
@@ -1035,6 +1058,7 @@ def steer(model: str, source: str, prompt: str | None, eval_path: Path | None,
     report = steer_report(m, run.settings, prompt=run.prompt, unsteered=run.unsteered,
                           steered=run.steered, evaluation=run.evaluation,
                           eval_prompts=run.eval_prompts)
+    _echo_constant(report)
     if run.evaluation is None:
         click.echo(f"unsteered: {prompt}{report['unsteered']['text']}")
         click.echo(f"steered:   {prompt}{report['steered']['text']}")

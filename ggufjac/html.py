@@ -305,6 +305,12 @@ def _anchor(report: dict) -> list[tuple[str, str]] | None:
     return rows
 
 
+def _constant(report: dict) -> list[tuple[str, str]] | None:
+    """What the report says of the constant term c (a family with biases), if anything."""
+    c = report.get("constant")
+    return [(k, _fmt(v)) for k, v in c.items()] if isinstance(c, dict) else None
+
+
 def _right_norms(entry: dict | None) -> list[float] | None:
     """The top right vector's norm per input position (layers.json from ggufjac with
     per-position norms; older files keep only the largest position)."""
@@ -366,7 +372,8 @@ def _first_layer(maps: list[dict], token: str) -> int | None:
 def _context(report: dict, kind: str, position_weights: list[float] | None) -> dict:
     tokens = report["tokens"]
     ctx: dict[str, Any] = {"kind": kind, "report": report, "settings": _settings(report),
-                           "anchor": _anchor(report), "title": f"ggufjac {kind}: "
+                           "anchor": _anchor(report), "constant": _constant(report),
+                           "title": f"ggufjac {kind}: "
                            f"{Path(str(report.get('model', '?'))).name}",
                            "show": show_token, "fmt": _fmt, "json": json.dumps}
     segments = _segments(report)

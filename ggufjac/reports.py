@@ -21,7 +21,9 @@ from .jacobian import JacobianResult
 from .layers import KINDS
 from .linearize import Linearization
 from .llamacpp import RunSettings
-from .model_reports import add_chat, jacobian_report, layers_report, svd_report
+from .layout import has_constant
+from .model_reports import add_chat, constant_statement, jacobian_report, layers_report, \
+    svd_report
 
 if TYPE_CHECKING:
     from .chat import ChatPrompt
@@ -77,6 +79,8 @@ def layers_markdown(report: dict) -> str:
     lines += ["", "Files: `layers.json` (every figure and decoded token), `layers.safetensors` "
               "(singular values; the matrices with --save-matrices), `stable_rank.png`, "
               "`top_singular_value.png`.", ""]
+    if "constant" in report:
+        lines[-1:-1] = ["", f"Constant term: {report['constant']['handling']}."]
     return "\n".join(lines)
 
 
@@ -87,7 +91,8 @@ def layers_markdown(report: dict) -> str:
 COMPARISON_FIGURES = ("logits_nmse", "llama_cpp_logits_nmse", "a_vs_own_llama_cpp_nmse",
                       "b_vs_own_llama_cpp_nmse", "jacobian_rel_difference",
                       "largest_left_angle", "largest_right_angle", "top_left_cosine",
-                      "top_right_cosine", "delta_stable_rank", "attribution_spearman",
+                      "top_right_cosine", "delta_stable_rank", "constant_rel_difference",
+                      "attribution_spearman",
                       "attribution_top3_overlap")
 
 
@@ -130,10 +135,14 @@ def comparison_summary(entries: list[dict]) -> dict:
 
 def comparison_report(a: LoadedModel, b: LoadedModel, settings: dict, entries: list[dict]
                       ) -> dict:
-    """`compare`'s report: both files, the settings, every prompt's figures, the summary."""
-    return {"a": file_summary(a), "b": file_summary(b), "architecture": a.cfg.arch,
-            "settings": settings, "definitions": DEFINITIONS, "prompts": entries,
-            "summary": comparison_summary(entries)}
+    """`compare`'s report: both files, the settings, every prompt's figures, the summary
+    (and, for a family with biases, what the comparison does with the constant term)."""
+    report = {"a": file_summary(a), "b": file_summary(b), "architecture": a.cfg.arch,
+              "settings": settings, "definitions": DEFINITIONS, "prompts": entries,
+              "summary": comparison_summary(entries)}
+    if has_constant(a.cfg.family):
+        report["constant"] = constant_statement("compare")
+    return report
 
 
 def comparison_markdown(report: dict) -> str:
@@ -165,6 +174,8 @@ def comparison_markdown(report: dict) -> str:
         lines += ["", f"Prompt tokens: {' '.join(repr(t) for t in e['tokens'])}  ",
                   f"A predicts {e['top5_a'][0]['token']!r}, B predicts "
                   f"{e['top5_b'][0]['token']!r}."]
+    if "constant" in report:
+        lines += ["", f"Constant term: {report['constant']['handling']}."]
     lines += ["", "Definitions of the figures: `comparison.json` (`definitions`).", ""]
     return "\n".join(lines)
 
@@ -184,6 +195,8 @@ def steer_report(m: LoadedModel, settings: dict, prompt: str | None = None,
     """`ggufjac steer`: the settings, and either one prompt's two continuations or the
     measured effect per scale over a prompt set (steer.ScaleResult rows)."""
     report: dict = {"model": file_summary(m), "settings": settings}
+    if has_constant(m.cfg.family):
+        report["constant"] = constant_statement("steer")
     if prompt is not None and unsteered is not None and steered is not None:
         report.update(prompt=prompt, unsteered=_continuation(m, unsteered),
                       steered=_continuation(m, steered))
@@ -271,6 +284,8 @@ def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_d
             tensors = {"jacobian": result.jacobian.contiguous().cpu(),
                        "inputs": result.inputs.contiguous().cpu(),
                        "output": result.output.contiguous().cpu()}
+            if result.constant is not None:  # y = Σ_i J_i x_i + c (a family with biases)
+                tensors["constant"] = result.constant.contiguous().cpu()
 
             def write_jacobian(p: Path) -> None:
                 save_file(tensors, str(p), metadata={"tokens": json.dumps(tokens)})
@@ -360,6 +375,8 @@ def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: P
         add_chat(report, chat)
     tensors = {"singular_values": result.singular_values, "left": result.left,
                "right": result.right, "inputs": result.inputs, "output": result.output}
+    if result.constant is not None:  # y = J x + c (a family with biases)
+        tensors["constant"] = result.constant
     if per is not None:
         tensors.update({"per_token_singular_values": per.singular_values,
                         "per_token_left": per.left, "per_token_right": per.right})
@@ -419,7 +436,7 @@ def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Lin
     predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None],
                                           1)[0][0][0]
     report = layers_report(m, tokens, layers, lin, device, seconds, predicted, entries,
-                           anchored, y)
+                           anchored, y, affine=any(mp.constant is not None for mp in maps))
     report.update(prediction_figures(m, tokens, y, anchored,
                                      llama_cpp_figures and anchored is None))
     if chat is not None:
