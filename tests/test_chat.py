@@ -474,3 +474,68 @@ def test_cli_attribute_chat_segments(smollm2_path, smollm2_llama, tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert page.count('class="tok seg-user"') >= len(expected["user"])
     assert '<tr data-segment="user"><th>user</th>' in page
+
+
+# -- prompt sets and batches with conversations ---------------------------------------------
+
+def test_prompt_set_conversations(tmp_path):
+    from ggufjac.errors import PromptError
+    from ggufjac.prompt_sets import read_prompt_set
+
+    path = tmp_path / "p.jsonl"
+    conversation = CONVERSATIONS["two turns"]
+    path.write_text(json.dumps({"id": "c", "messages": conversation}) + "\n"
+                    + json.dumps({"prompt": "plain"}) + "\n", encoding="utf-8")
+    chat_item, plain = read_prompt_set(path)
+    assert chat_item.messages == tuple(as_messages(conversation))
+    assert json.loads(chat_item.prompt) == conversation  # what the store keeps
+    assert plain.messages is None and plain.prompt == "plain"
+    for line, problem in [
+        ({"messages": [{"role": "user"}]}, r"line 2: message 0: missing content"),
+        ({"messages": "Hi"}, r"line 2: expected a JSON list of messages, found a string"),
+        ({"messages": [], "id": 3}, r"line 2: the list of messages is empty"),
+        ({"prompt": "x", "messages": conversation}, r"line 2: give \"prompt\" or \"messages\""),
+    ]:
+        path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(line) + "\n",
+                        encoding="utf-8")
+        with pytest.raises(PromptError, match=problem) as e:
+            read_prompt_set(path)
+        assert str(e.value).startswith(f"{path}, line 2")
+
+
+def test_batch_conversations_stored_and_resumed(smollm2_path, smollm2_llama, tmp_path):
+    import sqlite3
+
+    from ggufjac.batch import BatchSettings
+    from ggufjac.store import run_batch
+
+    conversation = CONVERSATIONS["system and user"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "chat", "messages": conversation}) + "\n",
+                       encoding="utf-8")
+    store = tmp_path / "r.db"
+    settings = BatchSettings(("attribute",))
+    outcome = run_batch(str(smollm2_path), prompts, store, settings)
+    assert (outcome.done, outcome.failed) == (1, 0)
+    with sqlite3.connect(store) as db:
+        prompt, n = db.execute("SELECT prompt, n_tokens FROM prompts WHERE id = 'chat'").fetchone()
+        ids = [r[0] for r in db.execute(
+            "SELECT token_id FROM tokens WHERE id = 'chat' ORDER BY position")]
+    assert json.loads(prompt) == conversation
+    assert ids == llama_cpp_python_chat_tokens(smollm2_llama, conversation) and n == len(ids)
+    again = run_batch(str(smollm2_path), prompts, store, settings)
+    assert (again.already_stored, again.to_run) == (1, 0)
+
+
+def test_batch_conversation_without_template_is_refused(gemma_path, tmp_path):
+    from ggufjac.batch import BatchSettings
+    from ggufjac.store import run_batch
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n"
+                       + json.dumps({"messages": CONVERSATIONS["user only"]}) + "\n",
+                       encoding="utf-8")
+    with pytest.raises(GgufjacError, match=r"prompt '2' \(line 2\) is a conversation: .*"
+                                           "no chat template"):
+        run_batch(str(gemma_path), prompts, tmp_path / "r.db", BatchSettings(("attribute",)))
+    assert not (tmp_path / "r.db").exists()
