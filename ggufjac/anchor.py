@@ -7,9 +7,9 @@ the detached model freezes its coefficients at llama.cpp's own values, read from
 tensors for the prompt (eval callback):
 
 - attention probabilities: flash attention off, `kq_soft_max` rounded to F16 (the P·V matmul
-  reads it as F16); on, the probabilities never exist as a tensor and are derived from
-  llama.cpp's F16-rounded Q and K, and the F16 accumulator's rounding of P·V is frozen as a
-  ratio (`attn_sum`);
+  reads it as F16; a soft-cap on the scores is inside it); on, the probabilities never exist
+  as a tensor and are derived from llama.cpp's F16-rounded Q and K (soft-capped as its kernel
+  caps them), and the F16 accumulator's rounding of P·V is frozen as a ratio (`attn_sum`);
 - the activated gate: llama.cpp's fused GLU output over its up projection (its GELU table
   included); on the gate path, the gate factor and the up branch;
 - roundings on the linear path, frozen as ratios r = rounded(x)/x of llama.cpp's values:
@@ -49,7 +49,7 @@ FLASH_ON_TENSORS = ("Qcur", "Kcur")  # the last tensors so named: after RoPE
 # for flash attention: "scores" (passed to the attention op: f16(q)·f16(k)·s), "query"
 # (multiplied into q first: f16(q·s)·f16(k)), "qcur" (already in the last 'Qcur' tensor).
 QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3": "query",
-               "phi3": "qcur"}
+               "phi3": "qcur", "gemma2": "query", "granite": "scores", "smollm3": "scores"}
 LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up")
 
 
@@ -196,6 +196,8 @@ def _flash_probabilities(run: LlamaCppRun, cfg: ModelConfig, layer: int) -> np.n
     scores = np.einsum("qhd,khd->hqk", _round_f16(q).astype(np.float64), k.astype(np.float64))
     if QUERY_SCALE[cfg.arch] == "scores":
         scores = scores * cfg.attn_scale
+    if (cap := cfg.attn_logit_softcap) is not None:  # as ggml's kernel: after the scale,
+        scores = cap * np.tanh(scores / cap)          # before the mask
     mask = attention_mask(cfg, layer, n, torch.device("cpu")).numpy()
     scores = np.where(mask[None], scores, -np.inf)
     p = np.exp(scores - scores.max(axis=-1, keepdims=True))

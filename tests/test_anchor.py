@@ -250,3 +250,39 @@ def test_info_says_whether_a_file_can_be_anchored(synthetic, gemma_path) -> None
     assert p.returncode == 0 and "anchoring      approximate (Q5_1" in p.stdout
     assert anchoring_support([Q.Q4_K, Q.IQ2_XXS]).startswith("no: ") and \
         "IQ2_XXS" in anchoring_support([Q.IQ2_XXS])
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q4_K_M"])
+@pytest.mark.parametrize("arch", ["gemma2", "granite", "smollm3"])
+def test_anchored_data_family_reproduces_llama_cpp(synthetic, arch: str, quant: str) -> None:
+    """The families that differ by data alone, anchored as every family is (flash attention
+    on and off, both gate paths): Gemma 2's soft-capped scores inside llama.cpp's frozen
+    probabilities (its kq_soft_max, or derived as its flash kernel caps them), Granite's
+    multipliers, SmolLM3's layers without rope."""
+    test_anchored_family_reproduces_llama_cpp(synthetic, arch, quant)
+
+
+def test_gemma2_flash_probabilities_are_soft_capped(synthetic, monkeypatch) -> None:
+    """With flash attention on llama.cpp never stores its probabilities, and a wrong
+    derivation would hide in the attn_sum ratios (the logits still match). So: derived from
+    its Q and K and soft-capped as its flash kernel caps them, they equal the probabilities
+    llama.cpp computes with flash attention off (kq_soft_max, the cap inside) to F16
+    rounding; derived without the cap, they do not."""
+    import dataclasses
+
+    import ggufjac.anchor
+
+    m = open_model(synthetic("gemma2", "F32"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    off = m.anchor(tokens, settings=RunSettings(flash_attn="off"), reference=False)
+
+    def largest_gap() -> float:
+        on = m.anchor(tokens, settings=RunSettings(flash_attn="on"), reference=False)
+        return max(float((a["attn_probs"] - b["attn_probs"]).abs().max())
+                   for a, b in zip(on.layers, off.layers))
+
+    assert largest_gap() < 2e-3  # measured 3e-4
+    derive = ggufjac.anchor._flash_probabilities
+    monkeypatch.setattr(ggufjac.anchor, "_flash_probabilities", lambda run, cfg, layer: derive(
+        run, dataclasses.replace(cfg, attn_logit_softcap=None), layer))
+    assert largest_gap() > 2e-2  # measured 0.2
