@@ -15,7 +15,7 @@ import torch
 from ggufjac import llamacpp
 from ggufjac.llamacpp import RunSettings
 from ggufjac.anchor import (Anchor, activation_ratio, anchor_from_run, capture_names,
-                            round_q8_0, round_q8_k)
+                            q8_1_sum_ratio, round_q8_0, round_q8_k)
 from ggufjac.api import nmse, open_model
 from ggufjac.errors import LlamaCppError
 from ggufjac.linearize import Linearization
@@ -57,17 +57,85 @@ def test_anchored_family_reproduces_llama_cpp(synthetic, arch: str, quant: str) 
         assert summary["flash_attn"] is flash and not summary["approximations"]
 
 
+# The other weight types llama.cpp's CPU backend runs, on the llama family (and Q4_1 on phi3,
+# whose fused matrices split their block minima by rows), with repacking on and off: Q4_1 and
+# Q5_1 (Q8_1 activations, whose F16 block sums multiply the weights' block minima), Q5_0, the
+# K-quant mixes (Q2_K with Q3_K, Q3_K with Q4_K and Q5_K, Q5_K), and the types that CPUs with
+# AVX2 or AVX-512 repack (Q2_K, IQ4_NL; Q4_0 and Q4_K are in the sweep above).
+WEIGHT_TYPES = [("llama", q) for q in ("Q4_1", "Q5_1", "Q5_0", "Q2_K", "Q3_K_M", "Q5_K_M",
+                                        "IQ4_NL", "IQ4_XS", "BF16")] + [("phi3", "Q4_1")]
+
+
+@pytest.mark.parametrize("repack", [True, False], ids=["repack", "no-repack"])
+@pytest.mark.parametrize(("arch", "quant"), WEIGHT_TYPES, ids=[f"{a}-{q}" for a, q in WEIGHT_TYPES])
+def test_anchored_weight_type_reproduces_llama_cpp(synthetic, arch: str, quant: str,
+                                                   repack: bool) -> None:
+    """The anchored forward pass against llama.cpp's logits and final-norm output, flash
+    attention on and off (the linear map behind it: the Q4_1 test below)."""
+    m = open_model(synthetic(arch, quant), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    for flash in ("off", "on"):
+        try:
+            anchor = m.anchor(tokens, settings=RunSettings(flash_attn=flash, repack=repack),
+                              reference=False)
+        except LlamaCppError as e:  # the AMX path crashed on a VM: one clear error
+            assert AMX and repack and "crashed" in str(e) and "--no-repack" in str(e)
+            return
+        if "AMX" in anchor.resolved["weight_buffers_mib"]:  # kernels not emulated: said so
+            assert any("AMX" in a for a in anchor.approximations)
+            return
+        assert anchor.resolved["repack"] is repack
+        assert repack or "CPU_REPACK" not in anchor.resolved["weight_buffers_mib"]
+        engine = m.engine(anchor=anchor)
+        summary = m.anchor_summary(anchor, engine.forward(engine.embed(tokens)).output[-1])
+        assert summary["anchor_logits_nmse"] <= LOGITS_NMSE_BOUND, flash
+        assert summary["anchor_output_rel_error"] < 1e-6
+        assert summary["top1_agree"] and not summary["approximations"]
+
+
+@pytest.mark.parametrize(("arch", "gate_path", "flash"),
+                         [("llama", "gate", False), ("llama", "up", True), ("phi3", "up", False)])
+def test_anchored_q4_1_map_is_exactly_linear(synthetic, arch: str, gate_path: str,
+                                             flash: bool) -> None:
+    """With Q4_1 weights the anchored products gain a term on the block minima: the full
+    Jacobian (the MLP crossed as per-position matrices, model.mlp_branch_matrix) still
+    reconstructs the anchored output, which is llama.cpp's."""
+    m = open_model(synthetic(arch, "Q4_1"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    anchor, result, summary = _anchored(m, tokens, gate_path, flash)
+    assert any(site.startswith("sum:") for site in anchor.layers[0])
+    assert m.engine(Linearization(gate_path=gate_path), anchor=anchor).mlp_as_matrix(
+        m.cfg.d_model)
+    assert result.reconstruction_rel_error() <= RECONSTRUCTION_BOUND
+    assert summary["anchor_logits_nmse"] <= LOGITS_NMSE_BOUND
+    assert summary["reconstruction_rel_error_vs_llama_cpp"] < 1e-6
+
+
+def _block_minima_by_gguf_py(path, name: str) -> np.ndarray:
+    """The F16 minimum of each 32-value block of a Q4_1/Q5_1 tensor [rows, blocks], read from
+    its bytes with gguf-py (ggml's block_q4_1/block_q5_1: d, then m, then the quants)."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == name)
+    type_size = GGML_QUANT_SIZES[tensor.tensor_type][1]
+    blocks = np.ascontiguousarray(tensor.data).reshape(tensor.data.shape[0], -1, type_size)
+    return blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+
+
 # Repacked (llama.cpp's default): the weight types with extra-buffer kernels on the CPU at
 # hand go through their own GEMM (interleaved Q4_0, Q4_K, IQ4_NL, Q8_0 ... layouts), which
 # quantize the activations in their own routines; off: the plain vec_dot kernels.
 @pytest.mark.parametrize("repack", [True, False], ids=["repack", "no-repack"])
 @pytest.mark.parametrize("quant", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "IQ4_NL",
-                                   "IQ4_XS"])
+                                   "IQ4_XS", "Q4_1", "Q5_1", "Q5_0", "Q2_K", "Q3_K_M",
+                                   "Q5_K_M"])
 def test_activation_rounding_matches_llama_cpp_matmuls(synthetic, quant: str, repack: bool
                                                        ) -> None:
     """Each emulated activation rounding, checked on its own: llama.cpp's V, up and down
     projections of layer 0 equal (r ⊙ x) @ Wᵀ for its captured input x, to float32
-    rounding — and not x @ Wᵀ — with weight repacking on and off."""
+    rounding — and not x @ Wᵀ — with weight repacking on and off. For Q4_1/Q5_1 weights,
+    plus M · ((ρ − 1) ⊙ block sums of r ⊙ x), M the block minima (read here by gguf-py) and
+    ρ the ratio of Q8_1's F16 block sums: without that term the product is far off."""
     path = synthetic("llama", quant)
     m = open_model(path, dtype="float64")
     tokens = m.tokenize(PROMPT)
@@ -95,8 +163,15 @@ def test_activation_rounding_matches_llama_cpp_matmuls(synthetic, quant: str, re
         r = activation_ratio(x, qtype)
         assert r is not None
         x64 = torch.from_numpy(x.astype(np.float64))
-        with_rounding = (x64 * torch.from_numpy(r)) @ w[weight].T
+        rounded = x64 * torch.from_numpy(r)
+        with_rounding = rounded @ w[weight].T
         without = x64 @ w[weight].T
+        if quant in ("Q4_1", "Q5_1"):
+            minima = _block_minima_by_gguf_py(path, f"blk.0.{weight}.weight")
+            sums = rounded.numpy().reshape(n, -1, 32).sum(axis=-1)
+            without = with_rounding  # the input rounding alone
+            with_rounding = with_rounding + torch.from_numpy(
+                (sums * (q8_1_sum_ratio(x) - 1)) @ minima.T)
         err_with, err_without = nmse(with_rounding.numpy(), y), nmse(without.numpy(), y)
         assert err_with < 1e-12, (weight, err_with)
         assert err_without > 100 * err_with, (weight, err_with, err_without)
@@ -116,6 +191,16 @@ def test_round_q8_blocks_by_hand() -> None:
     y[0, 5], y[0, 9] = -3.0, 3.0
     k = round_q8_k(y)
     assert k[0, 5] == -3.0 and k[0, 9] == 3.0 and not k[0, :5].any()
+    # Q8_1's block sum: fp16(d·Σq) with d = amax/127 in float32, against fp16(d)·Σq; 1 for
+    # a block whose quants sum to 0 (as the all-zero block 1 and block 2's +1/-1 pair)
+    z = np.zeros((1, 96), dtype=np.float32)
+    z[0, :32] = 1.0  # amax 1: every q is 127, Σq = 4064
+    z[0, 64:66] = [0.5, -0.5]
+    rho = q8_1_sum_ratio(z)
+    d = np.float32(1) / np.float32(127)
+    stored = float(np.float16(d * np.float32(4064)))
+    assert rho[0, 0] == stored / (float(np.float16(d)) * 4064) and rho[0, 0] != 1.0
+    assert rho[0, 1] == 1.0 and rho[0, 2] == 1.0
 
 
 def test_anchoring_with_our_own_coefficients_is_the_plain_jacobian(synthetic) -> None:
@@ -194,13 +279,29 @@ def test_float32_anchor(synthetic) -> None:
     assert summary["top1_agree"]
 
 
-def test_q8_1_weights_are_flagged_approximate(synthetic) -> None:
-    m = open_model(synthetic("llama", "Q5_1"), dtype="float64")
+@pytest.fixture(scope="module")
+def q5_1_unembedding(tmp_path_factory):
+    """A llama file with Q4_1 layers and a Q5_1 unembedding (gguf-py's quantizer; llama.cpp's
+    gives the unembedding Q6_K or Q8_0 unless told otherwise)."""
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    path = tmp_path_factory.mktemp("q8_1") / "llama-q5_1-output.gguf"
+    # the first name that a tensor's name contains decides ("output.weight" is in both)
+    return write_synthetic_gguf(path, "llama", Shape(), rope_freqs=True, tensor_types={
+        "attn_output": "Q4_1", "output.weight": "Q5_1", "blk.": "Q4_1"})
+
+
+def test_q8_1_unembedding_is_flagged_approximate(q5_1_unembedding) -> None:
+    """The one product left approximate: a Q5_1 unembedding's Q8_1 block sums. The layers'
+    Q4_1 products stay exact (the final-norm output is llama.cpp's), the logits close."""
+    m = open_model(q5_1_unembedding, dtype="float64")
     tokens = m.tokenize(PROMPT)
-    _, result, summary = _anchored(m, tokens, "up", False)
-    assert result.reconstruction_rel_error() <= RECONSTRUCTION_BOUND
-    assert summary["approximations"] and "Q5_1" in summary["approximations"][0]
-    assert summary["anchor_logits_nmse"] < 1e-5  # measured 2e-7 ... 6e-7
+    anchor = m.anchor(tokens, settings=RunSettings(flash_attn="off"), reference=False)
+    engine = m.engine(anchor=anchor)
+    summary = m.anchor_summary(anchor, engine.forward(engine.embed(tokens)).output[-1])
+    assert summary["approximations"] and "Q5_1 unembedding" in summary["approximations"][0]
+    assert summary["anchor_output_rel_error"] < 1e-6
+    assert summary["anchor_logits_nmse"] < 1e-5  # measured 4e-8 ... 2e-6
 
 
 def test_missing_llama_cpp_tensor_is_named(synthetic) -> None:
@@ -239,15 +340,19 @@ def test_cli_anchor(synthetic, tmp_path) -> None:
     assert p.returncode == 2 and "float64" in p.stderr
 
 
-def test_info_says_whether_a_file_can_be_anchored(synthetic, gemma_path) -> None:
+def test_info_says_whether_a_file_can_be_anchored(synthetic, gemma_path,
+                                                 q5_1_unembedding) -> None:
     from gguf.constants import GGMLQuantizationType as Q
 
     from ggufjac.activation_formats import anchoring_support
 
     p = _cli("info", str(gemma_path), "--no-scan")
     assert p.returncode == 0 and "anchoring      yes" in p.stdout
-    p = _cli("info", str(synthetic("llama", "Q5_1")), "--no-scan")
-    assert p.returncode == 0 and "anchoring      approximate (Q5_1" in p.stdout
+    for quant in ("Q4_1", "Q5_1"):  # Q8_1 block sums reproduced: exact
+        p = _cli("info", str(synthetic("llama", quant)), "--no-scan")
+        assert p.returncode == 0 and "anchoring      yes" in p.stdout, p.stdout
+    p = _cli("info", str(q5_1_unembedding), "--no-scan")
+    assert p.returncode == 0 and "anchoring      approximate (Q5_1 unembedding" in p.stdout
     assert anchoring_support([Q.Q4_K, Q.IQ2_XXS]).startswith("no: ") and \
         "IQ2_XXS" in anchoring_support([Q.IQ2_XXS])
 
