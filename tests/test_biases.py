@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 from gguf import quants as gguf_quants
+from gguf.constants import GGUFValueType
 
 from ggufjac import llamacpp, model
 from ggufjac.api import nmse, open_model
@@ -233,3 +234,16 @@ def test_qwen2_without_its_optional_biases_is_linear(tmp_path) -> None:
     r = m.jacobian(m.tokenize(PROMPT))
     assert r.reconstruction_rel_error() <= 1e-12
     assert float(r.constant.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("attention.head_count_kv", (3, GGUFValueType.UINT32)),
+    ("rope.freq_base", (1.0, GGUFValueType.FLOAT32)),
+    ("attention.layer_norm_rms_epsilon", (float("nan"), GGUFValueType.FLOAT32)),
+])
+def test_hostile_qwen2_metadata_is_refused_naming_the_key(tmp_path, key: str, value) -> None:
+    path = write_synthetic_gguf(tmp_path / "hostile.gguf", "qwen2", SMALL,
+                                metadata={key: value})
+    with pytest.raises(GGUFError) as e:
+        open_model(path)
+    assert f"qwen2.{key}" in str(e.value)
