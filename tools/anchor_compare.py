@@ -10,13 +10,19 @@ vectors; and how much of the change comes from llama.cpp's probabilities and gat
 (without its roundings frozen as ratios). After the table, per prompt: the time to run
 llama.cpp and derive the coefficients, and the share of each matmul's input entries that
 llama.cpp rounds to zero (flash attention off). `--long`: the anchored forward pass alone on a
-prompt longer than Gemma 3's 512-token sliding window.
+prompt longer than Gemma 3's 512-token sliding window. `--weight-types`: instead, per weight
+type (synthetic llama models, and the real SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M), the
+anchored forward pass's logits nmse and final-norm output relative error against llama.cpp,
+with repacking on and off and flash attention off and on (docs/anchoring.md's table).
+
+    python -m tools.anchor_compare --weight-types [--types Q4_1,Q5_1,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +55,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--prompt", action="append", default=None)
     ap.add_argument("--long", action="store_true", help="only the long-prompt check")
+    ap.add_argument("--weight-types", action="store_true",
+                    help="only the anchored fidelity per weight type (synthetic and real files)")
+    ap.add_argument("--types", default=",".join(WEIGHT_TYPES),
+                    help="the synthetic models' llama.cpp file types, for --weight-types")
     args = ap.parse_args()
+    if args.weight_types:
+        weight_type_table(args.types.split(","))
+        return
     m = open_model(args.model, dtype=args.dtype)
     lin = Linearization()
     if args.long:
@@ -97,6 +110,62 @@ def main() -> None:
               f"{fa_diff['rel_frobenius']:.3f} |", flush=True)
     print()
     print("\n".join(details))
+
+
+WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M",
+                "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
+REAL_FILES = [("smollm2-135m", "The capital of France is"),
+              ("gemma3-270m", "The bridge out of Marin is the")]
+
+
+def _types(m) -> str:  # noqa: ANN001 (a LoadedModel)
+    """The GGUF types of the layers' matrices and of the unembedding."""
+    layers = sorted({t.type.name for name, t in m.gguf.tensors.items()
+                     if name.startswith("blk.") and len(t.shape) == 2})
+    return f"{'/'.join(layers)}; unembedding {m.gguf.tensor(m.weights.unembedding_name).type.name}"
+
+
+def _anchored_cells(m, prompt: str) -> tuple[list[str], str]:  # noqa: ANN001
+    """'logits nmse / output rel. error' with repacking on and off, flash attention off and
+    on; and what llama.cpp repacked (CPU_REPACK MiB) with repacking on."""
+    tokens, cells, repacked = m.tokenize(prompt), [], "none"
+    for repack in (True, False):
+        for fa in ("off", "on"):
+            anchor = m.anchor(tokens, settings=RunSettings(flash_attn=fa, repack=repack),
+                              reference=False)
+            engine = m.engine(anchor=anchor)
+            s = m.anchor_summary(anchor, engine.forward(engine.embed(tokens)).output[-1])
+            engine.release()
+            mark = "" if not s["approximations"] else " (approx.)"
+            cells.append(f"{s['anchor_logits_nmse']:.1e} / {s['anchor_output_rel_error']:.1e}"
+                         f"{mark}")
+            buffers = anchor.resolved.get("weight_buffers_mib", {})
+            if repack and "CPU_REPACK" in buffers:
+                repacked = f"{buffers['CPU_REPACK']:.2f} MiB"
+    return cells, repacked
+
+
+def weight_type_table(types: list[str]) -> None:
+    """docs/anchoring.md's table: anchored fidelity per weight type, float64."""
+    from tools.synthetic import Shape, write_fixture, write_synthetic_gguf
+
+    print("| file (prompt) | matrices; unembedding | CPU_REPACK (repacking on) | repack on, "
+          "fa off | repack on, fa on | repack off, fa off | repack off, fa on |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [(f"synthetic llama {q}", write_fixture(tmp, "llama", q),
+                 "the bridge out of Marin") for q in types]
+        # the one approximate product: a Q5_1 unembedding (gguf-py's quantizer; llama.cpp's
+        # gives the unembedding Q6_K or Q8_0 unless told otherwise)
+        q5_1_output = write_synthetic_gguf(
+            Path(tmp) / "llama-q5_1-output.gguf", "llama", Shape(), rope_freqs=True,
+            tensor_types={"attn_output": "Q4_1", "output.weight": "Q5_1", "blk.": "Q4_1"})
+        rows.append(("synthetic llama, Q5_1 unembedding", q5_1_output, "the bridge out of Marin"))
+        rows += [(f"{name} ({prompt!r})", name, prompt) for name, prompt in REAL_FILES]
+        for label, path, prompt in rows:
+            m = open_model(path, dtype="float64")
+            cells, repacked = _anchored_cells(m, prompt)
+            print(f"| {label} | {_types(m)} | {repacked} | {' | '.join(cells)} |", flush=True)
 
 
 def long_prompt(m) -> None:  # noqa: ANN001 (a LoadedModel)
