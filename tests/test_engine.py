@@ -145,7 +145,7 @@ def test_budget_that_cannot_be_met_is_refused_up_front(tmp_path, gemma_path) -> 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3", "olmo2", "granite"])
 @pytest.mark.parametrize("gate_path", ["up", "gate"])
 def test_mlp_branch_matrix_is_the_branch_jacobian(synthetic, arch: str, gate_path: str) -> None:
     """The MLP's per-position matrix (the reverse sweep's shortcut for many directions) equals

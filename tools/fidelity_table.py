@@ -1,8 +1,9 @@
 """The README's fidelity table: every family x quant type, ours vs llama.cpp, measured now.
 
-    python tools/fidelity_table.py [--quants F32,F16,Q8_0,Q4_0,Q4_K_M,Q6_K] [--real]
+    python tools/fidelity_table.py [--quants F32,F16,Q8_0,Q4_0,Q4_K_M,Q6_K] [--families ...] [--real]
 
-Synthetic random-weight models (tools/synthetic.py, 2 layers, d_model 256) of each family;
+Synthetic random-weight models (tools/synthetic.py's test fixtures: 2 layers, 4 for SmolLM3
+so that one has no rope, d_model 256) of each family;
 with --real also the real Gemma 3 270M Q4_K_M on a few prompts. Prints a Markdown table:
 last-position logits nmse vs llama.cpp (our model in float64 and float32), top-1 agreement,
 the float64 reconstruction error of the detached Jacobian, and the same model anchored to
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ggufjac import llamacpp  # noqa: E402
 from ggufjac.llamacpp import RunSettings  # noqa: E402
 from ggufjac.api import nmse, open_model  # noqa: E402
-from tools.synthetic import TIED, Shape, write_synthetic_gguf  # noqa: E402
+from tools.synthetic import TIED, write_fixture  # noqa: E402
 
 REAL_PROMPTS = ["The bridge out of Marin is the", "The capital of France is",
                 "def fibonacci(n):\n    return", "Water boils at a temperature of",
@@ -53,16 +54,16 @@ def row(path: Path, prompt: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quants", default="F32,F16,Q8_0,Q4_0,Q4_K_M,Q6_K")
+    ap.add_argument("--families", default=",".join(TIED))
     ap.add_argument("--real", action="store_true", help="also the real Gemma 3 270M")
     args = ap.parse_args()
     print("| family | weights | nmse (ours f64) | nmse (ours f32) | top-1 | recon. error f64 | "
           "anchored nmse (flash off / on) | anchored top-1 |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in TIED:
+        for arch in args.families.split(","):
             for quant in args.quants.split(","):
-                path = write_synthetic_gguf(Path(tmp) / f"{arch}-{quant}.gguf", arch, Shape(),
-                                            quant, rope_freqs=arch == "llama")
+                path = write_fixture(tmp, arch, quant)
                 print(f"| {arch} (synthetic) | {quant} | {row(path, 'the bridge out of Marin')}",
                       flush=True)
     if args.real:
