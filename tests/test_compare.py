@@ -21,7 +21,6 @@ from ggufjac.cli import main
 from ggufjac.compare import (ANALYSES, analyse, check_comparable, compare_prompts,
                              principal_angles, spearman, top_overlap)
 from ggufjac.errors import GgufjacError
-from ggufjac.families import FAMILIES
 from ggufjac.linearize import Linearization
 
 PROMPT = "the quick brown fox jumps over the lazy"
@@ -136,7 +135,9 @@ def test_figures_equal_independent_recomputation(synthetic) -> None:
 
 # -- quantizations of one F32 file, ordered --------------------------------------------------
 
-@pytest.mark.parametrize("arch", sorted(FAMILIES))
+# Two families keep the suite short: the ordering is a property of the quantizer, and these
+# cover the sandwich-norm GELU block and the affine (biased) one.
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
 def test_quantizations_are_ordered_by_their_bits(arch, synthetic) -> None:
     """F32 against F16, Q8_0, Q4_K_M and Q2_K of the same weights (llama.cpp's quantizer):
     J's difference grows with each type's weight error. Margin: each step at least 2x.
