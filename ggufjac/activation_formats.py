@@ -11,7 +11,7 @@ from gguf.constants import GGMLQuantizationType as Q
 # vec_dot_type): the weight types it pairs with 8-bit blocks, F16, BF16, or none.
 ACTIVATION_FORMAT = {
     Q.F32: None, Q.F16: "f16", Q.BF16: "bf16",
-    Q.Q4_0: "q8_0", Q.Q5_0: "q8_0", Q.Q8_0: "q8_0", Q.IQ4_NL: "q8_0",
+    Q.Q4_0: "q8_0", Q.Q5_0: "q8_0", Q.Q8_0: "q8_0", Q.IQ4_NL: "q8_0", Q.MXFP4: "q8_0",
     Q.Q4_1: "q8_1", Q.Q5_1: "q8_1",
     Q.Q2_K: "q8_k", Q.Q3_K: "q8_k", Q.Q4_K: "q8_k", Q.Q5_K: "q8_k", Q.Q6_K: "q8_k",
     Q.IQ4_XS: "q8_k",

@@ -256,6 +256,31 @@ def dequantize_iq4_xs(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
     return _scaled(q, (d * scales).view(n, 8, 1), out=out).reshape(n, QK_K)
 
 
+# MXFP4's e2m1 values, doubled (ggml's kvalues_mxfp4): the block scale is half the E8M0 one.
+_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """ggml_e8m0_to_fp32_half of bytes e [n, 1]: 2^(e - 128) as float32, built from its bits
+    as ggml builds it (e < 2: the subnormals 2^-128, 2^-127)."""
+    e = e.to(torch.int32)
+    bits = torch.where(e < 2, torch.bitwise_left_shift(torch.full_like(e, 0x00200000), e),
+                       (e - 1) << 23)
+    return bits.view(torch.float32)
+
+
+@functools.cache
+def _mxfp4_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_MXFP4_VALUES, dtype=torch.int8, device=device)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, out: Out = None) -> torch.Tensor:
+    """MXFP4 (gpt-oss's expert weights): a byte E8M0 exponent, then 16 bytes of e2m1 codes,
+    low nibbles the block's first 16 values, high nibbles the last 16."""
+    q = _mxfp4_table(blocks.device)[_nibbles(blocks[:, 1:]).long()]
+    return _scaled(q, _e8m0_half(blocks[:, :1]), out=out)
+
+
 # Byte offset of the F16 block minimum m in the types whose weights are d·q + m.
 BLOCK_MINIMUM_AT = {Q.Q4_1: 2, Q.Q5_1: 2}
 
@@ -274,7 +299,7 @@ DEQUANTIZERS: dict[Q, Callable[..., torch.Tensor]] = {
     Q.Q5_0: dequantize_q5_0, Q.Q5_1: dequantize_q5_1,
     Q.Q2_K: dequantize_q2_k, Q.Q3_K: dequantize_q3_k, Q.Q4_K: dequantize_q4_k,
     Q.Q5_K: dequantize_q5_k, Q.Q6_K: dequantize_q6_k,
-    Q.IQ4_NL: dequantize_iq4_nl, Q.IQ4_XS: dequantize_iq4_xs,
+    Q.IQ4_NL: dequantize_iq4_nl, Q.IQ4_XS: dequantize_iq4_xs, Q.MXFP4: dequantize_mxfp4,
 }
 _fallback_noticed: set[Q] = set()
 

@@ -17,6 +17,7 @@ F16_FIELDS = {
     Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2],
     Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
     Q.IQ4_NL: [0], Q.IQ4_XS: [0],
+    Q.MXFP4: [],  # its E8M0 scale byte is a power of two for every byte value
 }
 
 
