@@ -265,9 +265,10 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
     Every step of the branch is a frozen diagonal (norm scale, rounding ratio, GLU
     coefficient c) or a weight, so K = diag(post) · W_down · diag(c ⊙ r_down) · W_in ·
     diag(pre ⊙ r_in); with frozen block sums (Q4_1/Q5_1, `matmul`) each W is W + M ⊙ (ρ − 1),
-    its minima times the block-sum ratios, spread over each block's columns. Pulling back m cotangents through the branch by autograd costs
-    2·m·d·d_ff multiply-adds per position (both projections); forming K costs d·d·d_ff and
-    applying it m·d², so for a full Jacobian (m = d) K is the cheaper order (engine.py).
+    its minima times the block-sum ratios, spread over each block's columns. Pulling back m
+    cotangents through the branch by autograd costs 2·m·d·d_ff multiply-adds per position
+    (both projections); forming K costs d·d·d_ff and applying it m·d², so for a full
+    Jacobian (m = d) K is the cheaper order (engine.py).
     """
     def row(t: torch.Tensor) -> torch.Tensor:  # as it broadcasts against [N, ·] operands
         return t if t.dim() < 2 else t[position] if t.shape[0] > 1 else t[0]

@@ -9,8 +9,8 @@ relative Frobenius difference ‖J_a − J_b‖/‖J_b‖ and |cos| of the top l
 vectors; and how much of the change comes from llama.cpp's probabilities and gates alone
 (without its roundings frozen as ratios). After the table, per prompt: the time to run
 llama.cpp and derive the coefficients, and the share of each matmul's input entries that
-llama.cpp rounds to zero (flash attention off). `--long`: the anchored forward pass alone on a
-prompt longer than Gemma 3's 512-token sliding window. `--weight-types`: instead, per weight
+llama.cpp rounds to zero (flash attention off). `--long`: the anchored forward pass alone on
+a prompt longer than Gemma 3's 512-token sliding window. `--weight-types`: instead, per weight
 type (synthetic llama models, and the real SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M), the
 anchored forward pass's logits nmse and final-norm output relative error against llama.cpp,
 with repacking on and off and flash attention off and on (docs/anchoring.md's table).
