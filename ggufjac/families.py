@@ -19,7 +19,7 @@ from .gguf_file import GGUFFile
 
 NormLayout = Literal["pre", "sandwich", "post"]
 QKNorm = Literal["none", "head", "full"]
-Activation = Literal["silu", "gelu_tanh"]
+Activation = Literal["silu", "gelu_tanh", "swiglu_oai"]
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class Site(StrEnum):
     GATE = "gate"  # gate path "up": act(g)
     GATE_FACTOR = "gate_factor"  # gate path "gate": s(g) and the up branch
     UP = "up"
+    # the clamped SwiGLU (gpt-oss): where the linear branch is clamped, a 0/1 mask (the
+    # clamp's slope) and the value it adds there instead (see `swiglu_oai_product`)
+    GLU_CLAMP = "glu_clamp"
+    GLU_CLAMP_OFFSET = "glu_clamp_offset"
     # rounding ratios (anchored runs): each linear-path matmul's input, F16 V, P·V's sum
     IN_ATTN_V = "in:attn_v"
     IN_ATTN_OUTPUT = "in:attn_output"
@@ -93,7 +97,8 @@ Coefficients = dict[str, torch.Tensor]  # frozen coefficients by Site (a Site is
 # the roundings of the matmuls that act on one position at a time.
 POSITION_WISE = frozenset({Site.ATTN_NORM, Site.FFN_NORM, Site.POST_ATTENTION_NORM,
                            Site.POST_FFW_NORM, Site.OUTPUT_NORM, Site.GATE, Site.GATE_FACTOR,
-                           Site.UP, Site.IN_FFN_GATE, Site.IN_FFN_UP, Site.IN_FFN_DOWN,
+                           Site.UP, Site.GLU_CLAMP, Site.GLU_CLAMP_OFFSET,
+                           Site.IN_FFN_GATE, Site.IN_FFN_UP, Site.IN_FFN_DOWN,
                            Site.SUM_FFN_GATE, Site.SUM_FFN_UP, Site.SUM_FFN_DOWN})
 
 
@@ -181,6 +186,59 @@ def gate_factor(g: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+# gpt-oss's SwiGLU constants, fixed in llama.cpp's code (build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE)
+# as float32 values: alpha = 1.702f, limit = 7.0f.
+SWIGLU_OAI_ALPHA = float(np.float32(1.702))
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def _clamped_linear(v: torch.Tensor, lin: Linearization, lower: bool, one: float
+                    ) -> torch.Tensor:
+    """clamp(v) + one, where clamp is min(v, limit) (and max(v, -limit) when `lower`), on
+    the linear path: m ⊙ v + k with the mask m = 1 where v is inside the limits (the clamp's
+    slope) and k = `one` there, clamp(v) + `one` (a constant ±limit + one) where it is
+    clamped; m and k are frozen, k is a constant term (dropped with the biases in the linear
+    map J). Bit-identical to the plain clamp(v) + one: 1·v + one and 0·v + k round alike."""
+    limit = SWIGLU_OAI_LIMIT
+
+    def inside() -> torch.Tensor:
+        m = v <= limit
+        return (m & (v >= -limit) if lower else m).to(v.dtype)
+
+    m = lin.coefficient("glu_clamp", inside)
+    k = lin.coefficient("glu_clamp_offset", lambda: torch.where(
+        m.bool(), torch.full_like(v, one),
+        v.clamp(-limit if lower else None, limit) + one))
+    return add_bias(v * m, k, lin)
+
+
+def swiglu_oai_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tensor],
+                       lin: Linearization) -> torch.Tensor:
+    """gpt-oss's GLU as ggml's swiglu_oai computes it: x = min(g, limit), y = clamp(u, ±limit),
+    (x · σ(α x)) · (y + 1) (ggml writes x / (1 + e^(-α x)); the product with σ is the form
+    whose factor can be frozen). Detached:
+    - gate path "up": a = x · σ(α x) frozen; y + 1 = m ⊙ u + k (`_clamped_linear`), so the
+      linear part is a ⊙ m ⊙ u, and a ⊙ k — a itself where u is not clamped: the "+1" — is
+      a constant term of c.
+    - gate path "gate": σ(α x) and y + 1 frozen; x = m ⊙ g + k with k = limit where g is
+      clamped, 0 elsewhere, so the linear part is m ⊙ σ ⊙ (y + 1) ⊙ g and the clamped
+      entries' limit · σ(α limit) · (y + 1) are constant.
+    Each mode evaluates the same expression, so the values are bit-identical."""
+    limit, alpha = SWIGLU_OAI_LIMIT, SWIGLU_OAI_ALPHA
+    if not lin.detach:
+        x, y = gate().clamp(max=limit), up().clamp(-limit, limit)
+        return (x * torch.sigmoid(alpha * x)) * (y + 1)
+    if lin.gate_path == "up":
+        def activated() -> torch.Tensor:
+            x = gate().clamp(max=limit)
+            return x * torch.sigmoid(alpha * x)
+        return lin.coefficient("gate", activated) * _clamped_linear(up(), lin, True, 1.0)
+    g = gate()
+    s = lin.coefficient("gate_factor", lambda: torch.sigmoid(alpha * g.clamp(max=limit)))
+    x = _clamped_linear(g, lin, False, 0.0)
+    return (x * s) * lin.coefficient("up", lambda: up().clamp(-limit, limit) + 1)
+
+
 def gated_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tensor],
                   activation: str, lin: Linearization) -> torch.Tensor:
     """act(g) ⊙ u for g = gate(), u = up(), with the coefficients frozen as `lin.gate_path` says.
@@ -188,6 +246,8 @@ def gated_product(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tenso
     Always evaluated as (g · s(g)) · u, so every mode gives bit-identical values. The branch
     that is frozen is only computed when its coefficient is not replayed.
     """
+    if activation == "swiglu_oai":
+        return swiglu_oai_product(gate, up, lin)
     if not lin.detach:
         g = gate()
         return (g * gate_factor(g, activation)) * up()
@@ -205,9 +265,11 @@ def glu_linear_branch(store: Coefficients, gate_path: str
                       ) -> tuple[str, torch.Tensor]:
     """The gated product act(g) ⊙ u, replayed from recorded coefficients, as c ⊙ (linear
     branch): which projection stays linear ('ffn_up' or 'ffn_gate') and c [N, d_ff]."""
-    if gate_path == "up":
-        return "ffn_up", store["gate"]
-    return "ffn_gate", store["gate_factor"] * store["up"]  # (g · s) · u = g ⊙ (s · u)
+    name, c = ("ffn_up", store["gate"]) if gate_path == "up" else \
+        ("ffn_gate", store["gate_factor"] * store["up"])  # (g · s) · u = g ⊙ (s · u)
+    if (m := store.get("glu_clamp")) is not None:  # a clamped linear branch (swiglu_oai)
+        c = c * m
+    return name, c
 
 
 def add_bias(y: torch.Tensor, bias: torch.Tensor | None, lin: Linearization) -> torch.Tensor:

@@ -57,3 +57,71 @@ def test_mxfp4_anchored_reproduces_llama_cpp(mxfp4_llama, repack: bool) -> None:
         assert summary["anchor_logits_nmse"] <= 1e-12, (flash, summary["anchor_logits_nmse"])
         assert summary["anchor_output_rel_error"] < 1e-6
         assert summary["top1_agree"] and not summary["approximations"]
+
+
+# -- the clamped SwiGLU ----------------------------------------------------------------------
+
+ALPHA, LIMIT = 1.702, 7.0  # llama.cpp's build_moe_ffn (LLM_FFN_SWIGLU_OAI_MOE), as float32
+
+
+def _oai_formula(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """ggml's swiglu_oai, written out in float64: x = min(g, limit), y = clamp(u),
+    x / (1 + exp(-alpha x)) * (y + 1)."""
+    alpha = float(np.float32(ALPHA))
+    x, y = np.minimum(g, LIMIT), np.clip(u, -LIMIT, LIMIT)
+    return x / (1.0 + np.exp(-alpha * x)) * (y + 1.0)
+
+
+@pytest.mark.parametrize("gate_path", ["up", "gate"])
+def test_swiglu_oai_detached_is_exactly_affine(gate_path: str) -> None:
+    """Both gate paths: the detached product has the plain values bit for bit; its linear
+    part (autograd through the frozen replay) is the clamp's slope times the frozen factor,
+    its constant the clamped entries' values and, on the up path, the "+1"; linear part
+    plus constant reconstruct the output to float64 rounding."""
+    from ggufjac.linearize import PLAIN, Linearization, swiglu_oai_product
+
+    rng = np.random.default_rng(5)
+    g_np, u_np = rng.standard_normal((3, 40)) * 6, rng.standard_normal((3, 40)) * 6
+    assert (g_np > LIMIT).any() and (np.abs(u_np) > LIMIT).any()  # both clamps active
+    g, u = torch.from_numpy(g_np), torch.from_numpy(u_np)
+    plain = swiglu_oai_product(lambda: g, lambda: u, PLAIN)
+    np.testing.assert_allclose(plain.numpy(), _oai_formula(g_np, u_np), rtol=1e-14, atol=1e-14)
+
+    store: dict = {}
+    lin = Linearization(gate_path=gate_path)
+    detached = swiglu_oai_product(lambda: g, lambda: u, lin.recording(store))
+    assert torch.equal(detached, plain)
+    # the linear branch's input, probed through the replay with the constants left out
+    branch = (u if gate_path == "up" else g).clone().requires_grad_(True)
+    other = g if gate_path == "up" else u
+    calls = (lambda: other, lambda: branch) if gate_path == "up" else \
+        (lambda: branch, lambda: other)
+    linear = swiglu_oai_product(*calls, lin.replaying(store))
+    slope, = torch.autograd.grad(linear.sum(), branch)  # elementwise: the diagonal of J
+    zero = torch.zeros_like(branch)
+    calls0 = (lambda: other, lambda: zero) if gate_path == "up" else (lambda: zero, lambda: other)
+    constant = swiglu_oai_product(*calls0, lin.replaying(store, constants=True))
+
+    alpha = float(np.float32(ALPHA))
+    x = np.minimum(g_np, LIMIT)
+    act = x / (1 + np.exp(-alpha * x))
+    sig = 1 / (1 + np.exp(-alpha * x))
+    y1 = np.clip(u_np, -LIMIT, LIMIT) + 1
+    if gate_path == "up":
+        inside = np.abs(u_np) <= LIMIT
+        want_slope = act * inside
+        want_constant = act * np.where(inside, 1.0, y1)  # the "+1", or the clamped value
+    else:
+        inside = g_np <= LIMIT
+        want_slope = sig * y1 * inside
+        want_constant = np.where(inside, 0.0, LIMIT * sig * y1)
+    np.testing.assert_allclose(slope.numpy(), want_slope, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(constant.numpy(), want_constant, rtol=1e-13, atol=1e-15)
+    rebuilt = slope.numpy() * branch.detach().numpy() + constant.numpy()
+    assert np.abs(rebuilt - plain.numpy()).max() <= 1e-12 * np.abs(plain.numpy()).max()
+    # the MLP's per-position matrix form takes the same linear coefficient
+    from ggufjac.linearize import glu_linear_branch
+
+    name, c = glu_linear_branch(store, gate_path)
+    assert name == ("ffn_up" if gate_path == "up" else "ffn_gate")
+    np.testing.assert_allclose(c.numpy(), want_slope, rtol=1e-13, atol=1e-15)
