@@ -61,9 +61,10 @@ def _check_against_dense(result, jacobian: torch.Tensor, k: int, sigma_rel: floa
 
 
 def _identity_error(result) -> float:
-    """max_k |u_kᵀ y − σ_k (v_k · x)| / |u_kᵀ y|: true singular triplets of a map with
-    y = J x satisfy it exactly."""
-    lhs = result.left.T @ result.output
+    """max_k |u_kᵀ (y − c) − σ_k (v_k · x)| / |u_kᵀ (y − c)|: true singular triplets of a
+    map with y = J x + c (c = 0 without biases) satisfy it exactly."""
+    linear_part = result.output if result.constant is None else result.output - result.constant
+    lhs = result.left.T @ linear_part
     rhs = result.singular_values * torch.einsum("knd,nd->k", result.right, result.inputs)
     return float(((lhs - rhs).abs() / lhs.abs()).max())
 
