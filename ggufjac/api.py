@@ -20,6 +20,7 @@ from gguf.constants import Keys
 from . import llamacpp, model_reports
 from .anchor import anchor_from_run, capture_names
 from .analysis import top_tokens_by_unembedding
+from .components import component_sweep
 from .chat import ChatPrompt, Message, render_file_chat_spans, token_segments
 from .errors import GGUFError, GgufjacError, LlamaCppError, PromptError
 from .families import ModelConfig, config_from_gguf
@@ -324,12 +325,15 @@ class LoadedModel:
     def attribute(self, tokens: list[int], targets: list[int] | None = None,
                   lin: Linearization | None = None, progress: bool = False,
                   max_memory: int | None = None, anchor: Anchor | None = None,
-                  llama_cpp: bool = False, chat: ChatPrompt | None = None) -> dict:
+                  llama_cpp: bool = False, chat: ChatPrompt | None = None,
+                  components: bool = False) -> dict:
         """Each input token's exact additive contribution (u_tᵀ J_i) · x_i to the logit of
         each target token t (default: the predicted one), and for a family with biases the
         constant term's u_t · c (the 'bias' row), from one reverse sweep; with the
         top-5 next tokens, and with `llama_cpp` llama.cpp's own on the same tokens. With
         `chat` (the chat prompt of `tokens`), the contributions summed by role segment too.
+        With `components`, the same sweep also splits each logit at every layer between the
+        stream entering it, each attention head, the MLP and the biases (components.py).
 
         Anchored, the logit is llama.cpp's: u_t · (r ⊙ y) with r the frozen rounding of the
         unembedding matmul's input, so the contributions sum to llama.cpp's logit."""
@@ -344,14 +348,19 @@ class LoadedModel:
                 targets = [top_tokens_by_unembedding(
                     self.weights, self.logit_input(y, anchor)[:, None], 1)[0][0][0]]
             u = self.logit_rows(targets, anchor)
-            jac = engine.pull_back_output(record, u, plan.chunk)
+            layer_components = None
+            if components:
+                jac, layer_components = component_sweep(engine, record, u, plan.chunk)
+            else:
+                jac = engine.pull_back_output(record, u, plan.chunk)
         finally:
             engine.release()
         contributions = torch.einsum("mnk,nk->mn", jac, x)  # [targets, positions]
         c = record.constant  # an affine network's constant: its part u_t · c is the bias row
         report = model_reports.attribution_report(self, tokens, lin, x.dtype, targets,
                                                   contributions, u @ y, y, anchor, c,
-                                                  None if c is None else u @ c)
+                                                  None if c is None else u @ c,
+                                                  layer_components)
         report["sweeps"] = [s.as_dict() for s in engine.sweeps]
         report.update(prediction_figures(self, tokens, y, anchor, llama_cpp))
         if chat is not None:

@@ -519,12 +519,17 @@ class StreamingEngine:
         return g
 
     def pull_back(self, record: ForwardRecord, cotangents: dict[int, torch.Tensor],
-                  to_residual: int = 0, chunk: int | None = None) -> torch.Tensor:
+                  to_residual: int = 0, chunk: int | None = None,
+                  visit: Callable[[int, LayerWeights, torch.Tensor], None] | None = None
+                  ) -> torch.Tensor:
         """Pull cotangents on residual streams back to residual `to_residual` (0: the inputs).
 
         `cotangents[k]` [m_k, N, d] sits on residuals[k] (k = n_layer: the last layer's
         output). Rows injected at several k are stacked as the sweep passes them (highest k
         first), so one sweep serves many targets; the result has all their rows, [Σ m_k, N, d].
+        `visit(layer, weights, g)`, if given, is called with each layer's loaded weights
+        and the cotangents g on its output before they are pulled through it (g is
+        overwritten afterwards: a visitor copies what it keeps).
         """
         top = max(cotangents)
         g = cotangents[top]
@@ -533,6 +538,8 @@ class StreamingEngine:
         order = range(top - 1, to_residual - 1, -1)
         timer = _SweepTimer(self, "reverse", plan.block_elements)
         for layer, w in self.layers(order, self.linear_path, "reverse", plan.block_elements):
+            if visit is not None:
+                visit(layer, w, g)
             g = self.layer_vjp(layer, w, record, g, chunk=plan.chunk)
             if layer in cotangents and layer != top:
                 g = torch.cat((g, cotangents[layer]), dim=0)

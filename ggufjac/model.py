@@ -203,6 +203,13 @@ def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
               lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
     """Attention on h [..., N, d]. Leading dimensions are a batch of inputs sharing one set
     of replayed coefficients (probes of the frozen linear map); a recording run is [N, d]."""
+    return attention_projection(w, attention_heads(cfg, layer, w, h, lin, cache), lin)
+
+
+def attention_heads(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
+                    lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
+    """The heads' outputs P_h V_h concatenated [..., N, n_head · head_dim_v], before the
+    output projection (head h: columns h·head_dim_v to (h + 1)·head_dim_v)."""
     batch, n = h.shape[:-2], h.shape[-2]
     p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin, cache), lin)
     v = frozen_rounding(matmul(h, w, "attn_v", lin), lin, "v_cache")
@@ -212,7 +219,12 @@ def attention(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tensor,
     v = v.repeat_interleave(
         cfg.n_head // cfg.n_kv_head, dim=-2)
     band = attention_band(cfg, layer, n, 0 if cache is None else cache.length - n)
-    o = banded_mix(p, v, band, lin.values).reshape(*batch, n, cfg.n_head * cfg.head_dim_v)
+    return banded_mix(p, v, band, lin.values).reshape(*batch, n, cfg.n_head * cfg.head_dim_v)
+
+
+def attention_projection(w: LayerWeights, o: torch.Tensor, lin: Linearization) -> torch.Tensor:
+    """The output projection of the heads' outputs o (`attention_heads`): linear in o, plus
+    the projection's bias where the layer has one."""
     return matmul(frozen_rounding(o, lin, "attn_sum"), w, "attn_output", lin)
 
 
@@ -226,11 +238,27 @@ def mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
 def attention_branch(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
                      lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
     """What a layer's attention adds to the residual stream x [N, d] (its norms included)."""
-    eps, layout = cfg.norm_eps, cfg.family.norm_layout
-    h = x if layout == "post" else rms_norm(x, w["attn_norm"], eps, lin, "attn_norm")
-    a = attention(cfg, layer, w, h, lin, cache)
-    a = a if layout == "pre" else rms_norm(a, w["post_attention_norm"], eps, lin,
-                                           "post_attention_norm")
+    return attention_branch_output(
+        cfg, w, attention_branch_heads(cfg, layer, w, x, lin, cache), lin)
+
+
+def attention_branch_heads(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
+                           lin: Linearization, cache: KVCache | None = None) -> torch.Tensor:
+    """The first part of `attention_branch`: the heads' outputs (`attention_heads`) of the
+    normed stream x [N, d]."""
+    h = x if cfg.family.norm_layout == "post" else \
+        rms_norm(x, w["attn_norm"], cfg.norm_eps, lin, "attn_norm")
+    return attention_heads(cfg, layer, w, h, lin, cache)
+
+
+def attention_branch_output(cfg: ModelConfig, w: LayerWeights, o: torch.Tensor,
+                            lin: Linearization) -> torch.Tensor:
+    """The rest of `attention_branch`: the heads' outputs o projected, post-normed and
+    scaled into the residual stream (linear in o with the coefficients frozen, plus the
+    projection's bias carried through the frozen post-norm)."""
+    a = attention_projection(w, o, lin)
+    a = a if cfg.family.norm_layout == "pre" else rms_norm(
+        a, w["post_attention_norm"], cfg.norm_eps, lin, "post_attention_norm")
     return a if cfg.residual_scale == 1.0 else a * cfg.residual_scale
 
 

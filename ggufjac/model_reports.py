@@ -19,6 +19,7 @@ import torch
 from .analysis import ENTROPY_RANK_DEFINITION, STABLE_RANK_DEFINITION, gram_spectrum, \
     spectrum, top_tokens_by_unembedding
 from .chat import ChatPrompt
+from .components import BIAS_ASSIGNMENT, COMPONENTS_DEFINITION, LayerComponents
 from .families import ModelConfig
 from .gguf_file import GGUFFile
 from .jacobian import JacobianFile, JacobianResult, reconstruction_rel_error
@@ -272,10 +273,12 @@ def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
                        dtype: torch.dtype, targets: list[int], contributions: torch.Tensor,
                        logits: torch.Tensor, y: torch.Tensor, anchor: Anchor | None,
                        constant: torch.Tensor | None = None,
-                       biases: torch.Tensor | None = None) -> dict:
+                       biases: torch.Tensor | None = None,
+                       layer_components: list[LayerComponents] | None = None) -> dict:
     """`attribute`'s report: per target, its logit u_t · y, the contributions [targets, N],
     their sum, and (anchored) llama.cpp's logit. For an affine network (`constant` c), each
-    target's `biases` entry u_t · c is its 'bias' row, in the sum."""
+    target's `biases` entry u_t · c is its 'bias' row, in the sum. With `layer_components`
+    (components.component_sweep), each target's logit split at every layer ('components')."""
     cap = m.cfg.final_logit_softcap
     rows = []
     for j, t in enumerate(targets):
@@ -291,6 +294,8 @@ def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
             row["logit_after_softcap"] = float(torch.tanh(logits[j] / cap) * cap)
         if anchor is not None:
             row["llama_cpp_logit"] = float(anchor.logits[-1][t])
+        if layer_components is not None:
+            row["components"] = components_report(layer_components, j, float(logits[j]))
         alternative = m.vocab.space_prefixed(t)
         if alternative is not None:
             alt_logit = float(m.weights.unembedding_rows([alternative])[0] @ y)
@@ -309,9 +314,28 @@ def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
             "targets": rows}
     if constant is not None:
         report["constant"] = constant_report(constant, y, "attribute")
+    if layer_components is not None:
+        report["components_definition"] = {"definition": COMPONENTS_DEFINITION,
+                                           "biases": BIAS_ASSIGNMENT}
     if anchor is not None:
         report["anchor"] = anchor_summary(m, anchor, y)
     return report
+
+
+def components_report(layers: list[LayerComponents], target: int, logit: float) -> dict:
+    """One target's components at every layer: each component's contribution, their sum
+    and its relative difference from the logit (the exactness check; rounding only), and
+    the largest of those over the layers."""
+    rows = []
+    for lc in layers:
+        values = [float(v) for v in lc.values[target]]
+        total = float(lc.values[target].sum())
+        rows.append({"layer": lc.layer,
+                     "components": [{"name": c.name, "kind": c.kind, "index": c.index,
+                                     "value": v} for c, v in zip(lc.components, values)],
+                     "sum": total,
+                     "rel_error": abs(total - logit) / max(abs(logit), 1e-300)})
+    return {"layers": rows, "max_rel_error": max((r["rel_error"] for r in rows), default=0.0)}
 
 
 def check_report(m: OpenedModel, prompt: str, tokens: list[int], ours: np.ndarray,

@@ -35,7 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "layout": ("families", "layout", "activation_formats", "costs"),
     "model and rules": ("linearize", "blocked", "model"),
     "engine": ("weights", "runner", "engine"),
-    "analyses": ("metrics", "analysis", "jacobian", "svd", "layers", "cvector"),
+    "analyses": ("metrics", "analysis", "jacobian", "svd", "layers", "cvector", "components"),
     "llama.cpp": ("llamacpp", "llamacpp_worker", "anchor"),
     "reports of one model": ("model_reports", "plots"),
     "Python API": ("api",),
