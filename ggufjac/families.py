@@ -115,6 +115,22 @@ FAMILIES: dict[str, Family] = {
 
 
 @dataclass(frozen=True)
+class YarnRope:
+    """YaRN as llama.cpp runs it (llama-context.cpp, ggml's rope_yarn): each frequency's
+    angle mixes the scaled and the unscaled one by a ramp over the rotary dimensions between
+    the correction dimensions of beta_fast and beta_slow, and cos and sin are multiplied by
+    attn_factor · (1 + 0.1 ln(1 / position scale))."""
+
+    orig_ctx: int  # rope.scaling.original_context_length (else the training context)
+    ext_factor: float = 1.0  # llama.cpp's default for the yarn type (no GGUF key read)
+    beta_fast: float = 32.0  # llama.cpp's hparams defaults (only Grok reads keys for these)
+    beta_slow: float = 1.0
+    # llama.cpp's yarn_attn_factor before the file's rope.scaling.attn_factor: its mscale
+    # for the global factor, divided by the 1 + 0.1 ln(factor) that rope_yarn multiplies in
+    attn_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The sizes and settings of one model file (read from its GGUF metadata)."""
 
@@ -148,6 +164,9 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores capped to cap * tanh(s / cap)
     residual_scale: float = 1.0  # multiplies each attention and MLP branch's output
     logit_scale: float = 1.0  # the logits are the unembedding's output divided by it
+    # YaRN rope (rope.scaling.type "yarn"): llama.cpp's ext_factor, beta_fast, beta_slow and
+    # original context, and the attention factor it derives; None: no YaRN.
+    rope_yarn: YarnRope | None = None
 
     def rope_for_layer(self, layer: int) -> tuple[float, float]:
         """(base, position scale) of the rotary embedding used in `layer`."""
@@ -285,8 +304,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     # llama.cpp: the scaling type defaults to linear; the factor (or its older key) applies
     # unless the type is none, 0 meaning no scaling.
     scaling = md.string(Keys.Rope.SCALING_TYPE, "linear")
-    rope_scale = 1.0
-    if scaling == "linear":
+    rope_scale, yarn = 1.0, None
+    if scaling in ("linear", "yarn"):
         factor_key = next((k for k in (Keys.Rope.SCALING_FACTOR, ROPE_SCALE_LINEAR)
                            if md.key(k) in g.metadata), Keys.Rope.SCALING_FACTOR)
         factor = md.float(factor_key, 0.0, positive=False)
@@ -295,6 +314,8 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
                             f"expected 0 (no scaling) or a factor >= {MIN_ROPE_SCALING_FACTOR:g} "
                             f"(positions are divided by it), found {factor!r}")
         rope_scale = 1.0 / factor if factor else 1.0
+        if scaling == "yarn":
+            yarn = _yarn(md, 1.0 / rope_scale)
     elif scaling != "none":
         raise UnsupportedModelError(f"{g.path}: rope scaling {scaling!r} is not supported")
     rope_base = md.float(Keys.Rope.FREQ_BASE, 10000.0, above=1.0)
@@ -350,7 +371,17 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         residual_scale=(md.float(Keys.LLM.RESIDUAL_SCALE, 0.0, positive=False) or 1.0
                         if fam.multipliers else 1.0),
         logit_scale=md.float(Keys.LLM.LOGIT_SCALE) if fam.multipliers else 1.0,
+        rope_yarn=yarn,
     )
+
+
+def _yarn(md: _Metadata, factor: float) -> YarnRope:
+    """YaRN's settings as llama.cpp derives them for a global rope factor `factor` (its
+    llama_context constructor, with no yarn_log_multiplier: that is DeepSeek's)."""
+    mscale = 0.1 * math.log(factor) + 1.0 if factor > 1.0 else 1.0
+    return YarnRope(
+        orig_ctx=md.int(Keys.Rope.SCALING_ORIG_CTX_LEN, md.int(Keys.LLM.CONTEXT_LENGTH)),
+        attn_factor=mscale / (1.0 + 0.1 * math.log(factor)))
 
 
 def _final_logit_softcap(md: _Metadata, fam: Family) -> float | None:

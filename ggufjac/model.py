@@ -9,6 +9,7 @@ here reads a file: runner.py and engine.py feed the block the weights.py reads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
     """cos and sin of the rotary angles [n_pos, rope_dims / 2] for `layer`.
 
     `factors` (Llama 3.1 rope_freqs, Phi 3 LongRoPE) divide each frequency; both tables are
-    multiplied by the file's rope attention factor, as llama.cpp does. Angles are
+    multiplied by the file's rope attention factor, as llama.cpp does. With YaRN
+    (cfg.rope_yarn) the angles and that factor are ggml's rope_yarn's. Angles are
     computed in float64 and rounded once to `dtype`: they only shape the frozen attention
     weights, never the linear path.
     """
@@ -37,9 +39,22 @@ def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
     inv_freq = base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / cfg.rope_dims)
     if factors is not None:
         inv_freq = inv_freq / factors.to(torch.float64)
-    pos = torch.arange(n_pos, dtype=torch.float64, device=device) * scale
-    theta = pos[:, None] * inv_freq[None, :]
+    pos = torch.arange(n_pos, dtype=torch.float64, device=device)
+    theta = (pos * scale)[:, None] * inv_freq[None, :]
     m = cfg.rope_attn_factor
+    if (yarn := cfg.rope_yarn) is not None and yarn.ext_factor != 0:
+        # ggml_rope_yarn_corr_dims and rope_yarn: below dimension pair `low` the angle is the
+        # unscaled one, above `high` the scaled one, a linear ramp between
+        def corr_dim(beta: float) -> float:
+            return cfg.rope_dims * math.log(yarn.orig_ctx / (beta * 2 * math.pi)) \
+                / (2 * math.log(base))
+        low = max(0.0, math.floor(corr_dim(yarn.beta_fast)))
+        high = min(cfg.rope_dims - 1.0, math.ceil(corr_dim(yarn.beta_slow)))
+        i = torch.arange(half, dtype=torch.float64, device=device)
+        ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
+        mix = ramp * yarn.ext_factor
+        theta = theta * (1 - mix) + (pos[:, None] * inv_freq[None, :]) * mix
+        m = m * yarn.attn_factor * (1.0 + 0.1 * math.log(1.0 / scale))
     return (theta.cos() * m).to(dtype), (theta.sin() * m).to(dtype)
 
 

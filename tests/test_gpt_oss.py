@@ -3,6 +3,8 @@ each against an independent reference (gguf-py, llama.cpp, a float64 formula, au
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,97 @@ def test_swiglu_oai_detached_is_exactly_affine(gate_path: str) -> None:
     name, c = glu_linear_branch(store, gate_path)
     assert name == ("ffn_up" if gate_path == "up" else "ffn_gate")
     np.testing.assert_allclose(c.numpy(), want_slope, rtol=1e-13, atol=1e-15)
+
+
+# -- YaRN rope -------------------------------------------------------------------------------
+
+YARN = {"rope.scaling.type": ("yarn", "string"), "rope.scaling.factor": (8.0, "f32"),
+        "rope.scaling.original_context_length": (64, "u32")}
+
+
+def _yarn_metadata() -> dict:
+    from gguf.constants import GGUFValueType as V
+
+    types = {"string": V.STRING, "f32": V.FLOAT32, "u32": V.UINT32}
+    return {k: (v, types[t]) for k, (v, t) in YARN.items()}
+
+
+def _ggml_rope_yarn(n_dims: int, base: float, freq_scale: float, n_ctx_orig: int,
+                    n_pos: int, attn_factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's CPU rope cache with YaRN, written out from ggml-cpu/ops.cpp in float32:
+    ggml_rope_yarn_corr_dims, then rope_yarn per dimension pair, llama.cpp's context
+    defaults (ext_factor 1, beta_fast 32, beta_slow 1) and its yarn_attn_factor."""
+    f = np.float32
+    factor = f(1) / f(freq_scale)
+    mscale_ctx = (f(0.1) * np.log(factor) + f(1)) * (f(1) / (f(1) + f(0.1) * np.log(factor)))
+    mscale_ctx *= f(attn_factor)
+
+    def corr_dim(beta: float) -> np.float32:
+        return f(n_dims) * np.log(f(n_ctx_orig) / (f(beta) * f(2) * f(np.pi))) \
+            / (f(2) * np.log(f(base)))
+    low = max(f(0), np.floor(corr_dim(32.0)))
+    high = min(f(n_dims - 1), np.ceil(corr_dim(1.0)))
+    theta_scale = f(base) ** (f(-2.0) / f(n_dims))
+    cos = np.empty((n_pos, n_dims // 2), np.float32)
+    sin = np.empty_like(cos)
+    for p in range(n_pos):
+        theta_extrap = f(p)
+        for i in range(n_dims // 2):
+            interp = f(freq_scale) * theta_extrap
+            y = (f(i) - low) / max(f(0.001), high - low)
+            ramp = f(1) - min(f(1), max(f(0), y))
+            theta = interp * (f(1) - ramp) + theta_extrap * ramp
+            m = mscale_ctx * (f(1) + f(0.1) * np.log(f(1) / f(freq_scale)))
+            cos[p, i], sin[p, i] = np.cos(theta) * m, np.sin(theta) * m
+            theta_extrap = theta_extrap * theta_scale
+    return cos, sin
+
+
+@pytest.fixture(scope="module")
+def yarn_llama(tmp_path_factory):
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    path = tmp_path_factory.mktemp("yarn") / "llama-yarn.gguf"
+    return write_synthetic_gguf(path, "llama", Shape(), metadata=_yarn_metadata())
+
+
+def test_yarn_config_and_tables_are_ggml_s(yarn_llama) -> None:
+    """The file's YaRN keys read as llama.cpp reads them, and the rope tables equal ggml's
+    rope_yarn written out in the test (float32) to its rounding."""
+    m = open_model(yarn_llama, dtype="float64")
+    cfg = m.cfg
+    assert cfg.rope_yarn is not None and cfg.rope_yarn.orig_ctx == 64
+    assert cfg.rope_scale == 1 / 8
+    from ggufjac.model import rope_tables
+
+    cos, sin = rope_tables(cfg, 0, 40, torch.float64, torch.device("cpu"))
+    want_cos, want_sin = _ggml_rope_yarn(cfg.rope_dims, cfg.rope_base, cfg.rope_scale, 64, 40,
+                                         cfg.rope_attn_factor)
+    np.testing.assert_allclose(cos.numpy(), want_cos, atol=2e-5)
+    np.testing.assert_allclose(sin.numpy(), want_sin, atol=2e-5)
+    # YaRN is not linear scaling: the high-frequency pairs keep their unscaled angles
+    plain = rope_tables(dataclasses.replace(cfg, rope_yarn=None), 0, 40, torch.float64,
+                        torch.device("cpu"))[0]
+    assert np.abs(plain.numpy() - want_cos).max() > 0.1
+
+
+def test_yarn_model_matches_llama_cpp(yarn_llama, tmp_path) -> None:
+    """An F32 llama file with YaRN rope: our forward pass is llama.cpp's within its noise floor,
+    while llama.cpp's own logits for the same weights with linear scaling are far from them
+    (so the bound tells the two apart)."""
+    from ggufjac.api import nmse
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    m = open_model(yarn_llama, dtype="float64")
+    prompt = "the bridge out of Marin is the city of the water and the dog over the fox"
+    report = m.check(prompt)
+    # measured 2.1e-8 against llama.cpp's own spread of 1.9e-8 (F16 K/V, flash on and off)
+    assert report["nmse"] < max(1e-7, 2 * report["noise_floor_nmse"]), report["nmse"]
+    metadata = _yarn_metadata()
+    metadata["rope.scaling.type"] = ("linear", metadata["rope.scaling.type"][1])
+    linear = open_model(write_synthetic_gguf(tmp_path / "linear.gguf", "llama", Shape(),
+                                             metadata=metadata), dtype="float64")
+    tokens = m.tokenize(prompt)
+    assert linear.cfg.rope_yarn is None
+    assert nmse(linear.llama_cpp_logits(tokens)[-1],
+                m.llama_cpp_logits(tokens)[-1]) > 1e-4
