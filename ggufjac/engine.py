@@ -347,7 +347,8 @@ class StreamingEngine:
                     compute = torch.cuda.current_stream(self.device)
                     compute.wait_event(done)
                     for t in w.values():  # the buffers are used on this stream too
-                        t.record_stream(compute)
+                        if isinstance(t, torch.Tensor):  # (experts are read when used)
+                            t.record_stream(compute)
                 pending = None
                 if not streaming and self.prefetch and k + 1 < len(order):
                     after = None
@@ -377,7 +378,8 @@ class StreamingEngine:
         """Read layer `layer`'s bytes into the page cache (on a thread: the reads release
         the interpreter and wait on the disk, not on the cores)."""
         for info in self._layer_tensors(layer, names):
-            self.weights.gguf.read_ahead(info.offset, info.n_bytes)
+            if len(info.shape) < 3:  # experts: only the selected ones are read, when used
+                self.weights.gguf.read_ahead(info.offset, info.n_bytes)
 
     # -- forward -------------------------------------------------------------------------
 

@@ -20,6 +20,10 @@ from .gguf_file import GGUFFile
 NormLayout = Literal["pre", "sandwich", "post"]
 QKNorm = Literal["none", "head", "full"]
 Activation = Literal["silu", "gelu_tanh", "swiglu_oai"]
+# How a mixture of experts' router turns its logits into the selected experts' weights
+# (llama.cpp's build_moe_ffn): "softmax_topk": softmax over all experts, the top k of those
+# probabilities; "topk_softmax": the top k logits, softmax over those k.
+MoEGating = Literal["softmax_topk", "topk_softmax"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,20 @@ class Family:
     # The unembedding is always token_embd (Gemma 2): llama.cpp refuses a file that also has
     # an output.weight (one tensor more than it loads).
     tied_only: bool = False
+    # A per-head learned logit (attn_sinks [n_head]) joins each query's softmax without a
+    # value (gpt-oss): the probabilities over the real keys then sum to less than 1.
+    attn_sinks: bool = False
+    # A mixture of experts: the MLP is Σ over the experts the router (ffn_gate_inp) selects
+    # of w_e · expert_e(x), the experts stored as 3-D tensors ffn_{gate,up,down}_exps
+    # [n_expert, rows, cols]; None: one dense MLP.
+    moe_gating: MoEGating | None = None
+    # The selected experts' weights divided by their sum (llama.cpp's norm_w).
+    moe_normalize: bool = False
 
     def __post_init__(self) -> None:
+        if self.moe_gating is not None and self.moe_gating not in get_args(MoEGating):
+            raise ValueError(f"Family.moe_gating must be one of {get_args(MoEGating)} or "
+                             f"None, not {self.moe_gating!r}")
         for name, kind in (("norm_layout", NormLayout), ("qk_norm", QKNorm),
                            ("activation", Activation)):
             if getattr(self, name) not in get_args(kind):
@@ -111,6 +127,11 @@ FAMILIES: dict[str, Family] = {
     # rope and biases on q, k and v (llama.cpp's src/models/qwen2.cpp).
     "qwen2": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=True,
                     biases=("attn_q", "attn_k", "attn_v")),
+    # Qwen3 MoE (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B; src/models/qwen3moe.cpp): Qwen 3's
+    # block with a mixture of experts for the MLP, softmax over all experts, top k,
+    # the k weights renormalised to sum 1.
+    "qwen3moe": Family(norm_layout="pre", qk_norm="head", activation="silu", rope_neox=True,
+                       moe_gating="softmax_topk", moe_normalize=True),
 }
 
 
@@ -167,6 +188,11 @@ class ModelConfig:
     # YaRN rope (rope.scaling.type "yarn"): llama.cpp's ext_factor, beta_fast, beta_slow and
     # original context, and the attention factor it derives; None: no YaRN.
     rope_yarn: YarnRope | None = None
+    # A mixture of experts (Family.moe_gating): how many experts, how many each token uses,
+    # and each expert's FFN width; all 0 for a dense MLP.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    d_ff_expert: int = 0
 
     def rope_for_layer(self, layer: int) -> tuple[float, float]:
         """(base, position scale) of the rotary embedding used in `layer`."""
@@ -372,7 +398,35 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
                         if fam.multipliers else 1.0),
         logit_scale=md.float(Keys.LLM.LOGIT_SCALE) if fam.multipliers else 1.0,
         rope_yarn=yarn,
+        **_experts(md, fam),
     )
+
+
+# llama.cpp's LLAMA_MAX_EXPERTS: it asserts expert_count <= this.
+MAX_EXPERTS = 1024
+
+
+def _experts(md: _Metadata, fam: Family) -> dict[str, int]:
+    """The mixture of experts' sizes as llama.cpp reads them: expert_count and
+    expert_used_count > 0 (it refuses 0), at most LLAMA_MAX_EXPERTS, used <= count; the
+    expert FFN width defaults to feed_forward_length / expert_used_count."""
+    if fam.moe_gating is None:
+        return {}
+    n_expert = md.int(Keys.LLM.EXPERT_COUNT)
+    if n_expert > MAX_EXPERTS:
+        raise md._bad(md.key(Keys.LLM.EXPERT_COUNT), n_expert,
+                      f"at most {MAX_EXPERTS} experts (llama.cpp's limit)")
+    used = md.int(Keys.LLM.EXPERT_USED_COUNT)
+    if used > n_expert:
+        raise md._bad(md.key(Keys.LLM.EXPERT_USED_COUNT), used,
+                      f"at most {md.key(Keys.LLM.EXPERT_COUNT)} = {n_expert} experts per token")
+    key = md.key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)
+    d_ff_expert = md.int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH) if key in md.g.metadata \
+        else md.int(Keys.LLM.FEED_FORWARD_LENGTH) // used
+    if d_ff_expert < 1:
+        raise md._bad(key, 0, "a positive expert FFN width (the file gives none, and "
+                      "feed_forward_length / expert_used_count is 0)")
+    return {"n_expert": n_expert, "n_expert_used": used, "d_ff_expert": d_ff_expert}
 
 
 def _yarn(md: _Metadata, factor: float) -> YarnRope:

@@ -44,6 +44,8 @@ class Dims:
     n_kv_head: int
     head_dim: int
     head_dim_v: int
+    n_expert: int = 0  # a mixture of experts' expert count and FFN width (0: dense MLP)
+    d_ff_expert: int = 0
 
 
 def _always(fam: Family) -> bool:
@@ -60,6 +62,18 @@ def _post_norm(fam: Family) -> bool:
 
 def _qk_norm(fam: Family) -> bool:
     return fam.qk_norm != "none"
+
+
+def _attn_sinks(fam: Family) -> bool:
+    return fam.attn_sinks
+
+
+def _dense_mlp(fam: Family) -> bool:
+    return fam.moe_gating is None
+
+
+def _experts(fam: Family) -> bool:
+    return fam.moe_gating is not None
 
 
 @dataclass(frozen=True)
@@ -98,21 +112,40 @@ LAYER_TENSORS: tuple[LayerTensor, ...] = (
                 else (m.n_kv_head * m.head_dim,), _qk_norm),
     LayerTensor("attn_output", Role.LINEAR, lambda m, f: (m.d_model, m.n_head * m.head_dim_v),
                 biased=True),
+    # one extra logit per head in the softmax: it only shapes the frozen probabilities
+    LayerTensor("attn_sinks", Role.COEFFICIENT, lambda m, f: (m.n_head,), _attn_sinks),
     LayerTensor("post_attention_norm", Role.NORM, lambda m, f: (m.d_model,), _post_norm),
     LayerTensor("ffn_norm", Role.NORM, lambda m, f: (m.d_model,), _pre_norm),
-    LayerTensor("ffn_gate", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model),
+    LayerTensor("ffn_gate", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model), _dense_mlp,
                 fused=("fused_gate_up", "ffn_up"), biased=True),
-    LayerTensor("ffn_up", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model),
+    LayerTensor("ffn_up", Role.GLU_BRANCH, lambda m, f: (m.d_ff, m.d_model), _dense_mlp,
                 fused=("fused_gate_up", "ffn_up"), biased=True),
-    LayerTensor("ffn_down", Role.LINEAR, lambda m, f: (m.d_model, m.d_ff), biased=True),
+    LayerTensor("ffn_down", Role.LINEAR, lambda m, f: (m.d_model, m.d_ff), _dense_mlp,
+                biased=True),
+    # A mixture of experts: the router (its logits only shape the frozen routing weights)
+    # and the experts, each a GLU MLP, stacked [n_expert, rows, cols] (a bias: [n_expert,
+    # rows]).
+    LayerTensor("ffn_gate_inp", Role.COEFFICIENT, lambda m, f: (m.n_expert, m.d_model),
+                _experts, biased=True),
+    LayerTensor("ffn_gate_exps", Role.GLU_BRANCH,
+                lambda m, f: (m.n_expert, m.d_ff_expert, m.d_model), _experts, biased=True),
+    LayerTensor("ffn_up_exps", Role.GLU_BRANCH,
+                lambda m, f: (m.n_expert, m.d_ff_expert, m.d_model), _experts, biased=True),
+    LayerTensor("ffn_down_exps", Role.LINEAR,
+                lambda m, f: (m.n_expert, m.d_model, m.d_ff_expert), _experts, biased=True),
     LayerTensor("post_ffw_norm", Role.NORM, lambda m, f: (m.d_model,), _post_norm),
 )
-# Which GLU branch stays linear for each gate path (linearize.GATE_PATHS).
+# Which GLU branch stays linear for each gate path (linearize.GATE_PATHS): the dense MLP's,
+# and the experts'.
 GLU_LINEAR = {"up": "ffn_up", "gate": "ffn_gate"}
+GLU_LINEAR_EXPERTS = {"up": "ffn_up_exps", "gate": "ffn_gate_exps"}
+# The expert tensors (3-D: [n_expert, rows, cols]), read one expert at a time.
+EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 def dims_of(cfg: ModelConfig) -> Dims:
-    return Dims(cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.head_dim_v)
+    return Dims(cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.head_dim_v,
+                cfg.n_expert, cfg.d_ff_expert)
 
 
 def layer_tensors(fam: Family) -> list[LayerTensor]:
@@ -197,11 +230,12 @@ def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return stored_shapes_of(cfg.family, dims_of(cfg))
 
 
-def stored_bias_shapes_of(fam: Family, dims: Dims) -> dict[str, tuple[int]]:
+def stored_bias_shapes_of(fam: Family, dims: Dims) -> dict[str, tuple[int, ...]]:
     """Shapes of the family's bias tensors as stored, by stored name: one value per row of
-    the stored matrix (a fused tensor's bias stacks its members' as its rows do)."""
+    the stored matrix (a fused tensor's bias stacks its members' as its rows do; an expert
+    tensor's has one row of them per expert)."""
     stored = {stored_name(fam, t.name) for t in layer_biases(fam)}
-    return {name: (shape[0],) for name, shape in stored_shapes_of(fam, dims).items()
+    return {name: tuple(shape[:-1]) for name, shape in stored_shapes_of(fam, dims).items()
             if name in stored}
 
 
@@ -219,7 +253,8 @@ def linear_path(fam: Family, gate_path: str) -> list[str]:
     """The layer tensors the reverse sweep reads: the linear matmuls and the norm weights."""
     return [t.name for t in layer_tensors(fam)
             if t.role in (Role.LINEAR, Role.NORM)
-            or (t.role == Role.GLU_BRANCH and t.name == GLU_LINEAR[gate_path])]
+            or (t.role == Role.GLU_BRANCH
+                and t.name in (GLU_LINEAR[gate_path], GLU_LINEAR_EXPERTS[gate_path]))]
 
 
 def linear_matmuls(fam: Family) -> list[str]:

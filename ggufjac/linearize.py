@@ -14,6 +14,10 @@ Rules (Golden, arXiv 2505.24293):
 - attention: the softmax probabilities are frozen (so q, k, RoPE, QK-norm, a soft-cap on the
   scores, masks never enter the linear path: all of them are computed inside the scores that
   only shape the coefficient); the values P·(W_v x) stay linear.
+- mixture of experts: the router's selection and the selected experts' weights are frozen
+  (computed as llama.cpp computes them, ties broken as its sort breaks them), so the layer is
+  Σ_selected w_e · expert_e(x), each expert's GLU frozen by the gate path as above;
+  unselected experts contribute exactly 0.
 - biases (families that have them): a bias on a matmul that only shapes coefficients (q, k,
   the frozen GLU branch) is part of those coefficients; one on the linear path (v, the
   output projections, the linear GLU branch) is a constant term, so the detached network is
@@ -89,6 +93,17 @@ class Site(StrEnum):
     SUM_FFN_DOWN = "sum:ffn_down"
     V_CACHE = "v_cache"
     ATTN_SUM = "attn_sum"
+    # a mixture of experts' routing, frozen like the gate: the experts each token selected
+    # [N, k] (int64, in llama.cpp's order) and their weights [N, k]; the experts' own GLU
+    # coefficients are the gate sites above, one row per selected expert, [N, k, d_ff_expert]
+    MOE_EXPERTS = "moe_experts"
+    MOE_WEIGHTS = "moe_weights"
+    # rounding ratios of the experts' matmul inputs (anchored runs): [N, d] for gate and up
+    # (one quantization of each position's input serves every expert), [N, k, d_ff_expert]
+    # for down
+    IN_FFN_GATE_EXPS = "in:ffn_gate_exps"
+    IN_FFN_UP_EXPS = "in:ffn_up_exps"
+    IN_FFN_DOWN_EXPS = "in:ffn_down_exps"
 
 
 Coefficients = dict[str, torch.Tensor]  # frozen coefficients by Site (a Site is its str)
@@ -99,7 +114,9 @@ POSITION_WISE = frozenset({Site.ATTN_NORM, Site.FFN_NORM, Site.POST_ATTENTION_NO
                            Site.POST_FFW_NORM, Site.OUTPUT_NORM, Site.GATE, Site.GATE_FACTOR,
                            Site.UP, Site.GLU_CLAMP, Site.GLU_CLAMP_OFFSET,
                            Site.IN_FFN_GATE, Site.IN_FFN_UP, Site.IN_FFN_DOWN,
-                           Site.SUM_FFN_GATE, Site.SUM_FFN_UP, Site.SUM_FFN_DOWN})
+                           Site.SUM_FFN_GATE, Site.SUM_FFN_UP, Site.SUM_FFN_DOWN,
+                           Site.MOE_EXPERTS, Site.MOE_WEIGHTS, Site.IN_FFN_GATE_EXPS,
+                           Site.IN_FFN_UP_EXPS, Site.IN_FFN_DOWN_EXPS})
 
 
 def at_last_position(store: Coefficients) -> Coefficients:
@@ -300,9 +317,19 @@ def frozen_block_sums(x: torch.Tensor, lin: Linearization, site: str) -> torch.T
     return sums * (rho - 1)
 
 
-def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearization) -> torch.Tensor:
-    """softmax over keys of masked_scores() (-inf where masked): the frozen coefficients."""
-    return lin.coefficient("attn_probs", lambda: torch.softmax(masked_scores(), dim=-1))
+def attention_probs(masked_scores: Callable[[], torch.Tensor], lin: Linearization,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over keys of masked_scores() [heads, N, keys] (-inf where masked): the frozen
+    coefficients. With `sinks` [heads] (gpt-oss) each head's sink logit joins the softmax
+    as one more key without a value, as ggml's soft_max and flash kernels add it: the
+    probabilities over the real keys sum to less than 1."""
+    def probs() -> torch.Tensor:
+        scores = masked_scores()
+        if sinks is None:
+            return torch.softmax(scores, dim=-1)
+        sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return lin.coefficient("attn_probs", probs)
 
 
 # -- given coefficients: an anchor ------------------------------------------------------------

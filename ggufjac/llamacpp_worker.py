@@ -21,8 +21,10 @@ from .threads import available_cores
 
 # ggml_tensor begins {enum ggml_type type; ggml_backend_buffer * buffer; int64_t ne[4];
 # size_t nb[4]; ...}: stable since GGUF v2. Names are read through ggml_get_name.
-_GGML_TYPE_F32, _GGML_TYPE_F16 = 0, 1
-_NUMPY_TYPES = {_GGML_TYPE_F32: np.float32, _GGML_TYPE_F16: np.float16}
+_GGML_TYPE_F32, _GGML_TYPE_F16, _GGML_TYPE_I32 = 0, 1, 26
+# I32: index tensors (a mixture of experts' selected experts, 'ffn_moe_topk')
+_NUMPY_TYPES = {_GGML_TYPE_F32: np.float32, _GGML_TYPE_F16: np.float16,
+                _GGML_TYPE_I32: np.int32}
 _NE_OFFSET, _NB_OFFSET = 16, 48
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -21,6 +22,7 @@ from .layout import LAYER_TENSORS, bias_key
 from .linearize import (Coefficients, Linearization, add_bias, attention_probs,
                         frozen_block_sums, frozen_rounding, gated_product, glu_linear_branch,
                         rms_norm)
+from .routing import route
 
 
 def rope_tables(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype,
@@ -226,7 +228,8 @@ def attention_heads(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tens
     """The heads' outputs P_h V_h concatenated [..., N, n_head · head_dim_v], before the
     output projection (head h: columns h·head_dim_v to (h + 1)·head_dim_v)."""
     batch, n = h.shape[:-2], h.shape[-2]
-    p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin, cache), lin)
+    sinks = w.get("attn_sinks") if cfg.family.attn_sinks else None
+    p = attention_probs(lambda: attention_scores(cfg, layer, w, h, lin, cache), lin, sinks)
     v = frozen_rounding(matmul(h, w, "attn_v", lin), lin, "v_cache")
     v = v.view(*batch, n, cfg.n_kv_head, cfg.head_dim_v)
     if cache is not None:
@@ -243,8 +246,87 @@ def attention_projection(w: LayerWeights, o: torch.Tensor, lin: Linearization) -
     return matmul(frozen_rounding(o, lin, "attn_sum"), w, "attn_output", lin)
 
 
+@runtime_checkable
+class ExpertWeights(Protocol):
+    """A 3-D expert tensor [n_expert, rows, cols], one expert's matrix at a time."""
+
+    n_expert: int
+
+    def expert(self, e: int) -> Weight:
+        """Expert e's matrix [rows, cols]."""
+        ...
+
+
+def expert_matrix(stack: ExpertWeights | torch.Tensor, e: int) -> Weight:
+    """Expert e's matrix of an expert tensor (held whole, or read per expert)."""
+    return stack[e] if isinstance(stack, torch.Tensor) else stack.expert(e)
+
+
+def expert_linear(x: torch.Tensor, experts: torch.Tensor, w: LayerWeights, name: str,
+                  lin: Linearization) -> torch.Tensor:
+    """Each selected expert's matmul: x [..., N, k, cols] (slot (t, j) the input of the
+    expert experts[t, j]) -> [..., N, k, rows], each expert's matrix read once for all the
+    slots that selected it; plus its bias, if the layer has one. Anchored, the runtime's
+    rounding of the input is applied first (frozen)."""
+    x = frozen_rounding(x, lin, "in:" + name)
+    n, k = experts.shape
+    flat = x.reshape(*x.shape[:-3], n * k, x.shape[-1])
+    slots = experts.reshape(-1)
+    order = torch.argsort(slots, stable=True)  # slots grouped by expert
+    chosen, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    stack, parts, first = w[name], [], 0
+    for e, count in zip(chosen.tolist(), counts.tolist()):
+        rows = order[first:first + count]
+        parts.append(linear(flat.index_select(-2, rows), expert_matrix(stack, e), lin.values))
+        first += count
+    y = torch.cat(parts, dim=-2).index_select(-2, torch.argsort(order))
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    bias = w.get(bias_key(name))
+    return y if bias is None else add_bias(y, bias[experts], lin)
+
+
+def moe_routing(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
+                lin: Linearization) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen routing of positions h [N, d]: (experts [N, k], weights [N, k]), computed
+    as llama.cpp computes them (routing.route) or given (an anchor) or replayed."""
+    routed: dict[str, torch.Tensor] = {}
+
+    def compute(part: str) -> torch.Tensor:
+        if not routed:
+            logits = add_bias(linear(h, w["ffn_gate_inp"]), w.get(bias_key("ffn_gate_inp")),
+                              lin)
+            routed["experts"], routed["weights"] = route(
+                logits, cfg.n_expert_used, cfg.family.moe_gating, cfg.family.moe_normalize)
+        return routed[part]
+
+    experts = lin.coefficient("moe_experts", lambda: compute("experts"))
+    return experts, lin.coefficient("moe_weights", lambda: compute("weights"))
+
+
+def moe_mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
+            lin: Linearization) -> torch.Tensor:
+    """A mixture of experts on h [..., N, d]: Σ_j w_j · down_j(act(gate_j h) ⊙ up_j h) over
+    each position's selected experts j, the routing (experts and weights) frozen and every
+    expert's GLU frozen by the gate path (its coefficients [N, k, d_ff_expert]); unselected
+    experts are never computed (they contribute exactly 0). Summed over the k slots in
+    llama.cpp's order, one add at a time, as its graph adds them."""
+    experts, weights = moe_routing(cfg, w, h, lin)
+    k = experts.shape[1]
+    hk = h.unsqueeze(-2).expand(*h.shape[:-1], k, h.shape[-1])
+    act = gated_product(lambda: expert_linear(hk, experts, w, "ffn_gate_exps", lin),
+                        lambda: expert_linear(hk, experts, w, "ffn_up_exps", lin),
+                        cfg.family.activation, lin)
+    down = expert_linear(act, experts, w, "ffn_down_exps", lin) * weights[..., None]
+    out = down[..., 0, :]
+    for j in range(1, k):
+        out = out + down[..., j, :]
+    return out
+
+
 def mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
         lin: Linearization) -> torch.Tensor:
+    if cfg.family.moe_gating is not None:
+        return moe_mlp(cfg, w, h, lin)
     act = gated_product(lambda: matmul(h, w, "ffn_gate", lin), lambda: matmul(h, w, "ffn_up", lin),
                         cfg.family.activation, lin)
     return matmul(act, w, "ffn_down", lin)
@@ -316,6 +398,8 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
     def row(t: torch.Tensor) -> torch.Tensor:  # as it broadcasts against [N, ·] operands
         return t if t.dim() < 2 else t[position] if t.shape[0] > 1 else t[0]
 
+    if cfg.family.moe_gating is not None:
+        return moe_branch_matrix(cfg, w, store, gate_path, position)
     layout = cfg.family.norm_layout
     name, c = glu_linear_branch(store, gate_path)
     w_in, w_down = w[name], w["ffn_down"]
@@ -346,6 +430,38 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
         down = with_block_sums(column_slice(w_down, f, f_end), "ffn_down", slice(None), f, f_end)
         up = with_block_sums(row_slice(w_in, f, f_end), name, slice(f, f_end), 0, d)
         k.addmm_(down * mid_scale[f:f_end], up)
+    return k.mul_(post[:, None]).mul_(pre[None, :])
+
+
+def moe_branch_matrix(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
+                      gate_path: str, position: int) -> torch.Tensor:
+    """`mlp_branch_matrix` of a mixture of experts: K = diag(post) · Σ_j w_j · W_down_j ·
+    diag(c_j ⊙ r_down_j) · W_in_j · diag(pre ⊙ r_in) over the position's selected experts
+    j (frozen weights w_j, GLU coefficients c_j, anchored rounding ratios r), summed in
+    llama.cpp's slot order; the unselected experts are not read."""
+    layout = cfg.family.norm_layout
+    name, c = glu_linear_branch(store, gate_path)
+    name += "_exps"
+    experts, weights = store["moe_experts"], store["moe_weights"]
+    p = position if experts.shape[0] > 1 else 0
+    d = cfg.d_model
+    dtype, device = weights.dtype, weights.device
+    one = torch.ones(d, dtype=dtype, device=device)
+    pre = one if layout == "post" else store["ffn_norm"][p].reshape(-1) * w["ffn_norm"]
+    post = one if layout == "pre" else store["post_ffw_norm"][p].reshape(-1) * w["post_ffw_norm"]
+    post = post * cfg.residual_scale
+    if (r := store.get("in:" + name)) is not None:
+        pre = pre * r[p].reshape(-1)
+    r_down = store.get("in:ffn_down_exps")
+    k = torch.zeros((d, d), dtype=dtype, device=device)
+    for j, e in enumerate(experts[p].tolist()):
+        w_in = expert_matrix(w[name], e)
+        w_down = expert_matrix(w["ffn_down_exps"], e)
+        mid = c[p, j] * weights[p, j]
+        if r_down is not None:
+            mid = mid * r_down[p, j]
+        k.addmm_(row_slice(w_down, 0, w_down.shape[0]) * mid,
+                 row_slice(w_in, 0, w_in.shape[0]))
     return k.mul_(post[:, None]).mul_(pre[None, :])
 
 

@@ -128,6 +128,30 @@ class StreamedMatrix:
         return t
 
 
+class ExpertStack:
+    """A 3-D expert tensor [n_expert, rows, cols] of the file (model.ExpertWeights): expert e
+    is rows [e·rows, (e + 1)·rows) of the tensor seen as a matrix, handed out as a
+    `StreamedMatrix` (read at each use, `block_rows` rows at a time, with the compiled
+    quantized products where the type has them), so only the experts some token selected
+    are ever read and memory does not grow with the number of experts. Each expert asked
+    for is counted in the weights' `experts_read`."""
+
+    def __init__(self, weights: GGUFWeights, info: TensorInfo, block_rows: int | None,
+                 pool: BufferPool | None) -> None:
+        self.weights, self.info, self.pool = weights, info, pool
+        self.n_expert, rows, cols = info.torch_shape
+        self.shape = (rows, cols)  # one expert's
+        self.block_rows = rows if block_rows is None else block_rows
+
+    def expert(self, e: int) -> StreamedMatrix:
+        if not 0 <= e < self.n_expert:
+            raise GgufjacError(f"{self.weights.gguf.path}: tensor {self.info.name!r} has no "
+                               f"expert {e} (it has {self.n_expert})")
+        self.weights.experts_read.add((self.info.name, e))
+        return StreamedMatrix(self.weights, self.info, e * self.shape[0], self.shape[0],
+                              self.block_rows, self.pool)
+
+
 class GGUFWeights:
     """Dequantizes the tensors of one GGUF model into `dtype` on `device`, on demand."""
 
@@ -138,6 +162,14 @@ class GGUFWeights:
         self.unembedding_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
         # Time spent dequantizing (and, for tensors read through the mapping, reading)
         self.dequantize_seconds = 0.0
+        # (expert tensor, expert) pairs some product asked for (ExpertStack)
+        self.experts_read: set[tuple[str, int]] = set()
+
+    def expert_bytes_read(self) -> int:
+        """Bytes of the file's expert tensors that the experts asked for so far occupy (each
+        counted once, however often it was read): the share of the experts a prompt touched."""
+        return sum(self.gguf.tensor(name).n_bytes // self.gguf.tensor(name).torch_shape[0]
+                   for name, _ in self.experts_read)
 
     def tensor(self, name: str, pool: BufferPool | None = None,
                key: str | None = None) -> torch.Tensor:
@@ -192,6 +224,10 @@ class GGUFWeights:
                           split_stored(self.cfg, stored, self.tensor(bias)).items()})
             full = layer_tensor_name(i, stored)
             info = self.gguf.tensor(full)
+            if len(info.shape) == 3:  # experts: read only those asked for, when used
+                rows = None if block_elements is None else max(1, block_elements // info.shape[0])
+                w[stored] = ExpertStack(self, info, rows, pool)
+                continue
             if block_elements is not None and len(info.shape) == 2:
                 rows = max(1, block_elements // info.shape[0])
                 first = 0
@@ -224,7 +260,9 @@ class GGUFWeights:
         """Bytes of one layer's dequantized tensors (`names`, or all) in this dtype."""
         item = torch.empty((), dtype=self.dtype).element_size()
         shapes = stored_shapes(self.cfg)
-        return sum(math.prod(shapes[n]) for n in self.layer_names(names)) * item
+        # an expert tensor is never held whole: one expert's matrix at a time (ExpertStack)
+        return sum(math.prod(shapes[n][-2:] if len(shapes[n]) == 3 else shapes[n])
+                   for n in self.layer_names(names)) * item
 
     def widest_row(self) -> int:
         """The most values in one row of a layer matrix (the smallest possible row block)."""

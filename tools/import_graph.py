@@ -33,7 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "file": ("gguf_file", "quants", "native_quants", "quantized_products", "resolve",
              "vocab", "chat"),
     "layout": ("families", "layout", "activation_formats", "costs"),
-    "model and rules": ("linearize", "blocked", "model"),
+    "model and rules": ("linearize", "blocked", "routing", "model"),
     "engine": ("weights", "runner", "engine"),
     "analyses": ("metrics", "analysis", "jacobian", "svd", "layers", "cvector", "components"),
     "llama.cpp": ("llamacpp", "llamacpp_worker", "anchor"),

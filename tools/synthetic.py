@@ -51,13 +51,30 @@ class Shape:
     head_dim: int = 64
     rope_dims: int | None = None  # partial rotary (phi3); None: the whole head
     context_length: int = 512
+    # a mixture of experts (families with Family.moe_gating; 0: MOE_SHAPE's)
+    n_expert: int = 0
+    n_expert_used: int = 0
+    d_ff_expert: int = 0
+
+
+# The experts of a synthetic mixture of experts where the Shape gives none: few and small,
+# each expert's FFN a multiple of 256 (the K-quants' block) so llama.cpp quantizes them.
+MOE_SHAPE = {"n_expert": 8, "n_expert_used": 2, "d_ff_expert": 256}
+
+
+def with_experts(arch: str, shape: Shape) -> Shape:
+    """`shape` with MOE_SHAPE's expert sizes where a mixture-of-experts family's are 0."""
+    if FAMILIES[arch].moe_gating is None:
+        return shape
+    return Shape(**{**shape.__dict__, **{k: v for k, v in MOE_SHAPE.items()
+                                         if not getattr(shape, k)}})
 
 
 # Which families' synthetic models tie the unembedding to the token embedding (a choice of
 # the generator: files of every family may do either). Which tensors a layer has and their
 # shapes come from ggufjac's layout table.
 TIED = {"llama": False, "qwen3": True, "gemma3": True, "phi3": False, "olmo2": False,
-        "qwen2": True, "gemma2": True, "granite": False, "smollm3": True}
+        "qwen2": True, "gemma2": True, "granite": False, "smollm3": True, "qwen3moe": True}
 _U32, _F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
 # Family settings the generator writes (keys without the 'ARCH.' prefix): sliding windows
 # and soft-caps small enough that the test prompts cross and reach them, and Granite's
@@ -73,7 +90,7 @@ FAMILY_METADATA: dict[str, dict[str, tuple[object, GGUFValueType]]] = {
 
 def dims(shape: Shape) -> Dims:
     return Dims(shape.d_model, shape.d_ff, shape.n_head, shape.n_kv_head, shape.head_dim,
-                shape.head_dim)
+                shape.head_dim, shape.n_expert, shape.d_ff_expert)
 
 
 def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
@@ -96,8 +113,9 @@ def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def _matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+def _matrix(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """[rows, cols], or a stack of experts [n_expert, rows, cols]."""
+    return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
 
 
 def _norm_weight(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -110,6 +128,7 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
     tensor of ggufjac's layout table the family has, stored as the family stores it."""
     fam = FAMILIES[arch]
     rng = np.random.default_rng(seed)
+    shape = with_experts(arch, shape)
     d = shape.d_model
     t: dict[str, np.ndarray] = {
         "token_embd.weight": rng.standard_normal((vocab_size, d)).astype(np.float32)
@@ -122,7 +141,7 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
         for name, stored in stored_shapes_of(fam, dims(shape)).items():
             t[layer_tensor_name(i, name)] = _norm_weight(rng, stored[0]) if len(stored) == 1 \
                 else _matrix(rng, *stored)
-        for name, (rows,) in stored_bias_shapes_of(fam, dims(shape)).items():
+        for name, rows in stored_bias_shapes_of(fam, dims(shape)).items():
             # as large as a projection's output, so the constant term is not negligible
             t[layer_tensor_name(i, name, "bias")] = rng.standard_normal(rows).astype(np.float32)
     if rope_freqs:  # per-frequency divisors: Llama 3.1 rope_freqs, Phi 3 LongRoPE factors
@@ -182,6 +201,7 @@ def add_model_metadata(w: GGUFWriter, arch: str, shape: Shape, tokenizer: str = 
     """The family's metadata and a small SentencePiece vocabulary (padded with unused
     tokens to `vocab_size`, for big-model shapes) into a writer."""
     tokens, scores, types = _vocab(vocab_size)
+    shape = with_experts(arch, shape)
     w.add_name(f"synthetic {arch}")
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     kv: dict[str, tuple[object, GGUFValueType]] = {
@@ -197,6 +217,10 @@ def add_model_metadata(w: GGUFWriter, arch: str, shape: Shape, tokenizer: str = 
         "rope.freq_base": (10000.0, f32),
         "rope.dimension_count": (shape.rope_dims or shape.head_dim, u32),
     }
+    if FAMILIES[arch].moe_gating is not None:
+        kv.update({"expert_count": (shape.n_expert, u32),
+                   "expert_used_count": (shape.n_expert_used, u32),
+                   "expert_feed_forward_length": (shape.d_ff_expert, u32)})
     kv.update(FAMILY_METADATA.get(arch, {}))
     kv.update({key: (value, f32) for key, value in (extra_floats or {}).items()})
     # Overrides (tests of hostile metadata): (value, type) replaces or adds, None removes.
