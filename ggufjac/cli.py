@@ -245,6 +245,23 @@ def _anchor(m: LoadedModel, tokens: list[int], lin: Linearization,
     return None if settings is None else m.anchor(tokens, lin, settings)
 
 
+def _echo_components(components: dict, top: int = 3) -> None:
+    """`attribute --components`' table: per layer, the stream, the attention (its heads and
+    bias summed), the MLP (its parts summed), the biases above, and the largest parts."""
+    layers = components["layers"]
+    columns = list(layers[0]["totals"]) if layers else []
+    click.echo("  by layer (each row sums to the logit; top: the largest heads and MLP parts):")
+    click.echo(f"  {'layer':>5}" + "".join(f"{c.replace('_', ' '):>12}" for c in columns)
+               + "  top")
+    for r in layers:
+        largest = sorted((c for c in r["components"] if c["kind"] not in ("stream", "bias_above")),
+                         key=lambda c: -abs(c["value"]))[:top]
+        click.echo(f"  {r['layer']:>5}" + "".join(f"{r['totals'][c]:>12.4f}" for c in columns)
+                   + "  " + ", ".join(f"{c['name']} {c['value']:+.4f}" for c in largest))
+    click.echo(f"  largest relative difference of a layer's sum from the logit: "
+               f"{components['max_rel_error']:.1e}")
+
+
 def _echo_constant(report: dict) -> None:
     """The constant term's line (a family with biases: y = J x + c), if the report has one."""
     c = report.get("constant")
@@ -627,17 +644,22 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
 @_engine_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the contributions to this JSON file.")
+@click.option("--components", is_flag=True,
+              help="Also split the logit at every layer between the stream entering it, each "
+                   "attention head, the MLP and the biases (exact: each layer's parts sum to "
+                   "the logit); a table of the largest here, every value in --json's file.")
 @_html_option
 @_threads_option
 @_errors_to_exit
 def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
               chat: ChatRequest | None, token_texts: tuple[str, ...], token_ids: tuple[int, ...], dtype: str,
               gate_path: str, device: str, max_memory: str | None, anchor: str,
-              json_path: Path | None, html: bool, **llama: Any) -> None:
+              json_path: Path | None, components: bool, html: bool, **llama: Any) -> None:
     """Each input token's exact additive contribution to a token's logit.
 
     One reverse sweep of the detached model along the token's unembedding row u_t gives
     u_tᵀ J_i for every input position i; the contributions (u_tᵀ J_i) · x_i sum to the logit.
+    With --components the same sweep splits the logit at every layer too (docs/method.md).
     """
     if html and json_path is None:  # the page is made from, and written next to, the JSON
         raise GgufjacError("--html needs --json FILE (report.html is written next to it)")
@@ -660,7 +682,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
     anchored = _anchor(m, tokens, lin, anchor_settings)
     report = m.attribute(tokens, targets or None, lin, progress=True, max_memory=budget,
                          anchor=anchored, llama_cpp=html and anchored is None,
-                         chat=conversation)
+                         chat=conversation, components=components)
     if anchored is not None:
         _echo_anchor(report["anchor"])
     _echo_constant(report)
@@ -688,6 +710,8 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
             click.echo(f"  note: {alt['token']!r} (id {alt['id']}, with the leading space) is "
                        f"also a token and ranks higher here (logit {alt['logit']:.6f}); "
                        f"--token {alt['token']!r} explains that one")
+        if "components" in row:
+            _echo_components(row["components"])
     if json_path is not None:
         write_json(json_path, report)
         if html:

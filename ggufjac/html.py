@@ -369,6 +369,27 @@ def _first_layer(maps: list[dict], token: str) -> int | None:
     return None
 
 
+def _components_view(components: dict | None) -> dict | None:
+    """`attribute --components`' table for the page: per layer, the report's totals, the
+    sum, and every head and MLP part as a cell coloured by its contribution (one scale for
+    the whole table)."""
+    if not components:
+        return None
+    layers = components["layers"]
+    parts = [[c for c in r["components"] if c["kind"] not in ("stream", "bias_above")]
+             for r in layers]
+    colours = iter(_colours([c["value"] for row in parts for c in row], True))
+    rows = [{"layer": r["layer"], "sum": r["sum"], "rel_error": r["rel_error"],
+             "totals": r["totals"],
+             "parts": [{**c, **next(colours)} for c in row]}
+            for r, row in zip(layers, parts)]
+    kinds = {c["kind"] for r in layers for c in r["components"]}
+    return {"rows": rows, "columns": list(layers[0]["totals"]) if layers else [],
+            "biased": "bias_above" in kinds,
+            "attention_bias": "attention_bias" in kinds,
+            "max_rel_error": components["max_rel_error"]}
+
+
 def _context(report: dict, kind: str, position_weights: list[float] | None) -> dict:
     tokens = report["tokens"]
     ctx: dict[str, Any] = {"kind": kind, "report": report, "settings": _settings(report),
@@ -380,7 +401,8 @@ def _context(report: dict, kind: str, position_weights: list[float] | None) -> d
     ctx["segments"] = segments is not None
     if kind == "attribute":
         ctx["targets"] = [{"row": row, "tokens": token_row(tokens, row["contributions"], True,
-                                                            "contribution", segments)}
+                                                            "contribution", segments),
+                           "components": _components_view(row.get("components"))}
                           for row in report["targets"]]
         ctx["legend"] = _legend(True, "contribution to the logit")
         return ctx

@@ -322,17 +322,26 @@ def attribution_report(m: OpenedModel, tokens: list[int], lin: Linearization,
     return report
 
 
+# The per-layer totals of a components report: the kinds (components.py) each one sums.
+COMPONENT_COLUMNS = {"stream": ("stream",), "attention": ("head", "attention_bias"),
+                     "mlp": ("mlp", "expert"), "bias_above": ("bias_above",)}
+
+
 def components_report(layers: list[LayerComponents], target: int, logit: float) -> dict:
-    """One target's components at every layer: each component's contribution, their sum
-    and its relative difference from the logit (the exactness check; rounding only), and
-    the largest of those over the layers."""
+    """One target's components at every layer: each component's contribution, the
+    columns' totals (COMPONENT_COLUMNS), their sum and its relative difference from the
+    logit (the exactness check; rounding only), and the largest of those over the layers."""
     rows = []
     for lc in layers:
         values = [float(v) for v in lc.values[target]]
         total = float(lc.values[target].sum())
+        kinds = [c.kind for c in lc.components]
         rows.append({"layer": lc.layer,
                      "components": [{"name": c.name, "kind": c.kind, "index": c.index,
                                      "value": v} for c, v in zip(lc.components, values)],
+                     "totals": {column: sum(v for k, v in zip(kinds, values) if k in members)
+                                for column, members in COMPONENT_COLUMNS.items()
+                                if any(k in members for k in kinds)},
                      "sum": total,
                      "rel_error": abs(total - logit) / max(abs(logit), 1e-300)})
     return {"layers": rows, "max_rel_error": max((r["rel_error"] for r in rows), default=0.0)}

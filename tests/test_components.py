@@ -207,3 +207,42 @@ def test_components_on_the_real_gemma3(gemma64) -> None:
         value = _by_name(layers[layer])[kind if index is None else f"{kind} {index}"]
         assert abs(value) > 1e-6 * abs(logit)
         assert abs(logit - removed - value) <= 1e-10 * abs(logit)
+
+
+def test_attribute_components_command_prints_writes_and_shows_them(small_files, tmp_path) -> None:
+    """`attribute --components`: the table on stdout, every value in the JSON, and the HTML
+    page's table, whose cells add up to each layer's sum (the logit)."""
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from ggufjac.cli import main
+
+    out = tmp_path / "a.json"
+    r = CliRunner().invoke(main, ["attribute", str(small_files["qwen2"]), "-p", PROMPT,
+                                  "--dtype", "float64", "--components", "--json", str(out),
+                                  "--html"])
+    assert r.exit_code == 0, r.output
+    assert "bias above" in r.output and "head" in r.output
+    report = json.loads(out.read_text())
+    row = report["targets"][0]
+    assert "definition" in report["components_definition"]
+    layers = row["components"]["layers"]
+    for layer_row in layers:  # the printed table's rows: layer, then the four totals
+        line = next(s for s in r.output.splitlines() if re.match(rf"\s+{layer_row['layer']}\s+-?\d+\.\d{{4}}\s", s))
+        stream, attention, mlp, above = (float(v) for v in line.split()[1:5])
+        parts = _by_name(layer_row)
+        heads = sum(v for k, v in parts.items() if k.startswith("head"))
+        assert (stream, attention, mlp, above) == pytest.approx(
+            (parts["stream"], heads, parts["mlp"], parts["bias_above"]), abs=1e-4)
+    page = (tmp_path / "report.html").read_text()
+    table = page[page.index('<table class="components">'):]
+    table = table[:table.index("</table>")]
+    for layer_row, html_row in zip(layers, table.split("<tr data-layer=")[1:]):
+        cells = [float(v) for v in re.findall(r'<span class="part"[^>]*data-value="([^"]+)"',
+                                              html_row)]
+        stream, _, _, above, total = (float(v) for v in re.findall(
+            r'<td class="num[^"]*" data-value="([^"]+)"', html_row))
+        assert stream + sum(cells) + above == pytest.approx(row["logit"], rel=1e-10)
+        assert total == pytest.approx(row["logit"], rel=1e-10)
