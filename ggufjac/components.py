@@ -39,7 +39,8 @@ from .engine import ForwardRecord, StreamingEngine
 from .families import ModelConfig
 from .layout import bias_key
 from .linearize import Linearization
-from .model import LayerWeights, attention_branch_heads, attention_branch_output, mlp_branch
+from .model import (LayerWeights, attention_branch_heads, attention_branch_output, mlp_branch,
+                    mlp_branch_input, mlp_branch_output, moe_slots)
 
 COMPONENTS_DEFINITION = (
     "at layer l, logit = g . x_l + sum_h g . (A o_h) [+ g . a_bias] + sum_p g . m_p "
@@ -82,8 +83,18 @@ def mlp_parts(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
     """The MLP's additive parts at the stream `mid` [N, d], each what it adds to the
     residual stream (norms, biases and residual scale included); they sum to `mlp_branch`.
     A dense MLP is one part. A mixture of experts gives one part per routed expert ('expert',
-    its number), its frozen routing weight times its output, unselected experts none."""
-    return [(Component("mlp"), mlp_branch(cfg, w, mid, lin))]
+    its number: its frozen routing weight times its output at the positions that selected
+    it, zero elsewhere), in expert order; an expert no position selected has none (its
+    contribution is exactly 0)."""
+    if cfg.family.moe_gating is None:
+        return [(Component("mlp"), mlp_branch(cfg, w, mid, lin))]
+    experts, slots = moe_slots(cfg, w, mlp_branch_input(cfg, w, mid, lin), lin)
+    parts = []
+    for e in torch.unique(experts).tolist():  # the post-norm is frozen: linear in each part
+        chosen = (experts == e).to(slots.dtype)[..., None]  # [N, k, 1]
+        parts.append((Component("expert", e),
+                      mlp_branch_output(cfg, w, (slots * chosen).sum(dim=-2), lin)))
+    return parts
 
 
 class _LayerVisitor:

@@ -310,17 +310,25 @@ def moe_mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
     expert's GLU frozen by the gate path (its coefficients [N, k, d_ff_expert]); unselected
     experts are never computed (they contribute exactly 0). Summed over the k slots in
     llama.cpp's order, one add at a time, as its graph adds them."""
+    down = moe_slots(cfg, w, h, lin)[1]
+    out = down[..., 0, :]
+    for j in range(1, down.shape[-2]):
+        out = out + down[..., j, :]
+    return out
+
+
+def moe_slots(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
+              lin: Linearization) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms `moe_mlp` sums: (experts [N, k], their weighted outputs w_j ·
+    down_j(act(gate_j h) ⊙ up_j h) [..., N, k, d]), slot j of position t being expert
+    experts[t, j]'s."""
     experts, weights = moe_routing(cfg, w, h, lin)
     k = experts.shape[1]
     hk = h.unsqueeze(-2).expand(*h.shape[:-1], k, h.shape[-1])
     act = gated_product(lambda: expert_linear(hk, experts, w, "ffn_gate_exps", lin),
                         lambda: expert_linear(hk, experts, w, "ffn_up_exps", lin),
                         cfg.family.activation, lin)
-    down = expert_linear(act, experts, w, "ffn_down_exps", lin) * weights[..., None]
-    out = down[..., 0, :]
-    for j in range(1, k):
-        out = out + down[..., j, :]
-    return out
+    return experts, expert_linear(act, experts, w, "ffn_down_exps", lin) * weights[..., None]
 
 
 def mlp(cfg: ModelConfig, w: LayerWeights, h: torch.Tensor,
@@ -362,10 +370,23 @@ def attention_branch_output(cfg: ModelConfig, w: LayerWeights, o: torch.Tensor,
 def mlp_branch(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
                lin: Linearization) -> torch.Tensor:
     """What a layer's MLP adds to the residual stream mid [N, d] (its norms included)."""
-    eps, layout = cfg.norm_eps, cfg.family.norm_layout
-    h = mid if layout == "post" else rms_norm(mid, w["ffn_norm"], eps, lin, "ffn_norm")
-    m = mlp(cfg, w, h, lin)
-    m = m if layout == "pre" else rms_norm(m, w["post_ffw_norm"], eps, lin, "post_ffw_norm")
+    return mlp_branch_output(cfg, w, mlp(cfg, w, mlp_branch_input(cfg, w, mid, lin), lin), lin)
+
+
+def mlp_branch_input(cfg: ModelConfig, w: LayerWeights, mid: torch.Tensor,
+                     lin: Linearization) -> torch.Tensor:
+    """The first part of `mlp_branch`: the MLP's input, the stream mid normed."""
+    return mid if cfg.family.norm_layout == "post" else \
+        rms_norm(mid, w["ffn_norm"], cfg.norm_eps, lin, "ffn_norm")
+
+
+def mlp_branch_output(cfg: ModelConfig, w: LayerWeights, m: torch.Tensor,
+                      lin: Linearization) -> torch.Tensor:
+    """The rest of `mlp_branch`: the MLP's output m post-normed and scaled into the residual
+    stream (linear in m with the coefficients frozen: a sum of parts of m maps to the sum
+    of their images)."""
+    m = m if cfg.family.norm_layout == "pre" else rms_norm(
+        m, w["post_ffw_norm"], cfg.norm_eps, lin, "post_ffw_norm")
     return m if cfg.residual_scale == 1.0 else m * cfg.residual_scale
 
 

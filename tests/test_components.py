@@ -246,3 +246,46 @@ def test_attribute_components_command_prints_writes_and_shows_them(small_files, 
             r'<td class="num[^"]*" data-value="([^"]+)"', html_row))
         assert stream + sum(cells) + above == pytest.approx(row["logit"], rel=1e-10)
         assert total == pytest.approx(row["logit"], rel=1e-10)
+
+
+def test_mixture_of_experts_components_are_its_routed_experts(tmp_path) -> None:
+    """qwen3moe: the MLP's parts are its routed experts. Each layer's components sum to the
+    logit, and an expert's contribution is the logit change when the frozen forward pass
+    runs with that expert's routing weights zeroed at that layer (its output out of the
+    layer's sum, everything else frozen)."""
+    shape = Shape(n_layer=2, d_model=64, d_ff=128, n_head=4, n_kv_head=2, head_dim=16,
+                  n_expert=8, n_expert_used=2, d_ff_expert=32)
+    m = open_model(write_synthetic_gguf(tmp_path / "moe.gguf", "qwen3moe", shape, "F32"),
+                   dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    row = m.attribute(tokens, components=True)["targets"][0]
+    logit, layers = row["logit"], row["components"]["layers"]
+    engine = m.engine(Linearization())
+    record = engine.forward(engine.embed(tokens))
+    for r in layers:
+        names = [c["name"] for c in r["components"]]
+        selected = sorted(set(record.coefficients[r["layer"]]["moe_experts"].reshape(-1).tolist()))
+        assert names == ["stream", *(f"head {h}" for h in range(4)),
+                         *(f"expert {e}" for e in selected)]
+        assert abs(sum(c["value"] for c in r["components"]) - logit) <= 1e-10 * abs(logit)
+    u = m.logit_rows([row["id"]], None)[0]
+    for layer in range(shape.n_layer):
+        experts = {c["index"]: c["value"] for c in layers[layer]["components"]
+                   if c["kind"] == "expert"}
+        e = max(experts, key=lambda k: abs(experts[k]))
+        x = record.residuals[0]
+        with torch.no_grad():
+            for i in range(shape.n_layer):
+                w = m.weights.layer(i)
+                store = record.coefficients[i]
+                lin = Linearization().replaying(store, constants=True)
+                a = model.attention_branch(m.cfg, i, w, x, lin)
+                if i == layer:
+                    cut = {**store, "moe_weights": store["moe_weights"]
+                           * (store["moe_experts"] != e).to(torch.float64)}
+                    lin = Linearization().replaying(cut, constants=True)
+                x = x + a + model.mlp_branch(m.cfg, w, x + a, lin)
+            y = model.final_norm(m.cfg, engine.output_norm, x,
+                                 Linearization().replaying(record.output_coefficients))[-1]
+        assert abs(experts[e]) > 1e-3 * abs(logit)
+        assert abs(logit - float(u @ y) - experts[e]) <= 1e-10 * abs(logit)
