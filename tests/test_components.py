@@ -289,3 +289,21 @@ def test_mixture_of_experts_components_are_its_routed_experts(tmp_path) -> None:
                                  Linearization().replaying(record.output_coefficients))[-1]
         assert abs(experts[e]) > 1e-3 * abs(logit)
         assert abs(logit - float(u @ y) - experts[e]) <= 1e-10 * abs(logit)
+
+
+def test_anchored_components_sum_to_llama_cpps_logits(tmp_path) -> None:
+    """Anchored to llama.cpp (a Q8_0 qwen2 file: its rounding of every matmul's input frozen
+    too), with two targets in one sweep: each layer's components sum to each target's
+    anchored logit, which is llama.cpp's own."""
+    path = write_synthetic_gguf(tmp_path / "q8.gguf", "qwen2", SMALL, "Q8_0")
+    m = open_model(path, dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    anchor = m.anchor(tokens, Linearization(), reference=False)
+    report = m.attribute(tokens, [5, 17], anchor=anchor, components=True)
+    for row in report["targets"]:
+        assert row["logit"] == pytest.approx(row["llama_cpp_logit"], rel=1e-6, abs=1e-6)
+        for r in row["components"]["layers"]:
+            total = sum(c["value"] for c in r["components"])
+            assert abs(total - row["logit"]) <= 1e-10 * abs(row["logit"])
+    a, b = (row["components"]["layers"][0]["components"] for row in report["targets"])
+    assert [c["value"] for c in a] != pytest.approx([c["value"] for c in b])
