@@ -55,7 +55,9 @@ EXAMPLES = {
                  'ggufjac jacobian model.gguf --prompt-file prompt.txt --out out/j '
                  '--anchor llama.cpp'],
     "attribute": ['ggufjac attribute gemma3-270m -p "The capital of France is" --token " Paris"',
-                  'ggufjac attribute model.gguf -p "2 + 2 =" --token-id 19 --json a.json'],
+                  'ggufjac attribute model.gguf -p "2 + 2 =" --token-id 19 --json a.json',
+                  'ggufjac attribute gemma3-270m -p "The capital of France is" --components '
+                  '--json a.json --html'],
     "svd": ['ggufjac svd gemma3-270m --prompt-file long.txt --top-k 16 --out out/svd',
             'ggufjac svd model.gguf -p "The bridge out of Marin is the" --top-k 4 --per-token '
             '--out out/tok --dtype float64'],

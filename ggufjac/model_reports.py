@@ -43,7 +43,8 @@ CONSTANT_HANDLING = {
     "svd": "the triplets are J's (c has no direction); c is written as 'constant' in "
            "svd.safetensors and added in truncated_reconstruction_rel_error",
     "attribute": "each target's 'bias' is u_t . c, the constant term's part of the logit (no "
-                 "input token's); the contributions plus it sum to the logit",
+                 "input token's); the contributions plus it sum to the logit; with components, "
+                 "each layer's 'bias_above' is the part of it the layers above make",
     "layers": "each map is the linear part of an affine map; its constant (the map's output "
               "for a zero input) is added in reconstruction_rel_error; spectra and vectors are "
               "the linear parts'",

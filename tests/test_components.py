@@ -5,9 +5,10 @@ The components of each layer must sum to the logit (float64). Each kind of compo
 checked against an independent recomputation: the frozen network is affine, so removing one
 component's output from the layer's sum (everything else frozen) changes the logit by
 exactly that component's contribution (a head's output is removed from the layer's output
-sum, the layer's own MLP still reading it: its effect through that MLP is the MLP's part). On a llama and a qwen2 file (biases) the frozen
-network is written here in numpy from gguf-py's tensors; on the real Gemma 3 270M the
-intervention is run through the replayed layers of the recorded forward pass, a forward
+sum, the layer's own MLP still reading it: its effect through that MLP is the MLP's part).
+On a llama and a qwen2 file (biases) the frozen network is written here in numpy from
+gguf-py's tensors; on the real Gemma 3 270M and a qwen3moe file (an expert's routing weights
+zeroed) the removal runs through the replayed layers of the recorded forward pass, a forward
 computation apart from the reverse sweep that makes the components.
 """
 
@@ -230,7 +231,8 @@ def test_attribute_components_command_prints_writes_and_shows_them(small_files, 
     assert "definition" in report["components_definition"]
     layers = row["components"]["layers"]
     for layer_row in layers:  # the printed table's rows: layer, then the four totals
-        line = next(s for s in r.output.splitlines() if re.match(rf"\s+{layer_row['layer']}\s+-?\d+\.\d{{4}}\s", s))
+        row_start = rf"\s+{layer_row['layer']}\s+-?\d+\.\d{{4}}\s"
+        line = next(s for s in r.output.splitlines() if re.match(row_start, s))
         stream, attention, mlp, above = (float(v) for v in line.split()[1:5])
         parts = _by_name(layer_row)
         heads = sum(v for k, v in parts.items() if k.startswith("head"))
