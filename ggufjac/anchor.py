@@ -183,10 +183,12 @@ SOURCES_COMMON = {
 }
 
 
-def _flash_probabilities(run: LlamaCppRun, cfg: ModelConfig, layer: int) -> np.ndarray:
+def _flash_probabilities(run: LlamaCppRun, cfg: ModelConfig, layer: int,
+                         sinks: np.ndarray | None = None) -> np.ndarray:
     """Flash attention's probabilities [heads, N, N], which llama.cpp never stores: the
     softmax, in float64, of its F16-rounded queries and keys (after RoPE), scaled where its
-    graph scales them, under our masks (causal, sliding window)."""
+    graph scales them, under our masks (causal, sliding window), with the layer's attention
+    sinks [heads] where the family has them."""
     n = len(run.tokens)
     q = run.captured[f"Qcur-{layer}"].reshape(n, cfg.n_head, cfg.head_dim).astype(np.float32)
     if QUERY_SCALE[cfg.arch] == "query":
@@ -200,8 +202,15 @@ def _flash_probabilities(run: LlamaCppRun, cfg: ModelConfig, layer: int) -> np.n
         scores = cap * np.tanh(scores / cap)          # before the mask
     mask = attention_mask(cfg, layer, n, torch.device("cpu")).numpy()
     scores = np.where(mask[None], scores, -np.inf)
-    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
+    if sinks is None:
+        p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return p / p.sum(axis=-1, keepdims=True)
+    # ggml's flash kernel: each head's sink logit joins the running max and the sum (one
+    # more key without a value), as in its soft_max
+    sink = sinks.astype(np.float64).reshape(-1, 1, 1)
+    top = np.maximum(scores.max(axis=-1, keepdims=True), sink)
+    p = np.exp(scores - top)
+    return p / (p.sum(axis=-1, keepdims=True) + np.exp(sink - top))
 
 
 def _glu_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray, activation: str,
@@ -218,12 +227,15 @@ def _glu_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray, activat
 
 def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
                     weight_type: Callable[[int | None, str], int], gate_path: str,
-                    dtype: torch.dtype, device: torch.device) -> Anchor:
+                    dtype: torch.dtype, device: torch.device,
+                    attn_sinks: Callable[[int], np.ndarray] | None = None) -> Anchor:
     """Frozen coefficients from llama.cpp's captured tensors (see the module docstring), for
     the attention mode the run used (`run.flash_attn`).
 
     `weight_type(layer, name)` is the GGUF type of a layer's matmul weight as stored ('attn_v',
     'attn_qkv', 'ffn_down', ...), and `weight_type(None, "output")` the unembedding's.
+    `attn_sinks(layer)`, for families with sinks, is that layer's sink logits [heads] (the
+    flash kernel adds them to probabilities llama.cpp does not store).
     """
     n = len(run.tokens)
     layout, fam = cfg.family.norm_layout, cfg.family
@@ -264,7 +276,8 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         v16 = _round_f16(v)
         c["v_cache"] = rounding_ratio(v, v16)
         if flash_attn:
-            p = _flash_probabilities(run, cfg, i)
+            p = _flash_probabilities(run, cfg, i,
+                                     None if attn_sinks is None else attn_sinks(i))
         else:  # [1, heads, N, n_kv padded]: the first N cells hold this prompt's keys
             p = run.captured[f"kq_soft_max-{i}"].reshape(cfg.n_head, n, -1)[:, :, :n]
             p = _round_f16(p.astype(np.float32)).astype(np.float64)

@@ -182,8 +182,13 @@ class LoadedModel:
                 layer_tensor_name(layer, name)
             return int(self.gguf.tensor(full).type)
 
+        def attn_sinks(layer: int) -> np.ndarray:
+            return self.weights.tensor(layer_tensor_name(layer, "attn_sinks")).cpu() \
+                .to(torch.float64).numpy()
+
         anchor = anchor_from_run(run, self.cfg, weight_type, lin.gate_path, self.weights.dtype,
-                                 self.weights.device)
+                                 self.weights.device,
+                                 attn_sinks if self.cfg.family.attn_sinks else None)
         if reference:
             ref = llamacpp.evaluate(self.path, tokens, settings, capture=["result_norm"],
                                     last_only=True)

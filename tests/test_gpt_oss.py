@@ -221,3 +221,27 @@ def test_yarn_model_matches_llama_cpp(yarn_llama, tmp_path) -> None:
     assert linear.cfg.rope_yarn is None
     assert nmse(linear.llama_cpp_logits(tokens)[-1],
                 m.llama_cpp_logits(tokens)[-1]) > 1e-4
+
+
+# -- attention sinks -------------------------------------------------------------------------
+
+def test_attention_sinks_join_the_softmax() -> None:
+    """Each head's sink logit is one more key without a value: the probabilities are
+    exp(s) / (Σ exp(s) + exp(sink)) over the unmasked keys, summing to less than 1, and the
+    detached run freezes exactly those values."""
+    from ggufjac.linearize import DETACHED, PLAIN, attention_probs
+
+    rng = np.random.default_rng(3)
+    heads, n = 3, 5
+    scores = rng.standard_normal((heads, n, n)) * 3
+    scores[:, ~np.tril(np.ones((n, n), bool))] = -np.inf
+    sinks = np.array([-2.0, 0.5, 4.0])
+    e = np.exp(scores)
+    want = e / (e.sum(-1, keepdims=True) + np.exp(sinks)[:, None, None])
+    got = attention_probs(lambda: torch.from_numpy(scores), PLAIN, torch.from_numpy(sinks))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-14, atol=0)
+    assert (got.sum(-1) < 1).all() and (got.sum(-1)[2] < got.sum(-1)[0]).all()
+    store: dict = {}
+    frozen = attention_probs(lambda: torch.from_numpy(scores), DETACHED.recording(store),
+                             torch.from_numpy(sinks))
+    assert torch.equal(frozen, got) and torch.equal(store["attn_probs"], got)
