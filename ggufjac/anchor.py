@@ -51,6 +51,23 @@ FLASH_ON_TENSORS = ("Qcur", "Kcur")  # the last tensors so named: after RoPE
 QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3": "query",
                "phi3": "qcur", "gemma2": "query", "granite": "scores", "smollm3": "scores"}
 LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up")
+# Qwen 3's attention, with a mixture of experts for the MLP.
+QUERY_SCALE["qwen3moe"] = "scores"
+# A mixture of experts (llama.cpp's build_moe_ffn): the selected experts [k, N] (I32), the
+# input of the experts' gate and up matmuls, each selected expert's gate and up projections
+# and GLU output [N, k, d_ff_expert].
+MOE_TENSORS = ("ffn_moe_topk", "ffn_moe_gate", "ffn_moe_up")
+MOE_GLU_OUTPUT = {"silu": "ffn_moe_swiglu", "gelu_tanh": "ffn_moe_geglu"}
+
+
+def moe_weights_tensor(cfg: ModelConfig) -> str:
+    """The graph tensor holding the selected experts' final weights (before the experts'
+    outputs are multiplied by them): after the renormalisation, or the softmax over the
+    selected, or the gathered probabilities themselves."""
+    fam = cfg.family
+    if fam.moe_normalize:
+        return "ffn_moe_weights_norm"
+    return "ffn_moe_weights_softmax" if fam.moe_gating == "topk_softmax" else "ffn_moe_weights"
 
 
 def _blocks(x: np.ndarray, size: int) -> np.ndarray:
@@ -150,9 +167,13 @@ def capture_names(cfg: ModelConfig, flash_attn: bool | None = None) -> list[str]
     layout = cfg.family.norm_layout
     attention = {True: FLASH_ON_TENSORS, False: FLASH_OFF_TENSORS,
                  None: FLASH_ON_TENSORS + FLASH_OFF_TENSORS}[flash_attn]
-    per_layer = [*LAYER_TENSORS, FFN_INPUT[layout], GLU_OUTPUT[cfg.family.activation],
-                 *attention]
-    if not cfg.family.fused_gate_up:
+    if cfg.family.moe_gating is not None:
+        per_layer = ["Vcur", "kqv_out", FFN_INPUT[layout], *MOE_TENSORS, moe_weights_tensor(cfg),
+                     MOE_GLU_OUTPUT[cfg.family.activation], *attention]
+    else:
+        per_layer = [*LAYER_TENSORS, FFN_INPUT[layout], GLU_OUTPUT[cfg.family.activation],
+                     *attention]
+    if not cfg.family.fused_gate_up and cfg.family.moe_gating is None:
         per_layer.append("ffn_gate")
     names = [f"{n}-{i}" for i in range(cfg.n_layer) for n in per_layer]
     if ATTN_INPUT[layout]:
@@ -180,6 +201,12 @@ SOURCES_COMMON = {
     "gate": "llama.cpp's fused GLU output over its up projection (up path)",
     "gate_factor, up": "llama.cpp's GLU output over gate·up, and its up projection (gate path)",
     "norm scales": "recomputed from the anchored residual stream (smooth in their input)",
+}
+SOURCES_MOE = {
+    "moe_experts, moe_weights": "llama.cpp's own routing: ffn_moe_topk and the selected "
+                                "experts' final weights (ffn_moe_weights_norm, ...)",
+    "gate (experts)": "per selected expert, llama.cpp's ffn_moe_swiglu over ffn_moe_up (up "
+                      "path), or over ffn_moe_gate·ffn_moe_up and ffn_moe_up (gate path)",
 }
 
 
@@ -223,6 +250,35 @@ def _glu_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray, activat
         return {"gate": np.where(up != 0, glu / np.where(up != 0, up, 1.0), gate * s)}
     gu = gate * up
     return {"gate_factor": np.where(gu != 0, glu / np.where(gu != 0, gu, 1.0), s), "up": up}
+
+
+def _moe_coefficients(run: LlamaCppRun, cfg: ModelConfig, layer: int, ffn_in: np.ndarray,
+                      round_input: Callable[[np.ndarray, str], None], gate_path: str
+                      ) -> dict[str, np.ndarray]:
+    """A mixture of experts' frozen coefficients from llama.cpp's graph: its routing (the
+    selected experts in its order, their weights), each selected expert's GLU coefficients
+    [N, k, d_ff_expert], and the roundings of the experts' inputs (`round_input` records them
+    as the dense MLP's; one quantized input serves every expert of a position, [N, 1, d])."""
+    n, k, f = len(run.tokens), cfg.n_expert_used, cfg.d_ff_expert
+    fam = cfg.family
+    experts = run.captured[f"ffn_moe_topk-{layer}"].reshape(n, k).astype(np.int64)
+    if experts.min() < 0 or experts.max() >= cfg.n_expert:
+        raise LlamaCppError(f"llama.cpp's layer {layer} selected an expert outside "
+                            f"0 ... {cfg.n_expert - 1}")
+    c: dict[str, np.ndarray] = {"moe_experts": experts,
+                                "moe_weights": run.rows(f"{moe_weights_tensor(cfg)}-{layer}")
+                                .reshape(n, k).astype(np.float64)}
+    for name in ("ffn_up_exps", "ffn_gate_exps"):
+        round_input(ffn_in, name)
+
+    def per_slot(name: str) -> np.ndarray:
+        return run.captured[f"{name}-{layer}"].reshape(n, k, f).astype(np.float64)
+
+    glu = per_slot(MOE_GLU_OUTPUT[fam.activation])
+    c.update(_glu_coefficients(glu, per_slot("ffn_moe_gate"), per_slot("ffn_moe_up"),
+                               fam.activation, gate_path))
+    round_input(glu.astype(np.float32).reshape(n * k, f), "ffn_down_exps")
+    return c
 
 
 def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
@@ -294,6 +350,17 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         c["attn_sum"] = rounding_ratio(pv, kqv_out)
         round_input(kqv_out, "attn_output")
         ffn_in = rows(f"{FFN_INPUT[layout]}-{i}")
+        if fam.moe_gating is not None:
+            c.update(_moe_coefficients(run, cfg, i, ffn_in, round_input, gate_path))
+            if any(site.startswith("sum:ffn_") for site in c):
+                raise GgufjacError(f"layer {i}: experts of type Q4_1/Q5_1 cannot be anchored "
+                                   "yet (their block-sum term is not applied per expert)")
+            for name in ("ffn_up_exps", "ffn_gate_exps"):  # one input for every expert
+                c["in:" + name] = c["in:" + name][:, None, :]
+            c["in:ffn_down_exps"] = c["in:ffn_down_exps"].reshape(n, cfg.n_expert_used, -1)
+            layers.append({site: torch.from_numpy(a).to(device) if site == "moe_experts"
+                           else t(a) for site, a in c.items()})
+            continue
         round_input(ffn_in, "ffn_up")
         round_input(ffn_in, "ffn_gate")
         glu = rows(f"{GLU_OUTPUT[fam.activation]}-{i}").astype(np.float64)
@@ -309,6 +376,8 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
     output_type = Q(weight_type(None, "output"))
     out_ratio = activation_ratio(y, output_type, "the unembedding")
     sources = dict(SOURCES_FLASH_ON if flash_attn else SOURCES_FLASH_OFF, **SOURCES_COMMON)
+    if fam.moe_gating is not None:
+        sources.update(SOURCES_MOE)
     approximations = []
     if ACTIVATION_FORMAT.get(output_type) == "q8_1":
         approximations.append(UNEMBEDDING_Q8_1.format(output_type.name))

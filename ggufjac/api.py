@@ -367,6 +367,8 @@ class LoadedModel:
                                                   None if c is None else u @ c,
                                                   layer_components)
         report["sweeps"] = [s.as_dict() for s in engine.sweeps]
+        if (routing := record.routing()) is not None:
+            report["routing"] = model_reports.routing_report(self, tokens, routing)
         report.update(prediction_figures(self, tokens, y, anchor, llama_cpp))
         if chat is not None:
             model_reports.add_chat(report, chat)

@@ -227,6 +227,14 @@ class ForwardRecord:
         """c [d] with y = Σ_i J_i x_i + c at the last position (None: the map is linear)."""
         return None if self.output_constant is None else self.output_constant[-1]
 
+    def routing(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """A mixture of experts' frozen routing per layer: (the experts each position
+        selected [N, k], in llama.cpp's order, their weights [N, k]); None for a dense MLP."""
+        if not len(self.coefficients) or "moe_experts" not in self.coefficients[0]:
+            return None
+        return [(c["moe_experts"], c["moe_weights"])
+                for c in (self.coefficients[i] for i in range(len(self.coefficients)))]
+
     def nbytes(self) -> int:
         """Bytes the record holds in memory (a spilled record: one layer's coefficients)."""
         tensors = [*self.residuals, self.output, *self.output_coefficients.values(),
@@ -391,6 +399,7 @@ class StreamingEngine:
         """Run all layers on the input embeddings [N, d], recording what the sweep needs."""
         blocks = self.plan(1, inputs.shape[0], forward=True).block_elements
         residuals = [inputs.detach()]
+        self.weights.experts_read.clear()  # the experts this prompt's sweeps read, from here
         # A streamed run keeps memory flat in the model's size: its record is spilled too.
         coefficients: list[Coefficients] | SpilledTensors = \
             SpilledTensors(self.device) if blocks is not None else []

@@ -81,6 +81,8 @@ class JacobianResult:
     # If set [m, d]: `jacobian` is [m, N, d], the Jacobian of directions @ y (projected).
     directions: torch.Tensor | None = None
     constant: torch.Tensor | None = None  # c [d] (on y itself, also when projected)
+    # a mixture of experts' frozen routing per layer (ForwardRecord.routing); None: dense
+    routing: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def reconstruction_rel_error(self) -> float:
         project = (lambda v: v) if self.directions is None else (lambda v: self.directions @ v)
@@ -171,7 +173,8 @@ def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,
     plan = engine.plan(dirs.shape[0], n)
     record = engine.forward(inputs)
     jac = engine.pull_back_output(record, dirs, plan.chunk)
-    return JacobianResult(jac, inputs.detach(), record.output[-1], directions, record.constant)
+    return JacobianResult(jac, inputs.detach(), record.output[-1], directions, record.constant,
+                          record.routing())
 
 
 def detached_jacobian(model: Transformer, inputs: torch.Tensor,

@@ -134,6 +134,38 @@ def anchor_summary(m: OpenedModel, anchor: Anchor, y: torch.Tensor,
     return summary
 
 
+ROUTING_DEFINITION = (
+    "per layer, the experts each position's router selected (in llama.cpp's order: by "
+    "descending score, ties as its sort leaves them) and their weights w_e, frozen: the "
+    "layer's MLP is sum_e w_e * expert_e(x) over those experts; the others contribute 0")
+
+
+def routing_report(m: OpenedModel, tokens: list[int],
+                   routing: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """A mixture of experts' routing (per layer and token: experts and weights) and the
+    share of the file the prompt's sweeps read: the bytes of the experts some position
+    selected against the file's size and its experts' bytes."""
+    expert_bytes = sum(info.n_bytes for name, info in m.gguf.tensors.items()
+                       if len(info.shape) == 3 and "_exps" in name)
+    file_bytes = Path(m.gguf.path).stat().st_size
+    read = m.weights.expert_bytes_read()
+    return {
+        "definition": ROUTING_DEFINITION,
+        "experts_per_token": m.cfg.n_expert_used, "n_expert": m.cfg.n_expert,
+        "layers": [{"layer": i,
+                    "experts": experts.tolist(),
+                    "weights": [[round(float(v), 8) for v in row] for row in weights]}
+                   for i, (experts, weights) in enumerate(routing)],
+        "tokens": [m.token_text(t) for t in tokens],
+        "expert_bytes_read": read,
+        "expert_bytes_in_file": expert_bytes,
+        "file_bytes": file_bytes,
+        "share_of_experts_read": read / expert_bytes if expert_bytes else 0.0,
+        # every other tensor is read whole: the share of the file this prompt touched
+        "share_of_file_read": (file_bytes - expert_bytes + read) / file_bytes,
+    }
+
+
 def jacobian_report(m: OpenedModel, tokens: list[int], result: JacobianResult, lin: Linearization,
                     n_vectors: int = 10, n_tokens: int = 5,
                     anchor: Anchor | None = None) -> dict:
@@ -181,6 +213,8 @@ def jacobian_report(m: OpenedModel, tokens: list[int], result: JacobianResult, l
     }
     if result.constant is not None:
         report["constant"] = constant_report(result.constant, result.output, "jacobian")
+    if result.routing is not None:
+        report["routing"] = routing_report(m, tokens, result.routing)
     if anchor is not None:
         report["anchor"] = anchor_summary(m, anchor, result.output, result)
     return report

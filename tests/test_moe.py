@@ -276,3 +276,62 @@ def test_svd_matches_the_dense_svd(moe_f32) -> None:
     dense = torch.linalg.svdvals(j)[:4]
     result = m.svd(tokens, 4)
     assert torch.allclose(torch.as_tensor(result.singular_values[:4]), dense, rtol=1e-8)
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q4_K_M"])
+def test_anchored_moe_reproduces_llama_cpp(moe_f32, synthetic, quant: str) -> None:
+    """llama.cpp's own routing (ffn_moe_topk, ffn_moe_weights_norm), its experts' GLU outputs
+    and its roundings frozen: its logits reproduced, flash attention off (gate path) and on
+    (up path), against the anchored run and an independent one."""
+    from ggufjac.run_settings import RunSettings
+
+    m = open_model(moe_f32 if quant == "F32" else synthetic("qwen3moe", quant),
+                   dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    for gate_path, flash in (("gate", False), ("up", True)):
+        lin = Linearization(gate_path=gate_path)
+        anchor = m.anchor(tokens, lin, RunSettings(flash_attn="on" if flash else "off"))
+        names = [f"ffn_moe_topk-{i}" for i in range(SMALL.n_layer)]
+        theirs = llamacpp.evaluate(m.path, tokens, anchor.settings, capture=names)
+        for i, layer in enumerate(anchor.layers):  # the routing given is llama.cpp's
+            assert np.array_equal(layer["moe_experts"].numpy(),
+                                  theirs.captured[names[i]].reshape(len(tokens), -1))
+        result = m.jacobian(tokens, lin, anchor=anchor)
+        summary = m.anchor_summary(anchor, result.output, result)
+        assert result.reconstruction_rel_error() <= 1e-12
+        assert summary["anchor_logits_nmse"] <= 1e-10, (gate_path, flash)
+        assert summary["independent_run"]["logits_nmse"] <= 1e-10
+        assert summary["anchor_output_rel_error"] < 1e-6
+        assert summary["flash_attn"] is flash and not summary["approximations"]
+
+
+def test_reports_state_the_routing_and_the_share_of_the_file_read(moe_f32, tmp_path) -> None:
+    """report.json of `jacobian` and `attribute`: per layer and token the experts selected
+    (those of llama.cpp's graph) and their weights, and the bytes of the experts read: one
+    expert's bytes of each expert tensor per distinct expert selected in a layer."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ggufjac.cli import main
+
+    m = open_model(moe_f32, dtype="float32")
+    tokens = m.tokenize("the quick brown fox")
+    ref = llamacpp.evaluate(moe_f32, tokens, capture=[f"ffn_moe_topk-{i}"
+                                                      for i in range(SMALL.n_layer)])
+    res = CliRunner().invoke(main, ["jacobian", str(moe_f32), "-p", "the quick brown fox",
+                                    "--out", str(tmp_path / "j")])
+    assert res.exit_code == 0, res.output
+    reports = [json.loads((tmp_path / "j" / "report.json").read_text())["routing"],
+               m.attribute(tokens)["routing"]]
+    per_expert = SMALL.d_model * SMALL.d_ff_expert * 4  # F32, any of the three tensors
+    for routing in reports:
+        distinct = 0
+        for i, layer in enumerate(routing["layers"]):
+            theirs = ref.captured[f"ffn_moe_topk-{i}"].reshape(len(tokens), -1)
+            assert layer["experts"] == theirs.tolist()
+            assert np.allclose(np.sum(layer["weights"], axis=1), 1.0, atol=1e-6)
+            distinct += len({e for row in layer["experts"] for e in row})
+        assert routing["expert_bytes_read"] == 3 * distinct * per_expert
+        assert routing["expert_bytes_in_file"] == 3 * SMALL.n_layer * SMALL.n_expert * per_expert
+        assert routing["share_of_experts_read"] == distinct / (SMALL.n_layer * SMALL.n_expert)
