@@ -73,6 +73,11 @@ class Family:
     # A per-head learned logit (attn_sinks [n_head]) joins each query's softmax without a
     # value (gpt-oss): the probabilities over the real keys then sum to less than 1.
     attn_sinks: bool = False
+    # Layer tensors the family stores under another name (layout short name, stored name):
+    # gpt-oss keeps its pre-MLP norm in 'post_attention_norm' (llama.cpp's attn_post_norm).
+    stored_names: tuple[tuple[str, str], ...] = ()
+    # llama.cpp requires {arch}.attention.sliding_window (gpt-oss): no default window.
+    sliding_window_required: bool = False
     # A mixture of experts: the MLP is Σ over the experts the router (ffn_gate_inp) selects
     # of w_e · expert_e(x), the experts stored as 3-D tensors ffn_{gate,up,down}_exps
     # [n_expert, rows, cols]; None: one dense MLP.
@@ -132,6 +137,18 @@ FAMILIES: dict[str, Family] = {
     # the k weights renormalised to sum 1.
     "qwen3moe": Family(norm_layout="pre", qk_norm="head", activation="silu", rope_neox=True,
                        moe_gating="softmax_topk", moe_normalize=True),
+    # gpt-oss (gpt-oss-20b/120b; src/models/openai-moe.cpp): a pre-norm block (its MLP norm
+    # stored as post_attention_norm) with sliding-window and full attention alternating
+    # (swa pattern 2), attention sinks, biases on q, k, v, the output projection, the
+    # router and the experts; the router's top k logits softmaxed, not renormalised; the
+    # experts' GLU ggml's swiglu_oai; YaRN rope from the file's rope.scaling keys.
+    "gpt-oss": Family(norm_layout="pre", qk_norm="none", activation="swiglu_oai",
+                      rope_neox=True, swa_pattern=2, attn_sinks=True,
+                      biases=("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp",
+                              "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
+                      moe_gating="topk_softmax", moe_normalize=False,
+                      stored_names=(("ffn_norm", "post_attention_norm"),),
+                      sliding_window_required=True),
 }
 
 
@@ -346,8 +363,10 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         raise UnsupportedModelError(f"{g.path}: rope scaling {scaling!r} is not supported")
     rope_base = md.float(Keys.Rope.FREQ_BASE, 10000.0, above=1.0)
     # A family with a default window (Gemma 2) always slides, so its window must be > 0.
-    window = md.int(Keys.Attention.SLIDING_WINDOW, fam.sliding_window_default,
-                    minimum=1 if fam.sliding_window_default else 0)
+    window = md.int(Keys.Attention.SLIDING_WINDOW, None if fam.sliding_window_required
+                    else fam.sliding_window_default,
+                    minimum=1 if fam.sliding_window_default or fam.sliding_window_required
+                    else 0)
     swa, rope_swa = (False,) * n_layer, None
     if fam.swa_pattern and window:
         swa = _swa_layers(md.int(Keys.Attention.SLIDING_WINDOW_PATTERN, fam.swa_pattern,

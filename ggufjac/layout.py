@@ -197,9 +197,12 @@ def layer_tensor_names(cfg: ModelConfig) -> list[str]:
 
 
 def stored_name(fam: Family, name: str) -> str:
-    """The stored tensor that holds layer tensor `name` (itself, or the fused one)."""
+    """The stored tensor that holds layer tensor `name` (itself, the fused one, or the
+    family's own name for it)."""
     row = next(t for t in LAYER_TENSORS if t.name == name)
-    return row.fused[1] if row.fused and getattr(fam, row.fused[0]) else name
+    if row.fused and getattr(fam, row.fused[0]):
+        return row.fused[1]
+    return dict(fam.stored_names).get(name, name)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -245,3 +245,83 @@ def test_attention_sinks_join_the_softmax() -> None:
     frozen = attention_probs(lambda: torch.from_numpy(scores), DETACHED.recording(store),
                              torch.from_numpy(sinks))
     assert torch.equal(frozen, got) and torch.equal(store["attn_probs"], got)
+
+
+# -- the gpt-oss family ----------------------------------------------------------------------
+
+GPT_OSS_PROMPT = "the bridge out of Marin is the city of the water"
+# small, with MXFP4 experts (rows of 32-value blocks): the window (4) is crossed by the prompt
+GPT_OSS_SHAPE_ARGS = dict(n_layer=2, d_model=64, d_ff=128, n_head=4, n_kv_head=2, head_dim=16,
+                          n_expert=8, n_expert_used=2, d_ff_expert=32)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    return write_synthetic_gguf(tmp_path_factory.mktemp("gpt-oss") / "gpt-oss-mxfp4.gguf",
+                                "gpt-oss", Shape(**GPT_OSS_SHAPE_ARGS),
+                                tensor_types={"_exps.weight": "MXFP4"})
+
+
+def test_gpt_oss_config_is_llama_cpp_s(gpt_oss) -> None:
+    m = open_model(gpt_oss)
+    cfg = m.cfg
+    assert cfg.swa_layers == (True, False) and cfg.sliding_window == 4  # pattern 2
+    assert cfg.rope_yarn is not None and cfg.rope_scale == 0.25
+    assert (cfg.n_expert, cfg.n_expert_used, cfg.d_ff_expert) == (8, 2, 32)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gpt_oss).tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == "MXFP4"
+    assert types["blk.0.ffn_up_exps.bias"] == "F32" and "blk.0.attn_sinks.weight" in types
+    assert "blk.0.post_attention_norm.weight" in types and "blk.0.ffn_norm.weight" not in types
+
+
+def test_gpt_oss_matches_llama_cpp(gpt_oss) -> None:
+    """Our forward pass against llama.cpp's on the same MXFP4 file: within the check bound
+    and close to llama.cpp's own spread (measured 4e-5 against 2e-5; llama.cpp also rounds
+    the experts' inputs to Q8_0, which its own settings do not change); leaving out the
+    sinks alone gives 5e-2."""
+    report = open_model(gpt_oss, dtype="float64").check(GPT_OSS_PROMPT)
+    assert report["nmse"] < max(1e-3, 4 * report["noise_floor_nmse"]), report["nmse"]
+    assert report["top1_agree"] and report["passed"]
+
+
+@pytest.mark.parametrize("gate_path", ["up", "gate"])
+def test_gpt_oss_detached_is_exactly_affine(gpt_oss, gate_path: str) -> None:
+    """Float64: J x + c reconstructs the output to 1e-12 on both gate paths, the constant
+    (biases, the up path's +1) a sizeable part of it; the forward pass is the plain model's
+    bit for bit."""
+    from ggufjac.linearize import PLAIN, Linearization
+
+    m = open_model(gpt_oss, dtype="float64")
+    tokens = m.tokenize(GPT_OSS_PROMPT)
+    lin = Linearization(gate_path=gate_path)
+    r = m.jacobian(tokens, lin)
+    assert r.reconstruction_rel_error() <= 1e-12
+    assert r.constant is not None
+    assert r.constant.norm() > 0.01 * r.output.norm()
+    x = m.model.embed(tokens)
+    with torch.no_grad():
+        assert torch.equal(m.model.forward(x, lin), m.model.forward(x, PLAIN))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"attention.sliding_window": None}, "gpt-oss.attention.sliding_window"),
+    ({"rope.scaling.original_context_length": (0, "u32")},
+     "gpt-oss.rope.scaling.original_context_length"),
+    ({"expert_count": (0, "u32")}, "gpt-oss.expert_count"),
+    ({"expert_used_count": (9, "u32")}, "gpt-oss.expert_used_count"),
+])
+def test_hostile_gpt_oss_metadata_is_refused_naming_the_key(tmp_path, change, named) -> None:
+    from gguf.constants import GGUFValueType as V
+
+    from ggufjac.errors import GGUFError
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    metadata = {k: None if v is None else (v[0], {"u32": V.UINT32}[v[1]])
+                for k, v in change.items()}
+    path = write_synthetic_gguf(tmp_path / "hostile.gguf", "gpt-oss",
+                                Shape(**GPT_OSS_SHAPE_ARGS), metadata=metadata)
+    with pytest.raises(GGUFError) as e:
+        open_model(path)
+    assert named in str(e.value) and "\n" not in str(e.value)

@@ -74,7 +74,8 @@ def with_experts(arch: str, shape: Shape) -> Shape:
 # the generator: files of every family may do either). Which tensors a layer has and their
 # shapes come from ggufjac's layout table.
 TIED = {"llama": False, "qwen3": True, "gemma3": True, "phi3": False, "olmo2": False,
-        "qwen2": True, "gemma2": True, "granite": False, "smollm3": True, "qwen3moe": True}
+        "qwen2": True, "gemma2": True, "granite": False, "smollm3": True, "qwen3moe": True,
+        "gpt-oss": False}
 _U32, _F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
 # Family settings the generator writes (keys without the 'ARCH.' prefix): sliding windows
 # and soft-caps small enough that the test prompts cross and reach them, and Granite's
@@ -85,6 +86,12 @@ FAMILY_METADATA: dict[str, dict[str, tuple[object, GGUFValueType]]] = {
                "final_logit_softcapping": (5.0, _F32)},
     "granite": {"embedding_scale": (12.0, _F32), "residual_scale": (0.22, _F32),
                 "attention.scale": (0.5, _F32), "logit_scale": (8.0, _F32)},
+    # gpt-oss: a window the test prompts cross, and YaRN rope (gpt-oss-20b's factor 32 over
+    # an original context of 4096; here 4 over 64, so the ramp falls inside the head)
+    "gpt-oss": {"attention.sliding_window": (4, _U32),
+                "rope.scaling.type": ("yarn", GGUFValueType.STRING),
+                "rope.scaling.factor": (4.0, _F32),
+                "rope.scaling.original_context_length": (64, _U32)},
 }
 
 
@@ -259,7 +266,7 @@ def _write_f32_or_typed(path: Path, arch: str, shape: Shape,
             w.add_tensor(name, arr[0], raw_dtype=arr[1])
             continue
         qname = next((v for k, v in (tensor_types or {}).items() if k in name), None)
-        if qname and arr.ndim == 2 and qname != "F32":
+        if qname and arr.ndim >= 2 and qname != "F32":  # matrices and expert stacks
             qtype = GGUF_PY_TYPES[qname]
             w.add_tensor(name, gguf_quants.quantize(arr, qtype), raw_dtype=qtype)
         else:
