@@ -390,13 +390,34 @@ def _components_view(components: dict | None) -> dict | None:
             "max_rel_error": components["max_rel_error"]}
 
 
+def _routing_view(routing: dict | None) -> dict | None:
+    """A mixture of experts' routing for the page: a token × layer table, each cell the
+    experts the token selected in that layer with their weights, shaded by the largest."""
+    if not routing:
+        return None
+    layers = routing["layers"]
+    rows = []
+    for t, token in enumerate(routing["tokens"]):
+        cells = []
+        for layer in layers:
+            pairs = list(zip(layer["experts"][t], layer["weights"][t]))
+            shade = _colours([max(w for _, w in pairs), 1.0], False)[0]  # weights in [0, 1]
+            cells.append({"pairs": pairs, "bg": shade["bg"], "fg": shade["fg"]})
+        rows.append({"position": t, "token": show_token(token), "cells": cells})
+    return {"layers": [layer["layer"] for layer in layers], "rows": rows,
+            "definition": routing["definition"],
+            "read": (routing["expert_bytes_read"], routing["expert_bytes_in_file"],
+                     routing["file_bytes"], routing["share_of_file_read"])}
+
+
 def _context(report: dict, kind: str, position_weights: list[float] | None) -> dict:
     tokens = report["tokens"]
     ctx: dict[str, Any] = {"kind": kind, "report": report, "settings": _settings(report),
                            "anchor": _anchor(report), "constant": _constant(report),
                            "title": f"ggufjac {kind}: "
                            f"{Path(str(report.get('model', '?'))).name}",
-                           "show": show_token, "fmt": _fmt, "json": json.dumps}
+                           "show": show_token, "fmt": _fmt, "json": json.dumps,
+                           "routing": _routing_view(report.get("routing"))}
     segments = _segments(report)
     ctx["segments"] = segments is not None
     if kind == "attribute":

@@ -335,3 +335,29 @@ def test_reports_state_the_routing_and_the_share_of_the_file_read(moe_f32, tmp_p
         assert routing["expert_bytes_read"] == 3 * distinct * per_expert
         assert routing["expert_bytes_in_file"] == 3 * SMALL.n_layer * SMALL.n_expert * per_expert
         assert routing["share_of_experts_read"] == distinct / (SMALL.n_layer * SMALL.n_expert)
+
+
+def test_html_report_shows_the_routing_token_by_layer(moe_f32, tmp_path) -> None:
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from ggufjac.cli import main
+
+    res = CliRunner().invoke(main, ["jacobian", str(moe_f32), "-p", "the quick brown fox",
+                                    "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert CliRunner().invoke(main, ["report", str(tmp_path)]).exit_code == 0
+    routing = json.loads((tmp_path / "report.json").read_text())["routing"]
+    page = (tmp_path / "report.html").read_text()
+    table = page[page.index('<table id="routing">'):]
+    table = table[:table.index("</table>")]
+    rows = re.findall(r'<tr data-position="(\d+)">(.*?)</tr>', table, re.S)
+    assert len(rows) == len(routing["tokens"])
+    for position, row in rows:
+        cells = re.findall(r'<td class="routing-cell"[^>]*>(.*?)</td>', row, re.S)
+        assert len(cells) == SMALL.n_layer
+        for layer, cell in zip(routing["layers"], cells):
+            shown = [int(e) for e in re.findall(r'data-expert="(\d+)"', cell)]
+            assert shown == layer["experts"][int(position)]
