@@ -267,10 +267,11 @@ def linear_matmuls(fam: Family) -> list[str]:
 
 
 def weights_per_layer(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of one layer's matrices: all of them, and the Jacobian's linear path
-    (one GLU branch: either gate path reads as many)."""
+    """Parameter counts of one layer's matrices: all of them (a mixture of experts: every
+    expert), and the Jacobian's linear path (one GLU branch: either gate path reads as
+    many)."""
     shapes = expected_shapes(cfg)
-    matrices = {n: math.prod(s) for n, s in shapes.items() if len(s) == 2}
+    matrices = {n: math.prod(s) for n, s in shapes.items() if len(s) >= 2}
     linear = set(linear_path(cfg.family, "up"))  # the gate path's is the same size
     return {"all": sum(matrices.values()),
             "linear_path": sum(v for n, v in matrices.items() if n in linear)}
