@@ -34,7 +34,8 @@ from .activation_formats import ACTIVATION_FORMAT
 from .errors import GgufjacError, LlamaCppError
 from .families import ModelConfig
 from .layout import layer_tensor_name, stored_name
-from .linearize import Anchor, gate_factor  # Anchor: plain data, defined with the rules
+from .linearize import (SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT,  # Anchor: plain data, defined
+                        Anchor, gate_factor)  # with the rules
 from .llamacpp import LlamaCppRun
 from .model import attention_mask
 
@@ -53,11 +54,29 @@ QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3"
 LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up")
 # Qwen 3's attention, with a mixture of experts for the MLP.
 QUERY_SCALE["qwen3moe"] = "scores"
+# gpt-oss: the scale passed to the attention op; its MLP's input is named for the norm llama.cpp
+# calls attn_post_norm (a pre-MLP norm); its experts' GLU inputs carry their biases.
+QUERY_SCALE["gpt-oss"] = "scores"
+FFN_INPUT_OF_ARCH = {"gpt-oss": "attn_post_norm"}
 # A mixture of experts (llama.cpp's build_moe_ffn): the selected experts [k, N] (I32), the
 # input of the experts' gate and up matmuls, each selected expert's gate and up projections
 # and GLU output [N, k, d_ff_expert].
 MOE_TENSORS = ("ffn_moe_topk", "ffn_moe_gate", "ffn_moe_up")
-MOE_GLU_OUTPUT = {"silu": "ffn_moe_swiglu", "gelu_tanh": "ffn_moe_geglu"}
+MOE_GLU_OUTPUT = {"silu": "ffn_moe_swiglu", "gelu_tanh": "ffn_moe_geglu",
+                  "swiglu_oai": "ffn_moe_swiglu_oai"}
+
+
+def ffn_input(cfg: ModelConfig) -> str:
+    """The graph tensor that is the MLP's input (its norm's output, or the stream)."""
+    return FFN_INPUT_OF_ARCH.get(cfg.arch, FFN_INPUT[cfg.family.norm_layout])
+
+
+def moe_glu_inputs(cfg: ModelConfig) -> tuple[str, str]:
+    """The graph tensors holding the selected experts' gate and up projections as the GLU
+    reads them: with the experts' biases added where the family has them."""
+    if "ffn_gate_exps" in cfg.family.biases:
+        return "ffn_moe_gate_biased", "ffn_moe_up_biased"
+    return "ffn_moe_gate", "ffn_moe_up"
 
 
 def moe_weights_tensor(cfg: ModelConfig) -> str:
@@ -168,7 +187,8 @@ def capture_names(cfg: ModelConfig, flash_attn: bool | None = None) -> list[str]
     attention = {True: FLASH_ON_TENSORS, False: FLASH_OFF_TENSORS,
                  None: FLASH_ON_TENSORS + FLASH_OFF_TENSORS}[flash_attn]
     if cfg.family.moe_gating is not None:
-        per_layer = ["Vcur", "kqv_out", FFN_INPUT[layout], *MOE_TENSORS, moe_weights_tensor(cfg),
+        per_layer = ["Vcur", "kqv_out", ffn_input(cfg), *MOE_TENSORS, *moe_glu_inputs(cfg),
+                     moe_weights_tensor(cfg),
                      MOE_GLU_OUTPUT[cfg.family.activation], *attention]
     else:
         per_layer = [*LAYER_TENSORS, FFN_INPUT[layout], GLU_OUTPUT[cfg.family.activation],
@@ -245,11 +265,36 @@ def _glu_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray, activat
     """The MLP's frozen coefficients from llama.cpp's GLU output act(g)·u and its g and u:
     up path, act(g) = glu / u; gate path, s(g) = glu / (g·u) and u itself. Where llama.cpp's
     value is 0/0 (u or g exactly 0) our own activation stands in (it multiplies a zero)."""
+    if activation == "swiglu_oai":
+        return _swiglu_oai_coefficients(glu, gate, up, gate_path)
     s = gate_factor(torch.from_numpy(gate), activation).numpy()
     if gate_path == "up":
         return {"gate": np.where(up != 0, glu / np.where(up != 0, up, 1.0), gate * s)}
     gu = gate * up
     return {"gate_factor": np.where(gu != 0, glu / np.where(gu != 0, gu, 1.0), s), "up": up}
+
+
+def _swiglu_oai_coefficients(glu: np.ndarray, gate: np.ndarray, up: np.ndarray,
+                              gate_path: str) -> dict[str, np.ndarray]:
+    """linearize.swiglu_oai_product's coefficients from llama.cpp's swiglu_oai output and
+    its g and u: the clamp's mask and constant from llama.cpp's own g or u; up path,
+    x·σ(αx) = glu / (clamp(u) + 1); gate path, σ(αx) = glu / (x · (clamp(u) + 1)) and
+    clamp(u) + 1 itself (x = min(g, limit)). Where llama.cpp's value is 0/0 our own factor
+    stands in (it multiplies a zero)."""
+    limit, alpha = SWIGLU_OAI_LIMIT, SWIGLU_OAI_ALPHA
+    x = np.minimum(gate, limit)
+    y1 = np.clip(up, -limit, limit) + 1.0
+    sig = 1.0 / (1.0 + np.exp(-alpha * x))
+    if gate_path == "up":
+        inside = (up <= limit) & (up >= -limit)
+        return {"gate": np.where(y1 != 0, glu / np.where(y1 != 0, y1, 1.0), x * sig),
+                "glu_clamp": inside.astype(np.float64),
+                "glu_clamp_offset": np.where(inside, 1.0, y1)}
+    inside = gate <= limit
+    xy = x * y1
+    return {"gate_factor": np.where(xy != 0, glu / np.where(xy != 0, xy, 1.0), sig), "up": y1,
+            "glu_clamp": inside.astype(np.float64),
+            "glu_clamp_offset": np.where(inside, 0.0, limit)}
 
 
 def _moe_coefficients(run: LlamaCppRun, cfg: ModelConfig, layer: int, ffn_in: np.ndarray,
@@ -275,7 +320,8 @@ def _moe_coefficients(run: LlamaCppRun, cfg: ModelConfig, layer: int, ffn_in: np
         return run.captured[f"{name}-{layer}"].reshape(n, k, f).astype(np.float64)
 
     glu = per_slot(MOE_GLU_OUTPUT[fam.activation])
-    c.update(_glu_coefficients(glu, per_slot("ffn_moe_gate"), per_slot("ffn_moe_up"),
+    gate_name, up_name = moe_glu_inputs(cfg)
+    c.update(_glu_coefficients(glu, per_slot(gate_name), per_slot(up_name),
                                fam.activation, gate_path))
     round_input(glu.astype(np.float32).reshape(n * k, f), "ffn_down_exps")
     return c
@@ -349,7 +395,7 @@ def anchor_from_run(run: LlamaCppRun, cfg: ModelConfig,
         kqv_out = rows(f"kqv_out-{i}")
         c["attn_sum"] = rounding_ratio(pv, kqv_out)
         round_input(kqv_out, "attn_output")
-        ffn_in = rows(f"{FFN_INPUT[layout]}-{i}")
+        ffn_in = rows(f"{ffn_input(cfg)}-{i}")
         if fam.moe_gating is not None:
             c.update(_moe_coefficients(run, cfg, i, ffn_in, round_input, gate_path))
             if any(site.startswith("sum:ffn_") for site in c):

@@ -325,3 +325,26 @@ def test_hostile_gpt_oss_metadata_is_refused_naming_the_key(tmp_path, change, na
     with pytest.raises(GGUFError) as e:
         open_model(path)
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gpt_oss_anchored_reproduces_llama_cpp(gpt_oss) -> None:
+    """llama.cpp's routing, its experts' swiglu_oai outputs (the clamp masks from its own
+    projections), its attention probabilities with the sinks (kq_soft_max; with flash
+    attention derived with the sinks added) and its roundings frozen: its logits reproduced
+    and the map still affine to 1e-12, on both gate paths."""
+    from ggufjac.linearize import Linearization
+
+    m = open_model(gpt_oss, dtype="float64")
+    tokens = m.tokenize(GPT_OSS_PROMPT)
+    for gate_path, flash in (("gate", False), ("up", True)):
+        lin = Linearization(gate_path=gate_path)
+        anchor = m.anchor(tokens, lin, RunSettings(flash_attn="on" if flash else "off"))
+        assert "glu_clamp" in anchor.layers[0]
+        result = m.jacobian(tokens, lin, anchor=anchor)
+        summary = m.anchor_summary(anchor, result.output, result)
+        assert result.reconstruction_rel_error() <= 1e-12
+        assert summary["anchor_logits_nmse"] <= 1e-10, (gate_path, flash,
+                                                         summary["anchor_logits_nmse"])
+        assert summary["independent_run"]["logits_nmse"] <= 1e-10
+        assert summary["anchor_output_rel_error"] < 1e-6
+        assert summary["flash_attn"] is flash and not summary["approximations"]
