@@ -348,3 +348,22 @@ def test_gpt_oss_anchored_reproduces_llama_cpp(gpt_oss) -> None:
         assert summary["independent_run"]["logits_nmse"] <= 1e-10
         assert summary["anchor_output_rel_error"] < 1e-6
         assert summary["flash_attn"] is flash and not summary["approximations"]
+
+
+def test_gpt_4o_byte_level_bpe_vocabulary(tmp_path) -> None:
+    """gpt-oss's tokenizer kind (byte-level BPE, pre-tokenizer 'gpt-4o') on a small
+    vocabulary: llama.cpp splits numbers into runs of at most three digits before the merges
+    ("12345" -> "123" "45", where the merges alone give "12" "34" "5"), words and their
+    leading spaces merge as the merges say, and ggufjac turns every token back into its
+    bytes: the pieces join to the prompt."""
+    from tools.synthetic import Shape, bpe_vocab, write_synthetic_gguf
+
+    path = write_synthetic_gguf(tmp_path / "gpt-oss-bpe.gguf", "gpt-oss",
+                                Shape(**GPT_OSS_SHAPE_ARGS), tokenizer="gpt2")
+    m = open_model(path)
+    tokens, _, _ = bpe_vocab()
+    prompt = "the bridge out 12345"
+    ids = m.tokenize(prompt)
+    pieces = [tokens[i] for i in ids]
+    assert pieces == ["the", "\u0120bridge", "\u0120out", "\u0120", "123", "45"], pieces
+    assert "".join(m.token_text(i) for i in ids) == prompt

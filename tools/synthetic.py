@@ -120,6 +120,38 @@ def _vocab(size: int | None = None) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte-level BPE alphabet: byte b's printable stand-in, for b = 0 ... 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+# A small byte-level BPE vocabulary ('gpt2' with gpt-oss's 'gpt-4o' pre-tokenizer): the 256
+# bytes, a few words, and digit merges whose ranks make the pre-tokenizer's split of numbers
+# into runs of at most three digits visible ("12345" -> "123" "45"; unsplit, BPE alone gives
+# "12" "34" "5").
+BPE_MERGES = ["3 4", "1 2", "4 5", "12 3", "t h", "th e", "\u0120 the", "b r", "br i",
+              "bri d", "brid g", "bridg e", "\u0120 bridge", "o u", "ou t", "\u0120 out"]
+BPE_SPECIAL = ["<|endoftext|>", "<|start|>", "<|end|>"]
+
+
+def bpe_vocab() -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of the small byte-level BPE vocabulary."""
+    tokens = _byte_level_chars()
+    for merge in BPE_MERGES:
+        tokens.append(merge.replace(" ", ""))
+    types = [1] * len(tokens) + [3] * len(BPE_SPECIAL)
+    return tokens + BPE_SPECIAL, types, list(BPE_MERGES)
+
+
 def _matrix(rng: np.random.Generator, *shape: int) -> np.ndarray:
     """[rows, cols], or a stack of experts [n_expert, rows, cols]."""
     return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
@@ -242,6 +274,18 @@ def add_model_metadata(w: GGUFWriter, arch: str, shape: Shape, tokenizer: str = 
             sub = GGUFValueType.INT32 if all(isinstance(v, int) for v in value) \
                 else GGUFValueType.FLOAT32  # type: ignore[union-attr]
         w.add_key_value(f"{arch}.{key}", value, vtype, sub)
+    if tokenizer == "gpt2":  # byte-level BPE, gpt-oss's pre-tokenizer
+        tokens, types, merges = bpe_vocab()
+        w.add_string("tokenizer.ggml.model", "gpt2")
+        w.add_string("tokenizer.ggml.pre", "gpt-4o")
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.token_type", types)
+        w.add_array("tokenizer.ggml.merges", merges)
+        special = tokens.index(BPE_SPECIAL[0])
+        w.add_uint32("tokenizer.ggml.bos_token_id", special)
+        w.add_uint32("tokenizer.ggml.eos_token_id", special)
+        w.add_bool("tokenizer.ggml.add_bos_token", False)
+        return
     w.add_string("tokenizer.ggml.model", tokenizer)
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.scores", scores)
@@ -283,14 +327,16 @@ def write_synthetic_gguf(path: str | os.PathLike[str], arch: str, shape: Shape =
                          extra_floats: dict[str, float] | None = None,
                          metadata: dict[str, tuple[object, GGUFValueType] | None] | None = None
                          ) -> Path:
-    """Write a random-weight `arch` model to `path`; returns the path. `tokenizer` other
-    than 'llama' and `metadata` overrides ({key without the 'ARCH.' prefix: (value, type)
-    or None to leave it out}) only for testing bad files ('none' makes llama.cpp abort on
-    tokenize)."""
+    """Write a random-weight `arch` model to `path`; returns the path. `tokenizer` 'gpt2'
+    writes a small byte-level BPE vocabulary with gpt-oss's 'gpt-4o' pre-tokenizer
+    (`bpe_vocab`); other values than 'llama' and `metadata` overrides ({key without the
+    'ARCH.' prefix: (value, type) or None to leave it out}) only for testing bad files
+    ('none' makes llama.cpp abort on tokenize)."""
     if arch not in FAMILIES:
         raise ValueError(f"unknown family {arch!r}; known: {', '.join(FAMILIES)}")
     path = Path(path)
-    tensors = model_tensors(arch, shape, len(_vocab()[0]), seed, rope_freqs)
+    vocab_size = len(bpe_vocab()[0] if tokenizer == "gpt2" else _vocab()[0])
+    tensors = model_tensors(arch, shape, vocab_size, seed, rope_freqs)
     if quant == "F32" or tensor_types:
         _write_f32_or_typed(path, arch, shape, tensors, tensor_types, tokenizer, extra_floats,
                             metadata)
