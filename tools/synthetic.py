@@ -193,20 +193,23 @@ def model_tensors(arch: str, shape: Shape, vocab_size: int, seed: int,
     return t
 
 
-def random_q4_k(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    """Random but valid Q4_K blocks for a [rows, cols] matrix, as the bytes GGUF stores.
+def random_q4_k(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """Random but valid Q4_K blocks for a [rows, cols] matrix (or a stack of experts
+    [n_expert, rows, cols]), as the bytes GGUF stores.
 
     Made directly (no float32 model, no quantizer), so benchmark models of 8B/70B layer
     shapes are written in seconds. d and dmin are chosen so the values have mean ~0 and
     standard deviation ~1/sqrt(cols); scales and 4-bit quants are uniform random bytes.
     """
+    *lead, cols = shape
+    rows = int(np.prod(lead))
     n_blocks, type_size = rows * cols // 256, 144
     raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
     d = np.float16(1.0 / (np.sqrt(cols) * 190.0))
     raw[:, 0:2] = np.full(n_blocks, d, dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
     raw[:, 2:4] = np.full(n_blocks, np.float16(d * 7.5), dtype=np.float16).view(np.uint8) \
         .reshape(n_blocks, 2)
-    return raw.reshape(rows, cols // 256 * type_size)
+    return raw.reshape(*lead, cols // 256 * type_size)
 
 
 def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape,
