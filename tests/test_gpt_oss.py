@@ -382,3 +382,32 @@ def test_gpt_4o_byte_level_bpe_vocabulary(tmp_path) -> None:
     pieces = [tokens[i] for i in ids]
     assert pieces == ["the", "\u0120bridge", "\u0120out", "\u0120", "123", "45"], pieces
     assert "".join(m.token_text(i) for i in ids) == prompt
+
+
+@pytest.mark.parametrize("n_expert", [8, 32])
+def test_gpt_oss_router_ties_selected_as_llama_cpp_selects(tmp_path, n_expert: int) -> None:
+    """gpt-oss selects on the biased router logits themselves: with every router row zero
+    but three equal ones and one bias for all, the logits tie at the top-k boundary and
+    llama.cpp's sort alone decides; our selection is its ffn_moe_topk."""
+    from ggufjac import llamacpp
+    from tools.synthetic import Shape, _vocab, _write_f32_or_typed, model_tensors
+
+    shape = Shape(**{**GPT_OSS_SHAPE_ARGS, "n_expert": n_expert})
+    tensors = model_tensors("gpt-oss", shape, len(_vocab()[0]), seed=3)
+    rng = np.random.default_rng(0)
+    for i in range(shape.n_layer):
+        router = np.zeros((n_expert, shape.d_model), np.float32)
+        router[[2, 3, n_expert - 3]] = rng.standard_normal(shape.d_model)
+        tensors[f"blk.{i}.ffn_gate_inp.weight"] = router
+        tensors[f"blk.{i}.ffn_gate_inp.bias"] = np.full(n_expert, 0.5, np.float32)
+    path = tmp_path / "ties.gguf"
+    _write_f32_or_typed(path, "gpt-oss", shape, tensors, None)
+    m = open_model(path, dtype="float32")
+    tokens = m.tokenize(GPT_OSS_PROMPT)
+    names = [f"ffn_moe_topk-{i}" for i in range(shape.n_layer)]
+    ref = llamacpp.evaluate(path, tokens, capture=names)
+    engine = m.engine()
+    record = engine.forward(engine.embed(tokens))
+    for i, name in enumerate(names):
+        theirs = ref.captured[name].reshape(len(tokens), -1)
+        assert np.array_equal(record.coefficients[i]["moe_experts"].numpy(), theirs), i
