@@ -606,14 +606,16 @@ class StreamingEngine:
         llama.cpp coefficients and rounding ratios an anchor made for this run will hold."""
         cfg, item = self.cfg, torch.empty((), dtype=self.dtype).element_size()
         n, d = n_tokens, cfg.d_model
-        ffn = cfg.d_ff * (2 if self.lin.gate_path == "gate" else 1)
+        # a mixture of experts freezes each selected expert's GLU: k · d_ff_expert per position
+        width = cfg.n_expert_used * cfg.d_ff_expert if cfg.n_expert else cfg.d_ff
+        ffn = width * (2 if self.lin.gate_path == "gate" else 1)
         per_layer = n * (ffn + cfg.n_head * n + 8)
         held = (1 if spilled else cfg.n_layer) * per_layer + (cfg.n_layer + 2) * n * d
         if has_constant(cfg.family):  # the constant stream
             held += (cfg.n_layer + 2) * n * d
         if anchored:  # in:attn_v, in:ffn_up/gate, v_cache, attn_sum, in:attn_output, in:ffn_down
             held += cfg.n_layer * n * (3 * d + cfg.n_kv_head * cfg.head_dim_v
-                                       + 2 * cfg.n_head * cfg.head_dim_v + cfg.d_ff)
+                                       + 2 * cfg.n_head * cfg.head_dim_v + width)
         return held * item
 
     def plan(self, n_directions: int, n_tokens: int, record_bytes: int | None = None,
