@@ -78,6 +78,10 @@ class Family:
     stored_names: tuple[tuple[str, str], ...] = ()
     # llama.cpp requires {arch}.attention.sliding_window (gpt-oss): no default window.
     sliding_window_required: bool = False
+    # Biases (of Family.biases) llama.cpp requires rather than reads when present: a file
+    # without one is refused, as llama.cpp refuses it (gpt-oss's output projection, router
+    # and experts).
+    biases_required: tuple[str, ...] = ()
     # A mixture of experts: the MLP is Σ over the experts the router (ffn_gate_inp) selects
     # of w_e · expert_e(x), the experts stored as 3-D tensors ffn_{gate,up,down}_exps
     # [n_expert, rows, cols]; None: one dense MLP.
@@ -148,7 +152,9 @@ FAMILIES: dict[str, Family] = {
                               "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
                       moe_gating="topk_softmax", moe_normalize=False,
                       stored_names=(("ffn_norm", "post_attention_norm"),),
-                      sliding_window_required=True),
+                      sliding_window_required=True,
+                      biases_required=("attn_output", "ffn_gate_inp", "ffn_gate_exps",
+                                       "ffn_up_exps", "ffn_down_exps")),
 }
 
 

@@ -326,11 +326,18 @@ def check_tensor_index(g: GGUFFile, cfg: ModelConfig) -> str | None:
 
 
 def _check_biases(g: GGUFFile, cfg: ModelConfig) -> None:
-    """The family's biases (each optional, as llama.cpp reads them) have one F32 value per
-    row of their matrix; any other bias tensor is refused, naming it."""
+    """The family's biases (each optional, as llama.cpp reads them, unless the family
+    requires it) have one F32 value per row of their matrix; any other bias tensor is
+    refused, naming it."""
     fam = cfg.family
     allowed = {layer_tensor_name(i, stored, "bias"): shape for i in range(cfg.n_layer)
                for stored, shape in stored_bias_shapes_of(fam, dims_of(cfg)).items()}
+    for i in range(cfg.n_layer):
+        for name in fam.biases_required:
+            required = layer_tensor_name(i, stored_name(fam, name), "bias")
+            if required not in g.tensors:
+                raise GGUFError(g.path, f"tensor {required!r}",
+                                f"missing: llama.cpp requires it for {cfg.arch}")
     for name, info in g.tensors.items():
         if not name.endswith(".bias"):
             continue

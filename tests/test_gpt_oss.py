@@ -411,3 +411,21 @@ def test_gpt_oss_router_ties_selected_as_llama_cpp_selects(tmp_path, n_expert: i
     for i, name in enumerate(names):
         theirs = ref.captured[name].reshape(len(tokens), -1)
         assert np.array_equal(record.coefficients[i]["moe_experts"].numpy(), theirs), i
+
+
+@pytest.mark.parametrize("tensor", ["blk.1.ffn_down_exps.bias", "blk.0.ffn_gate_inp.bias",
+                                    "blk.0.attn_sinks.weight"])
+def test_gpt_oss_without_a_required_tensor_is_refused_naming_it(tmp_path, tensor) -> None:
+    """llama.cpp requires gpt-oss's sinks and its output, router and expert biases: a file
+    without one is refused, naming it, not read as if it were 0."""
+    from ggufjac.errors import GGUFError
+    from tools.synthetic import Shape, _vocab, _write_f32_or_typed, model_tensors
+
+    shape = Shape(**GPT_OSS_SHAPE_ARGS)
+    tensors = model_tensors("gpt-oss", shape, len(_vocab()[0]), seed=0)
+    del tensors[tensor]
+    path = tmp_path / "missing.gguf"
+    _write_f32_or_typed(path, "gpt-oss", shape, tensors, None)
+    with pytest.raises(GGUFError) as e:
+        open_model(path)
+    assert repr(tensor) in str(e.value) and "\n" not in str(e.value)
