@@ -14,6 +14,7 @@ types gguf-py can quantize (F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -217,7 +218,9 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
     """A benchmark model: every layer matrix random Q4_K (see `random_q4_k`), the small
     embedding and norms float32. Not for comparing with llama.cpp (never quantized from
     float weights), only for measuring the engine's time and memory."""
-    if any(n % 256 for n in (shape.d_model, shape.d_ff, shape.n_head * shape.head_dim)):
+    shape = with_experts(arch, shape)
+    if any(n % 256 for n in (shape.d_model, shape.d_ff, shape.n_head * shape.head_dim,
+                             shape.d_ff_expert)):
         raise ValueError("Q4_K rows must be multiples of 256")
     rng = np.random.default_rng(seed)
     small = Shape(**{**shape.__dict__, "n_layer": 0})
@@ -226,9 +229,11 @@ def write_random_q4_k_gguf(path: str | os.PathLike[str], arch: str, shape: Shape
     fam = FAMILIES[arch]
     for i in range(shape.n_layer):
         for name, stored in stored_shapes_of(fam, dims(shape)).items():
+            # a matrix, or a stack of experts [n_expert, rows, cols] (rows of every expert)
             tensors[layer_tensor_name(i, name)] = _norm_weight(rng, stored[0]) \
-                if len(stored) == 1 else (random_q4_k(rng, *stored), Q.Q4_K)
-        for name, (rows,) in stored_bias_shapes_of(fam, dims(shape)).items():
+                if len(stored) == 1 else (random_q4_k(rng, math.prod(stored[:-1]), stored[-1])
+                                          .reshape(*stored[:-1], -1), Q.Q4_K)
+        for name, rows in stored_bias_shapes_of(fam, dims(shape)).items():
             tensors[layer_tensor_name(i, name, "bias")] = \
                 rng.standard_normal(rows).astype(np.float32)
     path = Path(path)
