@@ -45,12 +45,16 @@ ATTN_INPUT = {"pre": "attn_norm", "sandwich": "attn_norm", "post": None}  # post
 FFN_INPUT = {"pre": "ffn_norm", "sandwich": "ffn_norm", "post": "ffn_inp"}
 GLU_OUTPUT = {"gelu_tanh": "ffn_geglu", "silu": "ffn_swiglu"}
 FLASH_OFF_TENSORS = ("kq_soft_max",)
-FLASH_ON_TENSORS = ("Qcur", "Kcur")  # the last tensors so named: after RoPE
+# The last tensors so named: after RoPE (and after the q/k biases, in families with them).
+FLASH_ON_TENSORS = ("Qcur", "Kcur")
 # Where llama.cpp's graph applies the attention scale, which decides what is rounded to F16
 # for flash attention: "scores" (passed to the attention op: f16(q)·f16(k)·s), "query"
 # (multiplied into q first: f16(q·s)·f16(k)), "qcur" (already in the last 'Qcur' tensor).
 QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3": "query",
-               "phi3": "qcur", "gemma2": "query", "granite": "scores", "smollm3": "scores"}
+               "phi3": "qcur", "gemma2": "query", "granite": "scores", "smollm3": "scores",
+               "qwen2": "scores"}
+# 'Vcur' is W_v x plus the v bias where the family has one (llama.cpp names the sum): the
+# F16 rounding of the cache multiplies both, and the constant c takes its share.
 LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up")
 # Qwen 3's attention, with a mixture of experts for the MLP.
 QUERY_SCALE["qwen3moe"] = "scores"

