@@ -219,7 +219,7 @@ def test_cli_prompt_set_files_and_errors(synthetic, tmp_path) -> None:
     bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
     cases = [(["--prompts", str(bad)], "bad.jsonl, line 2: not JSON"),
              (["-p", PROMPT, "--analyses", "jacobian,svd"], "choose from jacobian"),
-             ([], "give one of --prompt, --prompt-file and --prompts"),
+             ([], "give one of --prompt, --prompt-file, --prompts and --messages"),
              (["-p", PROMPT, "--prompts", str(prompts)], "give one of"),
              (["-p", PROMPT, "--token", "not-a-token-here"], "not a single token"),
              (["-p", PROMPT, "--out", str(out)], "not empty"),
