@@ -388,6 +388,6 @@ def test_gemma2_flash_probabilities_are_soft_capped(synthetic, monkeypatch) -> N
 
     assert largest_gap() < 2e-3  # measured 3e-4
     derive = ggufjac.anchor._flash_probabilities
-    monkeypatch.setattr(ggufjac.anchor, "_flash_probabilities", lambda run, cfg, layer: derive(
-        run, dataclasses.replace(cfg, attn_logit_softcap=None), layer))
+    monkeypatch.setattr(ggufjac.anchor, "_flash_probabilities", lambda run, cfg, layer, sinks=None: derive(
+        run, dataclasses.replace(cfg, attn_logit_softcap=None), layer, sinks))
     assert largest_gap() > 2e-2  # measured 0.2
