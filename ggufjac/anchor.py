@@ -47,21 +47,9 @@ GLU_OUTPUT = {"gelu_tanh": "ffn_geglu", "silu": "ffn_swiglu"}
 FLASH_OFF_TENSORS = ("kq_soft_max",)
 # The last tensors so named: after RoPE (and after the q/k biases, in families with them).
 FLASH_ON_TENSORS = ("Qcur", "Kcur")
-# Where llama.cpp's graph applies the attention scale, which decides what is rounded to F16
-# for flash attention: "scores" (passed to the attention op: f16(q)·f16(k)·s), "query"
-# (multiplied into q first: f16(q·s)·f16(k)), "qcur" (already in the last 'Qcur' tensor).
-QUERY_SCALE = {"llama": "scores", "qwen3": "scores", "olmo2": "scores", "gemma3": "query",
-               "phi3": "qcur", "gemma2": "query", "granite": "scores", "smollm3": "scores",
-               "qwen2": "scores"}
 # 'Vcur' is W_v x plus the v bias where the family has one (llama.cpp names the sum): the
 # F16 rounding of the cache multiplies both, and the constant c takes its share.
 LAYER_TENSORS = ("Vcur", "kqv_out", "ffn_up")
-# Qwen 3's attention, with a mixture of experts for the MLP.
-QUERY_SCALE["qwen3moe"] = "scores"
-# gpt-oss: the scale passed to the attention op; its MLP's input is named for the norm llama.cpp
-# calls attn_post_norm (a pre-MLP norm); its experts' GLU inputs carry their biases.
-QUERY_SCALE["gpt-oss"] = "scores"
-FFN_INPUT_OF_ARCH = {"gpt-oss": "attn_post_norm"}
 # A mixture of experts (llama.cpp's build_moe_ffn): the selected experts [k, N] (I32), the
 # input of the experts' gate and up matmuls, each selected expert's gate and up projections
 # and GLU output [N, k, d_ff_expert].
@@ -72,7 +60,7 @@ MOE_GLU_OUTPUT = {"silu": "ffn_moe_swiglu", "gelu_tanh": "ffn_moe_geglu",
 
 def ffn_input(cfg: ModelConfig) -> str:
     """The graph tensor that is the MLP's input (its norm's output, or the stream)."""
-    return FFN_INPUT_OF_ARCH.get(cfg.arch, FFN_INPUT[cfg.family.norm_layout])
+    return cfg.family.ffn_input_graph_name or FFN_INPUT[cfg.family.norm_layout]
 
 
 def moe_glu_inputs(cfg: ModelConfig) -> tuple[str, str]:
@@ -242,12 +230,12 @@ def _flash_probabilities(run: LlamaCppRun, cfg: ModelConfig, layer: int,
     sinks [heads] where the family has them."""
     n = len(run.tokens)
     q = run.captured[f"Qcur-{layer}"].reshape(n, cfg.n_head, cfg.head_dim).astype(np.float32)
-    if QUERY_SCALE[cfg.arch] == "query":
+    if cfg.family.query_scale_site == "query":
         q = q * np.float32(cfg.attn_scale)
     k = _round_f16(run.captured[f"Kcur-{layer}"].reshape(n, cfg.n_kv_head, cfg.head_dim))
     k = np.repeat(k, cfg.n_head // cfg.n_kv_head, axis=1)
     scores = np.einsum("qhd,khd->hqk", _round_f16(q).astype(np.float64), k.astype(np.float64))
-    if QUERY_SCALE[cfg.arch] == "scores":
+    if cfg.family.query_scale_site == "scores":
         scores = scores * cfg.attn_scale
     if (cap := cfg.attn_logit_softcap) is not None:  # as ggml's kernel: after the scale,
         scores = cap * np.tanh(scores / cap)          # before the mask

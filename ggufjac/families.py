@@ -24,6 +24,10 @@ Activation = Literal["silu", "gelu_tanh", "swiglu_oai"]
 # (llama.cpp's build_moe_ffn): "softmax_topk": softmax over all experts, the top k of those
 # probabilities; "topk_softmax": the top k logits, softmax over those k.
 MoEGating = Literal["softmax_topk", "topk_softmax"]
+# Where llama.cpp's graph applies the attention scale, which decides what it rounds to F16
+# under flash attention: "scores" (passed to the attention op: f16(q)·f16(k)·s), "query"
+# (multiplied into q first: f16(q·s)·f16(k)), "qcur" (already in its last 'Qcur' tensor).
+QueryScaleSite = Literal["scores", "query", "qcur"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class Family:
     # The unembedding is always token_embd (Gemma 2): llama.cpp refuses a file that also has
     # an output.weight (one tensor more than it loads).
     tied_only: bool = False
+    query_scale_site: QueryScaleSite = "scores"  # see QueryScaleSite
+    # The name llama.cpp's graph gives the MLP's input where it is not the norm_layout's usual
+    # one (gpt-oss: "attn_post_norm"); anchoring reads that tensor.
+    ffn_input_graph_name: str | None = None
     # A per-head learned logit (attn_sinks [n_head]) joins each query's softmax without a
     # value (gpt-oss): the probabilities over the real keys then sum to less than 1.
     attn_sinks: bool = False
@@ -94,7 +102,7 @@ class Family:
             raise ValueError(f"Family.moe_gating must be one of {get_args(MoEGating)} or "
                              f"None, not {self.moe_gating!r}")
         for name, kind in (("norm_layout", NormLayout), ("qk_norm", QKNorm),
-                           ("activation", Activation)):
+                           ("activation", Activation), ("query_scale_site", QueryScaleSite)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"Family.{name} must be one of {get_args(kind)}, "
                                  f"not {getattr(self, name)!r}")
@@ -111,12 +119,12 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(norm_layout="pre", qk_norm="head", activation="silu", rope_neox=True),
     "phi3": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=True,
                    fused_qkv=True, fused_gate_up=True,
-                   rope_factors=("rope_factors_short.weight",)),
+                   rope_factors=("rope_factors_short.weight",), query_scale_site="qcur"),
     "olmo2": Family(norm_layout="post", qk_norm="full", activation="silu", rope_neox=True),
     "gemma3": Family(norm_layout="sandwich", qk_norm="head", activation="gelu_tanh",
                      rope_neox=True, embed_scale_sqrt_d=True, swa_pattern=6,
                      rope_base_local=10000.0, final_logit_softcap=True,
-                     attn_scale_d_model_layers=(62,)),
+                     attn_scale_d_model_layers=(62,), query_scale_site="query"),
     # Gemma 2 (src/models/gemma2.cpp): Gemma 3's block without QK-norm, every 2nd layer
     # global with a 4096 window by default, attention scores capped at 50 and logits at 30
     # by default; local layers use the global rope unless rope.freq_base_swa says otherwise.
@@ -124,7 +132,8 @@ FAMILIES: dict[str, Family] = {
                      rope_neox=True, embed_scale_sqrt_d=True, swa_pattern=2,
                      sliding_window_default=4096, attn_logit_softcap=50.0,
                      final_logit_softcap=True, final_logit_softcap_default=30.0,
-                     attn_scale_d_model_layers=(46,), tied_only=True),
+                     attn_scale_d_model_layers=(46,), tied_only=True,
+                     query_scale_site="query"),
     # Granite 3 (src/models/granite.cpp): Llama's block with the multipliers.
     "granite": Family(norm_layout="pre", qk_norm="none", activation="silu", rope_neox=False,
                       rope_factors=("rope_freqs.weight",), multipliers=True,
@@ -152,6 +161,7 @@ FAMILIES: dict[str, Family] = {
                               "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
                       moe_gating="topk_softmax", moe_normalize=False,
                       stored_names=(("ffn_norm", "post_attention_norm"),),
+                      ffn_input_graph_name="attn_post_norm",
                       sliding_window_required=True,
                       biases_required=("attn_output", "ffn_gate_inp", "ffn_gate_exps",
                                        "ffn_up_exps", "ffn_down_exps")),
