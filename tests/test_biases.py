@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
-from gguf import quants as gguf_quants
 from gguf.constants import GGUFValueType
+
+import numpy_reference
+from numpy_reference import gguf_py_tensors, neox_rope
 
 from ggufjac import llamacpp, model
 from ggufjac.api import nmse, open_model
@@ -36,31 +37,19 @@ def qwen2_small(tmp_path_factory) -> dict:
             for q in ("F32", "Q8_0")}
 
 
-def _gguf_py_tensors(path) -> dict[str, np.ndarray]:
-    """Every tensor dequantized by gguf-py, float64, row-major [out, in]."""
-    out = {}
-    for t in GGUFReader(str(path)).tensors:
-        a = gguf_quants.dequantize(t.data, t.tensor_type).astype(np.float64)
-        out[t.name] = a.reshape(tuple(reversed(t.shape.tolist())))
-    return out
 
 
 def _reference(path, tokens: list[int], gate_path: str) -> tuple[np.ndarray, np.ndarray]:
     """(y, c) at the last position: the detached qwen2 network in float64, its coefficients
     (norm scales, attention probabilities, gate) computed on the prompt, and the same frozen
     network applied to a zero input with its biases on."""
-    w = _gguf_py_tensors(path)
+    w = gguf_py_tensors(path)
     s, eps, base = SMALL, 1e-6, 10000.0
-    n, hd, half = len(tokens), s.head_dim, s.head_dim // 2
-    theta = np.arange(n)[:, None] * base ** (-np.arange(half) * 2 / hd)[None, :]
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-
-    def rope(v):  # NEOX pairs (i, i + hd/2), over [N, heads, hd]
-        a, b = v[..., :half], v[..., half:]
-        return np.concatenate((a * cos - b * sin, b * cos + a * sin), axis=-1)
+    n, hd = len(tokens), s.head_dim
+    rope = neox_rope(n, hd, base)
 
     def inv_rms(v):
-        return 1.0 / np.sqrt((v ** 2).mean(-1, keepdims=True) + eps)
+        return numpy_reference.inv_rms(v, eps)
 
     x = w["token_embd.weight"][tokens]
     z = np.zeros_like(x)
@@ -122,7 +111,7 @@ def test_attribution_has_a_bias_row_and_sums_to_the_logit(qwen2_small) -> None:
     tokens = m.tokenize(PROMPT)
     report = m.attribute(tokens)
     y_ref, c_ref = _reference(path, tokens, "up")
-    table = _gguf_py_tensors(path)["token_embd.weight"]  # tied: the unembedding
+    table = gguf_py_tensors(path)["token_embd.weight"]  # tied: the unembedding
     row = report["targets"][0]
     u = table[row["id"]]
     assert row["logit"] == pytest.approx(u @ y_ref, rel=1e-12)

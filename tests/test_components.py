@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
-from gguf import quants as gguf_quants
+
+from numpy_reference import gguf_py_tensors
 
 from ggufjac import model
 from ggufjac.api import open_model
@@ -36,12 +36,6 @@ def small_files(tmp_path_factory) -> dict:
             for arch in ("llama", "qwen2")}
 
 
-def _tensors(path) -> dict[str, np.ndarray]:
-    out = {}
-    for t in GGUFReader(str(path)).tensors:
-        a = gguf_quants.dequantize(t.data, t.tensor_type).astype(np.float64)
-        out[t.name] = a.reshape(tuple(reversed(t.shape.tolist())))
-    return out
 
 
 def _frozen_logit(path, arch: str, tokens: list[int], target: int, gate_path: str,
@@ -52,7 +46,7 @@ def _frozen_logit(path, arch: str, tokens: list[int], target: int, gate_path: st
     component removed from the layer's output sum x_l + attention + MLP (the MLP's input
     unchanged): 'stream' (x_l), 'head' (head index's output), 'mlp', or 'bias_above' (every
     bias of the layers above left out)."""
-    w = _tensors(path)
+    w = gguf_py_tensors(path)
     s, eps, base = SMALL, 1e-6, 10000.0
     n, hd, half = len(tokens), s.head_dim, s.head_dim // 2
     theta = np.arange(n)[:, None] * base ** (-np.arange(half) * 2 / hd)[None, :]

@@ -11,9 +11,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
-from gguf import quants as gguf_quants
 from gguf.constants import GGUFValueType
+
+import numpy_reference
+from numpy_reference import gguf_py_tensors, neox_rope
 
 from ggufjac import llamacpp
 from ggufjac.api import nmse, open_model
@@ -39,12 +40,6 @@ def moe_f32(tmp_path_factory):
                                 "qwen3moe", SMALL)
 
 
-def _gguf_py_tensors(path) -> dict[str, np.ndarray]:
-    out = {}
-    for t in GGUFReader(str(path)).tensors:
-        a = gguf_quants.dequantize(t.data, t.tensor_type).astype(np.float64)
-        out[t.name] = a.reshape(tuple(reversed(t.shape.tolist())))
-    return out
 
 
 def _reference(path, tokens: list[int], gate_path: str, probe: np.ndarray
@@ -52,18 +47,13 @@ def _reference(path, tokens: list[int], gate_path: str, probe: np.ndarray
     """(y, J·probe, experts per layer) at the last position: the detached qwen3moe network
     in float64, its coefficients (norm scales, attention probabilities, routing, each
     expert's gate) computed on the prompt, the same frozen network applied to `probe` [N, d]."""
-    w = _gguf_py_tensors(path)
+    w = gguf_py_tensors(path)
     s, eps, base = SMALL, 1e-6, 10000.0
-    n, hd, half, k = len(tokens), s.head_dim, s.head_dim // 2, s.n_expert_used
-    theta = np.arange(n)[:, None] * base ** (-np.arange(half) * 2 / hd)[None, :]
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-
-    def rope(v):  # NEOX pairs (i, i + hd/2), over [N, heads, hd]
-        a, b = v[..., :half], v[..., half:]
-        return np.concatenate((a * cos - b * sin, b * cos + a * sin), axis=-1)
+    n, hd, k = len(tokens), s.head_dim, s.n_expert_used
+    rope = neox_rope(n, hd, base)
 
     def inv_rms(v):
-        return 1.0 / np.sqrt((v ** 2).mean(-1, keepdims=True) + eps)
+        return numpy_reference.inv_rms(v, eps)
 
     x = w["token_embd.weight"][tokens]
     z = probe.copy()
