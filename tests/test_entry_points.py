@@ -41,7 +41,8 @@ def test_each_command_helps_through_python_m_ggufjac(command: str) -> None:
 def test_python_m_ggufjac_lists_the_commands() -> None:
     r = _run("-m", "ggufjac", "--help")
     assert r.returncode == 0, r.stderr
-    listed = set(re.findall(r"^  ([a-z][a-z-]*)\s", r.stdout.split("Commands:", 1)[1], re.M))
+    block = r.stdout.split("Commands:", 1)[1].split("\n\n", 1)[0]  # the epilog follows
+    listed = set(re.findall(r"^  ([a-z][a-z-]*)\s", block, re.M))
     assert listed == set(COMMANDS), r.stdout
 
 
