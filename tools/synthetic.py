@@ -284,6 +284,9 @@ def add_model_metadata(w: GGUFWriter, arch: str, shape: Shape, tokenizer: str = 
         w.add_key_value(f"{arch}.{key}", value, vtype, sub)
     if tokenizer == "gpt2":  # byte-level BPE, gpt-oss's pre-tokenizer
         tokens, types, merges = bpe_vocab()
+        if vocab_size is not None:  # unused filler tokens up to a real model's vocabulary
+            n = vocab_size - len(tokens)
+            tokens, types = tokens + [f"<|unused{i}|>" for i in range(n)], types + [5] * n
         w.add_string("tokenizer.ggml.model", "gpt2")
         w.add_string("tokenizer.ggml.pre", "gpt-4o")
         w.add_array("tokenizer.ggml.tokens", tokens)
