@@ -10,7 +10,9 @@ token's exact contribution to the logit of the prompt's target (or the predicted
 with "svd", the top-K singular values of J, its stable rank and the tokens its top left
 singular vectors decode to (J formed where the prompt is short, `FULL_JACOBIAN_MAX_TOKENS`,
 else block Lanczos without forming it, svd.py); with "lens", every layer's exact logit-lens
-map (stable rank, top singular value, decoded tokens of its output).
+map (stable rank, top singular value, decoded tokens of its output). A mixture of experts'
+frozen routing (per position and layer the experts selected and their weights) comes with
+every prompt: it is computed in the forward pass.
 """
 
 from __future__ import annotations
@@ -125,6 +127,27 @@ class LensLayer:
     top_token: str
 
 
+@dataclass(frozen=True)
+class RoutedExpert:
+    """A mixture of experts' frozen routing: one expert a position selected at a layer."""
+
+    position: int
+    layer: int
+    rank: int  # 0-based in llama.cpp's order of the selection (by descending router score)
+    expert: int
+    weight: float  # w_e: the layer's MLP output is sum_e w_e * expert_e(x)
+
+
+def routed_experts(routing: list[tuple[torch.Tensor, torch.Tensor]]) -> list[RoutedExpert]:
+    """The rows of a forward record's routing (per layer: experts [N, k], weights [N, k])."""
+    rows = []
+    for layer, (experts, weights) in enumerate(routing):
+        for position, (chosen, w) in enumerate(zip(experts.tolist(), weights.tolist())):
+            rows += [RoutedExpert(position, layer, rank, int(e), float(we))
+                     for rank, (e, we) in enumerate(zip(chosen, w))]
+    return rows
+
+
 def _shown(heading: str) -> dict[str, str]:
     """Field metadata: the column is in the batch page's table, under `heading`."""
     return {"heading": heading}
@@ -177,6 +200,9 @@ class PromptResult:
     singular_values: list[float] = field(default_factory=list)  # top K, descending
     decoded: list[DecodedToken] = field(default_factory=list)
     lens: list[LensLayer] = field(default_factory=list)
+    # a mixture of experts: per position, layer and rank the expert selected and its weight
+    # (empty for a dense model)
+    routing: list[RoutedExpert] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -335,6 +361,8 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
     try:
         x = engine.embed(tokens)
         record = engine.forward(x)
+        if (routing := record.routing()) is not None:
+            result.routing = routed_experts(routing)
         y = record.output[-1]
         logits = unembed(m.weights, m.logit_input(y, anchor)[None])[0]
         z = logits.to(torch.float64).cpu().numpy()

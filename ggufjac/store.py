@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .batch import (BatchSettings, DecodedToken, LensLayer, LocalExecutor, PromptResult,
-                    Provenance, ResultColumn, TokenLogit, result_columns)
+                    Provenance, ResultColumn, RoutedExpert, TokenLogit, result_columns)
 from .errors import GgufjacError
 from .outputs import atomic_write
 
-SCHEMA_VERSION = 2  # 2: prompts.attribution_bias
+SCHEMA_VERSION = 3  # 2: prompts.attribution_bias; 3: the routing table
 # How long a statement waits for another connection's transaction (another batch writing
 # one prompt takes well under a second; a long wait means a stuck writer, and then an error).
 BUSY_TIMEOUT_S = 60.0
@@ -101,6 +101,14 @@ CREATE TABLE lens (
     top_token_id INTEGER NOT NULL, top_token TEXT NOT NULL,
     PRIMARY KEY (run_id, id, layer),
     FOREIGN KEY (run_id, id) REFERENCES prompts(run_id, id) ON DELETE CASCADE);
+CREATE TABLE routing (              -- a mixture of experts' frozen routing (dense: none)
+    run_id INTEGER NOT NULL, id TEXT NOT NULL, position INTEGER NOT NULL,
+    layer INTEGER NOT NULL,
+    rank INTEGER NOT NULL,             -- in llama.cpp's order of the selection
+    expert INTEGER NOT NULL, weight REAL NOT NULL,
+    PRIMARY KEY (run_id, id, position, layer, rank),
+    FOREIGN KEY (run_id, id) REFERENCES prompts(run_id, id) ON DELETE CASCADE);
+CREATE INDEX routing_expert ON routing (layer, expert);
 CREATE TABLE concepts (word TEXT PRIMARY KEY, text TEXT NOT NULL);
 CREATE VIEW concept_hits AS
     SELECT d.run_id, d.id, c.text AS concept, d.source, d.layer, d.vector, d.rank,
@@ -117,7 +125,7 @@ CREATE VIEW summary AS
 """
 
 TABLES = ("runs", "prompts", "tokens", "top_logits", "singular_values", "decoded", "lens",
-          "concepts")
+          "routing", "concepts")
 VIEWS = ("summary", "concept_hits")
 
 
@@ -140,6 +148,7 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
 _TOP_LOGIT_FIELDS = tuple(f.name for f in dataclasses.fields(TokenLogit))
 _DECODED_FIELDS = tuple(f.name for f in dataclasses.fields(DecodedToken))
 _LENS_FIELDS = tuple(f.name for f in dataclasses.fields(LensLayer))
+_ROUTING_FIELDS = tuple(f.name for f in dataclasses.fields(RoutedExpert))
 
 
 def _insert(table: str, columns: tuple[str, ...]) -> str:
@@ -216,12 +225,18 @@ def _check_schema(db: sqlite3.Connection, path: Path) -> None:
     transaction or not: one query per check)."""
     names = {r[0] for r in db.execute(
         "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
-    if "meta" not in names or not set(TABLES) <= names:
+    if "meta" not in names or "prompts" not in names:
         raise GgufjacError(f"{path}: an SQLite file, but not a ggufjac results store")
+    # the version before the tables: a store of another version lacks some of this one's
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if version is None or version[0] != str(SCHEMA_VERSION):
         raise GgufjacError(f"{path}: results store schema version "
-                           f"{version and version[0]}, this ggufjac reads {SCHEMA_VERSION}")
+                           f"{version and version[0]}, this ggufjac reads {SCHEMA_VERSION} "
+                           "only (read it with the ggufjac that wrote it, or choose another "
+                           "--out)")
+    if not set(TABLES) <= names:
+        raise GgufjacError(f"{path}: a results store of schema version {SCHEMA_VERSION} "
+                           f"without its tables {', '.join(sorted(set(TABLES) - names))}")
     columns = {r[1] for r in db.execute("PRAGMA table_info(prompts)")}
     if columns != set(PROMPT_COLUMNS):
         raise GgufjacError(f"{path}: its prompts table has columns this ggufjac does not "
@@ -388,6 +403,9 @@ class ResultStore:
             self.db.executemany(
                 _insert("lens", ("run_id", "id", *_LENS_FIELDS)),
                 [(run_id, r.id, *(getattr(l, f) for f in _LENS_FIELDS)) for l in r.lens])
+            self.db.executemany(
+                _insert("routing", ("run_id", "id", *_ROUTING_FIELDS)),
+                [(run_id, r.id, *(getattr(e, f) for f in _ROUTING_FIELDS)) for e in r.routing])
         return True
 
 
@@ -489,8 +507,8 @@ def export_store(path: Path, directory: Path) -> list[Path]:
 def read_store(path: Path) -> dict:
     """Everything a results page shows, read-only and in one snapshot: the runs with their
     provenance, and per prompt its summary row, tokens with attributions, top logits,
-    singular values, the top singular vectors' decoded tokens, the lens rows and the
-    concept hits."""
+    singular values, the top singular vectors' decoded tokens, the lens rows, the routing
+    rows (a mixture of experts) and the concept hits."""
     path = Path(path)
     with _reading(path) as db:
         db.row_factory = sqlite3.Row
@@ -514,6 +532,8 @@ def read_store(path: Path) -> dict:
                        "FROM lens ORDER BY run_id, id, layer")
         hits = grouped("SELECT DISTINCT run_id, id, concept FROM concept_hits "
                        "ORDER BY run_id, id, concept")
+        routing = grouped("SELECT run_id, id, position, layer, rank, expert, weight "
+                          "FROM routing ORDER BY run_id, id, position, layer, rank")
         prompts = []
         for p in rows("SELECT p.*, s.concept_hits FROM prompts p JOIN summary s "
                       "ON s.run_id = p.run_id AND s.id = p.id ORDER BY p.run_id, p.rowid"):
@@ -521,6 +541,7 @@ def read_store(path: Path) -> dict:
             p.update(tokens=tokens.get(key, []), top_logits=top.get(key, []),
                      singular_values=[r["value"] for r in sv.get(key, [])],
                      svd_tokens=svd.get(key, []), lens=lens.get(key, []),
+                     routing=routing.get(key, []),
                      concepts=[r["concept"] for r in hits.get(key, [])])
             prompts.append(p)
         return {"path": str(path), "runs": rows("SELECT * FROM runs ORDER BY run_id"),

@@ -590,3 +590,81 @@ def test_the_prompts_table_is_the_documented_one(tmp_path) -> None:
     _store_with(db, ["b"])
     assert _rows(db, "SELECT name FROM sqlite_master WHERE name = 'runs_identity'")
     assert [p["id"] for p in read_store(db)["prompts"]] == ["a", "b"]
+
+
+# -- a mixture of experts' routing in the store -----------------------------------------------
+
+MOE_SHAPE = dict(n_layer=2, d_model=64, d_ff=128, n_head=4, n_kv_head=2, head_dim=16,
+                 n_expert=8, n_expert_used=2, d_ff_expert=32)
+
+
+def test_store_holds_the_routing_of_a_mixture_of_experts_and_none_of_a_dense_model(
+        tmp_path) -> None:
+    """Per prompt, position, layer and rank the expert selected and its weight: those
+    `attribute` reports for the same prompt, the experts of llama.cpp's own graph
+    (ffn_moe_topk), and weights recomputed here from its router logits (softmax over all
+    experts, the top k, renormalised); a dense model's prompts have no routing rows."""
+    import numpy as np
+
+    from ggufjac import llamacpp
+    from ggufjac.api import open_model
+    from tools.synthetic import Shape, write_synthetic_gguf
+
+    shape = Shape(**MOE_SHAPE)
+    moe = write_synthetic_gguf(tmp_path / "moe.gguf", "qwen3moe", shape)
+    dense = write_synthetic_gguf(tmp_path / "dense.gguf", "qwen3", Shape(n_layer=2))
+    texts = {"fox": "the quick brown fox jumps", "dog": "over the lazy dog"}
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"id": k, "prompt": v} for k, v in texts.items()])
+    db, dense_db = tmp_path / "moe.db", tmp_path / "dense.db"
+    for model, out in ((moe, db), (dense, dense_db)):
+        code, out_text = _batch(str(model), str(prompts), "--out", str(out),
+                                "--analyses", "attribute")
+        assert code == 0, out_text
+    assert _rows(dense_db, "SELECT count(*) FROM routing") == [(0,)]
+    assert _rows(dense_db, "SELECT count(*) FROM prompts WHERE status = 'done'") == [(2,)]
+
+    m = open_model(moe, dtype="float32")
+    k, n_layer = shape.n_expert_used, shape.n_layer
+    for ident, text in texts.items():
+        tokens = m.tokenize(text)
+        stored = _rows(db, "SELECT position, layer, rank, expert, weight FROM routing "
+                           "WHERE id = ? ORDER BY layer, position, rank", ident)
+        assert len(stored) == n_layer * len(tokens) * k
+        experts = np.array([r[3] for r in stored]).reshape(n_layer, len(tokens), k)
+        weights = np.array([r[4] for r in stored]).reshape(n_layer, len(tokens), k)
+        assert [r[:3] for r in stored] == [(p, i, r) for i in range(n_layer)
+                                           for p in range(len(tokens)) for r in range(k)]
+        report = m.attribute(tokens)["routing"]
+        for i, layer in enumerate(report["layers"]):
+            assert experts[i].tolist() == layer["experts"]
+            assert np.allclose(weights[i], layer["weights"], rtol=0, atol=1e-7)
+        names = [f"{t}-{i}" for i in range(n_layer) for t in ("ffn_moe_topk", "ffn_moe_logits")]
+        ref = llamacpp.evaluate(moe, tokens, capture=names)
+        for i in range(n_layer):
+            theirs = ref.captured[f"ffn_moe_topk-{i}"].reshape(len(tokens), -1)
+            assert np.array_equal(experts[i], theirs), i
+            logits = ref.captured[f"ffn_moe_logits-{i}"].reshape(len(tokens), -1) \
+                .astype(np.float64)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            chosen = np.take_along_axis(probs, experts[i], axis=-1)
+            # llama.cpp's router input differs from ours by its F16 K/V cache (1e-4 apart)
+            assert np.allclose(weights[i], chosen / chosen.sum(-1, keepdims=True),
+                               rtol=0, atol=2e-3), i
+            assert np.all(np.diff(np.take_along_axis(logits, experts[i], -1), axis=-1) <= 1e-4)
+
+
+def test_a_store_of_another_schema_version_is_refused(tmp_path) -> None:
+    """A store written before the routing table (schema 2) is refused in one line naming
+    both versions, when a batch opens it and when it is read."""
+    from ggufjac.errors import GgufjacError
+    from ggufjac.store import ResultStore, read_store
+
+    db = tmp_path / "old.db"
+    _store_with(db, ["a"])
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        c.execute("DROP TABLE routing")
+    for opening in (lambda: ResultStore(db), lambda: read_store(db)):
+        with pytest.raises(GgufjacError, match="schema version 2, this ggufjac reads 3 only"):
+            opening()
