@@ -22,6 +22,7 @@ from .anchor import anchor_from_run, capture_names
 from .analysis import top_tokens_by_unembedding
 from .components import component_sweep
 from .chat import ChatPrompt, Message, render_file_chat_spans, token_segments
+from .device_weights import SETTINGS, device_budget
 from .errors import GGUFError, GgufjacError, LlamaCppError, PromptError
 from .families import ModelConfig, config_from_gguf
 from .gguf_file import GGUFFile
@@ -58,11 +59,23 @@ class LoadedModel:
     weights: GGUFWeights
     vocab: Vocabulary
     _model: Transformer | None = field(default=None, repr=False)
+    # Weights held in the device's memory (device_weights.py): whether to, and the budget
+    # given for it (None: a share of the free memory), read once, at the first engine.
+    hold_weights: bool = False
+    max_gpu_memory: int | None = None
 
     def close(self) -> None:
         """Unmap the file and drop what was loaded from it; the model is unusable after."""
         self._model = None
+        self.weights.release_device_weights()
         self.gguf.close()
+
+    def held_weights(self) -> None:
+        """Read the weights that fit the device budget into its memory, once (later calls,
+        and later prompts of a batch, find them there)."""
+        if self.hold_weights and self.weights.residency is None:
+            budget = device_budget(self.weights.device, self.max_gpu_memory)
+            self.weights.hold_on_device(budget)
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -161,6 +174,9 @@ class LoadedModel:
         time, or one row block of them: `streaming`, `block_elements`, see StreamingEngine);
         with an `anchor`, its coefficients are llama.cpp's (see `anchor`)."""
         extra = {} if block_elements is None else {"block_elements": block_elements}
+        self.held_weights()
+        if max_memory is None and self.hold_weights and self.max_gpu_memory is not None:
+            max_memory = self.max_gpu_memory  # the sweeps' budget is the device's
         return StreamingEngine(self.weights, lin or Linearization(), progress, max_memory,
                                prefetch, anchor, streaming, **extra)
 
@@ -481,9 +497,19 @@ def check_device(device: str) -> torch.device:
 
 
 def open_model(name: str | Path, dtype: str | torch.dtype = "float32",
-               device: str = "cpu") -> LoadedModel:
-    """Open a GGUF file (or demo model name) and read its config; no weights are loaded yet."""
+               device: str = "cpu", hold_weights: bool | None = None,
+               max_gpu_memory: int | None = None) -> LoadedModel:
+    """Open a GGUF file (or demo model name) and read its config; no weights are loaded yet.
+
+    `hold_weights` (default: on a CUDA device, as device_weights.SETTINGS say): the first
+    engine reads the quantized weights that fit `max_gpu_memory` (default: the settings',
+    else a share of the free memory) into the device's memory, the rest read by staged
+    reads at each use (device_weights.py)."""
     dev = check_device(device)
+    if hold_weights is None:
+        hold_weights = dev.type == "cuda" and SETTINGS.hold_weights
+    if max_gpu_memory is None:
+        max_gpu_memory = SETTINGS.max_gpu_memory
     path = resolve_model(str(name))
     gguf = GGUFFile(path)
     try:
@@ -492,4 +518,5 @@ def open_model(name: str | Path, dtype: str | torch.dtype = "float32",
     except BaseException:
         gguf.close()
         raise
-    return LoadedModel(path, gguf, cfg, weights, Vocabulary(gguf))
+    return LoadedModel(path, gguf, cfg, weights, Vocabulary(gguf), hold_weights=hold_weights,
+                       max_gpu_memory=max_gpu_memory)

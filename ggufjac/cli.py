@@ -170,7 +170,55 @@ def _engine_options(fn: Callable[..., Any] | None = None, *,
                       show_default=True, help="Which MLP branch stays linear (see README).")(fn)
     fn = dtype_option(dtypes)(fn)
     fn = anchor_option()(fn)
-    return _llama_cpp_options(fn)
+    return _llama_cpp_options(_device_weight_options(fn))
+
+
+def _device_weight_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-gpu-memory and --matmul-precision (device_weights.py): checked before any work,
+    set for the models this command opens, and taken out of the command's arguments."""
+    @functools.wraps(fn)
+    @_errors_to_exit  # outside the command's own: this wrapper's refusals exit the same way
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .units import parse_size
+
+        budget_text = kwargs.pop("max_gpu_memory", None)
+        precision = kwargs.pop("matmul_precision", "float32")
+        budget = None
+        if budget_text is not None:
+            try:
+                budget = parse_size(budget_text)
+            except GgufjacError:
+                raise GgufjacError(f"--max-gpu-memory {budget_text!r}: expected a size such "
+                                   "as 24GB, 80GiB or 512MiB") from None
+            if budget <= 0:
+                raise GgufjacError(f"--max-gpu-memory {budget_text!r}: the budget must be "
+                                   "more than 0 bytes")
+            if not str(kwargs.get("device", "cpu")).startswith("cuda"):
+                raise GgufjacError("--max-gpu-memory applies to --device cuda only")
+        if precision != "float32" and kwargs.get("dtype", "float32") != "float32":
+            raise GgufjacError(f"--matmul-precision {precision} lowers float32 matmuls: it "
+                               f"needs --dtype float32, not {kwargs.get('dtype')}")
+        if budget is None and precision == "float32":
+            return fn(*args, **kwargs)
+        from .device_weights import SETTINGS, matmul_precision
+
+        SETTINGS.max_gpu_memory = budget
+        if precision != "float32":
+            click.echo(f"ggufjac: float32 matmuls at {precision} precision: the errors "
+                       "printed are measured with it", err=True)
+        with matmul_precision(precision, kwargs.get("device", "cpu")):
+            return fn(*args, **kwargs)
+    wrapper = click.option(
+        "--matmul-precision", type=click.Choice(["float32", "tf32", "bf16"]),
+        default="float32", show_default=True,
+        help="float32 matmuls as given (float32), on TF32 tensor cores (tf32), or with "
+             "bfloat16 inputs under autocast (bf16); --dtype float32 only. Faster on a GPU, "
+             "less exact: the reconstruction error printed measures it.")(wrapper)
+    return click.option(
+        "--max-gpu-memory", default=None, metavar="SIZE",
+        help="With --device cuda: the device memory budget (e.g. 24GB; default 90% of what is "
+             "free). The quantized weights that fit are read into it once; the rest are "
+             "streamed by staged reads at each use.")(wrapper)
 
 
 def _llama_cpp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -728,13 +776,19 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
 @layers_option("Layers to analyse, e.g. 0,5,10-17 (default: all).")
 @_engine_options
 @click.option("--save-matrices", is_flag=True, help="Also save every Jacobian matrix.")
+@click.option("--sweep", type=click.Choice(["auto", "reverse", "forward"]), default="auto",
+              show_default=True,
+              help="How the cumulative maps are made: one reverse sweep (each map's outputs "
+                   "pulled back from its layer), one forward pass of the N·d input directions "
+                   "(all maps at once; cheaper for more layers than about 2N), or whichever "
+                   "costs fewer operations by count.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
 @_threads_option
 @_errors_to_exit
 def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
            chat: ChatRequest | None, out_dir: Path, layer_list: str | None, dtype: str, gate_path: str, device: str,
-           max_memory: str | None, anchor: str, save_matrices: bool,
+           max_memory: str | None, anchor: str, save_matrices: bool, sweep: str,
            overwrite: bool, html: bool, **llama: Any) -> None:
     """Each layer, its attention and its MLP as exact linear maps, with their SVDs.
 
@@ -757,9 +811,10 @@ def layers(model: str, prompt: str | None, prompt_file: Path | None, max_tokens:
     tokens, conversation = m.prompt_tokens(text, max_tokens, started)
     run = layers_to_dir(m, tokens, chosen, Linearization(detach=True, gate_path=gate_path),
                         out_dir, overwrite, budget, anchor_settings, device, save_matrices,
-                        llama_cpp_figures=html, progress=True, chat=conversation)
+                        llama_cpp_figures=html, progress=True, chat=conversation, sweep=sweep)
     click.echo(run.markdown)
-    click.echo(f"({run.seconds:.1f} s) wrote {out_dir}/" + ", ".join(run.files))
+    click.echo(f"({run.seconds:.1f} s, cumulative maps by one {run.report['sweep']} sweep) "
+               f"wrote {out_dir}/" + ", ".join(run.files))
     if html:
         _write_html(out_dir)
 

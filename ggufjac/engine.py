@@ -40,7 +40,7 @@ from .costs import mlp_as_matrix
 from .layout import dims_of, has_constant, layer_tensor_name, linear_path
 from .linearize import DETACHED, Anchor, Coefficients, Linearization, at_last_position
 from .model import (LayerWeights, attention_branch, block, final_norm, mlp_branch,
-                    mlp_branch_matrix)
+                    mlp_branch_matrices, mlp_branch_matrix)
 from .runner import input_embeddings
 from .weights import BufferPool, GGUFWeights
 
@@ -54,9 +54,16 @@ _BACKWARD_TEMPORARIES = 2.0
 # batch for the attention's VJPs (docs/benchmarks.md).
 MAX_CHUNK = 64
 MAX_BATCH_ROWS = 512
+# On a GPU the cache argument does not hold: a batch as large as memory allows keeps the
+# device busy (the budget, `plan`, decides the batch below this many rows).
+GPU_MAX_BATCH_ROWS = 1 << 16
 # MLP columns multiplied at a time while forming an MLP matrix (a [d, chunk] temporary; a
 # multiple of 256 so that streamed columns start on quantization blocks).
 MLP_MATRIX_FFN_CHUNK = 1024
+# Values of the MLP matrices formed at once and of their scaled-W_in temporary: the
+# positions' matrices are made side by side by one product as long as they fit (8 positions
+# of Gemma 3 270M; one at a time from d_model 2048 up, whose products are large anyway).
+MLP_MATRIX_ELEMENTS = 1 << 24
 # Values per row block when a layer's matrices are streamed. Dequantizing a block and
 # multiplying it at once is faster on CPU than dequantizing the whole matrix first
 # (tools/bench_blocks.py), so a single pass over a layer always streams there. 2^24 values
@@ -71,8 +78,11 @@ READ_AHEAD_LAYERS = 2
 _DEQUANTIZE_TEMPORARIES = 16 << 20
 
 
-def max_chunk(n_tokens: int) -> int:
-    """Most output directions per batched backward for a prompt of `n_tokens`."""
+def max_chunk(n_tokens: int, device: torch.device | None = None) -> int:
+    """Most output directions per batched backward for a prompt of `n_tokens` (on a GPU:
+    as many as GPU_MAX_BATCH_ROWS rows, the memory budget permitting, to fill the device)."""
+    if device is not None and device.type == "cuda":
+        return max(1, GPU_MAX_BATCH_ROWS // max(n_tokens, 1))
     return max(1, min(MAX_CHUNK, MAX_BATCH_ROWS // max(n_tokens, 1)))
 
 
@@ -149,6 +159,39 @@ def _vjp_rows(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.T
                                     accumulate_grad=False)
     (g,) = _vmap(vjp, 0, 0, allow_none_pass_through=True)(rows)
     return g
+
+
+def _pull_back_batched(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       cotangents: torch.Tensor, chunk: int, result: torch.Tensor,
+                       add: bool = False) -> torch.Tensor:
+    """Rows of `cotangents` [m, *out.shape] on `function(x)` pulled back to x, `chunk` rows
+    at a time, written into (`add`: added to) `result` [m, *x.shape] (it may be
+    `cotangents` itself). `function` must be linear in x and take a leading batch
+    dimension, as a replayed layer does.
+
+    The rows are carried as a batch through one plain backward of `function` applied to x
+    repeated `chunk` times (a stride-0 view: nothing is copied), not by vmap over the
+    backward: the legacy vmap that a batched `autograd.grad` runs falls back to one small
+    product per row for the matrix products of a custom autograd function (blocked.linear
+    in a replay), where a plain backward multiplies [chunk·N, ·] rows by each weight at
+    once (docs/benchmarks.md, "The Jacobian step against the matmul rate")."""
+    base = x.detach()
+    for s in range(0, cotangents.shape[0], chunk):
+        rows = cotangents[s:s + chunk]
+        xb = base.expand(rows.shape[0], *base.shape).requires_grad_(True)
+        with torch.enable_grad():
+            out = function(xb)
+        if _vmap is None:
+            (g,) = torch.autograd.grad(out, xb, rows)
+        else:
+            (g,) = _engine_run_backward((out,), (rows,), False, False, (xb,), False,
+                                        accumulate_grad=False)
+        if add:
+            result[s:s + chunk] += g
+        else:
+            result[s:s + chunk] = g
+        del out, g
+    return result
 
 
 def _batched_vjp(out: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, chunk: int,
@@ -470,12 +513,11 @@ class StreamingEngine:
         if part == "out" and cotangents.shape[1] > 1 and not torch.any(cotangents[:, :-1]):
             return self._last_row_layer_vjp(layer, w, record, cotangents,
                                             chunk or cotangents.shape[0])
-        x = record.residuals[layer].detach().requires_grad_(True)
         lin = self.lin.replaying(record.coefficients[layer], values=False)
-        with torch.enable_grad():
-            out = getattr(block(self.cfg, layer, w, x, lin), part)
-            result = cotangents if part == "out" else torch.empty_like(cotangents)
-            return _batched_vjp(out, x, cotangents, chunk or cotangents.shape[0], result)
+        result = cotangents if part == "out" else torch.empty_like(cotangents)
+        return _pull_back_batched(lambda x: getattr(block(self.cfg, layer, w, x, lin), part),
+                                  record.residuals[layer], cotangents,
+                                  chunk or cotangents.shape[0], result)
 
     def mlp_as_matrix(self, n_directions: int) -> bool:
         """Whether `n_directions` cotangents cross a layer's MLP more cheaply through its
@@ -486,20 +528,33 @@ class StreamingEngine:
         """Cotangent rows multiplied by one MLP matrix at a time (a [rows, d] temporary)."""
         return max(1, 2**20 // self.cfg.d_model)
 
+    def _matrix_positions(self) -> int:
+        """Positions whose MLP matrices are formed at once (`mlp_branch_matrices`: one
+        product [d, d_ff chunk] @ [d_ff chunk, positions · d] per chunk of d_ff, and the
+        [d, positions, d] result), within MLP_MATRIX_ELEMENTS values."""
+        d = self.cfg.d_model
+        return max(1, MLP_MATRIX_ELEMENTS // (d * (d + min(self.cfg.d_ff, MLP_MATRIX_FFN_CHUNK))))
+
     def _split_layer_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
                          g: torch.Tensor, chunk: int) -> torch.Tensor:
         """layer_vjp of the whole layer, in place: out = mid + mlp(mid) is pulled back to mid
         through the MLP's matrix at each position, then mid = x + attn(x) to x by batched
-        VJPs (the attention mixes positions, and its projections are no cheaper as matrices)."""
+        VJPs (the attention mixes positions, and its projections are no cheaper as matrices).
+        The matrices of several positions are formed by one product (`mlp_branch_matrices`):
+        one position's [d, d_ff chunk] @ [d_ff chunk, d] products ran at 60-75 % of the
+        rate of the same product with all positions' columns side by side."""
         store = record.coefficients[layer]
         rows = max(chunk, self._matrix_rows())
-        for p in range(g.shape[1]):
-            if not torch.any(g[:, p]):  # the top layer: only the last position has cotangents
-                continue
-            k = mlp_branch_matrix(self.cfg, w, store, self.lin.gate_path, p,
-                                  MLP_MATRIX_FFN_CHUNK)
-            for s in range(0, g.shape[0], rows):
-                g[s:s + rows, p] += g[s:s + rows, p] @ k
+        # the top layer: only the last position has cotangents
+        wanted = [p for p in range(g.shape[1]) if torch.any(g[:, p])]
+        group = self._matrix_positions()
+        for first in range(0, len(wanted), group):
+            positions = wanted[first:first + group]
+            k = mlp_branch_matrices(self.cfg, w, store, self.lin.gate_path, positions,
+                                    MLP_MATRIX_FFN_CHUNK)
+            for i, p in enumerate(positions):
+                for s in range(0, g.shape[0], rows):
+                    g[s:s + rows, p] += g[s:s + rows, p] @ k[:, i]
             del k
         return self._attention_vjp(layer, w, record, g, chunk)
 
@@ -508,26 +563,19 @@ class StreamingEngine:
         """layer_vjp of a layer whose output cotangents sit on the last position alone (the
         top layer under the output's directions), in place: the MLP mixes no positions, so
         its VJP runs on the last row only; then the attention's, on every row."""
-        store = record.coefficients[layer]
-        last = record.residuals[layer][-1:].detach().requires_grad_(True)  # any value: linear
-        with torch.enable_grad():
-            m = mlp_branch(self.cfg, w, last,
-                           self.lin.replaying(at_last_position(store), values=False))
-            for s in range(0, g.shape[0], chunk):
-                g[s:s + chunk, -1:] += _vjp_rows(m, last, g[s:s + chunk, -1:])
+        lin = self.lin.replaying(at_last_position(record.coefficients[layer]), values=False)
+        # the last row's cotangents [m, 1, d] (a view: added to in place)
+        _pull_back_batched(lambda x: mlp_branch(self.cfg, w, x, lin),
+                           record.residuals[layer][-1:], g[:, -1:], chunk, g[:, -1:], add=True)
         return self._attention_vjp(layer, w, record, g, chunk)
 
     def _attention_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
                        g: torch.Tensor, chunk: int) -> torch.Tensor:
         """Cotangents g on mid = x + attn(x) pulled back to x, in place, by batched VJPs
         (the attention mixes positions, and its projections are no cheaper as matrices)."""
-        x = record.residuals[layer].detach().requires_grad_(True)
-        with torch.enable_grad():
-            a = attention_branch(self.cfg, layer, w, x,
-                                 self.lin.replaying(record.coefficients[layer], values=False))
-            for s in range(0, g.shape[0], chunk):
-                g[s:s + chunk] += _vjp_rows(a, x, g[s:s + chunk])
-        return g
+        lin = self.lin.replaying(record.coefficients[layer], values=False)
+        return _pull_back_batched(lambda x: attention_branch(self.cfg, layer, w, x, lin),
+                                  record.residuals[layer], g, chunk, g, add=True)
 
     def pull_back(self, record: ForwardRecord, cotangents: dict[int, torch.Tensor],
                   to_residual: int = 0, chunk: int | None = None,
@@ -597,6 +645,53 @@ class StreamingEngine:
         lin = self.lin.replaying(record.output_coefficients)
         return final_norm(self.cfg, self.output_norm, x, lin)[:, -1]
 
+    @torch.no_grad()
+    def push_forward_residuals(self, record: ForwardRecord, probes: torch.Tensor, top: int,
+                               visit: Callable[[int, torch.Tensor], None],
+                               held_bytes: int = 0, chunk: int | None = None,
+                               plan: MemoryPlan | None = None) -> None:
+        """Probes [m, N, d] on the input embeddings pushed through layers 0..`top` of the
+        frozen linear map (biases left out), in place: `visit(layer, x)` is called after each
+        layer with x [m, N, d], the probes' images on that layer's output residual (at
+        `top`, only the last position is computed; its other rows are stale). One pass gives
+        every intermediate map at once (layers.py's forward lens). `held_bytes`: memory the
+        caller holds besides the record and the probes (the maps being filled); `plan`: the
+        plan made for these probes before they were allocated, if the caller made one.
+
+        As in the reverse sweep, the MLP is crossed by its per-position matrices where that
+        costs less (`mlp_as_matrix`): m·d² per position once K is formed, against 2·m·d·d_ff."""
+        m, n = probes.shape[0], probes.shape[1]
+        matrix = self.mlp_as_matrix(m)
+        plan = plan or self.plan(m, n, record.nbytes() + held_bytes, chunk=chunk,
+                                 forward=not matrix)
+        x, step = probes, max(1, plan.chunk)
+        rows = max(step, self._matrix_rows())
+        timer = _SweepTimer(self, "forward maps", plan.block_elements)
+        for layer, w in self.layers(range(top + 1), self.linear_path, "forward maps",
+                                    plan.block_elements):
+            store = record.coefficients[layer]
+            lin = self.lin.replaying(store)
+            last = self.lin.replaying(at_last_position(store))
+            for s in range(0, m, step):
+                xs = x[s:s + step]
+                if layer == top:  # the MLP mixes no positions: the last row alone
+                    xs[:, -1:] += attention_branch(self.cfg, layer, w, xs, lin)[:, -1:]
+                    if not matrix:
+                        xs[:, -1:] += mlp_branch(self.cfg, w, xs[:, -1:], last)
+                elif matrix:
+                    xs += attention_branch(self.cfg, layer, w, xs, lin)
+                else:
+                    x[s:s + step] = block(self.cfg, layer, w, xs, lin).out
+            if matrix:  # mid -> mid + K_p mid at each position p
+                for p in [n - 1] if layer == top else range(n):
+                    k = mlp_branch_matrix(self.cfg, w, store, self.lin.gate_path, p,
+                                          MLP_MATRIX_FFN_CHUNK).T
+                    for s in range(0, m, rows):
+                        x[s:s + rows, p] += x[s:s + rows, p] @ k
+                    del k
+            visit(layer, x)
+        timer.done()
+
     # -- memory --------------------------------------------------------------------------
 
     def record_bytes(self, n_tokens: int, anchored: bool = False, spilled: bool = False) -> int:
@@ -644,13 +739,14 @@ class StreamingEngine:
             self.record_bytes(n_tokens, anchored, spilled=True)
         fixed = baseline + record_whole + result
         matrix = not forward and self.mlp_as_matrix(n_directions)
-        if matrix:  # one MLP matrix and its temporaries
-            d = cfg.d_model
-            fixed += (d * d + 2 * d * min(cfg.d_ff, MLP_MATRIX_FFN_CHUNK)
+        if matrix:  # the MLP matrices formed at once and their temporaries
+            d, f = cfg.d_model, min(cfg.d_ff, MLP_MATRIX_FFN_CHUNK)
+            positions = min(n_tokens, self._matrix_positions())
+            fixed += (positions * d * (d + f) + 2 * d * f
                       + min(n_directions, self._matrix_rows()) * d) * item
         width = 2 * cfg.d_ff + 4 * cfg.d_model + 2 * cfg.n_head * max(cfg.head_dim, cfg.head_dim_v)
         per_direction = int(_BACKWARD_TEMPORARIES * n_tokens * width * item)
-        limit = min(n_directions, max_chunk(n_tokens)) if chunk is None else chunk
+        limit = min(n_directions, max_chunk(n_tokens, self.device)) if chunk is None else chunk
 
         whole = max(self.weights.layer_bytes(), 0) * (2 if self.prefetch else 1)
         whole_chunk = min(limit, (budget - fixed - whole) // per_direction)

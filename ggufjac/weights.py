@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from gguf.constants import GGML_QUANT_SIZES
 
+from .device_weights import (DEFAULT_CHUNK_BYTES, ReadStats, ResidencyPlan, StagedReader,
+                             load_resident, plan_residency, working_reserve)
 from .errors import GgufjacError
 from .families import ModelConfig
 from .gguf_file import GGUFFile, TensorInfo
@@ -164,6 +166,49 @@ class GGUFWeights:
         self.dequantize_seconds = 0.0
         # (expert tensor, expert) pairs some product asked for (ExpertStack)
         self.experts_read: set[tuple[str, int]] = set()
+        # Device-held weights (`hold_on_device`): the quantized bytes of the resident
+        # tensors in the device's memory, and the staged reader the others are read by.
+        self.resident: dict[str, torch.Tensor] = {}
+        self.staged: StagedReader | None = None
+        self.residency: ResidencyPlan | None = None
+        self.resident_load: ReadStats | None = None  # the one read that filled `resident`
+
+    def hold_on_device(self, budget: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                       reserve: int | None = None) -> ResidencyPlan:
+        """Read the quantized tensors that fit `budget` (less `reserve`, by default
+        device_weights.working_reserve) into this device's memory, in one sequential pass of
+        staged chunks; every later use of them dequantizes from there, and the other tensors
+        are read by the same staged reads at each use instead of through the mapping."""
+        if reserve is None:
+            reserve = working_reserve(budget, self.layer_bytes())
+        plan = plan_residency(self.gguf.tensors, budget, reserve)
+        reader = StagedReader(self.gguf, self.device, chunk_bytes)
+        before = reader.stats.wall_seconds
+        self.resident = load_resident(self.gguf, plan, self.device, reader=reader)
+        self.resident_load = ReadStats(reader.stats.bytes_read, reader.stats.read_seconds,
+                                       reader.stats.wall_seconds - before)
+        reader.stats = ReadStats()  # from here: the streamed tensors' reads
+        self.staged, self.residency = reader, plan
+        return plan
+
+    def release_device_weights(self) -> None:
+        """Drop the device-held bytes and the staging buffers (back to reads through the
+        mapping)."""
+        if self.staged is not None:
+            self.staged.close()
+        self.resident, self.staged, self.residency = {}, None, None
+
+    def _tensor_bytes(self, info: TensorInfo, pool: BufferPool | None, key: str
+                      ) -> torch.Tensor | None:
+        """The bytes of `info` on the device when this object holds weights there (resident,
+        or read now by the staged reader, into the pool's buffer for `key`); None: read
+        them through the mapping."""
+        raw = self.resident.get(info.name)
+        if raw is not None or self.staged is None:
+            return raw
+        dest = None if pool is None else pool.get(key + " bytes", info.n_bytes, torch.uint8,
+                                                  self.device)
+        return self.staged.read_tensor(info, dest)
 
     def expert_bytes_read(self) -> int:
         """Bytes of the file's expert tensors that the experts asked for so far occupy (each
@@ -177,9 +222,11 @@ class GGUFWeights:
         buffer for `key` (reused layer after layer) instead of fresh memory."""
         t0 = time.perf_counter()
         info = self.gguf.tensor(name)
-        raw = raw_to_torch(self.gguf.tensor_data(name), self.device)
+        held = self._tensor_bytes(info, pool, key or name)
+        raw = held if held is not None else raw_to_torch(self.gguf.tensor_data(name), self.device)
         t = self._dequantize(raw, info, info.torch_shape, self.dtype, pool, key or name)
-        self.gguf.release(info.offset, info.n_bytes)
+        if held is None:
+            self.gguf.release(info.offset, info.n_bytes)
         self.dequantize_seconds += time.perf_counter() - t0
         return t
 
@@ -281,13 +328,24 @@ class GGUFWeights:
         if not 0 <= start < stop <= n_rows:
             raise GgufjacError(f"{self.gguf.path}: rows [{start}, {stop}) of tensor "
                                f"{info.name!r} do not exist (it has {n_rows})")
-        if copy:  # read time is the file's (GGUFFile.read_seconds), not dequantization's
+        row_bytes = _row_bytes(info)
+        resident = self.resident.get(info.name)
+        if resident is not None:  # held on the device: a view of its bytes, nothing read
+            t0 = time.perf_counter()
+            raw = resident[start * row_bytes:stop * row_bytes].view(stop - start, row_bytes)
+            copy = True  # (nothing mapped to release)
+        elif copy and self.staged is not None:  # staged into the pool's device buffer
+            dest = None if pool is None else pool.get(key + " bytes", (stop - start) * row_bytes,
+                                                      torch.uint8, self.device)
+            raw = self.staged.read_tensor(info, dest, start * row_bytes,
+                                          (stop - start) * row_bytes).view(stop - start, row_bytes)
+            t0 = time.perf_counter()
+        elif copy:  # read time is the file's (GGUFFile.read_seconds), not dequantization's
             raw = self._raw_rows(info, start, stop, pool, key)
             t0 = time.perf_counter()
             raw = raw.to(self.device, non_blocking=True)
         else:
             t0 = time.perf_counter()
-            row_bytes = _row_bytes(info)
             raw = raw_to_torch(self.gguf.tensor_data(info.name)[start * row_bytes:
                                                                 stop * row_bytes], self.device)
         t = self._dequantize(raw, info, (stop - start, info.shape[0]), dtype or self.dtype,
