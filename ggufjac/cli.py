@@ -532,6 +532,19 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
     sys.exit(0 if report["passed"] else 1)
 
 
+def _ray_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--ray ADDRESS and --workers N of a command whose `what` the workers share."""
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                          help="With --ray: Ray workers (default: one per node), each with "
+                               "--threads torch threads (default 1).")(fn)
+        return click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                            help=f"Split {what} across the workers of the Ray cluster at "
+                                 "ADDRESS (or auto); each reads the model by the path or hub "
+                                 "name given. Needs ggufjac[ray].")(fn)
+    return add
+
+
 @main.command(short_help="The detached Jacobian of a prompt, its SVD and decoded vectors.", epilog=_epilog("jacobian"))
 @_model_argument
 @_prompt_options
@@ -540,36 +553,54 @@ def check(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: 
 @_engine_options
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
+@_ray_options("the output directions (rows of J)")
+@click.option("--directions-per-request", "ray_directions", type=click.IntRange(min=1),
+              default=None, metavar="N",
+              help="With --ray: rows of J per request, one reverse sweep each (default: two "
+                   "requests per worker). J is bit-identical to a one-machine run with the "
+                   "same rows per sweep and --threads.")
 @_threads_option
 @_errors_to_exit
 def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
              chat: ChatRequest | None, out_dir: Path, dtype: str, gate_path: str, device: str,
              max_memory: str | None, anchor: str, overwrite: bool, html: bool,
+             ray_address: str | None, workers: int | None, ray_directions: int | None,
              **llama: Any) -> None:
     """Detached Jacobian of the output embedding w.r.t. every input embedding.
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
     """
+    from .ray_jacobian import ray_settings
+
+    ray = ray_settings(ray_address, workers, llama.get("threads"), ray_directions, anchor,
+                       device)
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html, chat)
     anchor_settings = _anchor_settings(anchor, llama)
     model, started = _start_tokenizer(model, text)
     from .api import open_model
     from .linearize import Linearization
+    from .ray_jacobian import jacobian_to_dir_on_ray
     from .reports import jacobian_to_dir
 
     m = open_model(model, dtype=dtype, device=device)
     tokens, conversation = m.prompt_tokens(text, max_tokens, started)
-    run = jacobian_to_dir(m, tokens, Linearization(detach=True, gate_path=gate_path), out_dir,
-                          overwrite, budget, anchor_settings, device, llama_cpp_figures=html,
-                          progress=True,
-                          on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True),
-                          chat=conversation)
+    lin = Linearization(detach=True, gate_path=gate_path)
+    spill = dict(on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True))
+    run = jacobian_to_dir(m, tokens, lin, out_dir, overwrite, budget, anchor_settings, device,
+                          llama_cpp_figures=html, progress=True, chat=conversation, **spill) \
+        if ray is None else \
+        jacobian_to_dir_on_ray(ray, m, tokens, lin, out_dir, overwrite, budget, progress=True,
+                               llama_cpp_figures=html, chat=conversation, **spill)
     report, result, seconds = run.report, run.result, run.seconds
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
     click.echo(f"jacobian                 {list(result.jacobian.shape)} {report['dtype']} "
                f"in {seconds:.1f} s" + ("" if run.in_memory else ", written to disk"))
+    if "ray" in report:
+        r = report["ray"]
+        click.echo(f"ray                      {r['workers']} workers x {r['threads_per_worker']} "
+                   f"threads, {r['requests']} requests of {r['directions_per_request']} rows")
     click.echo(f"reconstruction rel error {report['reconstruction_rel_error']:.3e}")
     _echo_constant(report)
     if anchor_settings is not None:
@@ -609,16 +640,21 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 @_engine_options(dtypes=EXACT_DTYPES)
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
+@_ray_options("each Lanczos block's vectors (default --block: the workers)")
 @_threads_option
 @_errors_to_exit
 def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: int | None,
         chat: ChatRequest | None, top_k: int, out_dir: Path, per_token: bool, tolerance: float | None,
         max_iterations: int, block: int | None, dtype: str, gate_path: str, device: str,
         max_memory: str | None, anchor: str, overwrite: bool, html: bool,
-        **llama: Any) -> None:
+        ray_address: str | None, workers: int | None, **llama: Any) -> None:
     """Top singular values and vectors of the detached Jacobian J (d x N·d), matrix free:
     block Lanczos on J Jᵀ, each step one reverse sweep (Jᵀ·U) and one forward sweep of the
     frozen linear network (J·V). Memory does not grow with d x N x d."""
+    from .ray_jacobian import ray_settings
+
+    ray = ray_settings(ray_address, workers, llama.get("threads"), anchor=anchor,
+                       device=device, per_token=per_token)
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html, chat)
     if tolerance is not None and not tolerance > 0:
@@ -635,12 +671,19 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
 
     m = open_model(model, dtype=dtype, device=device)
     tokens, conversation = m.prompt_tokens(text, max_tokens, started)
-    run = svd_to_dir(m, tokens, Linearization(detach=True, gate_path=gate_path), out_dir, top_k,
-                     tolerance, max_iterations, block, per_token, overwrite, budget,
-                     anchor_settings, device, llama_cpp_figures=html, progress=True,
-                     on_iteration=told,
-                     on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True),
-                     chat=conversation)
+    lin = Linearization(detach=True, gate_path=gate_path)
+    if ray is not None:
+        from .ray_jacobian import svd_to_dir_on_ray
+
+        run = svd_to_dir_on_ray(ray, m, tokens, lin, out_dir, top_k, tolerance, max_iterations,
+                                block, overwrite, budget, on_iteration=told,
+                                llama_cpp_figures=html, chat=conversation)
+    else:
+        run = svd_to_dir(m, tokens, lin, out_dir, top_k, tolerance, max_iterations, block,
+                         per_token, overwrite, budget, anchor_settings, device,
+                         llama_cpp_figures=html, progress=True, on_iteration=told,
+                         on_spill=lambda message: click.echo(f"ggufjac: {message}", err=True),
+                         chat=conversation)
     report, result, per, seconds = run.report, run.result, run.per_token, run.seconds
     click.echo(f"tokens                   {len(tokens)}")
     click.echo(f"predicted token          {report['predicted_token']!r}")

@@ -23,7 +23,7 @@ from .errors import GgufjacError
 from .gguf_file import pread_fully
 from .layout import has_constant
 from .linearize import DETACHED, Linearization
-from .engine import StreamingEngine
+from .engine import ForwardRecord, StreamingEngine
 from .runner import Transformer
 
 # Bytes of J read at a time from a Jacobian file (a block of positions, every row).
@@ -117,46 +117,104 @@ def directions_per_sweep(engine: StreamingEngine, n_tokens: int, anchored: bool 
             c = max(1, c // 2)
 
 
+class JacobianWriter:
+    """A safetensors file of the detached Jacobian made a block of output rows at a time,
+    the blocks in any order (`write_rows` puts each at its place): `jacobian` [d, N, d],
+    then `inputs`, `output` and, for a family with biases, `constant` (`finish`). The file
+    has its full size from the start; only J's rows are ever in memory, a block at a time."""
+
+    def __init__(self, path: Path, d: int, n_tokens: int, dtype: torch.dtype,
+                 with_constant: bool, metadata: dict[str, str] | None = None) -> None:
+        item = torch.empty((), dtype=dtype).element_size()
+        sizes = {"jacobian": d * n_tokens * d * item, "inputs": n_tokens * d * item,
+                 "output": d * item}
+        shapes = {"jacobian": [d, n_tokens, d], "inputs": [n_tokens, d], "output": [d]}
+        if with_constant:
+            sizes["constant"], shapes["constant"] = d * item, [d]
+        header: dict = {"__metadata__": metadata or {}}
+        start = 0
+        for name in sizes:
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shapes[name],
+                            "data_offsets": [start, start + sizes[name]]}
+            start += sizes[name]
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self.path, self.shape, self.dtype = Path(path), (d, n_tokens, d), dtype
+        self.offset = 8 + len(text)  # of J's first byte
+        self.row_bytes = n_tokens * d * item
+        self.with_constant = with_constant
+        self.file = open(path, "wb")
+        self.file.write(len(text).to_bytes(8, "little") + text)
+        self.file.truncate(self.offset + start)
+
+    def write_rows(self, first: int, rows: torch.Tensor) -> None:
+        """Rows first.. of J ([m, N, d], this file's dtype) at their place in the file."""
+        if tuple(rows.shape[1:]) != self.shape[1:] or rows.dtype != self.dtype \
+                or not 0 <= first <= first + rows.shape[0] <= self.shape[0]:
+            raise GgufjacError(f"rows {first}..{first + rows.shape[0]} of J "
+                               f"{list(rows.shape)} {rows.dtype} do not fit {self.path} "
+                               f"({list(self.shape)} {self.dtype})")
+        self._write(self.offset + first * self.row_bytes, rows)
+
+    def _write(self, at: int, t: torch.Tensor) -> None:
+        view = memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.file.fileno(), view[done:], at + done)
+        del view
+
+    def finish(self, inputs: torch.Tensor, output: torch.Tensor,
+               constant: torch.Tensor | None) -> JacobianFile:
+        """Write the inputs, the output and the constant after J; flushed to disk."""
+        if (constant is not None) != self.with_constant:
+            raise GgufjacError(f"{self.path}: the constant term is "
+                               f"{'missing' if constant is None else 'unexpected'}")
+        at = self.offset + self.shape[0] * self.row_bytes
+        for t in (inputs, output) if constant is None else (inputs, output, constant):
+            self._write(at, t.to(self.dtype))
+            at += t.numel() * t.element_size()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.close()
+        return JacobianFile(self.path, self.shape, self.dtype, self.offset)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def jacobian_rows(engine: StreamingEngine, record: ForwardRecord, first: int, stop: int,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Rows first..stop of J [stop - first, N, d]: one reverse sweep with those unit
+    directions, `chunk` of them per batched backward (None: as the memory plan says).
+    Float results depend on which directions share a sweep and a batched backward, and on
+    torch's thread count: the same rows, chunk and threads give the same bits."""
+    eye = torch.eye(engine.cfg.d_model, dtype=record.inputs.dtype, device=record.inputs.device)
+    return engine.pull_back_output(record, eye[first:stop], chunk)
+
+
 def jacobian_to_file(engine: StreamingEngine, inputs: torch.Tensor, path: Path,
-                     directions: int, metadata: dict[str, str] | None = None
-                     ) -> JacobianResult:
+                     directions: int, metadata: dict[str, str] | None = None,
+                     chunk: int | None = None) -> JacobianResult:
     """The detached Jacobian written to the safetensors file `path` as it is made: one
     forward pass, then reverse sweeps of `directions` output directions each (every sweep
-    reads the layers again), each sweep's rows of J appended to the file. The file holds
+    reads the layers again), each sweep's rows of J appended to the file (`chunk`
+    directions per batched backward; None: as the memory plan says). The file holds
     `jacobian` [d, N, d], `inputs` and `output` (and `constant` [d] for a family with
     biases), as `jacobian`'s in-memory result does."""
     d, n = engine.cfg.d_model, inputs.shape[0]
-    dtype = inputs.dtype
-    item = inputs.element_size()
-    sizes = {"jacobian": d * n * d * item, "inputs": n * d * item, "output": d * item}
-    shapes = {"jacobian": [d, n, d], "inputs": [n, d], "output": [d]}
-    if has_constant(engine.cfg.family):
-        sizes["constant"], shapes["constant"] = d * item, [d]
-    header: dict = {"__metadata__": metadata or {}}
-    start = 0
-    for name in sizes:
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shapes[name],
-                        "data_offsets": [start, start + sizes[name]]}
-        start += sizes[name]
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    offset = 8 + len(text)
-    record = engine.forward(inputs)
-    y = record.output[-1]
-    eye = torch.eye(d, dtype=dtype, device=inputs.device)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
+    writer = JacobianWriter(path, d, n, inputs.dtype, has_constant(engine.cfg.family),
+                            metadata)
+    try:
+        record = engine.forward(inputs)
+        y = record.output[-1]
         for s in range(0, d, directions):
-            rows = engine.pull_back_output(record, eye[s:s + directions]).contiguous().cpu()
-            f.write(memoryview(rows.reshape(-1).view(torch.uint8).numpy()))
+            rows = jacobian_rows(engine, record, s, min(s + directions, d), chunk).cpu()
+            writer.write_rows(s, rows)
             del rows
-        for t in (inputs, y) if record.constant is None else (inputs, y, record.constant):
-            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-                               .numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-    return JacobianResult(JacobianFile(Path(path), (d, n, d), dtype, offset), inputs.detach(), y,
-                          constant=record.constant)
+        jac = writer.finish(inputs, y, record.constant)
+    finally:
+        writer.close()
+    return JacobianResult(jac, inputs.detach(), y, constant=record.constant)
 
 
 def streamed_jacobian(engine: StreamingEngine, inputs: torch.Tensor,

@@ -14,13 +14,13 @@ Ray is optional (`pip install 'ggufjac[ray]'`); environment variables starting G
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 
 from .batch import BatchSettings, PromptResult, PromptRunner, Provenance
 from .errors import GgufjacError
 from .prompt_sets import PromptItem
+from .ray_cluster import alive_nodes, connect
 
 MAX_ATTEMPTS = 2  # workers a prompt may take down before it is stored as failed
 IN_FLIGHT = 2  # prompts queued per actor (the next is ready when one finishes)
@@ -42,14 +42,6 @@ class _Worker:
         return self.runner.run(item)
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise GgufjacError("--ray needs Ray (pip install 'ggufjac[ray]')") from None
-    return ray
-
-
 class RayExecutor:
     """The batch's prompts on the Ray cluster at `address` ("auto": the one this machine
     belongs to), `workers` actors (default: one per node)."""
@@ -57,17 +49,8 @@ class RayExecutor:
     def __init__(self, address: str, model: str, settings: BatchSettings,
                  workers: int | None = None, device: str = "cpu",
                  cpus_per_worker: float = 1) -> None:
-        ray = self.ray = _ray()
-        env = {k: v for k, v in os.environ.items() if k.startswith("GGUFJAC_")}
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-                     logging_level="ERROR", log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise GgufjacError(f"--ray {address}: cannot connect to a Ray cluster "
-                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                               ) from None
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        self.n_workers = workers or max(1, len(nodes))
+        ray = self.ray = connect(address)
+        self.n_workers = workers or alive_nodes(ray)
         self.args = (model, settings, device)
         self.options = {"num_cpus": cpus_per_worker, "max_restarts": 0}
         self.actor_class = ray.remote(_Worker)

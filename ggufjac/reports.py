@@ -231,14 +231,18 @@ def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_d
                     anchor_settings: RunSettings | None = None, device: str = "cpu",
                     llama_cpp_figures: bool = False, progress: bool = False,
                     on_spill: Callable[[str], None] | None = None,
-                    chat: ChatPrompt | None = None) -> JacobianRun:
+                    chat: ChatPrompt | None = None,
+                    make_file: Callable[[Path], JacobianResult] | None = None,
+                    extra_report: dict | None = None) -> JacobianRun:
     """The detached Jacobian of `tokens` and its report, written to `out_dir`:
     jacobian.safetensors (J [d, N, d], the inputs, the output; the token ids in its
     metadata), report.json and singular_values.png. A J larger than the memory budget is
     written to disk as it is made, a few output rows per reverse sweep (`on_spill` is told
     how). With `anchor_settings`, anchored to llama.cpp's run with them; with
     `llama_cpp_figures` (unanchored), llama.cpp's own prediction is in the report too;
-    with `chat` (the chat prompt of `tokens`), its conversation and token segments."""
+    with `chat` (the chat prompt of `tokens`), its conversation and token segments.
+    `make_file(path)`: J made elsewhere (a cluster, unanchored), written to that
+    safetensors file; `extra_report`: entries added to report.json (how it was made)."""
     import time
 
     from safetensors.torch import save_file
@@ -253,16 +257,19 @@ def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_d
     directions = directions_per_sweep(m.engine(lin, max_memory=max_memory), len(tokens),
                                       anchored=anchor_settings is not None)
     prepare_output_dir(out_dir, overwrite)
-    scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") if directions < d else None
+    scratch = temporary_path(out_dir, "jacobian-scratch.safetensors") \
+        if directions < d or make_file is not None else None
     try:
-        if scratch is not None and on_spill is not None:
+        if scratch is not None and on_spill is not None and make_file is None:
             size = d * len(tokens) * d * m.weights.dtype.itemsize
             on_spill(f"J ({format_size(size)}) is larger than the memory budget: writing it to "
                      f"{out_dir}/jacobian.safetensors as it is made, in {-(-d // directions)} "
                      f"reverse sweeps of {directions} directions")
         t0 = time.perf_counter()
         anchored = None if anchor_settings is None else m.anchor(tokens, lin, anchor_settings)
-        if scratch is None:
+        if make_file is not None:
+            result = make_file(scratch)
+        elif scratch is None:
             result = m.jacobian(tokens, lin, progress=progress, max_memory=max_memory,
                                 anchor=anchored)
         else:
@@ -275,6 +282,7 @@ def jacobian_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_d
         report["jacobian_seconds"] = seconds
         report["device"] = device
         report["jacobian_in_memory"] = scratch is None
+        report.update(extra_report or {})
         if chat is not None:
             add_chat(report, chat)
         title = (f"{m.cfg.arch}: J of {len(tokens)} tokens ({report['dtype']}), predicted "
@@ -321,13 +329,17 @@ def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: P
                device: str = "cpu", llama_cpp_figures: bool = False, progress: bool = False,
                on_iteration: Callable[[int, float, float], None] | None = None,
                on_spill: Callable[[str], None] | None = None,
-               chat: ChatPrompt | None = None) -> SvdRun:
+               chat: ChatPrompt | None = None,
+               make_triplets: Callable[[], TopSingularTriplets] | None = None,
+               extra_report: dict | None = None) -> SvdRun:
     """The top `k` singular triplets of the detached Jacobian of `tokens` (matrix free,
     LoadedModel.svd), or with `per_token` those of J and of every J_i from the formed J
     (in a scratch file when it exceeds the memory budget; `on_spill` is told), written to
     `out_dir`: svd.safetensors, report.json, singular_values.png. `k` and the budget are
     refused before any work; anchoring, `llama_cpp_figures` and `chat` as in
-    `jacobian_to_dir` (with `chat`, each vector's share of reading from each segment)."""
+    `jacobian_to_dir` (with `chat`, each vector's share of reading from each segment).
+    `make_triplets()`: the matrix-free triplets computed elsewhere (a cluster, unanchored,
+    without `per_token`); `extra_report`: entries added to report.json."""
     import time
 
     from safetensors.torch import save_file
@@ -362,6 +374,8 @@ def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: P
         finally:
             if scratch is not None and scratch.exists():
                 scratch.unlink()
+    elif make_triplets is not None:
+        result = make_triplets()
     else:
         result = m.svd(tokens, k, lin, tolerance, max_iterations, block, progress=progress,
                        max_memory=max_memory, anchor=anchored, on_iteration=on_iteration)
@@ -371,6 +385,7 @@ def svd_to_dir(m: LoadedModel, tokens: list[int], lin: Linearization, out_dir: P
                                      llama_cpp_figures and anchored is None))
     report["seconds"] = seconds
     report["device"] = device
+    report.update(extra_report or {})
     if chat is not None:
         add_chat(report, chat)
     tensors = {"singular_values": result.singular_values, "left": result.left,
@@ -409,18 +424,22 @@ def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Lin
                   out_dir: Path, overwrite: bool = False, max_memory: int | None = None,
                   anchor_settings: RunSettings | None = None, device: str = "cpu",
                   save_matrices: bool = False, llama_cpp_figures: bool = False,
-                  progress: bool = False, chat: ChatPrompt | None = None) -> LayersRun:
+                  progress: bool = False, chat: ChatPrompt | None = None,
+                  sweep: str = "auto") -> LayersRun:
     """Every map of `layers` (layers.KINDS: cumulative, layer, layer without residual,
     attention, MLP) with its SVD and decoded vectors, written to `out_dir`: layers.json,
     layers.safetensors (every spectrum; with `save_matrices` every map), two plots and
     README.md. The budget is refused before any work; anchoring, `llama_cpp_figures` and
-    `chat` as in `jacobian_to_dir`."""
+    `chat` as in `jacobian_to_dir`; `sweep`: how the cumulative maps are made
+    (layers.SWEEPS; the one used and both counted costs are in the report)."""
     import time
 
     from safetensors.torch import save_file
 
     from .analysis import top_tokens_by_unembedding
+    from .costs import lens_forward_flop, lens_reverse_flop
     from .layers import describe_maps, layer_maps, layers_tensors
+    from .layout import dims_of
     from .outputs import json_to, prepare_output_dir, write_all
     from .plots import plot_stable_rank_heatmap, plot_top_singular_value
 
@@ -430,13 +449,18 @@ def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Lin
     t0 = time.perf_counter()
     anchored = None if anchor_settings is None else m.anchor(tokens, lin, anchor_settings)
     engine = m.engine(lin, progress=progress, max_memory=max_memory, anchor=anchored)
-    maps, y = layer_maps(engine, engine.embed(tokens), layers)
+    used: list[str] = []
+    maps, y = layer_maps(engine, engine.embed(tokens), layers, sweep=sweep, chosen_sweep=used)
     entries = describe_maps(maps, m.weights, m.token_text)
     seconds = time.perf_counter() - t0
     predicted = top_tokens_by_unembedding(m.weights, m.logit_input(y, anchored)[:, None],
                                           1)[0][0][0]
     report = layers_report(m, tokens, layers, lin, device, seconds, predicted, entries,
                            anchored, y, affine=any(mp.constant is not None for mp in maps))
+    dims = dims_of(m.cfg)
+    report["sweep"] = used[0]  # the cumulative maps': one reverse sweep or one forward pass
+    report["sweep_flop"] = {"reverse": lens_reverse_flop(dims, len(tokens), layers),
+                            "forward": lens_forward_flop(dims, len(tokens), layers)}
     report.update(prediction_figures(m, tokens, y, anchored,
                                      llama_cpp_figures and anchored is None))
     if chat is not None:

@@ -139,6 +139,28 @@ def _orthonormal_block(z: torch.Tensor, basis: torch.Tensor | None,
     return q
 
 
+class JacobianProducts:
+    """J's products for the Lanczos iteration, from one forward record: Jᵀ U (a reverse
+    sweep) and J Jᵀ Q (a reverse sweep, then a forward one). Here by the streaming engine in
+    this process; a front end may compute them elsewhere (on a cluster) with the same
+    methods."""
+
+    def __init__(self, engine: StreamingEngine, record: ForwardRecord) -> None:
+        self.engine, self.record = engine, record
+        self.d = engine.cfg.d_model
+        self.inputs, self.output, self.constant = record.inputs, record.output[-1], \
+            record.constant
+
+    def transposed(self, u: torch.Tensor) -> torch.Tensor:
+        """Columns u [d, m] -> the rows of Uᵀ J, [m, N, d]."""
+        return self.engine.pull_back_output(self.record, u.T.contiguous())
+
+    def gram(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns q [d, m] -> (Qᵀ J [m, N, d], J Jᵀ Q [d, m])."""
+        rows = self.transposed(q)
+        return rows, self.engine.push_forward(self.record, rows).T
+
+
 def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int,
                           tol: float | None = None, max_iterations: int = 100,
                           block: int | None = None, seed: int = 0,
@@ -151,8 +173,17 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     within `max_iterations` (at least ⌈k / block⌉, which a basis of k vectors takes) is
     reported in the result (`converged`), not raised.
     `on_iteration(i, change, residual)` is told each iteration's figures."""
-    d, n = engine.cfg.d_model, record.inputs.shape[0]
-    dtype, device = record.inputs.dtype, record.inputs.device
+    return triplets_of_products(JacobianProducts(engine, record), k, tol, max_iterations,
+                                block, seed, on_iteration)
+
+
+def triplets_of_products(products: JacobianProducts, k: int, tol: float | None = None,
+                         max_iterations: int = 100, block: int | None = None, seed: int = 0,
+                         on_iteration: Callable[[int, float, float], None] | None = None
+                         ) -> TopSingularTriplets:
+    """`top_singular_triplets` with J's products given (`JacobianProducts`)."""
+    d, n = products.d, products.inputs.shape[0]
+    dtype, device = products.inputs.dtype, products.inputs.device
     check_top_k(k, d, n)
     if dtype not in DEFAULT_TOLERANCE:
         raise GgufjacError(f"svd runs in float64 or float32, not "
@@ -163,13 +194,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
         raise GgufjacError(f"the tolerance must be positive, not {tol}")
     b = min(block or default_block(k, n), d)
     generator = torch.Generator().manual_seed(seed)
-    y = record.output[-1]
-
-    def jt(u: torch.Tensor) -> torch.Tensor:  # columns [d, m] -> rows of Uᵀ J, [m, N, d]
-        return engine.pull_back_output(record, u.T.contiguous())
-
-    def j(v: torch.Tensor) -> torch.Tensor:  # [m, N, d] -> J v, columns [d, m]
-        return engine.push_forward(record, v).T
+    y = products.output
 
     swept = 0
     q = _orthonormal_block(torch.randn(d, b, dtype=dtype, generator=generator).to(device),
@@ -181,9 +206,8 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
     max_iterations = max(max_iterations, -(-k // b))
     while iterations < max_iterations:
         iterations += 1
-        rows = jt(q)  # Qᵢᵀ J, kept (in a file) for the final B = U_sᵀ J
-        spilled.append({"rows": rows})
-        image = j(rows)  # A q = J Jᵀ q
+        rows, image = products.gram(q)  # Qᵢᵀ J and A q = J Jᵀ q
+        spilled.append({"rows": rows})  # Qᵢᵀ J, kept (in a file) for the final B = U_sᵀ J
         del rows
         swept += 2 * q.shape[1]
         images = image if images is None else torch.cat((images, image), dim=1)
@@ -233,7 +257,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
         probes = torch.randn(d, n_probe, dtype=dtype, generator=generator).to(device)
         for _ in range(2):
             probes = probes - basis @ (basis.T @ probes)
-        probe_rows = jt(probes).reshape(n_probe, n * d)
+        probe_rows = products.transposed(probes).reshape(n_probe, n * d)
         swept += n_probe
     spec = spectrum(b_rows, None)
     del b_rows
@@ -258,7 +282,7 @@ def top_singular_triplets(engine: StreamingEngine, record: ForwardRecord, k: int
         estimate, std = exact, 0.0
     return TopSingularTriplets(sv, left, right, residuals, converged, iterations, change, tol,
                                int(basis.shape[1]), estimate, std, swept,
-                               record.inputs.detach(), y, constant=record.constant)
+                               products.inputs.detach(), y, constant=products.constant)
 
 
 def triplets_of_jacobian(result: JacobianResult, k: int) -> TopSingularTriplets:

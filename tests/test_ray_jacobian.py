@@ -1,0 +1,202 @@
+"""`jacobian --ray` and `svd --ray` on a real local Ray cluster (two workers, 127.0.0.1):
+J bit for bit the one-machine J made with the same rows per sweep and threads, a worker
+killed mid-request replaced, the SVD equal to the one-machine SVD, bad addresses refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ggufjac.api import open_model
+from ggufjac.jacobian import JacobianFile, jacobian_to_file
+from ggufjac.linearize import Linearization
+
+PROMPT = "The bridge out of Marin is the"
+DIRECTIONS = 12  # rows of J per request (the fixtures' d is no multiple of it)
+
+# On the cluster's PYTHONPATH only: with GGUFJAC_TEST_KILL_MARKER set (the driver passes
+# GGUFJAC_ variables to its workers), the first worker asked for rows 24.. is killed with
+# SIGKILL as it starts them, as the out-of-memory killer or a lost node would, leaving the
+# marker file; the request then runs on a fresh worker.
+KILL_HOOK = """
+import importlib.abc, importlib.util, os, signal, sys
+from pathlib import Path
+
+
+class _KillOnRows(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "ggufjac.ray_jacobian":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            rows = module._Worker.rows
+
+            def dying(worker, first, stop, chunk):
+                marker = os.environ.get("GGUFJAC_TEST_KILL_MARKER")
+                if marker and first == 24 and not Path(marker).exists():
+                    Path(marker).write_text(str(os.getpid()))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return rows(worker, first, stop, chunk)
+            module._Worker.rows = dying
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _KillOnRows())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One `ray start --head` on 127.0.0.1 (two CPUs, token authentication) for the module;
+    (address, the driver's environment)."""
+    pytest.importorskip("ray")
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    assert ray_bin, "the dev extra installs Ray; its `ray` command is missing"
+    hook = tmp_path_factory.mktemp("ray-hook")
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    port = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
+               RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    cluster_env = dict(env, PYTHONPATH=os.pathsep.join(
+        p for p in (str(hook), env.get("PYTHONPATH")) if p))
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
+                            f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--disable-usage-stats"], env=cluster_env, capture_output=True,
+                           text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _ggufjac(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ggufjac.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def _one_machine_jacobian(model: Path, dtype: torch.dtype, tokens: list[int], path: Path,
+                          directions: int) -> JacobianFile:
+    """J made in this process, `directions` rows per reverse sweep, with one torch thread
+    (what each Ray worker uses)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with open_model(model, dtype=dtype) as m:
+            engine = m.engine(Linearization())
+            return jacobian_to_file(engine, engine.embed(tokens), path, directions).jacobian
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch, quant, dtype, kill", [
+    ("llama", "Q8_0", "float32", True),  # a worker killed mid-request
+    ("qwen2", "Q8_0", "float64", False),  # biases: the constant term c travels too
+])
+def test_ray_jacobian_is_the_one_machine_jacobian_bit_for_bit(
+        synthetic, tmp_path, cluster, arch, quant, dtype, kill) -> None:
+    address, env = cluster
+    model = synthetic(arch, quant)
+    marker = tmp_path / "killed-worker"
+    if kill:
+        env = dict(env, GGUFJAC_TEST_KILL_MARKER=str(marker))
+    out = tmp_path / "ray"
+    run = _ggufjac(["jacobian", str(model), "-p", PROMPT, "--out", str(out), "--dtype", dtype,
+                    "--ray", address, "--workers", "2", "--threads", "1",
+                    "--directions-per-request", str(DIRECTIONS)], env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert marker.exists() == kill  # the kill happened (and only where asked)
+    stored = load_file(str(out / "jacobian.safetensors"))
+    with open(out / "jacobian.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tokens = json.loads(header["__metadata__"]["tokens"])
+    torch_dtype = getattr(torch, dtype)
+    local = _one_machine_jacobian(model, torch_dtype, tokens, tmp_path / "local.safetensors",
+                                  DIRECTIONS)
+    mine = load_file(str(local.path))
+    assert set(stored) == set(mine) == ({"jacobian", "inputs", "output"}
+                                        | ({"constant"} if arch == "qwen2" else set()))
+    for name in mine:  # bit for bit: the same bytes
+        assert stored[name].dtype == torch_dtype
+        assert torch.equal(stored[name], mine[name]), name
+    # and an independent reference, to rounding: the in-memory autograd Jacobian
+    with open_model(model, dtype=torch.float64) as m:
+        reference = m.jacobian(tokens, Linearization(), streaming=False).jacobian
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    err = (stored["jacobian"].double() - reference).norm() / reference.norm()
+    assert float(err) < tol
+    report = json.loads((out / "report.json").read_text())
+    d = stored["jacobian"].shape[0]
+    assert d % DIRECTIONS  # a short last request too
+    assert report["ray"]["workers"] == 2 and report["ray"]["requests"] == -(-d // DIRECTIONS)
+    assert report["reconstruction_rel_error"] < tol
+
+
+def test_ray_svd_equals_the_one_machine_svd(synthetic, tmp_path, cluster) -> None:
+    """Each block of 2 vectors split between the 2 workers: the same top-4 triplets as the
+    one-machine svd with blocks of 2, to rounding (float64)."""
+    address, env = cluster
+    model = synthetic("llama", "Q8_0")
+    args = ["-p", PROMPT, "--top-k", "4", "--block", "2", "--dtype", "float64",
+            "--threads", "1"]
+    run = _ggufjac(["svd", str(model), *args, "--out", str(tmp_path / "local")], env)
+    assert run.returncode == 0, run.stderr
+    run = _ggufjac(["svd", str(model), *args, "--out", str(tmp_path / "ray"), "--ray", address,
+                    "--workers", "2"], env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    local = load_file(str(tmp_path / "local" / "svd.safetensors"))
+    remote = load_file(str(tmp_path / "ray" / "svd.safetensors"))
+    torch.testing.assert_close(remote["singular_values"], local["singular_values"],
+                               rtol=1e-9, atol=0)
+    # vectors up to rounding (their signs are fixed by u · y > 0 in both)
+    torch.testing.assert_close(remote["left"], local["left"], rtol=0, atol=1e-7)
+    torch.testing.assert_close(remote["right"], local["right"], rtol=0, atol=1e-7)
+    # and σ_1 against the formed J's largest singular value (an independent reference)
+    with open_model(model, dtype=torch.float64) as m:
+        j = m.jacobian(m.tokenize(PROMPT), Linearization(), streaming=False).jacobian
+    s = torch.linalg.svdvals(j.reshape(j.shape[0], -1))
+    torch.testing.assert_close(remote["singular_values"], s[:4], rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "not-an-address"])
+def test_a_bad_ray_address_is_one_line_at_once(synthetic, tmp_path, address) -> None:
+    pytest.importorskip("ray")
+    address = address.format(port=_free_port())  # nothing listens there
+    t0 = time.monotonic()
+    run = _ggufjac(["jacobian", str(synthetic("llama", "Q8_0")), "-p", PROMPT, "--out",
+                    str(tmp_path / "out"), "--ray", address], dict(os.environ), timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and address in lines[0] and "Traceback" not in run.stderr, run.stderr
+    assert time.monotonic() - t0 < 60  # not Ray's minutes of retries
+    assert not (tmp_path / "out" / "jacobian.safetensors").exists()
+
+
+def test_ray_options_refused_where_they_mean_nothing(synthetic, tmp_path) -> None:
+    model = str(synthetic("llama", "Q8_0"))
+    for args, says in ((["--workers", "2"], "--workers applies to --ray only"),
+                       (["--ray", "auto", "--anchor", "llama.cpp"], "--anchor")):
+        run = _ggufjac(["jacobian", model, "-p", PROMPT, "--out", str(tmp_path / "o"), *args],
+                       dict(os.environ), timeout=120)
+        assert run.returncode == 2 and says in run.stderr, run.stderr
