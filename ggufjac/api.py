@@ -175,7 +175,8 @@ class LoadedModel:
         with an `anchor`, its coefficients are llama.cpp's (see `anchor`)."""
         extra = {} if block_elements is None else {"block_elements": block_elements}
         self.held_weights()
-        if max_memory is None and self.hold_weights and self.max_gpu_memory is not None:
+        if max_memory is None and self.hold_weights and self.max_gpu_memory is not None \
+                and self.weights.device.type == "cuda":
             max_memory = self.max_gpu_memory  # the sweeps' budget is the device's
         return StreamingEngine(self.weights, lin or Linearization(), progress, max_memory,
                                prefetch, anchor, streaming, **extra)

@@ -39,7 +39,9 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 MAX_HOLE_BYTES = 1 << 16
 # Of the device budget, the share kept for the sweeps' working memory (J, the record, the
 # batched directions) on top of the dequantized layers: the rest may hold quantized weights.
-WORKING_SHARE = 0.25
+# A 70B Q4_K_M file (42.5 GB) is then held whole in 60 GB, with 9 GB for J (4.3 GB at 16
+# tokens) and the batches; the engine's plan sizes the batches in what is left.
+WORKING_SHARE = 0.15
 # Without --max-gpu-memory: this share of the device's free memory is the budget.
 FREE_SHARE = 0.9
 # --matmul-precision: float32 (exact, the default), tf32 (float32 matmuls with TF32 inputs

@@ -97,7 +97,13 @@ class StreamedMatrix:
         them in ahead): the products read the page cache itself, with no copy of every byte
         into a buffer first (seconds per pass at 70B, docs/benchmarks.md)."""
         gguf, row_bytes = self.weights.gguf, _row_bytes(self.info)
+        held = self.weights.resident.get(self.info.name)
         for start, stop in self._blocks():
+            if held is not None:  # in memory already (GGUFWeights.hold_on_device)
+                first = (self.first + start) * row_bytes
+                yield start, held[first:first + (stop - start) * row_bytes].view(stop - start,
+                                                                                 row_bytes)
+                continue
             offset = self.info.offset + (self.first + start) * row_bytes
             n_bytes = (stop - start) * row_bytes
             mapped = gguf.mapped(offset, n_bytes)

@@ -180,7 +180,7 @@ def test_residency_plan_against_formula(budget: int) -> None:
 
 def test_working_reserve_formula() -> None:
     assert working_reserve(10**9, 3 * 10**7) == 2 * 3 * 10**7 + int(WORKING_SHARE * 10**9)
-    assert working_reserve(10**9, 3 * 10**7, layer_sets=1) == 3 * 10**7 + int(0.25 * 10**9)
+    assert working_reserve(10**9, 3 * 10**7, layer_sets=1) == 3 * 10**7 + int(WORKING_SHARE * 10**9)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -290,3 +290,20 @@ def test_cli_refusals(synthetic, tmp_path, args: list[str], message: str) -> Non
     assert r.exit_code != 0
     assert message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_seventy_b_plan_sizes() -> None:
+    """Llama 3.3 70B in Q4_K_M, by its sizes (80 layers of about 0.51 GB of quantized bytes,
+    3.4 GB each dequantized to float32, vocabulary tables of 0.59 and 0.86 GB): a 60 GB
+    budget holds every layer and both tables; a 24 GB budget (a 24 GB card) holds the first
+    floor((24e9 − 2 · 3.4e9 − WORKING_SHARE · 24e9) / 0.51e9) layers and streams the rest."""
+    layer, f32_layer = 510_000_000, 3_400_000_000
+    tensors = _uniform_tensors(80, [layer // 2, layer - layer // 2], [65_536],
+                               {"token_embd.weight": 590_000_000, "output.weight": 860_000_000})
+    full = plan_residency(tensors, 60 * 10**9, working_reserve(60 * 10**9, f32_layer))
+    assert full.everything and len(full.resident_layers) == 80
+    budget = 24 * 10**9
+    small = plan_residency(tensors, budget, working_reserve(budget, f32_layer))
+    expected = (budget - 2 * f32_layer - int(WORKING_SHARE * budget) - 65_536) // layer
+    assert small.resident_layers == list(range(expected)) and 10 < expected < 80
+    assert not small.everything
