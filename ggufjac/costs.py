@@ -27,3 +27,36 @@ def sweep_flop(cfg: Dims, n_layer: int, n_tokens: int, n_directions: int) -> flo
     else:
         mlp = 2 * m * n * 2 * d * f * layers
     return float(layers * attention + mlp)
+
+
+def _layer_flop(cfg: Dims, n_tokens: int, n_directions: int, mlp_positions: int) -> float:
+    """One layer crossed by `n_directions` directions (either way: a VJP and a forward
+    product cost the same): the attention's v and o projections at every position, the MLP
+    at `mlp_positions` (1 at the top layer of a map, whose other rows are not wanted), by
+    its per-position matrices or through both projections, whichever costs less."""
+    d, f, m = cfg.d_model, cfg.d_ff, n_directions
+    attention = 2 * m * n_tokens * (d * cfg.n_kv_head * cfg.head_dim_v
+                                    + cfg.n_head * cfg.head_dim_v * d)
+    if mlp_as_matrix(cfg, m):
+        return attention + 2 * (d * d * f + m * d * d) * mlp_positions
+    return attention + 2 * m * 2 * d * f * mlp_positions
+
+
+def lens_reverse_flop(cfg: Dims, n_tokens: int, layers: list[int]) -> float:
+    """The cumulative maps of `layers` by one reverse sweep (layers.lens_maps): each map's d
+    cotangents enter at its layer's output and are pulled back to the inputs, stacked with
+    the maps above as the sweep passes them, so layer j carries d · #{l ≥ j} directions."""
+    top, d = max(layers), cfg.d_model
+    return float(sum(_layer_flop(cfg, n_tokens, d * sum(1 for l in layers if l >= j),
+                                 1 if j == top else n_tokens) for j in range(top + 1)))
+
+
+def lens_forward_flop(cfg: Dims, n_tokens: int, layers: list[int], passes: int = 1) -> float:
+    """The same maps by pushing the N·d input directions forward once through layers
+    0..max(layers) (layers.lens_maps_forward), in `passes` groups of positions where they do
+    not fit in memory at once (each pass forms the MLP matrices again). Cheaper than the
+    reverse sweep roughly when the number of layers exceeds 2N."""
+    top, d, n = max(layers), cfg.d_model, n_tokens
+    per_pass = -(-n // passes) * d
+    return float(passes * sum(_layer_flop(cfg, n, per_pass, 1 if j == top else n)
+                              for j in range(top + 1)))

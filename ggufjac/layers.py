@@ -19,13 +19,20 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import nearest_input_embeddings, spectrum, top_tokens_by_unembedding
-from .engine import ForwardRecord, StreamingEngine
+from .costs import lens_forward_flop, lens_reverse_flop
+from .engine import ForwardRecord, MemoryPlan, StreamingEngine
+from .errors import GgufjacError
 from .jacobian import reconstruction_rel_error
-from .linearize import Coefficients
+from .layout import dims_of
+from .linearize import Coefficients, at_last_position
 from .model import BlockOutput, LayerWeights, block, final_norm
 from .weights import GGUFWeights
 
 KINDS = ("cumulative", "layer", "layer_no_residual", "attention", "mlp")
+# How the cumulative maps are made: one reverse sweep (map l's d directions pulled back
+# through layers l..0), one forward pass (the N·d input directions through every layer), or
+# whichever costs less by costs.py's counts.
+SWEEPS = ("auto", "reverse", "forward")
 
 
 @dataclass
@@ -63,33 +70,142 @@ def lens_maps(engine: StreamingEngine, record: ForwardRecord, inputs: torch.Tens
     """The cumulative maps (an exact logit lens) of `layers`, last layer first: cotangents
     injected at residual l + 1 (the output of layer l), all targets stacked as one reverse
     sweep passes them; each map's output is the frozen final norm of that residual."""
-    cfg, d = engine.cfg, engine.cfg.d_model
+    d = engine.cfg.d_model
     eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
     injected = {l + 1: engine.output_cotangents(record.residuals[l + 1], eye) for l in layers}
-    outputs = {l: final_norm(cfg, engine.output_norm, record.residuals[l + 1], engine.lin)[-1]
-               for l in layers}
-    # an affine network's lens constant: the constant stream after layer l, through the
-    # final norm frozen at that residual's scale
-    constants = {l: None if record.constants is None else engine.frozen_final_norm(
-        record.residuals[l + 1], record.constants[l + 1])[-1] for l in layers}
+    outputs, constants = _lens_outputs_and_constants(engine, record, layers)
     stacked = engine.pull_back(record, injected, chunk=chunk)
     return [LayerMap(l, "cumulative", stacked[k * d:(k + 1) * d], inputs, outputs[l],
                      constants[l])
             for k, l in enumerate(sorted(layers, reverse=True))]
 
 
+def _lens_outputs_and_constants(engine: StreamingEngine, record: ForwardRecord,
+                                layers: list[int]
+                                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor | None]]:
+    """Each cumulative map's output (the frozen final norm of residual l + 1, last position)
+    and, for an affine network, its constant: the constant stream after layer l through the
+    final norm frozen at that residual's scale."""
+    cfg = engine.cfg
+    outputs = {l: final_norm(cfg, engine.output_norm, record.residuals[l + 1], engine.lin)[-1]
+               for l in layers}
+    constants = {l: None if record.constants is None else engine.frozen_final_norm(
+        record.residuals[l + 1], record.constants[l + 1])[-1] for l in layers}
+    return outputs, constants
+
+
+def forward_plan(engine: StreamingEngine, record: ForwardRecord, layers: list[int]
+                 ) -> tuple[int, MemoryPlan]:
+    """The passes the forward lens (`lens_maps_forward`) needs, and the memory plan of one:
+    all N·d input directions at once if they fit in the budget beside the maps, else groups
+    of positions (halved until a group fits; one position's d directions must)."""
+    d, n = engine.cfg.d_model, record.inputs.shape[0]
+    maps_bytes = len(set(layers)) * d * n * d * record.inputs.element_size()
+    positions = n
+    while True:
+        try:
+            plan = engine.plan(positions * d, n, record.nbytes() + maps_bytes,
+                               forward=not engine.mlp_as_matrix(positions * d))
+            return -(-n // positions), plan
+        except GgufjacError:
+            if positions == 1:
+                raise
+            positions = -(-positions // 2)
+
+
+def lens_maps_forward(engine: StreamingEngine, record: ForwardRecord, inputs: torch.Tensor,
+                      layers: list[int], passes: int = 1, plan: MemoryPlan | None = None
+                      ) -> list[LayerMap]:
+    """`lens_maps` by forward mode: the N·d unit directions on the inputs pushed once through
+    layers 0..max(layers) of the frozen network (`passes` groups of positions, where they do
+    not fit in memory at once; `plan`: `forward_plan`'s); after each chosen layer l the directions' images on residual
+    l + 1 at the last position, through the final norm frozen there, are map l's columns.
+    The same maps as the reverse sweep's, last layer first."""
+    cfg, d, n = engine.cfg, engine.cfg.d_model, inputs.shape[0]
+    chosen = sorted(set(layers))
+    outputs, constants = _lens_outputs_and_constants(engine, record, chosen)
+    jacobians = {l: inputs.new_empty((d, n, d)) for l in chosen}
+    norm_at = {}  # the final norm's coefficients at residual l + 1, last position
+    for l in chosen:
+        store: Coefficients = {}
+        with torch.no_grad():
+            final_norm(cfg, engine.output_norm, record.residuals[l + 1],
+                       engine.lin.recording(store))
+        norm_at[l] = engine.lin.replaying(at_last_position(store))
+    group = -(-n // passes)
+    held = len(chosen) * d * n * d * inputs.element_size()
+    for start in range(0, n, group):
+        stop = min(start + group, n)
+        probes = inputs.new_zeros((stop - start, d, n, d))
+        for i in range(start, stop):  # probe (i, a): the unit direction e_a at position i
+            probes[i - start, :, i, :] = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
+        probes = probes.reshape(-1, n, d)
+
+        def visit(layer: int, x: torch.Tensor) -> None:
+            if layer in jacobians:  # columns J_l[:, i, a] for the group's positions i
+                with torch.no_grad():
+                    cols = final_norm(cfg, engine.output_norm, x[:, -1:], norm_at[layer])
+                jacobians[layer][:, start:stop, :] = \
+                    cols[:, 0].reshape(stop - start, d, d).permute(2, 0, 1)
+
+        engine.push_forward_residuals(record, probes, chosen[-1], visit, held_bytes=held,
+                                      plan=plan)
+        del probes
+    return [LayerMap(l, "cumulative", jacobians[l], inputs, outputs[l], constants[l])
+            for l in reversed(chosen)]
+
+
+def choose_sweep(engine: StreamingEngine, n_tokens: int, layers: list[int],
+                 sweep: str = "auto", passes: int = 1) -> str:
+    """'reverse' or 'forward' for the cumulative maps: as asked, or (auto) whichever costs
+    fewer floating-point operations by the counts of costs.py."""
+    if sweep not in SWEEPS:
+        raise GgufjacError(f"sweep {sweep!r}: choose from {', '.join(SWEEPS)}")
+    if sweep != "auto":
+        return sweep
+    dims = dims_of(engine.cfg)
+    forward = lens_forward_flop(dims, n_tokens, layers, passes)
+    return "forward" if forward < lens_reverse_flop(dims, n_tokens, layers) else "reverse"
+
+
+def cumulative_maps(engine: StreamingEngine, record: ForwardRecord, inputs: torch.Tensor,
+                    layers: list[int], chunk: int | None = None, sweep: str = "auto"
+                    ) -> tuple[list[LayerMap], str]:
+    """The cumulative maps of `layers`, last layer first, by the sweep `choose_sweep` picks
+    (the forward one's passes counted first), and which it was."""
+    chosen = sorted(set(layers))
+    passes, plan = 1, None
+    if sweep != "reverse":
+        try:
+            passes, plan = forward_plan(engine, record, chosen)
+        except GgufjacError:
+            if sweep == "forward":
+                raise
+            sweep = "reverse"  # the forward directions cannot fit: the reverse sweep can
+    which = choose_sweep(engine, inputs.shape[0], chosen, sweep, passes)
+    if which == "forward":
+        return lens_maps_forward(engine, record, inputs, chosen, passes, plan), which
+    n, d = inputs.shape[0], engine.cfg.d_model
+    chunk = chunk or engine.plan(d * len(chosen), n).chunk
+    return lens_maps(engine, record, inputs, chosen, chunk), which
+
+
 def layer_maps(engine: StreamingEngine, inputs: torch.Tensor, layers: list[int],
-               chunk: int | None = None) -> tuple[list[LayerMap], torch.Tensor]:
+               chunk: int | None = None, sweep: str = "auto", chosen_sweep: list[str] | None = None
+               ) -> tuple[list[LayerMap], torch.Tensor]:
     """All five maps for each layer in `layers` (sorted, unique), and the model's output y
-    (last position). One forward pass, one reverse sweep for the cumulative maps, one pass
-    over the chosen layers for the rest."""
+    (last position). One forward pass, one sweep for the cumulative maps (`sweep`: 'reverse',
+    'forward' or 'auto', `cumulative_maps`; the one used is appended to `chosen_sweep` if
+    given), one pass over the chosen layers for the rest."""
     cfg, d, n = engine.cfg, engine.cfg.d_model, inputs.shape[0]
     layers = sorted(set(layers))
     eye = torch.eye(d, dtype=inputs.dtype, device=inputs.device)
     plan = engine.plan(d * len(layers), n)
     chunk = chunk or plan.chunk
     record = engine.forward(inputs)
-    maps = lens_maps(engine, record, inputs, layers, chunk)
+    maps, which = cumulative_maps(engine, record, inputs, layers, chunk, sweep)
+    if chosen_sweep is not None:
+        chosen_sweep.append(which)
 
     # per layer: a single layer's VJPs with its own recorded coefficients
     for l, w in engine.layers(layers, engine.linear_path, "per-layer"):
