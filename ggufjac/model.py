@@ -10,7 +10,7 @@ here reads a file: runner.py and engine.py feed the block the weights.py reads.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -452,6 +452,51 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
         up = with_block_sums(row_slice(w_in, f, f_end), name, slice(f, f_end), 0, d)
         k.addmm_(down * mid_scale[f:f_end], up)
     return k.mul_(post[:, None]).mul_(pre[None, :])
+
+
+def mlp_branch_matrices(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
+                        gate_path: str, positions: Sequence[int],
+                        ffn_chunk: int = 2048) -> torch.Tensor:
+    """`mlp_branch_matrix` at several positions at once: [d, P, d], K_p = result[:, i, :]
+    for p = positions[i]. Per chunk of d_ff, one product W_down[:, chunk] · [diag(c_p ⊙
+    r_down,p) W_in[chunk]]_p with the positions' scaled rows side by side as columns
+    ([d_ff chunk, P · d]), rather than P products of [d, chunk] · [chunk, d]: the same
+    multiply-adds, with the coefficients scaling contiguous rows of W_in rather than a
+    strided column slice of W_down, and one call for all positions. A mixture of experts, or frozen block sums
+    (whose weights differ per position), goes position by position (`mlp_branch_matrix`)."""
+    if cfg.family.moe_gating is not None or any(site.startswith("sum:") for site in store):
+        return torch.stack([mlp_branch_matrix(cfg, w, store, gate_path, p, ffn_chunk)
+                            for p in positions], dim=1)
+    layout = cfg.family.norm_layout
+    name, c = glu_linear_branch(store, gate_path)
+    w_in, w_down = w[name], w["ffn_down"]
+    d, n_pos = w_down.shape[0], len(positions)
+    index = torch.tensor(list(positions), device=c.device)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [P, ·] against the positions' rows
+        if t.dim() < 2:
+            return t.expand(n_pos, *t.shape)
+        return t.index_select(0, index) if t.shape[0] > 1 else t[:1].expand(n_pos, -1)
+
+    one = torch.ones(d, dtype=w_down.dtype, device=w_down.device)
+    pre = rows(one) if layout == "post" else rows(store["ffn_norm"]) * w["ffn_norm"]
+    post = rows(one) if layout == "pre" else rows(store["post_ffw_norm"]) * w["post_ffw_norm"]
+    post = post * cfg.residual_scale
+    if (r := store.get("in:" + name)) is not None:
+        pre = pre * rows(r)
+    mid_scale = rows(c)
+    if (r := store.get("in:ffn_down")) is not None:
+        mid_scale = mid_scale * rows(r)
+    k = torch.zeros((d, n_pos * d), dtype=w_down.dtype, device=w_down.device)
+    for f in range(0, w_in.shape[0], ffn_chunk):
+        f_end = min(f + ffn_chunk, w_in.shape[0])
+        up = row_slice(w_in, f, f_end)  # [chunk, d]
+        scaled = torch.mul(mid_scale[:, f:f_end].T[:, :, None], up[:, None, :],
+                           out=up.new_empty((f_end - f, n_pos, d)))  # rows of [chunk, P·d]
+        k.addmm_(column_slice(w_down, f, f_end), scaled.view(f_end - f, n_pos * d))
+        del scaled
+    k = k.view(d, n_pos, d)
+    return k.mul_(post.T[:, :, None]).mul_(pre[None, :, :])
 
 
 def moe_branch_matrix(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
