@@ -307,3 +307,34 @@ def test_seventy_b_plan_sizes() -> None:
     expected = (budget - 2 * f32_layer - int(WORKING_SHARE * budget) - 65_536) // layer
     assert small.resident_layers == list(range(expected)) and 10 < expected < 80
     assert not small.everything
+
+
+def test_gpu_batches_of_directions() -> None:
+    """On a GPU the directions per batched backward are GPU_MAX_BATCH_ROWS / tokens (the
+    memory plan then caps them); on a CPU at most MAX_CHUNK, and MAX_BATCH_ROWS rows."""
+    from ggufjac.engine import GPU_MAX_BATCH_ROWS, MAX_BATCH_ROWS, MAX_CHUNK, max_chunk
+
+    for n in (1, 16, 100, 1 << 17):
+        assert max_chunk(n, torch.device("cuda")) == max(1, GPU_MAX_BATCH_ROWS // n)
+        assert max_chunk(n) == max_chunk(n, torch.device("cpu")) == \
+            max(1, min(MAX_CHUNK, MAX_BATCH_ROWS // n))
+    assert max_chunk(16, torch.device("cuda")) == 4096  # a 70B's 8192 directions: 2 batches
+
+
+def test_cli_matmul_precision_prints_its_error(synthetic, tmp_path) -> None:
+    """`jacobian --matmul-precision bf16` says so and prints the reconstruction error
+    measured with it: larger than float32's, below bfloat16's reach (5e-2)."""
+    import re
+
+    from ggufjac.cli import main
+
+    path = synthetic("llama", "Q4_K_M")
+    errors = {}
+    for precision in ("float32", "bf16"):
+        r = CliRunner().invoke(main, ["jacobian", str(path), "-p", "the bridge out of Marin",
+                                      "--out", str(tmp_path / precision),
+                                      "--matmul-precision", precision])
+        assert r.exit_code == 0, r.output
+        errors[precision] = float(re.search(r"reconstruction rel error (\S+)", r.output)[1])
+        assert ("float32 matmuls at bf16 precision" in r.output) == (precision == "bf16")
+    assert errors["float32"] < errors["bf16"] < 5e-2
