@@ -320,6 +320,10 @@ def raw_to_torch(raw: np.ndarray, device: torch.device | str = "cpu") -> torch.T
 # from the heap tensor after tensor instead of growing it. Smaller pieces pay per-piece
 # overhead, whole tensors miss the cache (docs/benchmarks.md, tools/bench_dequant.py).
 CHUNK_ELEMENTS = 1 << 20
+# On a GPU the cache argument does not hold and each piece costs a dozen kernel launches
+# from Python: 2^20 would be 17,000 launches per 70B layer (seconds per sweep). 2^24 values
+# keep the launches to about a thousand per layer and the temporaries to a few hundred MB.
+GPU_CHUNK_ELEMENTS = 1 << 24
 
 
 def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
@@ -364,7 +368,8 @@ def dequantize_torch(raw: torch.Tensor, qtype: Q, shape: tuple[int, ...],
         if out is None:
             out = torch.empty(blocks.shape[0] * block, dtype=torch.float32, device=raw.device)
         target = out.view(-1, block)
-        step = max(1, CHUNK_ELEMENTS // block)
+        chunk = CHUNK_ELEMENTS if raw.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+        step = max(1, chunk // block)
         for s in range(0, blocks.shape[0], step):
             fn(blocks[s:s + step], target[s:s + step])
         return out.view(shape)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as Q
 
 from ggufjac.api import open_model
 from ggufjac.jacobian import streamed_jacobian
@@ -31,6 +32,23 @@ def test_dequantization_on_cuda_matches_gguf_py(qtype) -> None:
     ref = np.asarray(gguf_quants.dequantize(raw, qtype), dtype=np.float32).reshape(-1)
     ours = dequantize(raw_to_torch(raw, "cuda"), qtype, (1000 * block,))
     assert ours.device.type == "cuda"
+    assert np.array_equal(ours.cpu().numpy().view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_dequantization_on_cuda_across_pieces(qtype) -> None:
+    """A tensor of more values than one GPU piece (quants.GPU_CHUNK_ELEMENTS), into a given
+    buffer as the engine dequantizes: every piece's values equal gguf-py's."""
+    from ggufjac.quants import GPU_CHUNK_ELEMENTS
+
+    rng = np.random.default_rng(7)
+    block, _ = GGML_QUANT_SIZES[qtype]
+    n_blocks = GPU_CHUNK_ELEMENTS // block + 1000
+    raw = _random_blocks(qtype, n_blocks, rng)
+    ref = np.asarray(gguf_quants.dequantize(raw, qtype), dtype=np.float32).reshape(-1)
+    out = torch.empty(n_blocks * block, dtype=torch.float32, device="cuda")
+    ours = dequantize(raw_to_torch(raw, "cuda"), qtype, (n_blocks * block,), out)
+    assert ours.data_ptr() == out.data_ptr()
     assert np.array_equal(ours.cpu().numpy().view(np.uint32), ref.view(np.uint32))
 
 
