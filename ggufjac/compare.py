@@ -23,8 +23,9 @@ import torch
 from gguf.constants import Keys
 
 from .analysis import Spectrum, spectrum, top_tokens_by_unembedding
+from . import llamacpp
 from .errors import GgufjacError, PromptError
-from .layers import lens_maps
+from .layers import cumulative_maps
 from .linearize import Linearization
 from .metrics import logits_agreement, nmse
 from .run_settings import RunSettings
@@ -32,7 +33,7 @@ from .runner import unembed
 
 if TYPE_CHECKING:
     from .api import LoadedModel
-    from .chat import Message
+    from .chat import ChatPrompt, Message
 
 ANALYSES = ("jacobian", "attribute", "lens")
 TOP_OVERLAP = 3  # the attribution's top positions compared
@@ -120,13 +121,19 @@ class Side:
 
 def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
             target: int | None, lin: Linearization, settings: RunSettings | None,
-            anchored: bool = False, max_memory: int | None = None) -> Side:
+            anchored: bool = False, max_memory: int | None = None,
+            llama_cpp_logits: np.ndarray | None = None, sweep: str = "auto") -> Side:
     """One file's side of a comparison. `target`: the token whose logit is attributed (None:
     this file's own prediction, for the first file); `settings`: how its llama.cpp run is
-    made (None: no llama.cpp run); `anchored`: coefficients from that run (anchor.py)."""
+    made (None: no llama.cpp run); `anchored`: coefficients from that run (anchor.py);
+    `llama_cpp_logits`: that run's last-position logits, already made (a prompt set's runs
+    are made from one start, `compare_prompts`). With the lens, J is its last layer's map
+    (the final norm frozen at its own value: the model's output), so one sweep (`sweep`:
+    layers.cumulative_maps') gives J and every layer's lens."""
     anchor = m.anchor(tokens, lin, settings) if anchored else None
     engine = m.engine(lin, max_memory=max_memory, anchor=anchor)
     d, n = m.cfg.d_model, len(tokens)
+    spec = None
     try:
         x = engine.embed(tokens)
         want_j = "jacobian" in analyses or "attribute" in analyses
@@ -135,13 +142,11 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         y, constant = record.output[-1], record.constant
         logits = unembed(m.weights, m.logit_input(y, anchor)[None])[0]
         logits_np = logits.to(torch.float64).cpu().numpy()
-        jac = engine.pull_back_output(record, torch.eye(d, dtype=x.dtype, device=x.device),
-                                      plan.chunk) if want_j else None
+        jac = None
         lens: list[LensLayer] = []
         if "lens" in analyses:
             layers = list(range(m.cfg.n_layer))
-            lens_plan = engine.plan(d * len(layers), n)
-            maps = sorted(lens_maps(engine, record, x, layers, lens_plan.chunk),
+            maps = sorted(cumulative_maps(engine, record, x, layers, sweep=sweep)[0],
                           key=lambda mp: mp.layer)
             outputs = torch.stack([mp.output for mp in maps], dim=1)  # [d, L]
             tops = top_tokens_by_unembedding(m.weights, outputs, 1)
@@ -149,10 +154,17 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
                 lens.append(LensLayer(mp.layer, mp.jacobian,
                                       spectrum(mp.jacobian.reshape(d, -1), mp.output),
                                       top[0][0]))
+            if want_j:
+                jac, spec = lens[-1].jacobian, lens[-1].spectrum
+        elif want_j:
+            jac = engine.pull_back_output(record, torch.eye(d, dtype=x.dtype, device=x.device),
+                                          plan.chunk)
     finally:
         engine.release()
-    spec = spectrum(jac.reshape(d, -1), y) if jac is not None and "jacobian" in analyses \
-        else None
+    if "jacobian" not in analyses:
+        spec = None
+    elif spec is None and jac is not None:
+        spec = spectrum(jac.reshape(d, -1), y)
     contributions, bias = None, None
     if "attribute" in analyses:
         t = int(np.argmax(logits_np)) if target is None else target
@@ -161,8 +173,11 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         bias = None if constant is None else float(u @ constant)
         if "jacobian" not in analyses:
             jac = None
-    theirs = m.llama_cpp_logits(tokens, settings, anchor) \
-        if anchor is not None or settings is not None else None
+    theirs = llama_cpp_logits
+    if theirs is None and (anchor is not None or settings is not None):
+        theirs = m.llama_cpp_logits(tokens, settings, anchor)
+    elif theirs is not None:
+        theirs = np.asarray(theirs, dtype=np.float64)
     return Side(logits_np, theirs, x, y, jac, spec, contributions, lens, constant, bias)
 
 
@@ -302,40 +317,75 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str | list[Mes
                     target: int | None = None, lin: Linearization | None = None,
                     settings: RunSettings | None = None, anchored: bool = False,
                     max_memory: int | None = None, max_tokens: int | None = None,
-                    on_prompt: Callable[[int, str], None] | None = None) -> list[dict]:
+                    on_prompt: Callable[[int, str], None] | None = None,
+                    sweep: str = "auto") -> list[dict]:
     """Every prompt's comparison entry (`comparison_entry`): the top-`k` subspaces;
     the attribution target is `target`, or else file A's prediction, for both files;
     `settings`: each file's own llama.cpp run (None: none); `anchored`: each file's
     coefficients from that run. A prompt that is a conversation (a list of messages) is
     compared on its chat prompt, rendered by each file's own template (the entry gets its
-    conversation and token segments, "chat")."""
+    conversation and token segments, "chat"). `sweep`: how the lens maps are made
+    (layers.SWEEPS)."""
     check_comparable(a, b)
     lin = lin or Linearization()
     if anchored and settings is None:
         raise GgufjacError("anchoring needs llama.cpp's run settings")
-    entries = []
-    for i, given in enumerate(prompts):
-        shown = given if isinstance(given, str) else given[-1].content
-        if on_prompt is not None:
-            on_prompt(i, shown)
-        which = f"prompt {i + 1} ({shown[:40]!r})" if len(prompts) > 1 else "the prompt"
-        try:
-            tokens, chat = a.prompt_tokens(given, max_tokens)
-            tokens_b, _ = b.prompt_tokens(given, max_tokens)
-        except PromptError as e:
-            raise PromptError(f"{which}: {e}") from None
-        prompt = given if chat is None else chat.rendered.text
+    shown = [given if isinstance(given, str) else given[-1].content for given in prompts]
+    whiches = [f"prompt {i + 1} ({text[:40]!r})" if len(prompts) > 1 else "the prompt"
+               for i, text in enumerate(shown)]
+    # the work both files share, done before any analysis: every prompt's tokens (one
+    # llama.cpp start per file) and, unanchored, each file's llama.cpp runs (one start each)
+    tokenized_a = prompt_tokens_all(a, prompts, max_tokens, whiches)
+    tokenized_b = prompt_tokens_all(b, prompts, max_tokens, whiches)
+    for which, (tokens, _), (tokens_b, _) in zip(whiches, tokenized_a, tokenized_b):
         if tokens != tokens_b:
             raise GgufjacError(f"{a.path.name} and {b.path.name} tokenize {which} "
                                f"differently ({len(tokens)} and {len(tokens_b)} tokens)")
-        side_a = analyse(a, tokens, analyses, target, lin, settings, anchored, max_memory)
+    theirs_a: list[np.ndarray | None] = [None] * len(prompts)
+    theirs_b = list(theirs_a)
+    if settings is not None and not anchored:
+        every = [tokens for tokens, _ in tokenized_a]
+        theirs_a = list(llamacpp.evaluate_many(a.path, every, settings))
+        theirs_b = list(llamacpp.evaluate_many(b.path, every, settings))
+    entries = []
+    for i, given in enumerate(prompts):
+        if on_prompt is not None:
+            on_prompt(i, shown[i])
+        tokens, chat = tokenized_a[i]
+        prompt = given if chat is None else chat.rendered.text
+        side_a = analyse(a, tokens, analyses, target, lin, settings, anchored, max_memory,
+                         theirs_a[i], sweep)
         t = None
         if "attribute" in analyses:
             t = target if target is not None else int(np.argmax(side_a.logits))
-        side_b = analyse(b, tokens, analyses, t, lin, settings, anchored, max_memory)
+        side_b = analyse(b, tokens, analyses, t, lin, settings, anchored, max_memory,
+                         theirs_b[i], sweep)
         entries.append(comparison_entry(a, prompt, tokens, t, side_a.top(), side_b.top(),
                                         compare_sides(side_a, side_b, k)))
         if chat is not None:
             entries[-1]["chat"] = chat.describe()
         del side_a, side_b
     return entries
+
+
+def prompt_tokens_all(m: LoadedModel, prompts: list[str | list[Message]],
+                      max_tokens: int | None, whiches: list[str]
+                      ) -> list[tuple[list[int], ChatPrompt | None]]:
+    """`LoadedModel.prompt_tokens` of every prompt, the raw ones tokenized from one llama.cpp
+    start; a prompt refused is named by its entry in `whiches`."""
+    raw = [i for i, given in enumerate(prompts) if isinstance(given, str)]
+    for i in raw:
+        if not prompts[i] or not prompts[i].strip():  # type: ignore[union-attr]
+            raise PromptError(f"{whiches[i]}: the prompt is empty (or only whitespace)")
+    tokenized = dict(zip(raw, m.tokenize_many([prompts[i] for i in raw]))) if raw else {}
+    out = []
+    for i, given in enumerate(prompts):
+        try:
+            if i in tokenized:
+                m.check_length(tokenized[i], max_tokens)
+                out.append((tokenized[i], None))
+            else:
+                out.append(m.prompt_tokens(given, max_tokens))
+        except PromptError as e:
+            raise PromptError(f"{whiches[i]}: {e}") from None
+    return out

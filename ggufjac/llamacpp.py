@@ -220,3 +220,18 @@ def evaluate(model: str | Path, tokens: list[int], settings: RunSettings = DEFAU
     resolved["tested_version"] = check_version(str(resolved["llama_cpp_python"]))
     return LlamaCppRun(tokens=out["tokens"].tolist(), logits=out["logits"], captured=captured,
                        names=names, settings=settings, resolved=resolved)
+
+
+def evaluate_many(model: str | Path, token_lists: list[list[int]],
+                  settings: RunSettings = DEFAULT_SETTINGS, timeout: float = 600
+                  ) -> list[np.ndarray]:
+    """llama.cpp's last-position logits [vocab] (float32) of each prompt, from one start:
+    `evaluate(..., last_only=True)` of each, each in a fresh context of its own (the same
+    decoding as a start per prompt), the model loaded once (a prompt set pays it once)."""
+    if not token_lists:
+        return []
+    out = _call({"model": str(model), "token_lists": [list(t) for t in token_lists],
+                 "evaluate": True, "settings": dataclasses.asdict(settings), "capture": [],
+                 "list_names": False, "outputs": "last", "control_vector": None},
+                timeout * len(token_lists))
+    return [row for row in out["logits"]]

@@ -195,6 +195,15 @@ def run(req: dict) -> dict[str, np.ndarray]:
         lists = [_tokenize(llama_cpp, vocab, text) for text in req["prompts"]]
         return {"tokens": np.asarray([t for ts in lists for t in ts], dtype=np.int64),
                 "ends": np.cumsum([len(ts) for ts in lists], dtype=np.int64)}
+    if "token_lists" in req:  # many prompts' logits from one start: a fresh context each
+        runs = [_evaluate(llama_cpp, model, vocab, mparams, req, settings, list(ts), log,
+                          {"tokens": np.asarray(ts, dtype=np.int64)})
+                for ts in req["token_lists"]]
+        llama_cpp.llama_model_free(model)
+        return {"tokens": np.asarray([t for ts in req["token_lists"] for t in ts], dtype=np.int64),
+                "ends": np.cumsum([len(ts) for ts in req["token_lists"]], dtype=np.int64),
+                "logits": np.concatenate([r["logits"] for r in runs]),
+                "resolved": runs[-1]["resolved"]}
     tokens = req.get("tokens") or _tokenize(llama_cpp, vocab, req["prompt"],
                                             bool(req.get("special")))
     out: dict[str, np.ndarray] = {"tokens": np.asarray(tokens, dtype=np.int64)}
@@ -202,7 +211,16 @@ def run(req: dict) -> dict[str, np.ndarray]:
         out.update(_pieces(llama_cpp, vocab, tokens))
     if not req["evaluate"]:
         return out
+    out = _evaluate(llama_cpp, model, vocab, mparams, req, settings, tokens, log, out)
+    llama_cpp.llama_model_free(model)
+    return out
 
+
+def _evaluate(llama_cpp: object, model: object, vocab: object, mparams: object, req: dict,
+              settings: dict, tokens: list[int], log: list[str],
+              out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One prompt decoded in a context of its own (freed after): its logits, the captured
+    graph tensors and how llama.cpp ran, added to `out`."""
     n = len(tokens)
     wanted = set(req.get("capture", []))
     pieces: dict[str, list[np.ndarray]] = {}  # one per micro-batch
@@ -310,7 +328,6 @@ def run(req: dict) -> dict[str, np.ndarray]:
     out["resolved"] = np.asarray(json.dumps(resolved))
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
     return out
 
 

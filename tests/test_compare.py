@@ -276,3 +276,44 @@ def test_anchored_comparison_explains_each_files_own_llama_cpp_run(synthetic) ->
     # per-element ratios (A's F32 matmuls round nothing): the maps part further than the
     # plain ones, though both outputs are reproduced (docs/quantization.md)
     assert e["jacobian_rel_difference"] > plain[0]["jacobian_rel_difference"] > 0
+
+
+def test_shared_work_once_equals_each_run_made_alone(synthetic) -> None:
+    """A prompt set's tokens and llama.cpp runs come from one start per file, and J and every
+    layer's lens from one sweep per file: each equals its own separate recomputation — the
+    tokens and last-position logits of one llama.cpp start per prompt, and each layer's lens
+    difference from the in-memory model's autograd maps (tests/test_lens_sweeps.py's
+    reference); the forward sweep gives the reverse one's figures."""
+    from tests.test_lens_sweeps import _reference_lens
+
+    pa, pb = synthetic("gemma3", "F32"), synthetic("gemma3", "Q8_0")
+    prompts = [PROMPT, "the capital of France is"]
+    settings = llamacpp.RunSettings()
+    with open_model(pa, dtype="float64") as a, open_model(pb, dtype="float64") as b:
+        entries = {sweep: compare_prompts(a, b, prompts, ANALYSES, 4, None, Linearization(),
+                                          settings, sweep=sweep)
+                   for sweep in ("reverse", "forward")}
+        layers = list(range(a.cfg.n_layer))
+        for prompt, entry in zip(prompts, entries["reverse"]):
+            tokens = llamacpp.tokenize(pa, prompt)
+            assert llamacpp.tokenize(pb, prompt) == tokens and entry["n_tokens"] == len(tokens)
+            own = {p: np.asarray(llamacpp.evaluate(p, tokens, settings, last_only=True)
+                                 .logits[-1], dtype=np.float64) for p in (pa, pb)}
+            nmse = float(((own[pb] - own[pa]) ** 2).sum() / (own[pa] ** 2).sum())
+            assert entry["llama_cpp_logits_nmse"] == pytest.approx(nmse, rel=1e-12)
+            ref_a = _reference_lens(a, tokens, layers, Linearization())
+            ref_b = _reference_lens(b, tokens, layers, Linearization())
+            for row in entry["lens"]:
+                ja, jb = ref_a[row["layer"]][0], ref_b[row["layer"]][0]
+                expected = float(torch.linalg.vector_norm(jb - ja) / torch.linalg.vector_norm(ja))
+                assert row["lens_rel_difference"] == pytest.approx(expected, rel=1e-9)
+            last = entry["lens"][-1]["lens_rel_difference"]
+            assert entry["jacobian_rel_difference"] == pytest.approx(last, rel=1e-12)
+        for r, f in zip(entries["reverse"], entries["forward"]):
+            assert f["jacobian_rel_difference"] == pytest.approx(r["jacobian_rel_difference"],
+                                                                 rel=1e-9)
+            assert f["contributions_b"] == pytest.approx(r["contributions_b"], rel=1e-9)
+            for rr, ff in zip(r["lens"], f["lens"]):
+                assert ff["lens_rel_difference"] == pytest.approx(rr["lens_rel_difference"],
+                                                                  rel=1e-9)
+                assert ff["top_token_b"] == rr["top_token_b"]
