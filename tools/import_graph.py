@@ -41,8 +41,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "Python API": ("api",),
     "built on the API": ("compare", "steer"),
     "written results": ("reports", "summary"),
-    "front ends": ("batch", "prompt_sets", "store", "ray_batch", "html", "cli_options", "cli",
-                   "__main__"),
+    "front ends": ("batch", "prompt_sets", "store", "ray_cluster", "ray_batch", "ray_jacobian",
+                   "html", "cli_options", "cli", "__main__"),
 }
 
 
