@@ -38,7 +38,12 @@ PARALLEL_MIN_VALUES = 1 << 16
 # all older than any llama.cpp release that llama-cpp-python's tested range ships (asking it
 # for a type it does not know would abort the process).
 NATIVE_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-                Q.IQ4_NL, Q.IQ4_XS)
+                Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4)
+
+# Types younger than the oldest llama.cpp in llama-cpp-python's tested range, asked for only
+# when the library names them (`ggml_type_name` answers "NONE" past its last type instead of
+# aborting as `ggml_get_type_traits` would), with the name it gives them.
+RECENT_TYPES = {Q.MXFP4: b"mxfp4"}
 
 # A reference dequantizer (quants.dequantize_torch): bytes [n_blocks, type_size], type,
 # shape -> float32 values.
@@ -75,8 +80,12 @@ class NativeDequantizer:
     def __init__(self, library: ctypes.CDLL) -> None:
         get = library.ggml_get_type_traits
         get.restype, get.argtypes = ctypes.POINTER(_TypeTraits), [ctypes.c_int]
+        type_name = library.ggml_type_name
+        type_name.restype, type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
         self._functions: dict[Q, ctypes._CFuncPtr] = {}
         for qtype in NATIVE_TYPES:
+            if qtype in RECENT_TYPES and type_name(int(qtype)) != RECENT_TYPES[qtype]:
+                continue  # a library older than the type: torch's path takes it
             block, type_size = GGML_QUANT_SIZES[qtype]
             traits = get(int(qtype)).contents
             if (traits.blck_size, traits.type_size) != (block, type_size) or \

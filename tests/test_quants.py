@@ -141,6 +141,36 @@ def test_native_refuses_what_does_not_match() -> None:
         dequantize(raw, Q.Q4_K, (2 * 256,), out=torch.empty(3 * 256))
 
 
+def test_native_never_asks_an_older_library_for_a_younger_type() -> None:
+    """A llama.cpp built before MXFP4 names it "NONE"; asking its type traits for it would
+    abort the process, so the type is left to torch without that call."""
+    import ctypes
+
+    real = ctypes.CDLL(str(native_quants._library_path()))
+    real.ggml_get_type_traits.restype = ctypes.POINTER(native_quants._TypeTraits)
+    real.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    asked: list[int] = []
+
+    class Function:
+        """A C function as ctypes hands it out: callable, restype/argtypes settable."""
+
+        def __init__(self, fn) -> None:
+            self.fn = fn
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    class OlderLibrary:
+        ggml_get_type_traits = Function(lambda q: (asked.append(q),
+                                                   real.ggml_get_type_traits(q))[1])
+        ggml_type_name = Function(lambda q: b"NONE" if q >= int(Q.MXFP4) else b"known")
+
+    engine = native_quants.NativeDequantizer(OlderLibrary())  # type: ignore[arg-type]
+    assert int(Q.MXFP4) not in asked and int(Q.Q4_K) in asked
+    assert not engine.supports(Q.MXFP4, quants.dequantize_torch)
+    assert engine.supports(Q.Q4_K, quants.dequantize_torch)
+
+
 def test_embedding_rows_match_full_table_rows(gemma32) -> None:
     """Gathering rows straight from the quantized bytes equals slicing the dequantized table."""
     ids = [2, 506, 262143, 1000]
