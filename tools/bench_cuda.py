@@ -218,12 +218,11 @@ def suite_child(case: dict) -> None:
         layers = [t for t in m.gguf.tensors.values() if t.name.startswith("blk.")]
         per_layer = sum(t.n_bytes for t in layers) / m.cfg.n_layer
         m.max_gpu_memory = int(budget - (case["full_layers"] - m.cfg.n_layer) * per_layer)
-        out["stand_in_budget"] = m.max_gpu_memory
     if budget == "half":  # the dry run's streamed budget: half the layers held
         from ggufjac.device_weights import working_reserve
         layers = sum(t.n_bytes for t in m.gguf.tensors.values() if t.name.startswith("blk."))
         m.max_gpu_memory = int((layers / 2 + working_reserve(0, m.weights.layer_bytes())) / 0.75)
-    out: dict = {"case": case["name"]}
+    out: dict = {"case": case["name"], "budget": m.max_gpu_memory}
 
     def hold() -> None:
         t0 = time.perf_counter()
