@@ -574,6 +574,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 
     ray = ray_settings(ray_address, workers, llama.get("threads"), ray_directions, anchor,
                        device)
+    given_model = model  # the workers resolve the name as given
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html, chat)
     anchor_settings = _anchor_settings(anchor, llama)
@@ -591,7 +592,8 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
                           llama_cpp_figures=html, progress=True, chat=conversation, **spill) \
         if ray is None else \
         jacobian_to_dir_on_ray(ray, m, tokens, lin, out_dir, overwrite, budget, progress=True,
-                               llama_cpp_figures=html, chat=conversation, **spill)
+                               model=given_model, llama_cpp_figures=html, chat=conversation,
+                               **spill)
     report, result, seconds = run.report, run.result, run.seconds
     click.echo(f"tokens                   {report['tokens']}")
     click.echo(f"predicted token          {report['predicted_token']!r}")
@@ -655,6 +657,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
 
     ray = ray_settings(ray_address, workers, llama.get("threads"), anchor=anchor,
                        device=device, per_token=per_token)
+    given_model = model  # the workers resolve the name as given
     text, budget = _early_checks(prompt, prompt_file, device, out_dir, overwrite, max_memory,
                                  html, chat)
     if tolerance is not None and not tolerance > 0:
@@ -677,7 +680,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
 
         run = svd_to_dir_on_ray(ray, m, tokens, lin, out_dir, top_k, tolerance, max_iterations,
                                 block, overwrite, budget, on_iteration=told,
-                                llama_cpp_figures=html, chat=conversation)
+                                model=given_model, llama_cpp_figures=html, chat=conversation)
     else:
         run = svd_to_dir(m, tokens, lin, out_dir, top_k, tolerance, max_iterations, block,
                          per_token, overwrite, budget, anchor_settings, device,
@@ -823,7 +826,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
               show_default=True,
               help="How the cumulative maps are made: one reverse sweep (each map's outputs "
                    "pulled back from its layer), one forward pass of the N·d input directions "
-                   "(all maps at once; cheaper for more layers than about 2N), or whichever "
+                   "(all maps at once; cheaper for more layers than about N), or whichever "
                    "costs fewer operations by count.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option

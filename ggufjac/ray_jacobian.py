@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -267,82 +268,85 @@ def _inputs(m, tokens: list[int], lin: Linearization) -> torch.Tensor:
     return m.engine(lin).embed(tokens)
 
 
-def jacobian_on_ray(settings: RaySettings, m, tokens: list[int], lin: Linearization,
+def start_workers(settings: RaySettings, m, tokens: list[int], lin: Linearization,
+                  model: str | None = None, max_memory: int | None = None) -> RayWorkers:
+    """Workers for `tokens` of the model `m` (a LoadedModel opened here), each opening it by
+    `model` as the user gave it (a path every node can read, or a hub reference each node
+    resolves; default: `m`'s path here)."""
+    name = model or str(m.path)
+    if Path(name).is_file():  # a worker's working directory is not this one
+        name = os.path.abspath(name)
+    return RayWorkers(settings, name, str(m.weights.dtype).removeprefix("torch."),
+                      lin.gate_path, tokens, max_memory)
+
+
+def jacobian_on_ray(workers: RayWorkers, m, tokens: list[int], lin: Linearization,
                     path: Path, max_memory: int | None = None, progress: bool = False
                     ) -> tuple[JacobianResult, dict]:
-    """The detached Jacobian of `tokens` made on the cluster and written to the safetensors
-    file `path` as its rows arrive (the file `jacobian_to_file` writes, bit for bit: see the
-    module docstring), and how the work was split (for the report). `m`: the model opened
-    here (LoadedModel, by the name the workers resolve too)."""
+    """The detached Jacobian of `tokens` made by `workers` (`start_workers`) and written to
+    the safetensors file `path` as its rows arrive (the file `jacobian_to_file` writes, bit
+    for bit: see the module docstring), and how the work was split (for the report)."""
     d, n = m.cfg.d_model, len(tokens)
     engine = m.engine(lin, max_memory=max_memory)
-    dtype = str(m.weights.dtype).removeprefix("torch.")
-    workers = RayWorkers(settings, str(m.path), dtype, lin.gate_path, tokens, max_memory)
+    settings, n_workers = workers.settings, len(workers.actors)
+    directions = settings.directions or min(directions_per_sweep(engine, n),
+                                            math.ceil(d / (2 * n_workers)))
+    directions = max(1, min(directions, d))
+    chunk = engine.plan(directions, n).chunk
+    blocks = [(s, min(s + directions, d), chunk) for s in range(0, d, directions)]
+    writer = JacobianWriter(path, d, n, m.weights.dtype, has_constant(m.cfg.family),
+                            {"tokens": json.dumps(tokens)})
     try:
-        n_workers = len(workers.actors)
-        directions = settings.directions or min(directions_per_sweep(engine, n),
-                                                math.ceil(d / (2 * n_workers)))
-        directions = max(1, min(directions, d))
-        chunk = engine.plan(directions, n).chunk
-        blocks = [(s, min(s + directions, d), chunk) for s in range(0, d, directions)]
-        writer = JacobianWriter(path, d, n, m.weights.dtype, has_constant(m.cfg.family),
-                                {"tokens": json.dumps(tokens)})
-        try:
-            workers.run("rows", blocks, lambda i, rows: writer.write_rows(blocks[i][0], rows),
-                        progress)
-            inputs = _inputs(m, tokens, lin)
-            jac = writer.finish(inputs, workers.output, workers.constant)
-        finally:
-            writer.close()
+        workers.run("rows", blocks, lambda i, rows: writer.write_rows(blocks[i][0], rows),
+                    progress)
+        inputs = _inputs(m, tokens, lin)
+        jac = writer.finish(inputs, workers.output, workers.constant)
     finally:
-        workers.close()
+        writer.close()
     how = {"address": settings.address, "workers": n_workers, "threads_per_worker":
            settings.threads, "directions_per_request": directions, "requests": len(blocks),
            "chunk": chunk}
     return JacobianResult(jac, inputs, workers.output, constant=workers.constant), how
 
 
-def svd_on_ray(settings: RaySettings, m, tokens: list[int], lin: Linearization, k: int,
+def svd_on_ray(workers: RayWorkers, m, tokens: list[int], lin: Linearization, k: int,
                tol: float | None = None, max_iterations: int = 100, block: int | None = None,
-               max_memory: int | None = None, seed: int = 0,
-               on_iteration: Callable[[int, float, float], None] | None = None
+               seed: int = 0, on_iteration: Callable[[int, float, float], None] | None = None
                ) -> tuple[TopSingularTriplets, dict]:
     """The top `k` singular triplets of the detached Jacobian (svd.top_singular_triplets),
-    each Lanczos block's vectors split between the workers (default block: the number of
+    each Lanczos block's vectors split between `workers` (default block: the number of
     workers, at least the one-machine default), and how the work was split."""
     from .svd import check_top_k, default_block
 
     check_top_k(k, m.cfg.d_model, len(tokens))
-    dtype = str(m.weights.dtype).removeprefix("torch.")
-    workers = RayWorkers(settings, str(m.path), dtype, lin.gate_path, tokens, max_memory)
-    try:
-        n_workers = len(workers.actors)
-        b = block or max(default_block(k, len(tokens)), n_workers)
-        products = RayProducts(workers, _inputs(m, tokens, lin))
-        result = triplets_of_products(products, k, tol, max_iterations, b, seed, on_iteration)
-    finally:
-        workers.close()
-    how = {"address": settings.address, "workers": n_workers,
-           "threads_per_worker": settings.threads, "block": b}
+    n_workers = len(workers.actors)
+    b = min(block or max(default_block(k, len(tokens)), n_workers), m.cfg.d_model)
+    products = RayProducts(workers, _inputs(m, tokens, lin))
+    result = triplets_of_products(products, k, tol, max_iterations, b, seed, on_iteration)
+    how = {"address": workers.settings.address, "workers": n_workers,
+           "threads_per_worker": workers.settings.threads, "block": b}
     return result, how
 
 
 def jacobian_to_dir_on_ray(settings: RaySettings, m, tokens: list[int], lin: Linearization,
                            out_dir: Path, overwrite: bool = False,
                            max_memory: int | None = None, progress: bool = False,
-                           **options: Any):
-    """reports.jacobian_to_dir with J made on the cluster (`jacobian_on_ray`); the report
-    says how the work was split ("ray")."""
+                           model: str | None = None, **options: Any):
+    """reports.jacobian_to_dir with J made on the cluster (`jacobian_on_ray`; the workers
+    are started, and the address refused, before anything is written); the report says how
+    the work was split ("ray")."""
     from .reports import jacobian_to_dir
 
     how: dict = {}
-
-    def make(path: Path) -> JacobianResult:
-        result, split = jacobian_on_ray(settings, m, tokens, lin, path, max_memory, progress)
-        how.update(split)
-        return result
-    return jacobian_to_dir(m, tokens, lin, out_dir, overwrite, max_memory, progress=progress,
-                           make_file=make, extra_report={"ray": how}, **options)
+    with start_workers(settings, m, tokens, lin, model, max_memory) as workers:
+        def make(path: Path) -> JacobianResult:
+            result, split = jacobian_on_ray(workers, m, tokens, lin, path, max_memory,
+                                            progress)
+            how.update(split)
+            return result
+        return jacobian_to_dir(m, tokens, lin, out_dir, overwrite, max_memory,
+                               progress=progress, make_file=make, extra_report={"ray": how},
+                               **options)
 
 
 def svd_to_dir_on_ray(settings: RaySettings, m, tokens: list[int], lin: Linearization,
@@ -350,17 +354,19 @@ def svd_to_dir_on_ray(settings: RaySettings, m, tokens: list[int], lin: Lineariz
                       max_iterations: int = 100, block: int | None = None,
                       overwrite: bool = False, max_memory: int | None = None,
                       on_iteration: Callable[[int, float, float], None] | None = None,
-                      **options: Any):
+                      model: str | None = None, **options: Any):
     """reports.svd_to_dir with the triplets computed on the cluster (`svd_on_ray`)."""
     from .reports import svd_to_dir
+    from .svd import check_top_k
 
+    check_top_k(k, m.cfg.d_model, len(tokens))  # before any worker starts
     how: dict = {}
-
-    def make() -> TopSingularTriplets:
-        result, split = svd_on_ray(settings, m, tokens, lin, k, tolerance, max_iterations,
-                                   block, max_memory, on_iteration=on_iteration)
-        how.update(split)
-        return result
-    return svd_to_dir(m, tokens, lin, out_dir, k, tolerance, max_iterations, block,
-                      overwrite=overwrite, max_memory=max_memory, make_triplets=make,
-                      extra_report={"ray": how}, **options)
+    with start_workers(settings, m, tokens, lin, model, max_memory) as workers:
+        def make() -> TopSingularTriplets:
+            result, split = svd_on_ray(workers, m, tokens, lin, k, tolerance, max_iterations,
+                                       block, on_iteration=on_iteration)
+            how.update(split)
+            return result
+        return svd_to_dir(m, tokens, lin, out_dir, k, tolerance, max_iterations, block,
+                          overwrite=overwrite, max_memory=max_memory, make_triplets=make,
+                          extra_report={"ray": how}, **options)
