@@ -54,9 +54,26 @@ def lens_reverse_flop(cfg: Dims, n_tokens: int, layers: list[int]) -> float:
 def lens_forward_flop(cfg: Dims, n_tokens: int, layers: list[int], passes: int = 1) -> float:
     """The same maps by pushing the N·d input directions forward once through layers
     0..max(layers) (layers.lens_maps_forward), in `passes` groups of positions where they do
-    not fit in memory at once (each pass forms the MLP matrices again). Cheaper than the
-    reverse sweep roughly when the number of layers exceeds 2N."""
+    not fit in memory at once (each pass forms the MLP matrices of its positions again).
+    Attention is causal, so a direction at position i is zero before i and crosses each
+    layer on its N − i rows only: Σ_i (N − i) = N(N + 1)/2 rows of d directions per layer,
+    against the reverse sweep's d · #{l ≥ j} directions on N rows each; the forward pass is
+    the cheaper one roughly when the number of layers exceeds N."""
     top, d, n = max(layers), cfg.d_model, n_tokens
-    per_pass = -(-n // passes) * d
-    return float(passes * sum(_layer_flop(cfg, n, per_pass, 1 if j == top else n)
-                              for j in range(top + 1)))
+    attention_row = 2 * (d * cfg.n_kv_head * cfg.head_dim_v + cfg.n_head * cfg.head_dim_v * d)
+    group = -(-n // passes)
+    total = 0.0
+    for start in range(0, n, group):
+        positions = range(start, min(start + group, n))
+        m = len(positions) * d
+        rows = sum(n - i for i in positions) * d  # direction-rows crossing a layer
+        matrix = mlp_as_matrix(cfg, m)
+        for j in range(top + 1):
+            total += rows * attention_row
+            if j == top:  # the last position's MLP alone
+                total += 2 * (d * d * cfg.d_ff + m * d * d) if matrix else 2 * m * 2 * d * cfg.d_ff
+            elif matrix:  # K at the positions from the group's first on, each applied
+                total += 2 * d * d * cfg.d_ff * (n - start) + 2 * rows * d * d
+            else:
+                total += 2 * rows * 2 * d * cfg.d_ff
+    return float(total)

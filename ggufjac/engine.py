@@ -38,7 +38,8 @@ from .gguf_file import pread_fully
 from .units import format_size
 from .costs import mlp_as_matrix
 from .layout import dims_of, has_constant, layer_tensor_name, linear_path
-from .linearize import DETACHED, Anchor, Coefficients, Linearization, at_last_position
+from .linearize import (DETACHED, POSITION_WISE, Anchor, Coefficients, Linearization, Site,
+                        at_last_position, is_rounding_site)
 from .model import (LayerWeights, attention_branch, block, final_norm, mlp_branch,
                     mlp_branch_matrices, mlp_branch_matrix)
 from .runner import input_embeddings
@@ -244,6 +245,17 @@ class SpilledTensors(Sequence[dict[str, torch.Tensor]]):
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+def _from_position(store: Coefficients, position: int) -> Coefficients:
+    """The recorded coefficients cut to the rows `position`.. (position-wise ones) and to
+    those queries and keys (the attention probabilities), for inputs that are zero before
+    `position`: attention is causal, so those rows never see the ones cut off."""
+    if position == 0:
+        return store
+    return {site: c[:, position:, position:] if site == "attn_probs"
+            else c[position:] if Site(site) in POSITION_WISE and c.dim() >= 2 and c.shape[0] > 1
+            else c for site, c in store.items()}
 
 
 @dataclass
@@ -650,7 +662,9 @@ class StreamingEngine:
     def push_forward_residuals(self, record: ForwardRecord, probes: torch.Tensor, top: int,
                                visit: Callable[[int, torch.Tensor], None],
                                held_bytes: int = 0, chunk: int | None = None,
-                               plan: MemoryPlan | None = None) -> None:
+                               plan: MemoryPlan | None = None,
+                               zero_before: Sequence[tuple[int, int, int]] | None = None
+                               ) -> None:
         """Probes [m, N, d] on the input embeddings pushed through layers 0..`top` of the
         frozen linear map (biases left out), in place: `visit(layer, x)` is called after each
         layer with x [m, N, d], the probes' images on that layer's output residual (at
@@ -658,6 +672,10 @@ class StreamingEngine:
         every intermediate map at once (layers.py's forward lens). `held_bytes`: memory the
         caller holds besides the record and the probes (the maps being filled); `plan`: the
         plan made for these probes before they were allocated, if the caller made one.
+        `zero_before`: blocks (first probe, end probe, position) whose probes are zero at
+        the positions before `position`, in increasing position order: attention is causal,
+        so those rows stay zero through every layer and are skipped (rows `position`.. run
+        with the coefficients cut to them), unless an anchor's roundings are replayed.
 
         As in the reverse sweep, the MLP is crossed by its per-position matrices where that
         costs less (`mlp_as_matrix`): m·d² per position once K is formed, against 2·m·d·d_ff."""
@@ -667,28 +685,35 @@ class StreamingEngine:
                                  forward=not matrix)
         x, step = probes, max(1, plan.chunk)
         rows = max(step, self._matrix_rows())
+        blocks = list(zero_before or [(0, m, 0)])
         timer = _SweepTimer(self, "forward maps", plan.block_elements)
         for layer, w in self.layers(range(top + 1), self.linear_path, "forward maps",
                                     plan.block_elements):
             store = record.coefficients[layer]
-            lin = self.lin.replaying(store)
+            cut = not any(is_rounding_site(site) for site in store)
             last = self.lin.replaying(at_last_position(store))
-            for s in range(0, m, step):
-                xs = x[s:s + step]
-                if layer == top:  # the MLP mixes no positions: the last row alone
-                    xs[:, -1:] += attention_branch(self.cfg, layer, w, xs, lin)[:, -1:]
-                    if not matrix:
-                        xs[:, -1:] += mlp_branch(self.cfg, w, xs[:, -1:], last)
-                elif matrix:
-                    xs += attention_branch(self.cfg, layer, w, xs, lin)
-                else:
-                    x[s:s + step] = block(self.cfg, layer, w, xs, lin).out
-            if matrix:  # mid -> mid + K_p mid at each position p
+            for first, end, position in blocks:
+                position = position if cut else 0
+                lin = self.lin.replaying(_from_position(store, position))
+                for s in range(first, end, step):
+                    xs = x[s:min(s + step, end), position:]
+                    if layer == top:  # the MLP mixes no positions: the last row alone
+                        xs[:, -1:] += attention_branch(self.cfg, layer, w, xs, lin)[:, -1:]
+                        if not matrix:
+                            xs[:, -1:] += mlp_branch(self.cfg, w, xs[:, -1:], last)
+                    elif matrix:
+                        xs += attention_branch(self.cfg, layer, w, xs, lin)
+                    else:
+                        xs.copy_(block(self.cfg, layer, w, xs, lin).out)
+            if matrix:  # mid -> mid + K_p mid at each position p, for the probes there
                 for p in [n - 1] if layer == top else range(n):
+                    reach = max((e for _, e, q in blocks if q <= p or not cut), default=0)
+                    if reach == 0:
+                        continue
                     k = mlp_branch_matrix(self.cfg, w, store, self.lin.gate_path, p,
                                           MLP_MATRIX_FFN_CHUNK).T
-                    for s in range(0, m, rows):
-                        x[s:s + rows, p] += x[s:s + rows, p] @ k
+                    for s in range(0, reach, rows):
+                        x[s:min(s + rows, reach), p] += x[s:min(s + rows, reach), p] @ k
                     del k
             visit(layer, x)
         timer.done()

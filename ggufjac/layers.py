@@ -30,8 +30,8 @@ from .weights import GGUFWeights
 
 KINDS = ("cumulative", "layer", "layer_no_residual", "attention", "mlp")
 # How the cumulative maps are made: one reverse sweep (map l's d directions pulled back
-# through layers l..0), one forward pass (the N·d input directions through every layer), or
-# whichever costs less by costs.py's counts.
+# through layers l..0), one forward pass (the N·d input directions through every layer, each
+# on the rows from its own position on), or whichever costs less by costs.py's counts.
 SWEEPS = ("auto", "reverse", "forward")
 
 
@@ -148,8 +148,10 @@ def lens_maps_forward(engine: StreamingEngine, record: ForwardRecord, inputs: to
                 jacobians[layer][:, start:stop, :] = \
                     cols[:, 0].reshape(stop - start, d, d).permute(2, 0, 1)
 
+        # probe (i, a) is zero before position i, and stays so (attention is causal)
+        blocks = [((i - start) * d, (i - start + 1) * d, i) for i in range(start, stop)]
         engine.push_forward_residuals(record, probes, chosen[-1], visit, held_bytes=held,
-                                      plan=plan)
+                                      plan=plan, zero_before=blocks)
         del probes
     return [LayerMap(l, "cumulative", jacobians[l], inputs, outputs[l], constants[l])
             for l in reversed(chosen)]

@@ -93,7 +93,7 @@ def test_forward_and_reverse_lens_agree_with_autograd(synthetic, arch: str) -> N
 
 
 def test_deeper_model_gate_path_and_chosen_layers(tmp_path) -> None:
-    """Six layers, a short prompt (auto picks the forward pass: L > 2N), a subset of layers
+    """Six layers, a short prompt (auto picks the forward pass: L > N), a subset of layers
     with a gap, the gate path 'gate', and the affine family."""
     path = write_synthetic_gguf(tmp_path / "deep.gguf", "qwen2", Shape(n_layer=6), "Q8_0")
     m = open_model(path, dtype="float64")
@@ -112,7 +112,7 @@ def test_deeper_model_gate_path_and_chosen_layers(tmp_path) -> None:
     assert n <= 2 and lens_forward_flop(dims, n, every) < lens_reverse_flop(dims, n, every)
     assert choose_sweep(engine, n, every) == "forward"
     assert choose_sweep(engine, n, every, "reverse") == "reverse"
-    assert choose_sweep(engine, 16, every) == "reverse"  # L < 2N
+    assert choose_sweep(engine, 16, every) == "reverse"  # L well below N
     with pytest.raises(GgufjacError, match="choose from auto, reverse, forward"):
         choose_sweep(engine, n, every, "sideways")
     sweeps: list[str] = []
@@ -173,3 +173,20 @@ def test_layers_cli_reports_and_forces_the_sweep(synthetic, tmp_path) -> None:
                         "--out", str(tmp_path / "x"), "--sweep", "sideways"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "sideways" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_anchored_forward_lens_equals_the_reverse_one(synthetic) -> None:
+    """Anchored to llama.cpp (frozen rounding ratios on the linear path: the forward pass then
+    runs every row of every direction), both sweeps give the same maps, each reconstructing
+    its output."""
+    m = open_model(synthetic("olmo2", "Q8_0"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    engine = m.engine(anchor=m.anchor(tokens))
+    x = engine.embed(tokens)
+    record = engine.forward(x)
+    assert any(site.startswith("in:") for site in record.coefficients[0])
+    rev, _ = cumulative_maps(engine, record, x, [0, 1], sweep="reverse")
+    fwd, _ = cumulative_maps(engine, record, x, [0, 1], sweep="forward")
+    for r, f in zip(rev, fwd):
+        assert _rel(f.jacobian, r.jacobian) <= 1e-12
+        assert f.reconstruction_rel_error() <= 1e-12

@@ -10,7 +10,8 @@ logit lens) by each sweep in turn, on the same record (`layers.cumulative_maps`,
 'reverse' and to 'forward'), alternating, `--repeats` times each; the counted operations
 (costs.lens_reverse_flop / lens_forward_flop), the wall time, the rate, which sweep `auto`
 picks, and the largest relative difference between the two sweeps' maps. `--tokens`: the
-prompt cut to these many tokens (each a separate case; the forward pass gains as L/2N grows).
+prompt cut to (or repeated to) these many tokens, each a separate case: the forward pass
+gains as L/N grows.
 
 compare: `compare_prompts` of the model against its Q8_0 requantization (llama.cpp's
 quantizer, written to a temporary directory) on `--prompts` prompts, with every analysis and
@@ -20,7 +21,7 @@ must agree (their largest relative difference is printed).
 
 The 8B-shaped file: `python -m tools.big_model llama-3.1-8b big-8b.gguf` (~4.9 GB, a few
 minutes; `--remove` when done). Its maps at 2 tokens hold 32 × 4096 × 2 × 4096 floats
-(4.3 GB in float32), and the reverse sweep counts ~357 TFLOP against the forward pass's ~70:
+(4.3 GB in float32), and the reverse sweep counts ~357 TFLOP against the forward pass's ~60:
 hours on a 2-core CPU; on a GPU use --device cuda.
 """
 
@@ -109,15 +110,17 @@ def _compare_before():
     return module
 
 
-def _largest_difference(x: object, y: object) -> float:
-    """The largest relative difference between two entries' numbers, walking both."""
+def _largest_difference(x: object, y: object, path: str = "") -> tuple[float, str]:
+    """The largest relative difference between two entries' numbers, and where it is."""
     if isinstance(x, dict):
-        return max([_largest_difference(x[k], y[k]) for k in x], default=0.0)
+        return max([_largest_difference(x[k], y[k], f"{path}.{k}") for k in x],
+                   default=(0.0, path))
     if isinstance(x, list):
-        return max([_largest_difference(a, b) for a, b in zip(x, y)], default=0.0)
+        return max([_largest_difference(a, b, f"{path}[{i}]") for i, (a, b) in
+                    enumerate(zip(x, y))], default=(0.0, path))
     if isinstance(x, float) and isinstance(y, float):
-        return abs(x - y) / max(abs(x), 1e-300) if x != y else 0.0
-    return 0.0 if x == y else float("inf")
+        return (abs(x - y) / max(abs(x), 1e-300) if x != y else 0.0), path
+    return (0.0 if x == y else float("inf")), path
 
 
 def bench_compare(model: str, n_prompts: int, dtype: str, repeats: int) -> None:
@@ -144,9 +147,10 @@ def bench_compare(model: str, n_prompts: int, dtype: str, repeats: int) -> None:
                     times[name].append(time.perf_counter() - t0)
         for name in ("before", "after"):
             print(f"  {name:6s} " + ", ".join(f"{t:.1f}" for t in times[name]) + " s")
+        largest, where = _largest_difference(entries["before"], entries["after"])
         print(f"  before/after: {min(times['before']) / min(times['after']):.2f}x; largest "
-              f"relative difference of any figure "
-              f"{_largest_difference(entries['before'], entries['after']):.1e}")
+              f"relative difference of any figure {largest:.1e} (at {where}; the two sweeps "
+              f"round differently)")
 
 
 def main() -> None:
