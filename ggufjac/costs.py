@@ -51,14 +51,16 @@ def lens_reverse_flop(cfg: Dims, n_tokens: int, layers: list[int]) -> float:
                                  1 if j == top else n_tokens) for j in range(top + 1)))
 
 
-def lens_forward_flop(cfg: Dims, n_tokens: int, layers: list[int], passes: int = 1) -> float:
+def lens_forward_flop(cfg: Dims, n_tokens: int, layers: list[int], passes: int = 1,
+                      causal: bool = True) -> float:
     """The same maps by pushing the N·d input directions forward once through layers
     0..max(layers) (layers.lens_maps_forward), in `passes` groups of positions where they do
     not fit in memory at once (each pass forms the MLP matrices of its positions again).
     Attention is causal, so a direction at position i is zero before i and crosses each
     layer on its N − i rows only: Σ_i (N − i) = N(N + 1)/2 rows of d directions per layer,
     against the reverse sweep's d · #{l ≥ j} directions on N rows each; the forward pass is
-    the cheaper one roughly when the number of layers exceeds N."""
+    the cheaper one roughly when the number of layers exceeds N. `causal=False`: every
+    direction on all N rows (an anchored run, whose rounding ratios are not cut to rows)."""
     top, d, n = max(layers), cfg.d_model, n_tokens
     attention_row = 2 * (d * cfg.n_kv_head * cfg.head_dim_v + cfg.n_head * cfg.head_dim_v * d)
     group = -(-n // passes)
@@ -66,14 +68,15 @@ def lens_forward_flop(cfg: Dims, n_tokens: int, layers: list[int], passes: int =
     for start in range(0, n, group):
         positions = range(start, min(start + group, n))
         m = len(positions) * d
-        rows = sum(n - i for i in positions) * d  # direction-rows crossing a layer
+        rows = (sum(n - i for i in positions) if causal else n * len(positions)) * d
+        first = start if causal else 0  # the first position whose MLP matrix is applied
         matrix = mlp_as_matrix(cfg, m)
         for j in range(top + 1):
             total += rows * attention_row
             if j == top:  # the last position's MLP alone
                 total += 2 * (d * d * cfg.d_ff + m * d * d) if matrix else 2 * m * 2 * d * cfg.d_ff
             elif matrix:  # K at the positions from the group's first on, each applied
-                total += 2 * d * d * cfg.d_ff * (n - start) + 2 * rows * d * d
+                total += 2 * d * d * cfg.d_ff * (n - first) + 2 * rows * d * d
             else:
                 total += 2 * rows * 2 * d * cfg.d_ff
     return float(total)

@@ -166,7 +166,8 @@ def choose_sweep(engine: StreamingEngine, n_tokens: int, layers: list[int],
     if sweep != "auto":
         return sweep
     dims = dims_of(engine.cfg)
-    forward = lens_forward_flop(dims, n_tokens, layers, passes)
+    # an anchor's rounding ratios are not cut to rows: its forward pass runs all N of them
+    forward = lens_forward_flop(dims, n_tokens, layers, passes, causal=engine.anchor is None)
     return "forward" if forward < lens_reverse_flop(dims, n_tokens, layers) else "reverse"
 
 

@@ -460,7 +460,8 @@ def layers_to_dir(m: LoadedModel, tokens: list[int], layers: list[int], lin: Lin
     dims = dims_of(m.cfg)
     report["sweep"] = used[0]  # the cumulative maps': one reverse sweep or one forward pass
     report["sweep_flop"] = {"reverse": lens_reverse_flop(dims, len(tokens), layers),
-                            "forward": lens_forward_flop(dims, len(tokens), layers)}
+                            "forward": lens_forward_flop(dims, len(tokens), layers,
+                                                         causal=anchored is None)}
     report.update(prediction_figures(m, tokens, y, anchored,
                                      llama_cpp_figures and anchored is None))
     if chat is not None:
