@@ -89,28 +89,39 @@ class _Worker:
             self.record = self.engine.forward(self.engine.embed(self.tokens))
         return self.record
 
-    def output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """y and the constant c of the forward pass (c: None without biases)."""
-        record = self._recorded()
-        return record.output[-1].clone(), record.constant
+    def opened(self) -> None:
+        """Nothing, once the model is open; else why not."""
+        if self.error is not None:
+            raise self.error
 
-    def rows(self, first: int, stop: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows first..stop of J, y)."""
+    @staticmethod
+    def _output(record) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """y and the constant c of the forward pass (c: None without biases), sent with
+        every answer: the driver checks that every worker's are the same bits."""
+        c = None if record.constant is None else record.constant.cpu()
+        return record.output[-1].cpu().clone(), c
+
+    def output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, c), the forward pass run if it has not been."""
+        return self._output(self._recorded())
+
+    def rows(self, first: int, stop: int, chunk: int) -> tuple[torch.Tensor, tuple]:
+        """(rows first..stop of J, (y, c))."""
         record = self._recorded()
         rows = jacobian_rows(self.engine, record, first, stop, chunk).cpu()
-        return rows, record.output[-1].clone()
+        return rows, self._output(record)
 
-    def gram(self, q: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """((Qᵀ J, J Jᵀ Q), y) for columns q [d, m]."""
+    def gram(self, q: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
+        """((Qᵀ J, J Jᵀ Q), (y, c)) for columns q [d, m]."""
         record = self._recorded()
         rows, image = JacobianProducts(self.engine, record).gram(q)
-        return (rows.cpu(), image.cpu()), record.output[-1].clone()
+        return (rows.cpu(), image.cpu()), self._output(record)
 
-    def transposed(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Uᵀ J, y) for columns u [d, m]."""
+    def transposed(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(Uᵀ J, (y, c)) for columns u [d, m]."""
         record = self._recorded()
         rows = JacobianProducts(self.engine, record).transposed(u).cpu()
-        return rows, record.output[-1].clone()
+        return rows, self._output(record)
 
 
 class RayWorkers:
@@ -134,11 +145,10 @@ class RayWorkers:
             self.options = {"num_cpus": settings.threads, "max_restarts": 0}
             self.args = (model, dtype, gate_path, tokens, settings.threads, max_memory)
             self.actors = [self._new_actor() for _ in range(n)]
+            # y and c of the forward pass, from the first answer (every later one must match)
             self.output: torch.Tensor | None = None
             self.constant: torch.Tensor | None = None
-            first = self._get(self.actors[0].output.remote())
-            self.output, self.constant = first
-            self.node_outputs_checked = 1
+            self._get([a.opened.remote() for a in self.actors])  # each opened the model
         except BaseException:
             self.close()
             raise
@@ -152,12 +162,32 @@ class RayWorkers:
         except (self.ray.exceptions.RayTaskError, self.ray.exceptions.RayActorError) as e:
             raise worker_error(self.ray, e) from None
 
-    def _check_output(self, y: torch.Tensor) -> None:
-        """Every worker's forward pass must give this run's y bit for bit."""
-        if not torch.equal(y, self.output):
+    def _check_output(self, output: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Every worker's forward pass must give this run's y (and c) bit for bit."""
+        y, c = output
+        if self.output is None:
+            self.output, self.constant = y, c
+        elif not torch.equal(y, self.output) or (c is None) != (self.constant is None) \
+                or (c is not None and not torch.equal(c, self.constant)):
             raise GgufjacError(
                 "the Ray workers' forward passes differ (another model file at the path on "
                 "some node, or a CPU with other kernels): their J would not be one matrix")
+
+    def forward(self) -> None:
+        """Every worker's forward pass, at once; `output` and `constant` are then set (and
+        the same bits on every worker, or refused)."""
+        refs = [a.output.remote() for a in self.actors]
+        for slot, ref in enumerate(refs):
+            try:
+                output = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:  # a fresh one runs it when first asked
+                self.actors[slot] = self._new_actor()
+                continue
+            except self.ray.exceptions.RayTaskError as e:
+                raise worker_error(self.ray, e) from None
+            self._check_output(output)
+        if self.output is None:
+            raise GgufjacError(f"every Ray worker ({len(refs)}) died in the forward pass")
 
     def run(self, method: str, requests: list[tuple], done: Callable[[int, Any], None],
             progress: bool = False) -> None:
@@ -182,7 +212,7 @@ class RayWorkers:
                 (ref,), _ = ray.wait(list(flying), num_returns=1)
                 slot, i = flying.pop(ref)
                 try:
-                    result, y = ray.get(ref)
+                    result, output = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     attempts[i] += 1
                     if attempts[i] >= MAX_ATTEMPTS:
@@ -195,7 +225,7 @@ class RayWorkers:
                 except ray.exceptions.RayTaskError as e:
                     raise worker_error(ray, e) from None
                 else:
-                    self._check_output(y)
+                    self._check_output(output)
                     done(i, result)
                     bar.update(1)
                 feed(slot)
@@ -288,6 +318,7 @@ def jacobian_on_ray(workers: RayWorkers, m, tokens: list[int], lin: Linearizatio
     for bit: see the module docstring), and how the work was split (for the report)."""
     d, n = m.cfg.d_model, len(tokens)
     engine = m.engine(lin, max_memory=max_memory)
+    workers.forward()
     settings, n_workers = workers.settings, len(workers.actors)
     directions = settings.directions or min(directions_per_sweep(engine, n),
                                             math.ceil(d / (2 * n_workers)))
@@ -321,6 +352,7 @@ def svd_on_ray(workers: RayWorkers, m, tokens: list[int], lin: Linearization, k:
     check_top_k(k, m.cfg.d_model, len(tokens))
     n_workers = len(workers.actors)
     b = min(block or max(default_block(k, len(tokens)), n_workers), m.cfg.d_model)
+    workers.forward()
     products = RayProducts(workers, _inputs(m, tokens, lin))
     result = triplets_of_products(products, k, tol, max_iterations, b, seed, on_iteration)
     how = {"address": workers.settings.address, "workers": n_workers,

@@ -14,8 +14,9 @@ from memory, none from the disk):
   ray, 1 worker             ... --ray ADDR --workers 1 --threads 1
   ray, 2 workers            ... --ray ADDR --workers 2 --threads 1
 
-Each line gives the command's wall time and the Jacobian's own seconds (report.json:
-from the model opened to J written, the workers' start and forward passes included), then
+Each line gives the command's wall time and the Jacobian's own seconds (report.json's
+jacobian_seconds: the forward passes and the sweeps to J written; the Ray workers' start,
+a fresh Python importing torch and opening the model, is in the wall time only), then
 the ratios: 1 → 2 workers (the scaling), one process with 1 thread and with 2 threads
 against 2 workers. The Ray runs split the d output directions in two requests per worker,
 each a reverse sweep that reads every layer again, and every worker runs the forward pass:
