@@ -200,3 +200,29 @@ def test_ray_options_refused_where_they_mean_nothing(synthetic, tmp_path) -> Non
         run = _ggufjac(["jacobian", model, "-p", PROMPT, "--out", str(tmp_path / "o"), *args],
                        dict(os.environ), timeout=120)
         assert run.returncode == 2 and says in run.stderr, run.stderr
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_refused(synthetic, tmp_path, cluster) -> None:
+    """3 workers of 1 thread on a 2-CPU cluster would wait for a CPU forever: refused."""
+    address, env = cluster
+    run = _ggufjac(["jacobian", str(synthetic("llama", "Q8_0")), "-p", PROMPT, "--out",
+                    str(tmp_path / "out"), "--ray", address, "--workers", "3"], env,
+                   timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "need 3 CPUs; the cluster has 2" in lines[0], run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_missing_is_one_line(synthetic, tmp_path) -> None:
+    """Without Ray installed (an import of it fails): one line saying how to install it."""
+    blocker = tmp_path / "no-ray"
+    blocker.mkdir()
+    (blocker / "ray.py").write_text("raise ImportError('No module named ray')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(blocker), os.environ.get("PYTHONPATH")) if p))
+    run = _ggufjac(["svd", str(synthetic("llama", "Q8_0")), "-p", PROMPT, "--out",
+                    str(tmp_path / "out"), "--ray", "auto"], env, timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines == ["ggufjac: error: --ray needs Ray (pip install 'ggufjac[ray]')"], run.stderr
