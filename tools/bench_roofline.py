@@ -157,7 +157,8 @@ def measure(name: str, run: Callable[[], object], flop: float, gemms: Counter,
 
 
 def bench(model: str, dtype_name: str, prompt: str, tokens: int | None, directions: int | None,
-          lens_layers: int, sweeps: list[str], device: str) -> list[dict]:
+          lens_layers: int, sweeps: list[str], device: str, chunk: int | None = None
+          ) -> list[dict]:
     from ggufjac.api import open_model
     from ggufjac.costs import sweep_flop
     from ggufjac.layout import dims_of
@@ -180,8 +181,8 @@ def bench(model: str, dtype_name: str, prompt: str, tokens: int | None, directio
     if "jacobian" in sweeps:
         k = d if directions is None else min(directions, d)
         eye = torch.eye(d, dtype=dtype, device=dev)[:k]
-        chunk = engine.plan(k, n).chunk
-        rows.append(measure(f"jacobian reverse ({k} dirs)",
+        chunk = chunk or engine.plan(k, n).chunk
+        rows.append(measure(f"jacobian reverse ({k} dirs, {chunk} per batch)",
                             lambda: engine.pull_back_output(record, eye, chunk),
                             sweep_flop(dims, layers, n, k),
                             sweep_gemms(engine, n, [k] * layers, chunk), dtype, dev))
@@ -263,6 +264,9 @@ def main() -> None:
                     help="prompt length (the prompt's tokens repeated; default: the prompt's)")
     ap.add_argument("--directions", type=int, default=None,
                     help="output directions of the Jacobian sweep (default: all d)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="directions per batched backward in the Jacobian sweep (default: "
+                         "the memory plan's)")
     ap.add_argument("--lens-layers", type=int, default=4,
                     help="cumulative maps of this many evenly spaced layers")
     ap.add_argument("--sweeps", nargs="+", default=["forward", "jacobian", "svd", "layers"],
@@ -272,12 +276,12 @@ def main() -> None:
     model = str(big_file(args.big, args.layers, args.dir)) if args.big else args.model
     print(f"{args.big or args.model}; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; {args.device}")
-    print(f"{'dtype':<8}{'sweep':<30}{'GFLOP':>9}{'wall s':>9}{'GFLOP/s':>9}"
+    print(f"{'dtype':<8}{'sweep':<44}{'GFLOP':>9}{'wall s':>9}{'GFLOP/s':>9}"
           f"{'torch GEMM':>11}{'fraction':>9}{'gemm/count':>11}")
     for dtype in args.dtype:
         for r in bench(model, dtype, args.prompt, args.tokens, args.directions,
-                       args.lens_layers, args.sweeps, args.device):
-            print(f"{dtype:<8}{r['sweep']:<30}{r['flop'] / 1e9:>9.2f}{r['wall']:>9.3f}"
+                       args.lens_layers, args.sweeps, args.device, args.chunk):
+            print(f"{dtype:<8}{r['sweep']:<44}{r['flop'] / 1e9:>9.2f}{r['wall']:>9.3f}"
                   f"{r['rate'] / 1e9:>9.1f}{r['torch'] / 1e9:>11.1f}"
                   f"{r['rate'] / r['torch']:>8.0%}{r['coverage']:>11.2f}", flush=True)
 
