@@ -16,7 +16,7 @@ from ggufjac.costs import lens_forward_flop, lens_reverse_flop
 from ggufjac.errors import GgufjacError
 from ggufjac.layers import choose_sweep, cumulative_maps, layer_maps
 from ggufjac.layout import dims_of
-from ggufjac.linearize import DETACHED, Coefficients, Linearization
+from ggufjac.linearize import DETACHED, Coefficients, Linearization, at_last_position
 from ggufjac.model import block, final_norm
 from tools.synthetic import Shape, write_synthetic_gguf
 
@@ -190,3 +190,35 @@ def test_anchored_forward_lens_equals_the_reverse_one(synthetic) -> None:
     for r, f in zip(rev, fwd):
         assert _rel(f.jacobian, r.jacobian) <= 1e-12
         assert f.reconstruction_rel_error() <= 1e-12
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_forward_lens_with_streamed_or_whole_layers(synthetic, streaming: bool) -> None:
+    """Matrices read in small row blocks at each use, or held whole: the same maps as the
+    reverse sweep's, whether the MLP is crossed by its matrices (all directions) or through
+    its projections (one position's directions)."""
+    m = open_model(synthetic("gemma3", "Q4_K_M"), dtype="float64")
+    tokens = m.tokenize(PROMPT)
+    x0 = m.engine().embed(tokens)
+    record = m.engine().forward(x0)
+    rev, _ = cumulative_maps(m.engine(), record, x0, [0, 1], sweep="reverse")
+    engine = m.engine(streaming=streaming, block_elements=4096)
+    fwd, _ = cumulative_maps(engine, record, x0, [0, 1], sweep="forward")
+    for r, f in zip(rev, fwd):
+        assert _rel(f.jacobian, r.jacobian) <= 1e-12
+    # one position's d directions, below the MLP matrices' break-even
+    d = m.cfg.d_model
+    assert not engine.mlp_as_matrix(d // 4)
+    probes = torch.zeros((d // 4, len(tokens), d), dtype=torch.float64)
+    probes[:, -2, :d // 4] = torch.eye(d // 4, dtype=torch.float64)
+    seen = {}
+    engine.push_forward_residuals(record, probes.clone(), 1, lambda l, x: seen.update(
+        {l: x[:, -1].clone()}), zero_before=[(0, d // 4, len(tokens) - 2)])
+    ref = rev[0]  # layer 1's lens: its columns at position N-2 are these probes' images
+    norm = torch.linalg.vector_norm
+    cols = ref.jacobian[:, -2, :d // 4].T  # through the frozen final norm
+    store: Coefficients = {}
+    final_norm(m.cfg, engine.output_norm, record.residuals[2], engine.lin.recording(store))
+    got = final_norm(m.cfg, engine.output_norm, seen[1][:, None],
+                     engine.lin.replaying(at_last_position(store)))[:, 0]
+    assert float(norm(got - cols) / norm(cols)) <= 1e-12
