@@ -28,6 +28,7 @@ import torch
 
 from .errors import GGUFError, GgufjacError
 from .gguf_file import GGUFFile, TensorInfo, pread_fully
+from .layout import layer_of_tensor
 from .units import format_size, parse_size
 
 # Bytes per staged read: large enough that each read is one long sequential request to the
@@ -249,12 +250,6 @@ class StagedReader:
 # -- which tensors stay resident ------------------------------------------------------------
 
 
-def _layer_of(name: str) -> int | None:
-    if not name.startswith("blk."):
-        return None
-    return int(name.split(".", 2)[1])
-
-
 VOCABULARY_TABLES = ("token_embd.weight", "output.weight")
 
 
@@ -297,7 +292,7 @@ def plan_residency(tensors: dict[str, TensorInfo], budget: int, reserve: int) ->
     layers: dict[int, list[TensorInfo]] = {}
     small, vocabulary = [], []
     for info in tensors.values():
-        layer = _layer_of(info.name)
+        layer = layer_of_tensor(info.name)
         if layer is not None:
             layers.setdefault(layer, []).append(info)
         elif info.name in VOCABULARY_TABLES:

@@ -162,6 +162,13 @@ def layer_tensor_name(layer: int, stored: str, part: str = "weight") -> str:
     return f"blk.{layer}.{stored}.{part}"
 
 
+def layer_of_tensor(name: str) -> int | None:
+    """The layer a file's tensor belongs to ('blk.N.…' → N), None for a global tensor."""
+    prefix, _, rest = name.partition(".")
+    index = rest.partition(".")[0]
+    return int(index) if prefix == "blk" and index.isdigit() else None
+
+
 def bias_key(name: str) -> str:
     """The key of layer tensor `name`'s bias among a layer's loaded tensors ('attn_q.bias')."""
     return f"{name}.bias"

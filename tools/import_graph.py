@@ -34,7 +34,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "vocab", "chat"),
     "layout": ("families", "layout", "activation_formats", "costs"),
     "model and rules": ("linearize", "blocked", "routing", "model"),
-    "engine": ("weights", "runner", "engine"),
+    "engine": ("device_weights", "weights", "runner", "engine"),
     "analyses": ("metrics", "analysis", "jacobian", "svd", "layers", "cvector", "components"),
     "llama.cpp": ("llamacpp", "llamacpp_worker", "anchor"),
     "reports of one model": ("model_reports", "plots"),
