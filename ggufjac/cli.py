@@ -122,6 +122,13 @@ def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("ggufjac: interrupted; no result files were written", err=True)
             sys.exit(130)
+        except RuntimeError as e:
+            torch = sys.modules.get("torch")  # loaded by whatever ran out of memory
+            if torch is not None and isinstance(e, torch.OutOfMemoryError):
+                _fail("the GPU ran out of memory; no result files were written. Give "
+                      "--max-gpu-memory a smaller budget: fewer weights are then held and "
+                      "the batches of directions are smaller")
+            raise
     return wrapper
 
 

@@ -273,3 +273,22 @@ def test_svd_to_dir_equals_the_dense_svd(synthetic, tmp_path, monkeypatch) -> No
     with pytest.raises(GgufjacError, match="rank at most"):
         svd_to_dir(m, tokens, lin, tmp_path / "k", d + 1)
     assert not (tmp_path / "k").exists()
+
+
+def test_gpu_out_of_memory_is_one_line_naming_the_budget(eight_layers, tmp_path,
+                                                          monkeypatch) -> None:
+    """A device that runs out of memory mid-run (torch's OutOfMemoryError, raised here where
+    the Jacobian is computed) ends in one line naming the option that helps, not a
+    traceback, and leaves no output directory."""
+    import ggufjac.reports
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ggufjac.reports, "jacobian_to_dir", out_of_memory)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["jacobian", str(eight_layers), "-p", PROMPT, "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "ran out of memory" in lines[0] and "--max-gpu-memory" in lines[0]
+    assert "Traceback" not in r.output and not out.exists()
