@@ -350,7 +350,7 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
 
     from .analysis import spectrum
     from .jacobian import JacobianResult
-    from .layers import lens_maps
+    from .layers import cumulative_maps
     from .metrics import logits_agreement
     from .runner import unembed
     from .svd import top_singular_triplets, triplets_of_jacobian
@@ -416,7 +416,7 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
         if "lens" in settings.analyses:
             layers = list(range(m.cfg.n_layer))
             plan = engine.plan(d * len(layers), n)
-            maps = sorted(lens_maps(engine, record, x, layers, plan.chunk),
+            maps = sorted(cumulative_maps(engine, record, x, layers, plan.chunk)[0],
                           key=lambda mp: mp.layer)
             outputs = torch.stack([mp.output for mp in maps], dim=1)
             decoded = _decoded(m, "lens", outputs, layers, [None] * len(layers))

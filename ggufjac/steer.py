@@ -42,7 +42,7 @@ from .analysis import spectrum, top_tokens_by_unembedding
 from .chat import ChatRequest
 from .cvector import ControlVector, check_scale, parse_layer_range
 from .errors import GgufjacError
-from .layers import LayerMap, layer_maps, lens_maps
+from .layers import LayerMap, cumulative_maps, layer_maps
 from .linearize import PLAIN, Linearization
 from .runner import ResidualEdit, Transformer
 
@@ -122,8 +122,8 @@ def source_maps(m: LoadedModel, tokens: list[int], layers: Sequence[int], operat
         residuals = None
     else:
         record = engine.forward(inputs)
-        maps = lens_maps(engine, record, inputs, layers,
-                         engine.plan(engine.cfg.d_model * len(layers), len(tokens)).chunk)
+        maps, _ = cumulative_maps(engine, record, inputs, layers,
+                                  engine.plan(engine.cfg.d_model * len(layers), len(tokens)).chunk)
         residuals = {l: float(torch.linalg.vector_norm(record.residuals[l + 1][-1]))
                      for l in layers}
     by_layer: dict[int, dict[str, LayerMap]] = {}
