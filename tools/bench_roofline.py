@@ -14,7 +14,8 @@ and `layers`' cumulative maps by the reverse and the forward sweep) it prints:
 - torch's GEMM rate at the same shapes, measured in the same run: the matrix products the
   count describes, shaped as the engine makes them (its chunks of directions, d_ff chunks
   and positions per MLP-matrix product; the forward pass: [N, cols] @ [cols, rows] per
-  layer matrix, which it multiplies in quantized blocks by the compiled kernels), each timed
+  layer matrix, which it multiplies in quantized blocks by the compiled kernels; `layers`'
+  maps: the torch products the sweep made, recorded by torch.profiler in one more run), each timed
   alone in torch with fresh contiguous operands; the rate is their FLOPs over that time;
 - the fraction: (counted FLOPs / wall time) / torch's rate — 100 % is the sweep running
   at the rate of its own products with nothing else (dequantization, elementwise work,
@@ -38,6 +39,29 @@ from pathlib import Path
 import torch
 
 PROMPT = "The bridge out of Marin is the"
+
+
+GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2),
+            "aten::bmm": (0, 1), "aten::baddbmm": (1, 2), "aten::baddbmm_": (1, 2)}
+
+
+def gemms_of(run: Callable[[], object]) -> Counter:
+    """The torch matrix products `run` makes, {(batch, m, k, n): count}, recorded by
+    torch.profiler (for sweeps whose shapes follow the code rather than a fixed plan)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    found: Counter = Counter()
+    for e in prof.events():
+        if e.name not in GEMM_OPS:
+            continue
+        a, b = (e.input_shapes[i] for i in GEMM_OPS[e.name])
+        if len(a) == 3:
+            found[(a[0], a[1], a[2], b[2])] += 1
+        elif len(a) == 2:
+            found[(1, a[0], a[1], b[1])] += 1
+    return found
 
 
 def gemm_seconds(shape: tuple[int, int, int, int], dtype: torch.dtype,
@@ -208,7 +232,8 @@ def bench(model: str, dtype_name: str, prompt: str, tokens: int | None, directio
 def lens_rows(engine, record, x: torch.Tensor, count: int, dtype: torch.dtype,
               device: torch.device) -> list[dict]:
     """`layers`' cumulative maps of `count` evenly spaced layers, by each sweep layers.py
-    offers (where its cost counts are there to compare with)."""
+    offers (where its cost counts are there to compare with); torch's rate at the products
+    the sweep made, recorded by the profiler in one more run."""
     from ggufjac import costs, layers as lens
     from ggufjac.layout import dims_of
 
@@ -220,20 +245,15 @@ def lens_rows(engine, record, x: torch.Tensor, count: int, dtype: torch.dtype,
         return []
     n_layer, n = engine.cfg.n_layer, x.shape[0]
     chosen = sorted({round(i * (n_layer - 1) / max(count - 1, 1)) for i in range(count)})
-    dims, rows, d = dims_of(engine.cfg), [], engine.cfg.d_model
-    reverse_dirs = [d * sum(1 for l in chosen if l >= j) for j in range(chosen[-1] + 1)]
-    reverse_chunk = engine.plan(d * len(chosen), n).chunk
-    forward_chunk = engine.plan(n * d, n, forward=not engine.mlp_as_matrix(n * d)).chunk
-    for sweep, count_of, gemms in (
-            ("reverse", reverse_count, sweep_gemms(engine, n, reverse_dirs, reverse_chunk)),
-            ("forward", forward_count,
-             sweep_gemms(engine, n, [n * d] * (chosen[-1] + 1), forward_chunk))):
+    dims, rows = dims_of(engine.cfg), []
+    for sweep, count_of in (("reverse", reverse_count), ("forward", forward_count)):
         if count_of is None:
             continue
         try:
-            rows.append(measure(f"layers {sweep} ({len(chosen)} maps)",
-                                lambda: maps(engine, record, x, chosen, sweep=sweep),
-                                count_of(dims, n, chosen), gemms, dtype, device))
+            def run() -> object:
+                return maps(engine, record, x, chosen, sweep=sweep)
+            rows.append(measure(f"layers {sweep} ({len(chosen)} maps)", run,
+                                count_of(dims, n, chosen), gemms_of(run), dtype, device))
         except Exception as e:  # a sweep this version cannot run: say so, go on
             print(f"layers {sweep}: {e}")
     return rows
