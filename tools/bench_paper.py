@@ -158,7 +158,8 @@ def run(side: str, args: argparse.Namespace, save: str) -> dict:
         out = subprocess.run(cmd, capture_output=True, text=True)
         whole = time.perf_counter() - t0
         if out.returncode:
-            raise SystemExit(f"{side}: {out.stderr.strip().splitlines()[-1:]}")
+            last = out.stderr.strip().splitlines()
+            raise SystemExit(f"{side}: {last[-1] if last else f'exit status {out.returncode}'}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["peak"] = int(Path(report.name).read_text())
     result["whole"] = whole
