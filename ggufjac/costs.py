@@ -25,7 +25,7 @@ def sweep_flop(cfg: Dims, n_layer: int, n_tokens: int, n_directions: int) -> flo
     if mlp_as_matrix(cfg, m):
         mlp = 2 * (d * d * f + m * d * d) * ((layers - 1) * n + 1)
     else:
-        mlp = 2 * m * n * 2 * d * f * layers
+        mlp = 2 * m * 2 * d * f * ((layers - 1) * n + 1)
     return float(layers * attention + mlp)
 
 
