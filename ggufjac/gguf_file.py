@@ -405,16 +405,23 @@ class GGUFFile:
         self.bytes_read += done
         return out
 
-    def mapped(self, start: int, n_bytes: int) -> np.ndarray | None:
+    def mapped(self, start: int, n_bytes: int, exact: bool = False) -> np.ndarray | None:
         """Bytes [start, start + n_bytes) as a read-only view of the mapping, its pages mapped
         in now (madvise POPULATE_READ: waits for the disk included, in `read_seconds`), so
         that reading them costs no copy and no page faults; `release` them after use. None
-        where the system cannot (then `read_into`)."""
+        where the system cannot (then `read_into`). `exact`: read these bytes and no others
+        (an expert among experts that no token selected): a page missing from the cache
+        when it is mapped in makes the kernel read the device's whole read-ahead window
+        around it (megabytes: the unselected neighbours), so the range is first asked for
+        as it is (posix_fadvise WILLNEED reads just it) and then found in the cache."""
         if self._mmap is None or _MADV_POPULATE_READ is None or n_bytes <= 0:
             return None
         self.check_intact(f"bytes [{start}, {start + n_bytes})")
         t0 = time.perf_counter()
         first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        if exact and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._reader(), first, start + n_bytes - first,
+                             os.POSIX_FADV_WILLNEED)
         try:
             self._mmap.madvise(_MADV_POPULATE_READ, first, start + n_bytes - first)
         except OSError:  # a kernel older than Linux 5.14

@@ -73,8 +73,11 @@ class StreamedMatrix:
     read again at every use."""
 
     def __init__(self, weights: GGUFWeights, info: TensorInfo, first: int, n_rows: int,
-                 block_rows: int, pool: BufferPool | None) -> None:
+                 block_rows: int, pool: BufferPool | None, exact_reads: bool = False) -> None:
+        # exact_reads: read these rows' bytes and none around them (GGUFFile.mapped's
+        # `exact`), where the neighbours are not needed next (other experts)
         self.weights, self.info, self.first = weights, info, first
+        self.exact_reads = exact_reads
         self.shape = (n_rows, info.shape[0])
         self.dtype, self.device = weights.dtype, weights.device
         self.block_rows, self.pool = max(1, min(block_rows, n_rows)), pool
@@ -106,7 +109,7 @@ class StreamedMatrix:
                 continue
             offset = self.info.offset + (self.first + start) * row_bytes
             n_bytes = (stop - start) * row_bytes
-            mapped = gguf.mapped(offset, n_bytes)
+            mapped = gguf.mapped(offset, n_bytes, exact=self.exact_reads)
             if mapped is None:
                 yield start, self.weights._raw_rows(self.info, self.first + start,
                                                     self.first + stop, self.pool, "block")
@@ -157,7 +160,7 @@ class ExpertStack:
                                f"expert {e} (it has {self.n_expert})")
         self.weights.experts_read.add((self.info.name, e))
         return StreamedMatrix(self.weights, self.info, e * self.shape[0], self.shape[0],
-                              self.block_rows, self.pool)
+                              self.block_rows, self.pool, exact_reads=True)
 
 
 class GGUFWeights:

@@ -156,6 +156,55 @@ def test_row_block_streaming_reads_only_selected_experts(moe_f32) -> None:
     assert torch.allclose(results[0], results[1], rtol=0, atol=1e-13)
 
 
+def test_a_selected_expert_is_read_without_its_unselected_neighbours(tmp_path,
+                                                                    monkeypatch) -> None:
+    """The quantized experts a token selected are asked of the file by exactly their bytes
+    (page-aligned): every byte of each selected expert, none of another expert's pages
+    (a page fault alone would read the device's read-ahead window around it). Ranges from
+    gguf-py's reader and the routing."""
+    import mmap
+    import os
+
+    from gguf import GGUFReader
+
+    from tools.synthetic import write_random_q4_k_gguf
+
+    shape = Shape(n_layer=1, d_model=256, d_ff=512, n_head=2, n_kv_head=1, head_dim=128,
+                  n_expert=16, n_expert_used=2, d_ff_expert=256)
+    path = write_random_q4_k_gguf(tmp_path / "moe-q4k.gguf", "qwen3moe", shape)
+    asked: list[tuple[int, int]] = []
+    advise = os.posix_fadvise
+
+    def recording(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            asked.append((offset, offset + length))
+        advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording)
+    m = open_model(path, dtype="float32")
+    engine = m.engine(streaming=True)
+    record = engine.forward(engine.embed([1, 261, 262]))
+    selected = set(record.coefficients[0]["moe_experts"].unique().tolist())
+    assert 0 < len(selected) < shape.n_expert
+    page = mmap.PAGESIZE
+    for t in GGUFReader(path).tensors:
+        if not t.name.endswith("_exps.weight"):
+            continue
+        per_expert = int(t.n_bytes) // shape.n_expert
+        for e in range(shape.n_expert):
+            lo = int(t.data_offset) + e * per_expert
+            hi = lo + per_expert
+            touching = [(a, b) for a, b in asked if a < hi and b > lo]
+            if e in selected:  # covered, byte for byte
+                covered = sorted(touching)
+                assert covered and covered[0][0] <= lo and covered[-1][1] >= hi, (t.name, e)
+                assert all(b >= c for (_, b), (c, _) in zip(covered, covered[1:]))
+            else:  # at most the page it shares with a selected neighbour
+                inner_lo, inner_hi = -(-lo // page) * page + page, hi // page * page - page
+                assert not [r for r in touching if r[0] < inner_hi and r[1] > inner_lo], \
+                    (t.name, e, touching)
+
+
 def test_qwen3moe_matches_llama_cpp_and_its_routing(moe_f32, synthetic) -> None:
     m = open_model(moe_f32, dtype="float64")
     tokens = m.tokenize(PROMPT)
