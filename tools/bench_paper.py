@@ -12,8 +12,13 @@ the installed transformers package — transformers<=4.52.4, as its requirements
 differentiated by `torch.autograd.functional.jacobian(vectorize=True,
 strategy="reverse-mode")` as src/JacobianAnalyzer.compute_jacobian does. Its weights are
 ggufjac's dequantization of the same Q4_K_M file (norm weights minus 1: the GGUF stores
-Gemma's 1 + w), every tensor held in memory as a Hugging Face model holds it, and its
-input is ggufjac's embedding of the same tokens.
+Gemma's 1 + w), every tensor held in memory as a Hugging Face model holds it. By default
+(`--paper-load checkpoint`) they are written once, before the runs and untimed, as a Hugging
+Face checkpoint (config.json, model.safetensors) that the paper's process reads with its
+model class's `from_pretrained`, as src/JacobianAnalyzer.load_model does, and its input is
+its own scaled embedding of the same tokens (its process runs no tokenizer: the token ids
+are given). `--paper-load direct` builds its model around ggufjac's tensors in the same
+process instead, reading no checkpoint: the lower bound of its process.
 
 `--fallback` runs instead the reference of tools/bench_jacobian.py (autograd on ggufjac's
 own detached model, every weight in memory), for a machine without transformers or the
@@ -65,24 +70,29 @@ def _load(name: str, path: Path):
     return module
 
 
-def paper_model(repo: Path, m, dtype):
-    """The paper's Gemma 3 model (eval mode: its detached forward) with ggufjac's
-    dequantized weights, and its model_forward bound to it."""
-    import torch
-
+def _transformers_gemma3():
     try:
         import transformers.models.gemma3  # noqa: F401  (the package its file belongs to)
-        from transformers.modeling_utils import no_init_weights
         from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
     except ImportError as e:
         raise SystemExit(f"the paper's code needs transformers<=4.52.4 ({e}); "
                          "pip install 'ggufjac[paper]', or run with --fallback") from None
+    return Gemma3TextConfig
+
+
+def _paper_modules(repo: Path):
+    _transformers_gemma3()
     modeling = _load("transformers.models.gemma3.modeling_gemma_locally_linear", repo / MODELING)
     forward = _load("paper_gemma_3_forward", repo / FORWARD)
+    return modeling, forward
+
+
+def paper_config(m, dtype):
+    """The Hugging Face Gemma 3 text config of ggufjac's model `m`."""
     c = m.cfg
     global_base = next(c.rope_for_layer(i)[0] for i, swa in enumerate(c.swa_layers) if not swa)
     pattern = c.swa_layers.index(False) + 1  # every pattern-th layer is global
-    config = Gemma3TextConfig(
+    config = _transformers_gemma3()(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
         num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
@@ -94,31 +104,87 @@ def paper_model(repo: Path, m, dtype):
     # detaches q and k before the attention (its eager function refers to an undefined
     # `self` in eval mode and cannot run)
     config._attn_implementation = "sdpa"
-    with no_init_weights():
-        model = modeling.Gemma3ForCausalLM(config)
+    return config
+
+
+def paper_state(m, dtype) -> dict:
+    """ggufjac's dequantized weights under the Hugging Face names (norm weights minus 1: the
+    GGUF stores Gemma's 1 + w); the unembedding is the tied embedding table."""
     state = {"model.embed_tokens.weight": m.weights.tensor("token_embd.weight"),
              "model.norm.weight": m.weights.output_norm() - 1}
-    for i in range(c.n_layer):
+    for i in range(m.cfg.n_layer):
         for name, t in m.weights.layer(i).items():
             if name in HF_LAYER:
                 key = f"model.layers.{i}.{HF_LAYER[name]}.weight"
                 state[key] = t - 1 if name.endswith("norm") else t
+    return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+
+def paper_model(repo: Path, m, dtype):
+    """The paper's Gemma 3 model (eval mode: its detached forward) built around ggufjac's
+    dequantized tensors in memory (no checkpoint read: the lower bound of its process), and
+    its model_forward bound to it."""
+    from transformers.modeling_utils import no_init_weights
+
+    modeling, forward = _paper_modules(repo)
+    with no_init_weights():
+        model = modeling.Gemma3ForCausalLM(paper_config(m, dtype))
+    state = paper_state(m, dtype)
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False,
-                          assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     model.to(dtype).eval()
     holder = SimpleNamespace(model=model)
     return lambda embeds: forward.model_forward(holder, embeds)
 
 
+def write_checkpoint(m, dtype, directory: Path, tokens: list[int]) -> None:
+    """A Hugging Face checkpoint of ggufjac's dequantized weights (config.json,
+    model.safetensors), as the paper's runs read one with `from_pretrained`, and the
+    prompt's tokens beside it."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paper_config(m, dtype).save_pretrained(directory)
+    save_file(paper_state(m, dtype), str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    (directory / "tokens.json").write_text(json.dumps(tokens))
+
+
+def paper_from_checkpoint(repo: Path, directory: Path, dtype):
+    """The paper's way: its model class `from_pretrained` on a checkpoint, in `dtype`, eval
+    mode; the input rows from its own scaled embedding of the prompt's tokens."""
+    import torch
+
+    modeling, forward = _paper_modules(repo)
+    model = modeling.Gemma3ForCausalLM.from_pretrained(directory, torch_dtype=dtype,
+                                                       attn_implementation="sdpa").eval()
+    tokens = json.loads((directory / "tokens.json").read_text())
+    with torch.no_grad():
+        x = model.model.embed_tokens(torch.tensor([tokens])).to(dtype)
+    holder = SimpleNamespace(model=model)
+    return (lambda embeds: forward.model_forward(holder, embeds)), x
+
+
 def child(side: str, args: argparse.Namespace) -> None:
     import torch
+
+    dtype = getattr(torch, args.dtype)
+    if side == "paper" and args.paper_load == "checkpoint":
+        f, x = paper_from_checkpoint(Path(args.paper_repo), Path(args.checkpoint), dtype)
+        t0 = time.perf_counter()
+        jac = torch.autograd.functional.jacobian(f, x, vectorize=True,
+                                                 strategy="reverse-mode")[:, 0]
+        _finish(jac, t0, args)
+        return
 
     from ggufjac.api import open_model
 
     m = open_model(args.model, dtype=args.dtype)
     tokens = m.tokenize(args.prompt)
-    dtype = getattr(torch, args.dtype)
+    if side == "checkpoint":
+        write_checkpoint(m, dtype, Path(args.checkpoint), tokens)
+        print(json.dumps({}))
+        return
     if side == "ours":
         t0 = time.perf_counter()
         jac = m.jacobian(tokens).jacobian
@@ -138,6 +204,12 @@ def child(side: str, args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         jac = torch.autograd.functional.jacobian(
             lambda t: model_all.forward(t, DETACHED)[-1], x, vectorize=True)
+    _finish(jac, t0, args)
+
+
+def _finish(jac, t0: float, args: argparse.Namespace) -> None:
+    import torch
+
     step = time.perf_counter() - t0
     if args.save:
         torch.save(jac.contiguous(), args.save)
@@ -151,7 +223,9 @@ def run(side: str, args: argparse.Namespace, save: str) -> dict:
            "--model", args.model, "--dtype", args.dtype, "--prompt", args.prompt,
            "--save", save]
     if args.paper_repo:
-        cmd += ["--paper-repo", args.paper_repo]
+        cmd += ["--paper-repo", args.paper_repo, "--paper-load", args.paper_load]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
     with tempfile.NamedTemporaryFile(suffix=".txt") as report:
         cmd[3] = report.name
         t0 = time.perf_counter()
@@ -176,7 +250,14 @@ def main() -> None:
                     choices=["float32", "float64"])
     ap.add_argument("--runs", type=int, default=3, help="runs of each side, alternating")
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--child", choices=["ours", "paper", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--paper-load", choices=["checkpoint", "direct"], default="checkpoint",
+                    help="checkpoint: the paper's process reads a Hugging Face checkpoint of "
+                         "the dequantized weights with from_pretrained, as its runs do "
+                         "(written before the runs, not timed); direct: built around the "
+                         "tensors in memory, without reading (a lower bound of its process)")
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "paper", "reference", "checkpoint"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -195,6 +276,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
             args.dtype = dtype
+            args.checkpoint = None
+            if theirs == "paper" and args.paper_load == "checkpoint":
+                args.checkpoint = f"{tmp}/checkpoint-{dtype}"
+                run("checkpoint", args, f"{tmp}/unused.pt")
             rows: dict[str, list[dict]] = {theirs: [], "ours": []}
             for i in range(args.runs):
                 for side in (theirs, "ours"):
