@@ -186,20 +186,13 @@ def _device_weight_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     @_errors_to_exit  # outside the command's own: this wrapper's refusals exit the same way
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .units import parse_size
-
         budget_text = kwargs.pop("max_gpu_memory", None)
         precision = kwargs.pop("matmul_precision", "float32")
         budget = None
         if budget_text is not None:
-            try:
-                budget = parse_size(budget_text)
-            except GgufjacError:
-                raise GgufjacError(f"--max-gpu-memory {budget_text!r}: expected a size such "
-                                   "as 24GB, 80GiB or 512MiB") from None
-            if budget <= 0:
-                raise GgufjacError(f"--max-gpu-memory {budget_text!r}: the budget must be "
-                                   "more than 0 bytes")
+            from .device_weights import parse_gpu_memory
+
+            budget = parse_gpu_memory(budget_text)
             if not str(kwargs.get("device", "cpu")).startswith("cuda"):
                 raise GgufjacError("--max-gpu-memory applies to --device cuda only")
         if precision != "float32" and kwargs.get("dtype", "float32") != "float32":
