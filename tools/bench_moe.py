@@ -19,7 +19,8 @@ tokens: llama.cpp's own run (repacking off, as tools/bench_big.py runs it: the w
 process, load included), then `attribute` float32, its wall time against llama.cpp's, its
 peak RSS, the experts it read (each once) against the file's, and the bytes the process
 read from the disk (/proc/self/io: the reverse sweep re-reads what the page cache no longer
-holds; the kernel's read-ahead adds neighbouring experts); with --jacobian, J at the first 8
+holds; the selected experts are asked for by their exact bytes, so the kernel's
+read-ahead does not add their unselected neighbours); with --jacobian, J at the first 8
 tokens (d directions: many minutes at full size). Prints JSON lines and a markdown table.
 """
 
