@@ -570,7 +570,7 @@ def jacobian(model: str, prompt: str | None, prompt_file: Path | None, max_token
 
     Streams the model one layer at a time (forward, then a reverse sweep from the last layer).
     """
-    from .ray_jacobian import ray_settings
+    from .ray_cluster import ray_settings
 
     ray = ray_settings(ray_address, workers, llama.get("threads"), ray_directions, anchor,
                        device)
@@ -653,7 +653,7 @@ def svd(model: str, prompt: str | None, prompt_file: Path | None, max_tokens: in
     """Top singular values and vectors of the detached Jacobian J (d x N·d), matrix free:
     block Lanczos on J Jᵀ, each step one reverse sweep (Jᵀ·U) and one forward sweep of the
     frozen linear network (J·V). Memory does not grow with d x N x d."""
-    from .ray_jacobian import ray_settings
+    from .ray_cluster import ray_settings
 
     ray = ray_settings(ray_address, workers, llama.get("threads"), anchor=anchor,
                        device=device, per_token=per_token)

@@ -3,11 +3,13 @@
 
 An address that nothing answers makes `ray.init` retry for minutes, printing warnings, so
 the cluster's address is first reached with a plain TCP connection under a timeout: no
-cluster there is one line, at once.
+cluster there is one line, at once. The --ray options' settings are read here too, with
+nothing heavy imported, so that their misuse is refused before torch is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -83,3 +85,35 @@ def worker_error(ray, e: BaseException) -> GgufjacError:
     if isinstance(e, ray.exceptions.RayActorError):
         return GgufjacError(f"a Ray worker died ({str(e).splitlines()[0] if str(e) else e!r})")
     return GgufjacError(f"a Ray worker failed: {cause if isinstance(cause, Exception) else e}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySettings:
+    """Where and how: the cluster's address ("auto": the one this machine belongs to),
+    `workers` actors (default: one per node), `threads` torch threads in each (and the CPUs
+    Ray reserves for it), `directions` rows of J per request (default: d split in two
+    requests per worker, fewer rows if the memory budget says so)."""
+
+    address: str
+    workers: int | None = None
+    threads: int = 1
+    directions: int | None = None
+
+
+def ray_settings(address: str | None, workers: int | None = None, threads: int | None = None,
+                 directions: int | None = None, anchor: str = "none", device: str = "cpu",
+                 per_token: bool = False) -> RaySettings | None:
+    """The command line's --ray options as settings (None without --ray), or one line
+    naming what --ray cannot be combined with."""
+    if address is None:
+        for given, flag in ((workers, "--workers"), (directions, "--directions-per-request")):
+            if given is not None:
+                raise GgufjacError(f"{flag} applies to --ray only")
+        return None
+    if anchor != "none":
+        raise GgufjacError("--ray computes unanchored Jacobians: --anchor runs on one machine")
+    if device != "cpu":
+        raise GgufjacError(f"--ray runs its workers on CPU, not --device {device}")
+    if per_token:
+        raise GgufjacError("--per-token forms J: use `ggufjac jacobian --ray` for it")
+    return RaySettings(address, workers, threads or 1, directions)

@@ -28,7 +28,6 @@ request goes to a fresh worker (wherever Ray places it), `MAX_ATTEMPTS` times at
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -45,23 +44,10 @@ from .errors import GgufjacError
 from .jacobian import JacobianResult, JacobianWriter, directions_per_sweep, jacobian_rows
 from .layout import has_constant
 from .linearize import Linearization
-from .ray_cluster import alive_nodes, connect, worker_error
+from .ray_cluster import RaySettings, alive_nodes, connect, worker_error
 from .svd import JacobianProducts, TopSingularTriplets, triplets_of_products
 
 MAX_ATTEMPTS = 3  # workers one request may take down before the run is refused
-
-
-@dataclasses.dataclass(frozen=True)
-class RaySettings:
-    """Where and how: the cluster's address ("auto": the one this machine belongs to),
-    `workers` actors (default: one per node), `threads` torch threads in each (and the CPUs
-    Ray reserves for it), `directions` rows of J per request (default: d split in two
-    requests per worker, fewer rows if the memory budget says so)."""
-
-    address: str
-    workers: int | None = None
-    threads: int = 1
-    directions: int | None = None
 
 
 class _Worker:
@@ -242,25 +228,6 @@ class RayWorkers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def ray_settings(address: str | None, workers: int | None = None, threads: int | None = None,
-                 directions: int | None = None, anchor: str = "none", device: str = "cpu",
-                 per_token: bool = False) -> RaySettings | None:
-    """The command line's --ray options as settings (None without --ray), or one line
-    naming what --ray cannot be combined with."""
-    if address is None:
-        for given, flag in ((workers, "--workers"), (directions, "--directions-per-request")):
-            if given is not None:
-                raise GgufjacError(f"{flag} applies to --ray only")
-        return None
-    if anchor != "none":
-        raise GgufjacError("--ray computes unanchored Jacobians: --anchor runs on one machine")
-    if device != "cpu":
-        raise GgufjacError(f"--ray runs its workers on CPU, not --device {device}")
-    if per_token:
-        raise GgufjacError("--per-token forms J: use `ggufjac jacobian --ray` for it")
-    return RaySettings(address, workers, threads or 1, directions)
 
 
 def _split_columns(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
