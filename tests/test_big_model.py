@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from ggufjac import llamacpp
@@ -69,8 +68,15 @@ def test_moe_type_mix_is_llama_cpps_q4_k_m(tmp_path, preset: str) -> None:
     """The expert stacks and router against llama.cpp's quantizer on a float model of the
     same shape."""
     model = TINY_MOE[preset]
-    big = write_big_gguf(tmp_path / "big.gguf", model)
     f32 = write_synthetic_gguf(tmp_path / "f32.gguf", model.arch, model.shape, "F32")
+    types = _types_against_llama_cpps_q4_k_m(tmp_path, model, f32)
+    assert any(t == "Q6_K" for n, t in types.items() if "ffn_down_exps" in n)
+
+
+def _types_against_llama_cpps_q4_k_m(tmp_path, model, f32) -> dict[str, str]:
+    """The types `write_big_gguf` gives `model`'s layer matrices and output, asserted equal
+    to those llama.cpp's Q4_K_M quantizer gives the float model `f32` of the same shape."""
+    big = write_big_gguf(tmp_path / "big.gguf", model)
     ref_path = tmp_path / "q4km.gguf"
     llamacpp.quantize(f32, ref_path, LLAMA_FTYPES["Q4_K_M"])
     with GGUFFile(big) as ours, GGUFFile(ref_path) as ref:
@@ -79,7 +85,7 @@ def test_moe_type_mix_is_llama_cpps_q4_k_m(tmp_path, preset: str) -> None:
         differ = {n: (ours.tensors[n].type.name, ref.tensors[n].type.name) for n in names
                   if ours.tensors[n].type != ref.tensors[n].type}
         assert not differ, differ
-        assert any(ours.tensors[n].type.name == "Q6_K" for n in names if "ffn_down_exps" in n)
+        return {n: ours.tensors[n].type.name for n in names}
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -97,18 +103,10 @@ def test_big_model_is_valid_and_llama_cpp_runs_it(tmp_path, arch: str) -> None:
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_type_mix_is_llama_cpps_q4_k_m(tmp_path, arch: str) -> None:
     """Against llama.cpp's quantizer on a float model of the same shape."""
-    big = write_big_gguf(tmp_path / "big.gguf", MODELS[arch])
     f32 = write_synthetic_gguf(tmp_path / "f32.gguf", arch, TINY, "F32",
                                rope_freqs=MODELS[arch].rope_freqs)
-    ref_path = tmp_path / "q4km.gguf"
-    llamacpp.quantize(f32, ref_path, LLAMA_FTYPES["Q4_K_M"])
-    with GGUFFile(big) as ours, GGUFFile(ref_path) as ref:
-        names = [n for n in ref.tensors if n.startswith("blk.") or n == "output.weight"]
-        assert names and set(names) <= set(ours.tensors)
-        differ = {n: (ours.tensors[n].type.name, ref.tensors[n].type.name) for n in names
-                  if ours.tensors[n].type != ref.tensors[n].type}
-        assert not differ, differ
-        assert np.any([ours.tensors[n].type.name == "Q6_K" for n in names if ".attn_v." in n])
+    types = _types_against_llama_cpps_q4_k_m(tmp_path, MODELS[arch], f32)
+    assert any(t == "Q6_K" for n, t in types.items() if ".attn_v." in n)
 
 
 def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch) -> None:
