@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from ggufjac.cli import main
 from ggufjac.errors import PromptError
 from ggufjac.prompt_sets import read_prompt_set
 from ggufjac.runner import unembed
+from local_ray import kill_once_hook, local_cluster
 
 PROMPTS = ["The capital of France is", "The bridge out of Marin is the",
            "one two three four", "Water boils at", "In the beginning", "Cats and dogs are",
@@ -287,74 +286,24 @@ def test_concepts_flag_prompts_and_export(synthetic, tmp_path) -> None:
 
 # -- Ray: a real local cluster ------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The cluster's workers' hook (tests/worker_hooks.py): the first one given prompt 'p2' is
+# killed as it starts it, leaving the file `marker`; later workers run 'p2' normally.
+def kill_worker_on_p2(marker: Path) -> str:
+    return kill_once_hook("ggufjac.batch", "PromptRunner", "run", "args[0].id == 'p2'",
+                          repr(str(marker)))
 
-
-# Put on the cluster's PYTHONPATH (never the driver's): the first Ray worker given prompt
-# 'p2' is killed with SIGKILL as it starts it, as the out-of-memory killer or a lost node
-# would; it leaves the file MARKER saying so, and later workers run 'p2' normally.
-KILL_WORKER_ON_P2 = """
-import importlib.abc, importlib.util, os, signal, sys
-from pathlib import Path
-
-MARKER = Path({marker!r})
-
-
-class _KillOnP2(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "ggufjac.batch":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            run = module.PromptRunner.run
-
-            def dying(runner, item):
-                if item.id == "p2" and not MARKER.exists():
-                    MARKER.write_text(str(os.getpid()))
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return run(runner, item)
-            module.PromptRunner.run = dying
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _KillOnP2())
-"""
 
 
 @pytest.fixture()
 def ray_cluster(tmp_path):
     """`ray start --head` on 127.0.0.1 with token authentication, its workers killed as
-    KILL_WORKER_ON_P2 says; stopped after the test. Gives (address, the driver's env,
+    kill_worker_on_p2 says; stopped after the test. Gives (address, the driver's env,
     the marker file)."""
-    pytest.importorskip("ray")
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
-    assert ray_bin, "the dev extra installs Ray; its `ray` command is missing"
-    port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
-               RAY_USAGE_STATS_ENABLED="0")
     marker = tmp_path / "killed-worker"
     hook = tmp_path / "worker-hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_WORKER_ON_P2.format(marker=str(marker)))
-    cluster_env = dict(env, PYTHONPATH=os.pathsep.join(
-        p for p in (str(hook), env.get("PYTHONPATH")) if p))
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
-                            f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                            "--disable-usage-stats"], env=cluster_env, capture_output=True,
-                           text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        yield f"127.0.0.1:{port}", env, marker
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    with local_cluster(kill_worker_on_p2(marker), hook) as (address, env):
+        yield address, env, marker
 
 
 def test_ray_cluster_results_equal_a_local_run(synthetic, tmp_path, ray_cluster) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,75 +18,26 @@ from safetensors.torch import load_file
 from ggufjac.api import open_model
 from ggufjac.jacobian import JacobianFile, jacobian_to_file
 from ggufjac.linearize import Linearization
+from local_ray import free_port, kill_once_hook, local_cluster
 
 PROMPT = "The bridge out of Marin is the"
 DIRECTIONS = 12  # rows of J per request (the fixtures' d is no multiple of it)
 
-# On the cluster's PYTHONPATH only: with GGUFJAC_TEST_KILL_MARKER set (the driver passes
-# GGUFJAC_ variables to its workers), the first worker asked for rows 24.. is killed with
-# SIGKILL as it starts them, as the out-of-memory killer or a lost node would, leaving the
-# marker file; the request then runs on a fresh worker.
-KILL_HOOK = """
-import importlib.abc, importlib.util, os, signal, sys
-from pathlib import Path
-
-
-class _KillOnRows(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "ggufjac.ray_jacobian":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            rows = module._Worker.rows
-
-            def dying(worker, first, stop, chunk):
-                marker = os.environ.get("GGUFJAC_TEST_KILL_MARKER")
-                if marker and first == 24 and not Path(marker).exists():
-                    Path(marker).write_text(str(os.getpid()))
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return rows(worker, first, stop, chunk)
-            module._Worker.rows = dying
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _KillOnRows())
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The cluster's workers' hook (tests/worker_hooks.py): with GGUFJAC_TEST_KILL_MARKER set
+# (the driver passes GGUFJAC_ variables to its workers), the first worker asked for rows
+# 24.. is killed as it starts them, leaving the marker file; the request then runs on a
+# fresh worker.
+KILL_HOOK = kill_once_hook("ggufjac.ray_jacobian", "_Worker", "rows", "args[0] == 24",
+                           'os.environ.get("GGUFJAC_TEST_KILL_MARKER")')
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One `ray start --head` on 127.0.0.1 (two CPUs, token authentication) for the module;
     (address, the driver's environment)."""
-    pytest.importorskip("ray")
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
-    assert ray_bin, "the dev extra installs Ray; its `ray` command is missing"
-    hook = tmp_path_factory.mktemp("ray-hook")
-    (hook / "sitecustomize.py").write_text(KILL_HOOK)
-    port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex(),
-               RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
-    cluster_env = dict(env, PYTHONPATH=os.pathsep.join(
-        p for p in (str(hook), env.get("PYTHONPATH")) if p))
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1",
-                            f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                            "--disable-usage-stats"], env=cluster_env, capture_output=True,
-                           text=True, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    try:
-        yield f"127.0.0.1:{port}", env
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    with local_cluster(KILL_HOOK, tmp_path_factory.mktemp("ray-hook"),
+                       OMP_NUM_THREADS="1") as (address, env):
+        yield address, env
 
 
 def _ggufjac(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -182,7 +131,7 @@ def test_ray_svd_equals_the_one_machine_svd(synthetic, tmp_path, cluster) -> Non
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "not-an-address"])
 def test_a_bad_ray_address_is_one_line_at_once(synthetic, tmp_path, address) -> None:
     pytest.importorskip("ray")
-    address = address.format(port=_free_port())  # nothing listens there
+    address = address.format(port=free_port())  # nothing listens there
     t0 = time.monotonic()
     run = _ggufjac(["jacobian", str(synthetic("llama", "Q8_0")), "-p", PROMPT, "--out",
                     str(tmp_path / "out"), "--ray", address], dict(os.environ), timeout=120)
