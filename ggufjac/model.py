@@ -401,6 +401,27 @@ def block(cfg: ModelConfig, layer: int, w: LayerWeights, x: torch.Tensor,
     return BlockOutput(out=mid + m, attn=a, mlp=m)
 
 
+def _branch_diagonals(cfg: ModelConfig, w: LayerWeights, store: Coefficients, name: str,
+                      c: torch.Tensor, w_down: torch.Tensor,
+                      select: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The detached MLP branch's frozen diagonals at the positions `select` takes from a
+    recorded coefficient: (pre: the input norm's scale and rounding ratio, post: the output
+    norm's scale and the residual scale, mid: the GLU coefficient and ffn_down's input
+    rounding ratio)."""
+    layout = cfg.family.norm_layout
+    one = torch.ones(w_down.shape[0], dtype=w_down.dtype, device=w_down.device)
+    pre = select(one) if layout == "post" else select(store["ffn_norm"]) * w["ffn_norm"]
+    post = select(one) if layout == "pre" else select(store["post_ffw_norm"]) * w["post_ffw_norm"]
+    post = post * cfg.residual_scale
+    if (r := store.get("in:" + name)) is not None:
+        pre = pre * select(r)
+    mid = select(c)
+    if (r := store.get("in:ffn_down")) is not None:
+        mid = mid * select(r)
+    return pre, post, mid
+
+
 def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
                       store: Coefficients, gate_path: str, position: int,
                       ffn_chunk: int = 2048) -> torch.Tensor:
@@ -421,19 +442,11 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
 
     if cfg.family.moe_gating is not None:
         return moe_branch_matrix(cfg, w, store, gate_path, position)
-    layout = cfg.family.norm_layout
     name, c = glu_linear_branch(store, gate_path)
     w_in, w_down = w[name], w["ffn_down"]
     d = w_down.shape[0]
-    one = torch.ones(d, dtype=w_down.dtype, device=w_down.device)
-    pre = one if layout == "post" else row(store["ffn_norm"]) * w["ffn_norm"]
-    post = one if layout == "pre" else row(store["post_ffw_norm"]) * w["post_ffw_norm"]
-    post = post * cfg.residual_scale
-    if (r := store.get("in:" + name)) is not None:
-        pre = pre * row(r)
-    mid_scale = row(c)
-    if (r := store.get("in:ffn_down")) is not None:
-        mid_scale = mid_scale * row(r)
+    pre, post, mid_scale = _branch_diagonals(cfg, w, store, name, c, w_down, row)
+
     def with_block_sums(part: torch.Tensor, weight: str, rows: slice, c0: int, c1: int
                         ) -> torch.Tensor:
         """`part` (columns [c0, c1) of some of the weight's rows) plus M ⊙ (ρ − 1) there."""
@@ -467,7 +480,6 @@ def mlp_branch_matrices(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
     if cfg.family.moe_gating is not None or any(site.startswith("sum:") for site in store):
         return torch.stack([mlp_branch_matrix(cfg, w, store, gate_path, p, ffn_chunk)
                             for p in positions], dim=1)
-    layout = cfg.family.norm_layout
     name, c = glu_linear_branch(store, gate_path)
     w_in, w_down = w[name], w["ffn_down"]
     d, n_pos = w_down.shape[0], len(positions)
@@ -478,15 +490,7 @@ def mlp_branch_matrices(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
             return t.expand(n_pos, *t.shape)
         return t.index_select(0, index) if t.shape[0] > 1 else t[:1].expand(n_pos, -1)
 
-    one = torch.ones(d, dtype=w_down.dtype, device=w_down.device)
-    pre = rows(one) if layout == "post" else rows(store["ffn_norm"]) * w["ffn_norm"]
-    post = rows(one) if layout == "pre" else rows(store["post_ffw_norm"]) * w["post_ffw_norm"]
-    post = post * cfg.residual_scale
-    if (r := store.get("in:" + name)) is not None:
-        pre = pre * rows(r)
-    mid_scale = rows(c)
-    if (r := store.get("in:ffn_down")) is not None:
-        mid_scale = mid_scale * rows(r)
+    pre, post, mid_scale = _branch_diagonals(cfg, w, store, name, c, w_down, rows)
     k = torch.zeros((d, n_pos * d), dtype=w_down.dtype, device=w_down.device)
     for f in range(0, w_in.shape[0], ffn_chunk):
         f_end = min(f + ffn_chunk, w_in.shape[0])
