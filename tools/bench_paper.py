@@ -17,8 +17,11 @@ Gemma's 1 + w), every tensor held in memory as a Hugging Face model holds it. By
 Face checkpoint (config.json, model.safetensors) that the paper's process reads with its
 model class's `from_pretrained`, as src/JacobianAnalyzer.load_model does, and its input is
 its own scaled embedding of the same tokens (its process runs no tokenizer: the token ids
-are given). `--paper-load direct` builds its model around ggufjac's tensors in the same
-process instead, reading no checkpoint: the lower bound of its process.
+are given). `--paper-load gguf` has its process read the same GGUF file instead, through
+transformers' own GGUF loader (`from_pretrained(..., gguf_file=...)`, which dequantizes with
+gguf-py; it needs accelerate, which the paper's requirements list): the one way its code takes
+the file a ggufjac user has. `--paper-load direct` builds its model around ggufjac's tensors
+in the same process, reading nothing: the lower bound of its process.
 
 `--fallback` runs instead the reference of tools/bench_jacobian.py (autograd on ggufjac's
 own detached model, every weight in memory), for a machine without transformers or the
@@ -150,13 +153,17 @@ def write_checkpoint(m, dtype, directory: Path, tokens: list[int]) -> None:
     (directory / "tokens.json").write_text(json.dumps(tokens))
 
 
-def paper_from_checkpoint(repo: Path, directory: Path, dtype):
-    """The paper's way: its model class `from_pretrained` on a checkpoint, in `dtype`, eval
-    mode; the input rows from its own scaled embedding of the prompt's tokens."""
+def paper_from_files(repo: Path, directory: Path, dtype, gguf: Path | None = None):
+    """The paper's way: its model class `from_pretrained` on the checkpoint in `directory`,
+    or with `gguf` on that GGUF file by transformers' GGUF loader, in `dtype`, eval mode; the
+    input rows from its own scaled embedding of the prompt's tokens (tokens.json in
+    `directory`)."""
     import torch
 
     modeling, forward = _paper_modules(repo)
-    model = modeling.Gemma3ForCausalLM.from_pretrained(directory, torch_dtype=dtype,
+    source = ({"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+              if gguf else {"pretrained_model_name_or_path": directory})
+    model = modeling.Gemma3ForCausalLM.from_pretrained(**source, torch_dtype=dtype,
                                                        attn_implementation="sdpa").eval()
     tokens = json.loads((directory / "tokens.json").read_text())
     with torch.no_grad():
@@ -169,8 +176,9 @@ def child(side: str, args: argparse.Namespace) -> None:
     import torch
 
     dtype = getattr(torch, args.dtype)
-    if side == "paper" and args.paper_load == "checkpoint":
-        f, x = paper_from_checkpoint(Path(args.paper_repo), Path(args.checkpoint), dtype)
+    if side == "paper" and args.paper_load in ("checkpoint", "gguf"):
+        gguf = Path(args.gguf) if args.paper_load == "gguf" else None
+        f, x = paper_from_files(Path(args.paper_repo), Path(args.checkpoint), dtype, gguf)
         t0 = time.perf_counter()
         jac = torch.autograd.functional.jacobian(f, x, vectorize=True,
                                                  strategy="reverse-mode")[:, 0]
@@ -182,7 +190,11 @@ def child(side: str, args: argparse.Namespace) -> None:
     m = open_model(args.model, dtype=args.dtype)
     tokens = m.tokenize(args.prompt)
     if side == "checkpoint":
-        write_checkpoint(m, dtype, Path(args.checkpoint), tokens)
+        if args.paper_load == "gguf":  # only the tokens: its process reads the file itself
+            Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
+            (Path(args.checkpoint) / "tokens.json").write_text(json.dumps(tokens))
+        else:
+            write_checkpoint(m, dtype, Path(args.checkpoint), tokens)
         print(json.dumps({}))
         return
     if side == "ours":
@@ -226,6 +238,8 @@ def run(side: str, args: argparse.Namespace, save: str) -> dict:
         cmd += ["--paper-repo", args.paper_repo, "--paper-load", args.paper_load]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
+    if args.gguf:
+        cmd += ["--gguf", args.gguf]
     with tempfile.NamedTemporaryFile(suffix=".txt") as report:
         cmd[3] = report.name
         t0 = time.perf_counter()
@@ -250,12 +264,15 @@ def main() -> None:
                     choices=["float32", "float64"])
     ap.add_argument("--runs", type=int, default=3, help="runs of each side, alternating")
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--paper-load", choices=["checkpoint", "direct"], default="checkpoint",
+    ap.add_argument("--paper-load", choices=["checkpoint", "gguf", "direct"],
+                    default="checkpoint",
                     help="checkpoint: the paper's process reads a Hugging Face checkpoint of "
                          "the dequantized weights with from_pretrained, as its runs do "
-                         "(written before the runs, not timed); direct: built around the "
+                         "(written before the runs, not timed); gguf: it reads the same GGUF "
+                         "file by transformers' GGUF loader; direct: built around the "
                          "tensors in memory, without reading (a lower bound of its process)")
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "paper", "reference", "checkpoint"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
@@ -268,6 +285,10 @@ def main() -> None:
         ap.error("--paper-repo PATH (a checkout of the paper's repository), or --fallback")
     import torch
 
+    args.gguf = None
+    if args.paper_load == "gguf" and not args.fallback:
+        from ggufjac.resolve import resolve_model
+        args.gguf = str(resolve_model(args.model))
     theirs = "reference" if args.fallback else "paper"
     label = "reference (autograd on ggufjac's model)" if args.fallback else "paper's code"
     print(f"{args.model}, {args.prompt!r}; {label} vs ggufjac; alternating fresh processes; "
@@ -277,7 +298,7 @@ def main() -> None:
         for dtype in dtypes:
             args.dtype = dtype
             args.checkpoint = None
-            if theirs == "paper" and args.paper_load == "checkpoint":
+            if theirs == "paper" and args.paper_load in ("checkpoint", "gguf"):
                 args.checkpoint = f"{tmp}/checkpoint-{dtype}"
                 run("checkpoint", args, f"{tmp}/unused.pt")
             rows: dict[str, list[dict]] = {theirs: [], "ours": []}
