@@ -912,6 +912,12 @@ def _parse_analyses(text: str) -> tuple[str, ...]:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write comparison.json, README.md and plots to this directory.")
 @_engine_options
+@click.option("--sweep", type=click.Choice(["auto", "reverse", "forward"]), default="auto",
+              show_default=True,
+              help="How each file's lens maps are made: one reverse sweep (each map's outputs "
+                   "pulled back from its layer), one forward pass of the N·d input directions "
+                   "(all maps at once; cheaper for more layers than about N), or whichever "
+                   "costs fewer operations by count. The lens analysis only.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
 @_threads_option
@@ -919,7 +925,7 @@ def _parse_analyses(text: str) -> tuple[str, ...]:
 def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | None,
             max_tokens: int | None, chat: ChatRequest | None, prompts_file: Path | None, analyses: str, top_k: int,
             token_text: str | None, no_llama_cpp: bool, out_dir: Path | None, dtype: str,
-            gate_path: str, device: str, max_memory: str | None, anchor: str,
+            gate_path: str, device: str, max_memory: str | None, anchor: str, sweep: str,
             overwrite: bool, html: bool, **llama: Any) -> None:
     """Compare two GGUF files of one model on the same prompts: predictions, logits (and
     each file against its own llama.cpp run), the detached Jacobians, their top singular
@@ -929,6 +935,8 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
     model, or a model and its fine-tune); the first difference is named otherwise.
     """
     chosen = _parse_analyses(analyses)
+    if sweep != "auto" and "lens" not in chosen:
+        raise GgufjacError(f"--sweep {sweep} makes the lens maps: it needs lens in --analyses")
     messages_path = None if chat is None else chat.messages_path
     if [prompt, prompt_file, prompts_file, messages_path].count(None) != 3:
         raise GgufjacError("give one of --prompt, --prompt-file, --prompts and --messages")
@@ -971,15 +979,18 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
                 click.echo(f"prompt {i + 1}/{len(prompts)}: {text[:60]!r}", err=True)
 
         entries = compare_prompts(a, b, prompts, chosen, top_k, target, lin, settings,
-                                  anchor != "none", budget, max_tokens, on_prompt)
+                                  anchor != "none", budget, max_tokens, on_prompt, sweep)
         report = comparison_report(a, b, {"analyses": list(chosen), "top_k": top_k,
                                           "dtype": dtype, "gate_path": gate_path,
-                                          "anchored": anchor != "none",
+                                          "anchored": anchor != "none", "sweep": sweep,
                                           "llama_cpp": None if settings is None
                                           else settings.describe(),
                                           "seconds": time.perf_counter() - t0}, entries)
     files = None if out_dir is None else comparison_to_dir(out_dir, report, entries, overwrite)
     click.echo(comparison_markdown(report))
+    ran = sorted({e[k] for e in entries for k in ("lens_sweep_a", "lens_sweep_b") if k in e})
+    if ran:
+        click.echo(f"(lens maps by one {' or '.join(ran)} sweep per file and prompt)")
     if out_dir is not None and files is not None:
         click.echo(f"wrote {out_dir}/" + ", ".join(files))
         if html:

@@ -113,6 +113,7 @@ class Side:
     lens: list[LensLayer]
     constant: torch.Tensor | None = None  # c [d] of y = J x + c (a family with biases)
     bias: float | None = None  # the target logit's constant part u_t · c (with attribute)
+    lens_sweep: str | None = None  # which sweep made the lens maps: 'reverse' or 'forward'
 
     def top(self, k: int = 5) -> list[tuple[int, float]]:
         order = np.argsort(-self.logits, kind="stable")[:k]
@@ -133,7 +134,7 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
     anchor = m.anchor(tokens, lin, settings) if anchored else None
     engine = m.engine(lin, max_memory=max_memory, anchor=anchor)
     d, n = m.cfg.d_model, len(tokens)
-    spec = None
+    spec, lens_sweep = None, None
     try:
         x = engine.embed(tokens)
         want_j = "jacobian" in analyses or "attribute" in analyses
@@ -146,8 +147,8 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         lens: list[LensLayer] = []
         if "lens" in analyses:
             layers = list(range(m.cfg.n_layer))
-            maps = sorted(cumulative_maps(engine, record, x, layers, sweep=sweep)[0],
-                          key=lambda mp: mp.layer)
+            maps, lens_sweep = cumulative_maps(engine, record, x, layers, sweep=sweep)
+            maps = sorted(maps, key=lambda mp: mp.layer)
             outputs = torch.stack([mp.output for mp in maps], dim=1)  # [d, L]
             tops = top_tokens_by_unembedding(m.weights, outputs, 1)
             for mp, top in zip(maps, tops):
@@ -178,7 +179,8 @@ def analyse(m: LoadedModel, tokens: list[int], analyses: tuple[str, ...],
         theirs = m.llama_cpp_logits(tokens, settings, anchor)
     elif theirs is not None:
         theirs = np.asarray(theirs, dtype=np.float64)
-    return Side(logits_np, theirs, x, y, jac, spec, contributions, lens, constant, bias)
+    return Side(logits_np, theirs, x, y, jac, spec, contributions, lens, constant, bias,
+                lens_sweep)
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -325,7 +327,8 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str | list[Mes
     coefficients from that run. A prompt that is a conversation (a list of messages) is
     compared on its chat prompt, rendered by each file's own template (the entry gets its
     conversation and token segments, "chat"). `sweep`: how the lens maps are made
-    (layers.SWEEPS)."""
+    (layers.SWEEPS; the one each file's maps were made by is in its entry, "lens_sweep_a"
+    and "lens_sweep_b")."""
     check_comparable(a, b)
     lin = lin or Linearization()
     if anchored and settings is None:
@@ -362,6 +365,9 @@ def compare_prompts(a: LoadedModel, b: LoadedModel, prompts: list[str | list[Mes
                          theirs_b[i], sweep)
         entries.append(comparison_entry(a, prompt, tokens, t, side_a.top(), side_b.top(),
                                         compare_sides(side_a, side_b, k)))
+        if side_a.lens_sweep is not None:  # auto picks per file, by its counted cost
+            entries[-1]["lens_sweep_a"] = side_a.lens_sweep
+            entries[-1]["lens_sweep_b"] = side_b.lens_sweep
         if chat is not None:
             entries[-1]["chat"] = chat.describe()
         del side_a, side_b

@@ -231,6 +231,47 @@ def test_cli_prompt_set_files_and_errors(synthetic, tmp_path) -> None:
         assert "Traceback" not in r.output
 
 
+def test_cli_sweep_reverse_and_forward_give_the_same_lens_and_are_recorded(synthetic,
+                                                                          tmp_path) -> None:
+    """--sweep reverse (each lens map pulled back from its layer) and --sweep forward (one
+    pass of the N·d input directions): two different computations of the same maps, so
+    their per-layer figures agree to float64 rounding; comparison.json names the sweep asked
+    and the one each file's maps were made by; a value that is no sweep, or a sweep without
+    the lens, is refused in one line."""
+    a, b = str(synthetic("llama", "F32")), str(synthetic("llama", "Q8_0"))
+    args = ["compare", a, b, "-p", PROMPT, "--dtype", "float64", "--analyses", "lens",
+            "--no-llama-cpp", "--top-k", "2"]
+    reports = {}
+    for sweep in ("reverse", "forward"):
+        out = tmp_path / sweep
+        r = CliRunner().invoke(main, [*args, "--sweep", sweep, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert f"lens maps by one {sweep} sweep" in r.output
+        reports[sweep] = json.loads((out / "comparison.json").read_text())
+        assert reports[sweep]["settings"]["sweep"] == sweep
+        entry = reports[sweep]["prompts"][0]
+        assert entry["lens_sweep_a"] == entry["lens_sweep_b"] == sweep
+    reverse, forward = (reports[s]["prompts"][0] for s in ("reverse", "forward"))
+    assert len(reverse["lens"]) == len(forward["lens"]) == 2
+    for rr, ff in zip(reverse["lens"], forward["lens"]):
+        assert rr["layer"] == ff["layer"]
+        assert rr["lens_rel_difference"] > 1e-6  # two files that differ: a figure to agree on
+        assert ff["lens_rel_difference"] == pytest.approx(rr["lens_rel_difference"],
+                                                          rel=1e-12, abs=0)
+        assert ff["lens_top_left_cosine"] == pytest.approx(rr["lens_top_left_cosine"],
+                                                           rel=1e-12, abs=0)
+        assert (ff["top_token_a"], ff["top_token_b"]) == (rr["top_token_a"], rr["top_token_b"])
+
+    r = CliRunner().invoke(main, [*args, "--sweep", "sideways"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "'sideways' is not one of" in errors[0], r.output
+    r = CliRunner().invoke(main, ["compare", a, b, "-p", PROMPT, "--analyses", "jacobian",
+                                  "--no-llama-cpp", "--sweep", "forward"])
+    assert r.exit_code == 2 and "--sweep forward makes the lens maps" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
 def test_real_model_against_its_requantizations(gemma_path, tmp_path) -> None:
     """The shipped Gemma 3 270M Q4_K_M file against llama.cpp's Q8_0 and Q2_K
     requantizations of it: both load with the same vocabulary; Q2_K's differences are far
