@@ -202,12 +202,16 @@ def _device_weight_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         from .device_weights import SETTINGS, matmul_precision
 
+        before = SETTINGS.max_gpu_memory
         SETTINGS.max_gpu_memory = budget
         if precision != "float32":
             click.echo(f"ggufjac: float32 matmuls at {precision} precision: the errors "
                        "printed are measured with it", err=True)
-        with matmul_precision(precision, kwargs.get("device", "cpu")):
-            return fn(*args, **kwargs)
+        try:  # SETTINGS (the Ray workers are started with them) say this command's only
+            with matmul_precision(precision, kwargs.get("device", "cpu")):
+                return fn(*args, **kwargs)
+        finally:
+            SETTINGS.max_gpu_memory = before
     wrapper = click.option(
         "--matmul-precision", type=click.Choice(["float32", "tf32", "bf16"]),
         default="float32", show_default=True,

@@ -363,21 +363,27 @@ def matmul_precision(precision: str, device: torch.device | str) -> Iterator[Non
     """Run the block with float32 matmuls at `precision`: float32 (as given), tf32 (torch's
     'high' float32 matmul precision: TF32 tensor cores on a GPU that has them), or bf16
     (torch.autocast to bfloat16 on `device`: matmul inputs rounded to bfloat16, products
-    accumulated in float32). The previous setting is restored afterwards."""
+    accumulated in float32). The previous setting is restored afterwards. SETTINGS says the
+    precision while the block runs: processes that work for this one (Ray workers) are
+    started with it."""
     device = torch.device(device)
-    if precision == "float32":
-        yield
-        return
-    if precision == "tf32":
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
+    recorded = SETTINGS.matmul_precision
+    SETTINGS.matmul_precision = precision
+    try:
+        if precision == "float32":
             yield
-        finally:
-            torch.set_float32_matmul_precision(before)
-        return
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        yield
+        elif precision == "tf32":
+            before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                yield
+            finally:
+                torch.set_float32_matmul_precision(before)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+    finally:
+        SETTINGS.matmul_precision = recorded
 
 
 # -- this process's settings ------------------------------------------------------------------
@@ -386,10 +392,12 @@ def matmul_precision(precision: str, device: torch.device | str) -> Iterator[Non
 @dataclass
 class DeviceSettings:
     """How models opened on a CUDA device hold their weights (api.open_model's defaults;
-    the command line sets them from --max-gpu-memory)."""
+    the command line sets them from --max-gpu-memory), and the float32 matmuls' precision
+    (`matmul_precision` sets it for its block; the command line's --matmul-precision)."""
 
     hold_weights: bool = True
     max_gpu_memory: int | None = None
+    matmul_precision: str = "float32"
 
 
 SETTINGS = DeviceSettings()

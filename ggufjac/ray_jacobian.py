@@ -24,10 +24,15 @@ reverse sweep carries fewer of them than on one machine: equal to rounding, not 
 
 A worker that dies (killed, out of memory, its node lost) takes its request with it: the
 request goes to a fresh worker (wherever Ray places it), `MAX_ATTEMPTS` times at most.
+
+Every worker opens the model with the driver's device settings (device_weights.SETTINGS as
+the driver started them: --max-gpu-memory, and --matmul-precision, under which it runs
+every forward pass and request), so its rows are the ones the driver would make itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +45,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .device_weights import SETTINGS, DeviceSettings, matmul_precision
 from .errors import GgufjacError
 from .jacobian import JacobianResult, JacobianWriter, directions_per_sweep, jacobian_rows
 from .layout import has_constant
@@ -54,9 +60,12 @@ class _Worker:
     """What runs in each actor: the model, its engine and the prompt's forward record."""
 
     def __init__(self, model: str, dtype: str, gate_path: str, tokens: list[int],
-                 threads: int, max_memory: int | None) -> None:
+                 threads: int, max_memory: int | None, device: DeviceSettings) -> None:
         torch.set_num_threads(threads)
         self.tokens, self.record, self.error = tokens, None, None
+        self.device = device
+        # this process's defaults for the models it opens: the driver's
+        SETTINGS.hold_weights, SETTINGS.max_gpu_memory = device.hold_weights, device.max_gpu_memory
         try:
             from .api import open_model
 
@@ -68,17 +77,26 @@ class _Worker:
         except Exception as e:  # a node without the file, or without ggufjac's needs
             self.error = GgufjacError(f"{socket.gethostname()}: {type(e).__name__}: {e}")
 
+    def _precision(self):
+        """The driver's float32 matmul precision, for one request (torch's autocast holds
+        per thread, and Ray may run an actor's requests on a thread of its own)."""
+        return matmul_precision(self.device.matmul_precision, self.m.weights.device)
+
     def _recorded(self):
         if self.error is not None:
             raise self.error
         if self.record is None:
-            self.record = self.engine.forward(self.engine.embed(self.tokens))
+            with self._precision():
+                self.record = self.engine.forward(self.engine.embed(self.tokens))
         return self.record
 
-    def opened(self) -> None:
-        """Nothing, once the model is open; else why not."""
+    def opened(self) -> DeviceSettings:
+        """The settings the model was opened with here (its weights' budget as the model
+        took it), once it is open; else why not."""
         if self.error is not None:
             raise self.error
+        return DeviceSettings(SETTINGS.hold_weights, self.m.max_gpu_memory,
+                              self.device.matmul_precision)
 
     @staticmethod
     def _output(record) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,28 +112,34 @@ class _Worker:
     def rows(self, first: int, stop: int, chunk: int) -> tuple[torch.Tensor, tuple]:
         """(rows first..stop of J, (y, c))."""
         record = self._recorded()
-        rows = jacobian_rows(self.engine, record, first, stop, chunk).cpu()
+        with self._precision():
+            rows = jacobian_rows(self.engine, record, first, stop, chunk).cpu()
         return rows, self._output(record)
 
     def gram(self, q: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple]:
         """((Qᵀ J, J Jᵀ Q), (y, c)) for columns q [d, m]."""
         record = self._recorded()
-        rows, image = JacobianProducts(self.engine, record).gram(q)
+        with self._precision():
+            rows, image = JacobianProducts(self.engine, record).gram(q)
         return (rows.cpu(), image.cpu()), self._output(record)
 
     def transposed(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """(Uᵀ J, (y, c)) for columns u [d, m]."""
         record = self._recorded()
-        rows = JacobianProducts(self.engine, record).transposed(u).cpu()
+        with self._precision():
+            rows = JacobianProducts(self.engine, record).transposed(u).cpu()
         return rows, self._output(record)
 
 
 class RayWorkers:
     """Actors on the cluster, each with the model open and the prompt's forward record; the
-    driver's requests run on them, each retried on a fresh actor if its actor dies."""
+    driver's requests run on them, each retried on a fresh actor if its actor dies. `device`:
+    the settings every actor opens the model with (default: this process's SETTINGS, as
+    they are now); `opened_with`: each actor's report of them."""
 
     def __init__(self, settings: RaySettings, model: str, dtype: str, gate_path: str,
-                 tokens: list[int], max_memory: int | None = None) -> None:
+                 tokens: list[int], max_memory: int | None = None,
+                 device: DeviceSettings | None = None) -> None:
         if settings.threads < 1:
             raise GgufjacError(f"--threads must be at least 1, not {settings.threads}")
         self.ray = ray = connect(settings.address)
@@ -129,12 +153,16 @@ class RayWorkers:
             self.settings = settings
             self.actor_class = ray.remote(_Worker)
             self.options = {"num_cpus": settings.threads, "max_restarts": 0}
-            self.args = (model, dtype, gate_path, tokens, settings.threads, max_memory)
+            self.device = device or dataclasses.replace(SETTINGS)
+            self.args = (model, dtype, gate_path, tokens, settings.threads, max_memory,
+                         self.device)
             self.actors = [self._new_actor() for _ in range(n)]
             # y and c of the forward pass, from the first answer (every later one must match)
             self.output: torch.Tensor | None = None
             self.constant: torch.Tensor | None = None
-            self._get([a.opened.remote() for a in self.actors])  # each opened the model
+            # each opened the model
+            self.opened_with: list[DeviceSettings] = self._get(
+                [a.opened.remote() for a in self.actors])
         except BaseException:
             self.close()
             raise
@@ -266,15 +294,17 @@ def _inputs(m, tokens: list[int], lin: Linearization) -> torch.Tensor:
 
 
 def start_workers(settings: RaySettings, m, tokens: list[int], lin: Linearization,
-                  model: str | None = None, max_memory: int | None = None) -> RayWorkers:
+                  model: str | None = None, max_memory: int | None = None,
+                  device: DeviceSettings | None = None) -> RayWorkers:
     """Workers for `tokens` of the model `m` (a LoadedModel opened here), each opening it by
     `model` as the user gave it (a path every node can read, or a hub reference each node
-    resolves; default: `m`'s path here)."""
+    resolves; default: `m`'s path here) with the device settings `device` (default: this
+    process's, `RayWorkers`)."""
     name = model or str(m.path)
     if Path(name).is_file():  # a worker's working directory is not this one
         name = os.path.abspath(name)
     return RayWorkers(settings, name, str(m.weights.dtype).removeprefix("torch."),
-                      lin.gate_path, tokens, max_memory)
+                      lin.gate_path, tokens, max_memory, device)
 
 
 def jacobian_on_ray(workers: RayWorkers, m, tokens: list[int], lin: Linearization,

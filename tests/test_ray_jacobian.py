@@ -128,6 +128,67 @@ def test_ray_svd_equals_the_one_machine_svd(synthetic, tmp_path, cluster) -> Non
     torch.testing.assert_close(remote["singular_values"], s[:4], rtol=1e-8, atol=0)
 
 
+def test_ray_workers_run_at_the_drivers_matmul_precision(synthetic, tmp_path, cluster) -> None:
+    """--matmul-precision bf16 with --ray: the workers' J is, bit for bit, the one-machine J
+    made under bf16 autocast with the same rows per sweep and threads, and not the float32
+    one (bf16 rounds the matmul inputs to 8 bits of mantissa)."""
+    from ggufjac.device_weights import matmul_precision
+
+    address, env = cluster
+    model = synthetic("llama", "Q8_0")
+    out = tmp_path / "ray"
+    run = _ggufjac(["jacobian", str(model), "-p", PROMPT, "--out", str(out), "--ray", address,
+                    "--workers", "2", "--threads", "1", "--matmul-precision", "bf16",
+                    "--directions-per-request", str(DIRECTIONS)], env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    stored = load_file(str(out / "jacobian.safetensors"))
+    with open(out / "jacobian.safetensors", "rb") as f:
+        tokens = json.loads(json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                            ["__metadata__"]["tokens"])
+    with matmul_precision("bf16", "cpu"):
+        bf16 = _one_machine_jacobian(model, torch.float32, tokens, tmp_path / "bf16.st",
+                                     DIRECTIONS)
+    float32 = _one_machine_jacobian(model, torch.float32, tokens, tmp_path / "f32.st",
+                                    DIRECTIONS)
+    mine = load_file(str(bf16.path))
+    for name in ("jacobian", "output"):
+        assert torch.equal(stored[name], mine[name]), name
+    exact = load_file(str(float32.path))["jacobian"]
+    assert float((stored["jacobian"] - exact).norm() / exact.norm()) > 1e-5
+
+
+# The driver's device settings as a command sets them (--max-gpu-memory, --matmul-precision):
+# the workers started under them report what they opened the model with.
+_SETTINGS_SCRIPT = """
+import dataclasses, json, sys
+from ggufjac.api import open_model
+from ggufjac.device_weights import SETTINGS, matmul_precision
+from ggufjac.linearize import Linearization
+from ggufjac.ray_cluster import RaySettings
+from ggufjac.ray_jacobian import start_workers
+
+SETTINGS.hold_weights, SETTINGS.max_gpu_memory = False, 3 << 30
+with open_model(sys.argv[1]) as m, matmul_precision("tf32", "cpu"):
+    tokens = m.tokenize(sys.argv[3])
+    with start_workers(RaySettings(sys.argv[2], workers=2), m, tokens, Linearization()) as w:
+        print(json.dumps([dataclasses.asdict(s) for s in w.opened_with]))
+"""
+
+
+def test_ray_workers_open_the_model_with_the_drivers_device_settings(synthetic,
+                                                                     cluster) -> None:
+    """Each worker opens the model with the budget and precision the driver runs under
+    (on CPU the budget holds no weights: what each worker's model took is compared)."""
+    address, env = cluster
+    run = subprocess.run([sys.executable, "-c", _SETTINGS_SCRIPT,
+                          str(synthetic("llama", "Q8_0")), address, PROMPT],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    opened = json.loads(run.stdout.strip().splitlines()[-1])
+    assert opened == [{"hold_weights": False, "max_gpu_memory": 3 << 30,
+                       "matmul_precision": "tf32"}] * 2
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "not-an-address"])
 def test_a_bad_ray_address_is_one_line_at_once(synthetic, tmp_path, address) -> None:
     pytest.importorskip("ray")
