@@ -186,13 +186,16 @@ def _mix_block(p: torch.Tensor, v: torch.Tensor, q0: int, q1: int, k0: int, k1: 
 class _BandedMix(torch.autograd.Function):
     """The attention product for frozen weights p (no gradient): the forward a block of
     queries at a time, the backward (v's cotangent) a block of keys at a time, each over
-    the band only; `values=False` skips the forward product (a replay for its VJPs)."""
+    the band only; `values=False` skips the forward product (a replay for its VJPs). v
+    holds the key-value heads, each shared by `group` consecutive query heads."""
 
     @staticmethod
-    def forward(p: torch.Tensor, v: torch.Tensor, band: Band, values: bool) -> torch.Tensor:
-        shape = (*v.shape[:-3], band.n_queries, *v.shape[-2:])
+    def forward(p: torch.Tensor, v: torch.Tensor, band: Band, values: bool, group: int
+                ) -> torch.Tensor:
+        shape = (*v.shape[:-3], band.n_queries, v.shape[-2] * group, v.shape[-1])
         if not values:
             return v.new_zeros(shape)
+        v = v.repeat_interleave(group, dim=-2)
         out = v.new_empty(shape)
         for q0, q1, k0, k1 in band.query_blocks():
             out[..., q0:q1, :, :] = _mix_block(p, v, q0, q1, k0, k1)
@@ -200,30 +203,41 @@ class _BandedMix(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        ctx.p, ctx.band = inputs[0], inputs[2]
+        ctx.p, ctx.band, ctx.group = inputs[0], inputs[2], inputs[4]
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[no-untyped-def]
+        # v's cotangent summed over each key-value head's group of query heads inside one
+        # product ([keys, group · queries] by [group · queries, d] per key-value head)
+        # rather than a product per query head and a sum over copies of repeated values.
         # matmul, not einsum: under a batched backward (vmap) `g` carries a batch dimension,
         # and matmul's batching neither fails nor copies p once per batch entry as bmm's does
-        p, parts = ctx.p, []
-        g_heads = g.transpose(-3, -2)  # [..., heads, queries, d]
-        for k0, k1, q0, q1 in ctx.band.key_blocks():
+        p, band, group = ctx.p, ctx.band, ctx.group
+        batch, n_q, n_head, d = g.shape[:-3], g.shape[-3], g.shape[-2], g.shape[-1]
+        n_kv = n_head // group
+        # [..., kv heads, group, queries, d] and [kv heads, keys, group, queries]
+        g_heads = g.reshape(*batch, n_q, n_kv, group, d).movedim(-4, -2)
+        p_heads = p.reshape(n_kv, group, *p.shape[-2:]).permute(0, 3, 1, 2)
+        parts = []
+        for k0, k1, q0, q1 in band.key_blocks():
             if q0 == q1:
-                parts.append(g.new_zeros((*g.shape[:-3], k1 - k0, *g.shape[-2:])))
+                parts.append(g.new_zeros((*batch, k1 - k0, n_kv, d)))
                 continue
-            part = torch.matmul(p[:, q0:q1, k0:k1].transpose(-1, -2),
-                                g_heads.narrow(-2, q0, q1 - q0))
+            rows = group * (q1 - q0)
+            part = torch.matmul(p_heads[:, k0:k1, :, q0:q1].reshape(n_kv, k1 - k0, rows),
+                                g_heads.narrow(-2, q0, q1 - q0).reshape(*batch, n_kv, rows, d))
             parts.append(part.transpose(-3, -2))
-        return None, torch.cat(parts, dim=-3), None, None
+        return None, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3), None, None, None
 
 
-def banded_mix(p: torch.Tensor, v: torch.Tensor, band: Band, values: bool = True
-               ) -> torch.Tensor:
-    """o[..., q, h, :] = Σ_k p[h, q, k] · v[..., k, h, :], attention weights p [heads, queries,
-    keys] applied to values v [..., keys, heads, d], over `band` only (p is zero outside
+def banded_mix(p: torch.Tensor, v: torch.Tensor, band: Band, values: bool = True,
+               group: int = 1) -> torch.Tensor:
+    """o[..., q, h, :] = Σ_k p[h, q, k] · v[..., k, h // group, :], attention weights p
+    [heads, queries, keys] applied to values v [..., keys, kv heads, d] (each shared by
+    `group` consecutive heads: grouped-query attention), over `band` only (p is zero outside
     it, so the masked products are skipped). The same blocks in every mode, so values agree
     bit for bit whether or not p carries a gradient (the plain model's does)."""
     if p.requires_grad:
+        v = v.repeat_interleave(group, dim=-2)
         return torch.cat([_mix_block(p, v, *b) for b in band.query_blocks()], dim=-3)
-    return _BandedMix.apply(p, v, band, values)
+    return _BandedMix.apply(p, v, band, values, group)

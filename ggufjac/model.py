@@ -234,10 +234,9 @@ def attention_heads(cfg: ModelConfig, layer: int, w: LayerWeights, h: torch.Tens
     v = v.view(*batch, n, cfg.n_kv_head, cfg.head_dim_v)
     if cache is not None:
         v = cache.add_values(v)
-    v = v.repeat_interleave(
-        cfg.n_head // cfg.n_kv_head, dim=-2)
     band = attention_band(cfg, layer, n, 0 if cache is None else cache.length - n)
-    return banded_mix(p, v, band, lin.values).reshape(*batch, n, cfg.n_head * cfg.head_dim_v)
+    o = banded_mix(p, v, band, lin.values, group=cfg.n_head // cfg.n_kv_head)
+    return o.reshape(*batch, n, cfg.n_head * cfg.head_dim_v)
 
 
 def attention_projection(w: LayerWeights, o: torch.Tensor, lin: Linearization) -> torch.Tensor:
@@ -469,14 +468,21 @@ def mlp_branch_matrix(cfg: ModelConfig, w: LayerWeights,
 
 def mlp_branch_matrices(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
                         gate_path: str, positions: Sequence[int],
-                        ffn_chunk: int = 2048) -> torch.Tensor:
+                        ffn_chunk: int = 2048,
+                        work: Callable[[str, int], torch.Tensor] | None = None) -> torch.Tensor:
     """`mlp_branch_matrix` at several positions at once: [d, P, d], K_p = result[:, i, :]
     for p = positions[i]. Per chunk of d_ff, one product W_down[:, chunk] · [diag(c_p ⊙
     r_down,p) W_in[chunk]]_p with the positions' scaled rows side by side as columns
     ([d_ff chunk, P · d]), rather than P products of [d, chunk] · [chunk, d]: the same
     multiply-adds, with the coefficients scaling contiguous rows of W_in rather than a
-    strided column slice of W_down, and one call for all positions. A mixture of experts, or frozen block sums
-    (whose weights differ per position), goes position by position (`mlp_branch_matrix`)."""
+    strided column slice of W_down, and one call for all positions. A mixture of experts,
+    or frozen block sums (whose weights differ per position), goes position by position
+    (`mlp_branch_matrix`).
+
+    `work(name, n)`, if given, lends a 1-D buffer of n elements kept between calls (the
+    result is made in one of them, valid until the next call): the scaled rows and the
+    result are tens of MB, and a fresh allocation of that size is new pages, each faulted
+    in as it is first written — measured at 5–10x the time of the scaling itself."""
     if cfg.family.moe_gating is not None or any(site.startswith("sum:") for site in store):
         return torch.stack([mlp_branch_matrix(cfg, w, store, gate_path, p, ffn_chunk)
                             for p in positions], dim=1)
@@ -490,14 +496,22 @@ def mlp_branch_matrices(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
             return t.expand(n_pos, *t.shape)
         return t.index_select(0, index) if t.shape[0] > 1 else t[:1].expand(n_pos, -1)
 
+    def buffer(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if work is None:
+            return torch.empty(shape, dtype=w_down.dtype, device=w_down.device)
+        return work(name, math.prod(shape)).view(shape)
+
     pre, post, mid_scale = _branch_diagonals(cfg, w, store, name, c, w_down, rows)
-    k = torch.zeros((d, n_pos * d), dtype=w_down.dtype, device=w_down.device)
+    k = buffer("mlp matrices", (d, n_pos * d))
     for f in range(0, w_in.shape[0], ffn_chunk):
         f_end = min(f + ffn_chunk, w_in.shape[0])
         up = row_slice(w_in, f, f_end)  # [chunk, d]
         scaled = torch.mul(mid_scale[:, f:f_end].T[:, :, None], up[:, None, :],
-                           out=up.new_empty((f_end - f, n_pos, d)))  # rows of [chunk, P·d]
-        k.addmm_(column_slice(w_down, f, f_end), scaled.view(f_end - f, n_pos * d))
+                           out=buffer("mlp matrices: scaled rows", (f_end - f, n_pos, d)))
+        if f == 0:  # the first chunk's product is written, the others added
+            torch.mm(column_slice(w_down, f, f_end), scaled.view(f_end - f, n_pos * d), out=k)
+        else:
+            k.addmm_(column_slice(w_down, f, f_end), scaled.view(f_end - f, n_pos * d))
         del scaled
     k = k.view(d, n_pos, d)
     return k.mul_(post.T[:, :, None]).mul_(pre[None, :, :])

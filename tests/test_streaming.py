@@ -193,13 +193,16 @@ def test_sweep_timing_counts_the_bytes_each_sweep_reads(synthetic) -> None:
         assert abs(s.read_s + s.dequantize_s + s.compute_s - s.wall_s) < 1e-9
 
 
-@pytest.mark.parametrize("n,start,window,block", [
-    (300, 0, None, 64), (300, 0, 100, 64), (37, 5, 16, 8), (10, 0, 3, 128), (50, 0, 1, 7),
-    (40, 30, 8, 16)])
-def test_banded_attention_product_is_the_dense_masked_product(n, start, window, block) -> None:
+@pytest.mark.parametrize("n,start,window,block,group", [
+    (300, 0, None, 64, 1), (300, 0, 100, 64, 1), (37, 5, 16, 8, 1), (10, 0, 3, 128, 1),
+    (50, 0, 1, 7, 1), (40, 30, 8, 16, 1), (37, 5, 16, 8, 3), (300, 0, 100, 64, 2),
+    (8, 0, None, 64, 4)])
+def test_banded_attention_product_is_the_dense_masked_product(n, start, window, block,
+                                                              group) -> None:
     """banded_mix skips the masked attention weights: its product, v's cotangent (plain and
     batched, as the engine's sweeps take it) and, for a p with a gradient, p's cotangent
-    are those of the dense einsum over softmax weights masked by the formula here."""
+    are those of the dense einsum over softmax weights masked by the formula here; with
+    `group` query heads to a key-value head, head h reads v's head h // group."""
     from ggufjac.blocked import Band, banded_mix
     from ggufjac.engine import _vjp_rows
 
@@ -207,14 +210,17 @@ def test_banded_attention_product_is_the_dense_masked_product(n, start, window, 
     i = torch.arange(start, start + n)[:, None]
     j = torch.arange(start + n)[None, :]
     mask = (j <= i) & ((i - j < window) if window else True)
-    scores = torch.randn(3, n, start + n, dtype=torch.float64, generator=gen)
+    n_kv = 2 if group > 1 else 3
+    scores = torch.randn(n_kv * group, n, start + n, dtype=torch.float64, generator=gen)
     p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    v = torch.randn(2, start + n, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(2, start + n, n_kv, 5, dtype=torch.float64, generator=gen,
+                    requires_grad=True)
     band = Band(n, start, window, block)
     assert torch.equal(band.mask(torch.device("cpu")), mask)
+    kv_of_head = torch.arange(n_kv * group) // group
 
-    dense = torch.einsum("hqk,...khd->...qhd", p, v)
-    ours = banded_mix(p, v, band)
+    dense = torch.einsum("hqk,...khd->...qhd", p, v[..., kv_of_head, :])
+    ours = banded_mix(p, v, band, group=group)
     assert _rel(ours, dense) <= 1e-14
     g = torch.randn(dense.shape, dtype=torch.float64, generator=gen)
     (g_dense,) = torch.autograd.grad(dense, v, g)
@@ -223,19 +229,22 @@ def test_banded_attention_product_is_the_dense_masked_product(n, start, window, 
 
     # a p with a gradient (the plain model): the same values bit for bit, and p's cotangent
     p_grad = p.clone().requires_grad_(True)
-    plain = banded_mix(p_grad, v, band)
+    plain = banded_mix(p_grad, v, band, group=group)
     assert torch.equal(plain, ours)
     (gp_ours,) = torch.autograd.grad(plain, p_grad, g)
-    (gp_dense,) = torch.autograd.grad(torch.einsum("hqk,...khd->...qhd", p_grad, v), p_grad, g)
+    (gp_dense,) = torch.autograd.grad(
+        torch.einsum("hqk,...khd->...qhd", p_grad, v[..., kv_of_head, :]), p_grad, g)
     assert _rel(gp_ours * mask, gp_dense * mask) <= 1e-14
 
     # the replay: no forward product, and batched backwards of one graph
     v1 = v[0].detach().requires_grad_(True)
     with torch.enable_grad():
-        replay = banded_mix(p, v1, band, values=False)
+        replay = banded_mix(p, v1, band, values=False, group=group)
     assert not torch.any(replay)
     rows = torch.randn(4, *replay.shape, dtype=torch.float64, generator=gen)
-    assert _rel(_vjp_rows(replay, v1, rows), torch.einsum("hqk,bqhd->bkhd", p, rows)) <= 1e-14
+    per_head = torch.einsum("hqk,bqhd->bkhd", p, rows)  # summed over each group below
+    expected = per_head.reshape(4, start + n, n_kv, group, 5).sum(dim=3)
+    assert _rel(_vjp_rows(replay, v1, rows), expected) <= 1e-14
 
 
 @pytest.mark.parametrize("arch", sorted(FAMILIES))
