@@ -335,6 +335,9 @@ class StreamingEngine:
         # Layer weights are dequantized into reused buffers (two sets when prefetching: one
         # being read while the next layer is written into the other).
         self._buffers = [BufferPool() for _ in range(2 if self.prefetch else 1)]
+        # the reverse sweep's own temporaries of tens of MB (the MLP matrices), reused layer
+        # after layer rather than allocated (and page-faulted in) anew
+        self._work = BufferPool()
         self.output_norm = weights.output_norm()
         # per-layer tensors the reverse sweep reads: the linear path and the norm weights
         self.linear_path = linear_path(self.cfg.family, lin.gate_path)
@@ -346,6 +349,7 @@ class StreamingEngine:
         everything, before what follows (an SVD, decoding)."""
         for pool in self._buffers:
             pool.keep_only([*keep, "float32 scratch"] if keep else ())
+        self._work.keep_only(())
         release_freed_memory()
 
     # -- weights, one layer at a time ---------------------------------------------------
@@ -547,6 +551,10 @@ class StreamingEngine:
         d = self.cfg.d_model
         return max(1, MLP_MATRIX_ELEMENTS // (d * (d + min(self.cfg.d_ff, MLP_MATRIX_FFN_CHUNK))))
 
+    def _work_buffer(self, name: str, n: int) -> torch.Tensor:
+        """A 1-D buffer of n elements of the engine's dtype, kept between layers."""
+        return self._work.get(name, n, self.dtype, self.device)
+
     def _split_layer_vjp(self, layer: int, w: LayerWeights, record: ForwardRecord,
                          g: torch.Tensor, chunk: int) -> torch.Tensor:
         """layer_vjp of the whole layer, in place: out = mid + mlp(mid) is pulled back to mid
@@ -564,7 +572,7 @@ class StreamingEngine:
         for first in range(0, len(wanted), group):
             positions = wanted[first:first + group]
             k = mlp_branch_matrices(self.cfg, w, store, self.lin.gate_path, positions,
-                                    MLP_MATRIX_FFN_CHUNK)
+                                    MLP_MATRIX_FFN_CHUNK, work=self._work_buffer)
             for i, p in enumerate(positions):
                 for s in range(0, g.shape[0], rows):
                     g[s:s + rows, p] += g[s:s + rows, p] @ k[:, i]
