@@ -174,7 +174,7 @@ def _engine_options(fn: Callable[..., Any] | None = None, *,
     fn = click.option("--device", default="cpu", show_default=True,
                       help="torch device: cpu, cuda, cuda:N or mps.")(fn)
     fn = click.option("--gate-path", type=click.Choice(["up", "gate"]), default="up",
-                      show_default=True, help="Which MLP branch stays linear (see README).")(fn)
+                      show_default=True, help="Which MLP branch stays linear (see docs/method.md).")(fn)
     fn = dtype_option(dtypes)(fn)
     fn = anchor_option()(fn)
     return _llama_cpp_options(_device_weight_options(fn))

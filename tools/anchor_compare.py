@@ -1,4 +1,4 @@
-"""How much anchoring to llama.cpp changes the explanation (the README's anchor table).
+"""How much anchoring to llama.cpp changes the explanation (docs/anchoring.md).
 
     python -m tools.anchor_compare [MODEL] [--dtype float64] [--prompt TEXT ...]
 
