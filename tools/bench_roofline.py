@@ -10,7 +10,8 @@ and `layers`' cumulative maps by the reverse and the forward sweep) it prints:
 
 - the floating-point operations counted from the shapes (ggufjac/costs.py's counts; the
   forward pass: 2·N per weight of every layer matrix; the attention's N² products left out);
-- the wall time of the sweep;
+- the wall time of the sweep (after one warm-up run; the best of three for the Jacobian's
+  and svd's sweeps, as torch's rate is the best of three);
 - torch's GEMM rate at the same shapes, measured in the same run: the matrix products the
   count describes, shaped as the engine makes them (its chunks of directions, d_ff chunks
   and positions per MLP-matrix product; the forward pass: [N, cols] @ [cols, rows] per
@@ -209,7 +210,8 @@ def bench(model: str, dtype_name: str, prompt: str, tokens: int | None, directio
         rows.append(measure(f"jacobian reverse ({k} dirs, {chunk} per batch)",
                             lambda: engine.pull_back_output(record, eye, chunk),
                             sweep_flop(dims, layers, n, k),
-                            sweep_gemms(engine, n, [k] * layers, chunk), dtype, dev))
+                            sweep_gemms(engine, n, [k] * layers, chunk), dtype, dev,
+                            repeats=3))
     if "svd" in sweeps:
         b = default_block(16, n)
         u = torch.randn(b, d, dtype=dtype, device=dev)
