@@ -225,6 +225,17 @@ def _device_weight_options(fn: Callable[..., Any]) -> Callable[..., Any]:
              "streamed by staged reads at each use.")(wrapper)
 
 
+def _sweep_option(made: str, note: str = "") -> Callable[[Callable[..., Any]], Any]:
+    """--sweep (layers.cumulative_maps): how `made` made."""
+    return click.option(
+        "--sweep", type=click.Choice(["auto", "reverse", "forward"]), default="auto",
+        show_default=True,
+        help=f"How {made} made: one reverse sweep (each map's outputs pulled back from its "
+             "layer), one forward pass of the N·d input directions (all maps at once; cheaper "
+             "for more layers than about N), or whichever costs fewer operations by count."
+             + note)
+
+
 def _llama_cpp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """How llama.cpp is run (check, --anchor llama.cpp): its own flags, its own defaults."""
     fn = click.option("--ubatch-size", type=click.IntRange(min=1), default=None, metavar="N",
@@ -826,12 +837,7 @@ def attribute(model: str, prompt: str | None, prompt_file: Path | None, max_toke
 @layers_option("Layers to analyse, e.g. 0,5,10-17 (default: all).")
 @_engine_options
 @click.option("--save-matrices", is_flag=True, help="Also save every Jacobian matrix.")
-@click.option("--sweep", type=click.Choice(["auto", "reverse", "forward"]), default="auto",
-              show_default=True,
-              help="How the cumulative maps are made: one reverse sweep (each map's outputs "
-                   "pulled back from its layer), one forward pass of the N·d input directions "
-                   "(all maps at once; cheaper for more layers than about N), or whichever "
-                   "costs fewer operations by count.")
+@_sweep_option("the cumulative maps are")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
 @_threads_option
@@ -916,12 +922,7 @@ def _parse_analyses(text: str) -> tuple[str, ...]:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write comparison.json, README.md and plots to this directory.")
 @_engine_options
-@click.option("--sweep", type=click.Choice(["auto", "reverse", "forward"]), default="auto",
-              show_default=True,
-              help="How each file's lens maps are made: one reverse sweep (each map's outputs "
-                   "pulled back from its layer), one forward pass of the N·d input directions "
-                   "(all maps at once; cheaper for more layers than about N), or whichever "
-                   "costs fewer operations by count. The lens analysis only.")
+@_sweep_option("each file's lens maps are", " The lens analysis only.")
 @click.option("--overwrite", is_flag=True, help="Replace results in an existing directory.")
 @_html_option
 @_threads_option
