@@ -415,9 +415,7 @@ def analyse_prompt(m: LoadedModel, tokens: list[int], target: str | None,
                                        list(range(len(sv))))
         if "lens" in settings.analyses:
             layers = list(range(m.cfg.n_layer))
-            plan = engine.plan(d * len(layers), n)
-            maps = sorted(cumulative_maps(engine, record, x, layers, plan.chunk)[0],
-                          key=lambda mp: mp.layer)
+            maps = sorted(cumulative_maps(engine, record, x, layers)[0], key=lambda mp: mp.layer)
             outputs = torch.stack([mp.output for mp in maps], dim=1)
             decoded = _decoded(m, "lens", outputs, layers, [None] * len(layers))
             for mp in maps:

@@ -993,9 +993,6 @@ def compare(model_a: str, model_b: str, prompt: str | None, prompt_file: Path | 
                                           "seconds": time.perf_counter() - t0}, entries)
     files = None if out_dir is None else comparison_to_dir(out_dir, report, entries, overwrite)
     click.echo(comparison_markdown(report))
-    ran = sorted({e[k] for e in entries for k in ("lens_sweep_a", "lens_sweep_b") if k in e})
-    if ran:
-        click.echo(f"(lens maps by one {' or '.join(ran)} sweep per file and prompt)")
     if out_dir is not None and files is not None:
         click.echo(f"wrote {out_dir}/" + ", ".join(files))
         if html:

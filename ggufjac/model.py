@@ -496,10 +496,10 @@ def mlp_branch_matrices(cfg: ModelConfig, w: LayerWeights, store: Coefficients,
             return t.expand(n_pos, *t.shape)
         return t.index_select(0, index) if t.shape[0] > 1 else t[:1].expand(n_pos, -1)
 
-    def buffer(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def buffer(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         if work is None:
             return torch.empty(shape, dtype=w_down.dtype, device=w_down.device)
-        return work(name, math.prod(shape)).view(shape)
+        return work(key, math.prod(shape)).view(shape)
 
     pre, post, mid_scale = _branch_diagonals(cfg, w, store, name, c, w_down, rows)
     k = buffer("mlp matrices", (d, n_pos * d))

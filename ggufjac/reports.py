@@ -162,7 +162,10 @@ def comparison_markdown(report: dict) -> str:
             d = s[key]
             lines.append(f"| {key} | {d['median']:.3g} | {d['p90']:.3g} | {d['max']:.3g} |")
     if "lens" in s:
-        lines += ["", "Per layer, the exact logit lens (median over prompts):", "",
+        ran = sorted({e[k] for e in report["prompts"] for k in ("lens_sweep_a", "lens_sweep_b")
+                      if k in e})
+        how = f"; lens maps by one {' or '.join(ran)} sweep per file and prompt" if ran else ""
+        lines += ["", f"Per layer, the exact logit lens (median over prompts{how}):", "",
                   "| layer no. | lens rel difference | top tokens agree | top left cosine |",
                   "|---|---|---|---|"]
         for row in s["lens"]:

@@ -122,8 +122,7 @@ def source_maps(m: LoadedModel, tokens: list[int], layers: Sequence[int], operat
         residuals = None
     else:
         record = engine.forward(inputs)
-        maps, _ = cumulative_maps(engine, record, inputs, layers,
-                                  engine.plan(engine.cfg.d_model * len(layers), len(tokens)).chunk)
+        maps, _ = cumulative_maps(engine, record, inputs, layers)
         residuals = {l: float(torch.linalg.vector_norm(record.residuals[l + 1][-1]))
                      for l in layers}
     by_layer: dict[int, dict[str, LayerMap]] = {}

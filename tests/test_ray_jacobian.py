@@ -23,7 +23,7 @@ from local_ray import free_port, kill_once_hook, local_cluster
 PROMPT = "The bridge out of Marin is the"
 DIRECTIONS = 12  # rows of J per request (the fixtures' d is no multiple of it)
 
-# The cluster's workers' hook (tests/worker_hooks.py): with GGUFJAC_TEST_KILL_MARKER set
+# The cluster's workers' hook (tests/local_ray.py's kill_once_hook): with GGUFJAC_TEST_KILL_MARKER set
 # (the driver passes GGUFJAC_ variables to its workers), the first worker asked for rows
 # 24.. is killed as it starts them, leaving the marker file; the request then runs on a
 # fresh worker.
